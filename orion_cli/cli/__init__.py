@@ -1,0 +1,98 @@
+"""The ``orion`` command: one thin module per subcommand; errors become one line here.
+
+Heavy libraries (llama_cpp, huggingface_hub, numpy) are imported inside the
+functions that use them, so ``orion --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, OrionError, internal_error_line
+
+app = typer.Typer(
+    name="orion",
+    help=(
+        "Pick, fetch, fit and run the right open model for the machine you have.\n\n"
+        "Start with 'orion profile': it detects memory, CPU, GPU and disk, picks a memory "
+        "tier and writes the strategy every other command reads."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"orion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and native library logs."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["ORION_DEBUG"] = "1"
+
+
+from . import profile as _profile  # noqa: E402
+from . import strategy as _strategy  # noqa: E402
+
+app.command("profile", epilog=_profile.EXAMPLES)(_profile.profile)
+app.command("strategy", epilog=_strategy.EXAMPLES)(_strategy.strategy)
+
+
+def _print_error(line: str) -> None:
+    from ._output import err_console
+
+    err_console().print(f"[bold red]error:[/] {_escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _usage_error_class() -> type[Exception]:
+    # Typer vendors click in recent releases (typer._click) and uses click
+    # itself in older ones: find the base of usage errors either way.
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``orion`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("ORION_DEBUG") == "1"
+    try:
+        code = app(args=args, prog_name="orion", standalone_mode=False)
+    except OrionError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(exc.one_line())
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _print_error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except _usage_error_class() as exc:  # unknown option, missing argument: usage and exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: one line, the traceback only with --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(internal_error_line(exc))
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)

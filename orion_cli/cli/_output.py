@@ -1,0 +1,40 @@
+"""Consoles for people (Rich; NO_COLOR and non-TTY output respected) and JSON for scripts.
+
+Rich is imported on first use, so commands that print only YAML or JSON never load it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@lru_cache(maxsize=None)
+def console() -> "Console":
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@lru_cache(maxsize=None)
+def err_console() -> "Console":
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Stable JSON on stdout, one document, for scripts."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def examples(*lines: tuple[str, str]) -> str:
+    """An examples block for a command's --help epilog."""
+    width = max(len(cmd) for cmd, _ in lines)
+    body = "\n".join(f"  {cmd.ljust(width)}   {what}" for cmd, what in lines)
+    return f"Examples:\n\n{body}"

@@ -1,0 +1,129 @@
+"""``orion profile``: detect the device, pick a tier, write the strategy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion profile", "detect this machine, write the strategy"),
+    ("orion profile --ram 3GB -o -", "a 3 GB device's strategy, as YAML"),
+    ("orion profile --ram 8GB --vram 8GB", "simulate a laptop with a GPU"),
+    ("orion profile --tier light --json", "force a tier; JSON output"),
+)
+
+
+def profile(
+    output: Annotated[
+        Optional[str],
+        typer.Option("--output", "-o", metavar="PATH", help="Write the strategy here instead of $ORION_HOME/strategy.yaml; '-' prints only the YAML to stdout."),
+    ] = None,
+    ram: Annotated[
+        Optional[str],
+        typer.Option(metavar="SIZE", help="Simulate a device with this much RAM and nothing else running (3GB, 512MB; 1 GB = 1024³ bytes)."),
+    ] = None,
+    vram: Annotated[Optional[str], typer.Option(metavar="SIZE", help="Simulate one GPU with this much VRAM (8GB).")] = None,
+    tier: Annotated[
+        Optional[str], typer.Option(metavar="TIER", help="Force a tier: aggressive, balanced, light or minimal.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the strategy as JSON on stdout.")] = False,
+) -> None:
+    """Detect RAM, CPU, GPU and disk; pick a memory tier; write the strategy file.
+
+    The tier comes from the memory limit that applies to orion (a container's
+    cgroup limit, else physical RAM). The memory budget for models is that
+    limit times the high-pressure line (0.75) minus what is in use now.
+    """
+    from ..device import detect_device, simulate
+    from ..paths import strategy_path
+    from ..strategy import build_strategy, render_strategy_yaml, write_text_atomic
+    from ..tiers import builtin_tiers
+    from ..units import parse_size
+
+    table = builtin_tiers()
+    if tier is not None:
+        table.get(tier)  # an unknown tier fails before any probing
+    ram_bytes = parse_size(ram, what="--ram") if ram is not None else None
+    vram_bytes = parse_size(vram, what="--vram") if vram is not None else None
+
+    device = detect_device()
+    if ram_bytes is not None or vram_bytes is not None:
+        device = simulate(device, ram_bytes=ram_bytes, vram_bytes=vram_bytes)
+    strategy = build_strategy(device, tier, table)
+    text = render_strategy_yaml(strategy)
+
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(output).expanduser() if output else strategy_path()
+    try:
+        write_text_atomic(path, text)
+    except OSError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"cannot write the strategy to {path}: {exc.strerror or exc}",
+            hint="choose another place with --output, or set ORION_HOME",
+        ) from exc
+
+    from ..strategy import pressure_level
+
+    level = pressure_level(device.memory_in_use_bytes, device.memory_limit_bytes, strategy.pressure_high, strategy.pressure_critical)
+    if json_output:
+        from ._output import print_json
+
+        print_json({"path": str(path), "pressure": level, "strategy": strategy.to_dict()})
+        return
+    _render_summary(device, strategy, level, path)
+
+
+def _render_summary(device, strategy, level: str, path: Path) -> None:
+    # Plain aligned lines, not rich.table: its import alone costs ~35 ms of
+    # the 0.3 s start-up budget.
+    from rich.markup import escape
+
+    from ..units import format_bytes
+    from ._output import console
+
+    rows: list[tuple[str, str]] = []
+    sim = " [yellow](simulated)[/]" if device.simulated else ""
+    flags = " ".join(device.cpu_flags) or "no SIMD flags found"
+    rows.append(("CPU", f"{escape(device.cpu_model)}: {device.physical_cores} cores, {device.logical_cores} threads"
+                 f" ({device.usable_cores} usable); {flags}"))
+    rows.append(("Memory", f"{format_bytes(device.memory_limit_bytes)} limit ({device.memory_limit_source}){sim}; "
+                 f"{format_bytes(device.memory_in_use_bytes)} in use; RAM {format_bytes(device.ram_total_bytes)}"))
+    if device.gpus:
+        gpus = "; ".join(f"{escape(g.name)}: {format_bytes(g.total_bytes)} ({format_bytes(g.free_bytes)} free)" for g in device.gpus)
+    else:
+        gpus = "none (models run on the CPU)"
+    rows.append(("GPU", gpus))
+    rows.append(("Disk", f"{format_bytes(device.disk_free_bytes)} free at {escape(device.disk_path)}"))
+    rows.append(("OS", f"{escape(device.os)} ({device.arch})"))
+    rows.append(("", ""))
+    rows.append(("Tier", f"[bold cyan]{strategy.tier}[/]: {strategy.tier_reason}"))
+    rows.append(("Defaults", f"quantization {strategy.quantization}, up to {strategy.max_models} model(s) loaded, "
+                 f"{_unload(strategy.keep_alive_s)}, context {strategy.n_ctx} tokens, {strategy.threads} threads"))
+    rows.append(("Budget", strategy.budget_arithmetic))
+    if strategy.gpu_budget_bytes is not None:
+        rows.append(("GPU budget", format_bytes(strategy.gpu_budget_bytes)))
+    colour = {"normal": "green", "high": "yellow", "critical": "red"}[level]
+    ratio = device.memory_in_use_bytes / device.memory_limit_bytes if device.memory_limit_bytes else 0
+    rows.append(("Pressure", f"[{colour}]{level}[/] ({ratio:.0%} of the limit in use; high above "
+                 f"{strategy.pressure_high:.0%}, critical above {strategy.pressure_critical:.0%})"))
+    out = console()
+    for label, value in rows:
+        out.print(f"[bold]{label:<11}[/]{value}" if label else "")
+    out.print(f"\nWrote {escape(str(path))}")
+
+
+def _unload(keep_alive_s: int | None) -> str:
+    from ..units import format_keep_alive
+
+    if keep_alive_s is None:
+        return "never unloaded for inactivity"
+    return f"unloaded after {format_keep_alive(keep_alive_s)} idle"

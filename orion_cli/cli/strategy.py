@@ -1,0 +1,63 @@
+"""``orion strategy``: the settings in force, and where each one comes from."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion strategy", "show every setting and its source"),
+    ("ORION_TIER=light orion strategy", "preview another tier's defaults"),
+    ("orion strategy --max-models 1 --json", "settings with a flag applied, as JSON"),
+)
+
+
+def strategy(
+    tier: Annotated[Optional[str], typer.Option(help="Tier: aggressive, balanced, light or minimal.", metavar="TIER")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Quantization level: q4, q8, q16 or q32.", metavar="LEVEL")] = None,
+    max_models: Annotated[Optional[int], typer.Option(help="Most models loaded at once.", metavar="N")] = None,
+    keep_alive: Annotated[Optional[str], typer.Option(help="Unload after this much inactivity: 300, 5m, 1h or never.", metavar="TIME")] = None,
+    ctx: Annotated[Optional[int], typer.Option(help="Context size in tokens.", metavar="N")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the settings and their sources as JSON.")] = False,
+) -> None:
+    """Show the strategy in force: each setting, its value and where it came from.
+
+    Precedence: command-line flag > ORION_* environment variable > the strategy
+    file ($ORION_HOME/strategy.yaml, written by 'orion profile') > the tier's default.
+    """
+    from ..paths import strategy_path
+    from ..strategy import ENV_VARS, SETTING_KEYS, load_strategy
+
+    flags = {"tier": tier, "quantization": quant, "max_models": max_models, "keep_alive_s": keep_alive, "n_ctx": ctx}
+    s = load_strategy(flags)
+    path = strategy_path()
+    settings = {key: getattr(s, key) for key in SETTING_KEYS}
+
+    if json_output:
+        from ._output import print_json
+
+        print_json({"path": str(path), "file_exists": path.exists(), "settings": settings, "sources": s.sources})
+        return
+
+    from rich.table import Table
+
+    from ..units import format_bytes, format_keep_alive
+    from ._output import console
+
+    shown = dict(settings)
+    shown["keep_alive_s"] = format_keep_alive(s.keep_alive_s)
+    shown["memory_budget_bytes"] = format_bytes(s.memory_budget_bytes)
+    shown["gpu_budget_bytes"] = "no GPU" if s.gpu_budget_bytes is None else format_bytes(s.gpu_budget_bytes)
+    table = Table(title=None, box=None, pad_edge=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    table.add_column("from", style="dim")
+    table.add_column("variable", style="dim")
+    for key in SETTING_KEYS:
+        table.add_row(key, str(shown[key]), s.sources[key], ENV_VARS[key])
+    console().print(table)
+    where = f"strategy file: {path}" if path.exists() else f"no strategy file yet ({path}): run 'orion profile'"
+    console().print(f"\n{where}")

@@ -1,0 +1,391 @@
+"""What this machine has: memory (and the limit a container sets), CPU, GPUs, disk.
+
+Every probe is a plain function over files or command output, so tests feed it
+recorded ``/proc`` and ``/sys/fs/cgroup`` fixtures and ``nvidia-smi`` output.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from .paths import existing_parent, hf_cache_dir
+
+# cgroup v1 writes a huge number (PAGE_COUNTER_MAX * page size) for "no limit".
+_V1_UNLIMITED = 1 << 62
+
+# /proc/cpuinfo flag -> the name llama.cpp's build options use.
+_CPU_FLAGS = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "avx512f": "AVX512",
+    "f16c": "F16C",
+    "fma": "FMA",
+    "amx_tile": "AMX",
+    "asimd": "NEON",  # aarch64 Linux calls NEON "asimd"
+    "neon": "NEON",  # 32-bit ARM
+}
+_FLAG_ORDER = ("AVX", "AVX2", "AVX512", "F16C", "FMA", "AMX", "NEON")
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The memory controller of the cgroup this process runs in."""
+
+    version: int
+    limit_bytes: int | None  # None: no limit set anywhere up the hierarchy
+    usage_bytes: int | None  # charged memory minus reclaimable page cache
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    driver: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The machine as orion sees it. ``memory_limit_bytes`` is what models must fit in."""
+
+    ram_total_bytes: int
+    ram_available_bytes: int
+    memory_limit_bytes: int
+    memory_limit_source: str
+    memory_in_use_bytes: int
+    cgroup: CgroupMemory | None
+    cpu_model: str
+    physical_cores: int
+    logical_cores: int
+    usable_cores: int
+    cpu_flags: tuple[str, ...]
+    gpus: tuple[GPUInfo, ...]
+    disk_free_bytes: int
+    disk_path: str
+    os: str
+    arch: str
+    simulated: bool = False
+
+    @property
+    def memory_available_bytes(self) -> int:
+        return max(0, self.memory_limit_bytes - self.memory_in_use_bytes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- cgroups
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _hierarchy(base: Path, rel: str) -> list[Path]:
+    """The cgroup's folder and its parents up to the mount root.
+
+    Without a cgroup namespace (common for v1 containers) /proc/self/cgroup
+    names a path that is not mounted inside the container: then the mount
+    root is the container's own cgroup.
+    """
+    leaf = base / rel.lstrip("/")
+    if not leaf.is_dir():
+        return [base]
+    dirs = [leaf]
+    while dirs[-1] != base and base in dirs[-1].parents:
+        dirs.append(dirs[-1].parent)
+    return dirs
+
+
+def read_cgroup_memory(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> CgroupMemory | None:
+    """The memory limit and usage of this process's cgroup (v1 or v2), or None."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    v1_rel = v2_rel = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy_id, controllers, rel = parts
+        if hierarchy_id == "0" and controllers == "":
+            v2_rel = rel
+        elif "memory" in controllers.split(","):
+            v1_rel = rel
+
+    if v1_rel is not None and (root / "memory").is_dir():
+        dirs = _hierarchy(root / "memory", v1_rel)
+        limits = [_read_int(d / "memory.limit_in_bytes") for d in dirs]
+        limits = [x for x in limits if x is not None and x < _V1_UNLIMITED]
+        usage = _read_int(dirs[0] / "memory.usage_in_bytes")
+        if usage is not None:
+            usage = max(0, usage - _stat_value(dirs[0] / "memory.stat", "total_inactive_file"))
+        return CgroupMemory(1, min(limits) if limits else None, usage)
+
+    if v2_rel is not None and (root / "cgroup.controllers").exists():
+        dirs = _hierarchy(root, v2_rel)
+        limits = [_read_int(d / "memory.max") for d in dirs]
+        limits = [x for x in limits if x is not None]
+        usage = _read_int(dirs[0] / "memory.current")
+        if usage is not None:
+            usage = max(0, usage - _stat_value(dirs[0] / "memory.stat", "inactive_file"))
+        return CgroupMemory(2, min(limits) if limits else None, usage)
+    return None
+
+
+# ---------------------------------------------------------------- CPU
+
+
+def parse_cpuinfo(text: str) -> tuple[str, tuple[str, ...], int | None]:
+    """The CPU model, the llama.cpp-relevant flags and the physical core count
+    (None where the file does not say, as on ARM) from /proc/cpuinfo text."""
+    model = ""
+    raw_flags: set[str] = set()
+    cores: set[tuple[str, str]] = set()
+    package = core = None
+    for line in text.splitlines() + [""]:
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if not sep:  # a blank line ends one logical CPU's block
+            if core is not None:
+                cores.add((package or "0", core))
+            package = core = None
+            continue
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not raw_flags:
+            raw_flags = set(value.split())
+        elif key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            core = value.strip()
+    flags = {_CPU_FLAGS[f] for f in raw_flags if f in _CPU_FLAGS}
+    return model, tuple(f for f in _FLAG_ORDER if f in flags), len(cores) or None
+
+
+def _cpu_info(cpuinfo: Path) -> tuple[str, tuple[str, ...], int | None]:
+    try:
+        model, flags, physical = parse_cpuinfo(cpuinfo.read_text(errors="replace"))
+    except OSError:
+        model, flags, physical = "", (), None
+    arch = platform.machine().lower()
+    if not flags and arch in ("arm64", "aarch64"):
+        flags = ("NEON",)  # every 64-bit ARM core (Apple silicon included) has NEON
+    return model or platform.processor() or arch or "unknown CPU", flags, physical
+
+
+def parse_meminfo(text: str) -> tuple[int, int] | None:
+    """MemTotal and MemAvailable, in bytes, from /proc/meminfo text."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable"):
+            values[key] = int(rest.split()[0]) * 1024
+    if len(values) != 2:
+        return None
+    return values["MemTotal"], values["MemAvailable"]
+
+
+def _ram(meminfo: Path) -> tuple[int, int]:
+    # /proc/meminfo on Linux is what psutil reads too; reading it directly keeps
+    # psutil's import (~20 ms) out of `orion profile`. Elsewhere, psutil.
+    try:
+        parsed = parse_meminfo(meminfo.read_text())
+    except (OSError, ValueError, IndexError):
+        parsed = None
+    if parsed:
+        return parsed
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return ram_total, ram_available
+
+
+def _usable_cores(logical: int) -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return logical
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def parse_nvidia_smi(csv_text: str) -> tuple[GPUInfo, ...]:
+    """Parse ``nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version
+    --format=csv,noheader,nounits`` output (memory in MiB)."""
+    gpus = []
+    for line in csv_text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 4:
+            continue
+        try:
+            index = int(fields[0])
+            total = int(float(fields[2])) * 1024**2
+            free = int(float(fields[3])) * 1024**2
+        except ValueError:
+            continue  # "[N/A]" on some virtual GPUs: nothing usable to report
+        driver = fields[4] if len(fields) > 4 and fields[4] else None
+        gpus.append(GPUInfo(index, fields[1], total, free, driver))
+    return tuple(gpus)
+
+
+def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
+    """GPUs through NVML (the nvidia-ml-py package), or None when it is not usable."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVML raises its own error types when no driver is loaded
+        return None
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append(
+                GPUInfo(
+                    i,
+                    name.decode() if isinstance(name, bytes) else name,
+                    int(mem.total),
+                    int(mem.free),
+                    driver.decode() if isinstance(driver, bytes) else driver,
+                )
+            )
+        return tuple(gpus)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[GPUInfo, ...]:
+    """NVIDIA GPUs through NVML, else ``nvidia-smi``; none when neither answers."""
+    gpus = _nvml_gpus()
+    if gpus is not None:
+        return gpus
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return ()
+    try:
+        done = run(
+            [exe, "--query-gpu=index,name,memory.total,memory.free,driver_version",
+             "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if done.returncode != 0:
+        return ()
+    return parse_nvidia_smi(done.stdout)
+
+
+# ---------------------------------------------------------------- all together
+
+
+def detect_device(
+    models_dir: Path | None = None,
+    *,
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+    cpuinfo: Path = Path("/proc/cpuinfo"),
+    meminfo: Path = Path("/proc/meminfo"),
+    gpu_probe: Callable[[], tuple[GPUInfo, ...]] = detect_gpus,
+) -> DeviceInfo:
+    ram_total, ram_available = _ram(meminfo)
+    cgroup = read_cgroup_memory(cgroup_root, proc_cgroup)
+    if cgroup and cgroup.limit_bytes is not None and cgroup.limit_bytes < ram_total:
+        limit = cgroup.limit_bytes
+        source = f"cgroup v{cgroup.version} limit"
+        in_use = cgroup.usage_bytes if cgroup.usage_bytes is not None else ram_total - ram_available
+    else:
+        limit = ram_total
+        source = "physical RAM"
+        in_use = ram_total - ram_available
+
+    logical = os.cpu_count() or 1
+    model, flags, physical = _cpu_info(cpuinfo)
+    if physical is None:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or logical
+
+    disk_path = existing_parent(models_dir or hf_cache_dir())
+    disk_free = shutil.disk_usage(disk_path).free
+
+    return DeviceInfo(
+        ram_total_bytes=ram_total,
+        ram_available_bytes=ram_available,
+        memory_limit_bytes=limit,
+        memory_limit_source=source,
+        memory_in_use_bytes=min(in_use, limit),
+        cgroup=cgroup,
+        cpu_model=model,
+        physical_cores=physical,
+        logical_cores=logical,
+        usable_cores=_usable_cores(logical),
+        cpu_flags=flags,
+        gpus=gpu_probe(),
+        disk_free_bytes=disk_free,
+        disk_path=str(disk_path),
+        os=f"{platform.system()} {platform.release()}",
+        arch=platform.machine(),
+    )
+
+
+def simulate(device: DeviceInfo, *, ram_bytes: int | None = None, vram_bytes: int | None = None) -> DeviceInfo:
+    """The same machine with another amount of memory and nothing else running.
+
+    A simulated device's budget comes from the given size alone: on a busy
+    machine, ``--ram 1GB`` minus what runs now would leave nothing.
+    """
+    changes: dict = {"simulated": True}
+    if ram_bytes is not None:
+        changes.update(
+            ram_total_bytes=ram_bytes,
+            ram_available_bytes=ram_bytes,
+            memory_limit_bytes=ram_bytes,
+            memory_limit_source="simulated (--ram)",
+            memory_in_use_bytes=0,
+            cgroup=None,
+        )
+    if vram_bytes is not None:
+        changes["gpus"] = (GPUInfo(0, "simulated GPU (--vram)", vram_bytes, vram_bytes),)
+    return replace(device, **changes)

@@ -1,0 +1,466 @@
+"""The strategy: what every orion command reads to decide quantization, limits and budget.
+
+``orion profile`` builds one from the detected device (:func:`build_strategy`)
+and writes it as commented YAML (:func:`render_strategy_yaml`). Every other
+command calls :func:`load_strategy`, which resolves each setting with the
+precedence *flag > ORION_* environment variable > strategy file > tier default*.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import __version__
+from .device import DeviceInfo
+from .errors import ConfigError, InvalidValue
+from .paths import strategy_path
+from .tiers import QUANT_LEVELS, Tier, TierTable, builtin_tiers
+from .units import format_bytes, parse_keep_alive, parse_size
+
+SCHEMA_VERSION = 1
+
+# Settings that follow the tier: switching tiers (flag or environment) brings
+# the new tier's defaults unless a setting is given at the same or higher level.
+TIER_KEYS = ("quantization", "max_models", "keep_alive_s", "n_ctx")
+# Settings that follow the device.
+DEVICE_KEYS = ("threads", "n_gpu_layers", "memory_budget_bytes", "gpu_budget_bytes")
+SETTING_KEYS = ("tier",) + TIER_KEYS + DEVICE_KEYS
+
+ENV_VARS = {
+    "tier": "ORION_TIER",
+    "quantization": "ORION_QUANT",
+    "max_models": "ORION_MAX_MODELS",
+    "keep_alive_s": "ORION_KEEP_ALIVE",
+    "n_ctx": "ORION_CTX",
+    "threads": "ORION_THREADS",
+    "n_gpu_layers": "ORION_GPU_LAYERS",
+    "memory_budget_bytes": "ORION_MEMORY_BUDGET",
+    "gpu_budget_bytes": "ORION_GPU_BUDGET",
+}
+_FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much memory loaded models may take, and the arithmetic behind it.
+
+    Models may fill memory up to the high-pressure line: the budget is the
+    limit times the high-pressure fraction, minus what is in use now.
+    """
+
+    limit_bytes: int
+    in_use_bytes: int
+    fraction: float
+    budget_bytes: int
+
+    @classmethod
+    def compute(cls, limit_bytes: int, in_use_bytes: int, fraction: float) -> "Budget":
+        return cls(limit_bytes, in_use_bytes, fraction, max(0, int(limit_bytes * fraction) - in_use_bytes))
+
+    def arithmetic(self) -> str:
+        return (
+            f"{format_bytes(self.limit_bytes)} limit × {self.fraction:g} (high-pressure line)"
+            f" − {format_bytes(self.in_use_bytes)} in use now = {format_bytes(self.budget_bytes)}"
+        )
+
+
+@dataclass(frozen=True)
+class Strategy:
+    tier: str
+    quantization: str
+    max_models: int
+    keep_alive_s: int | None
+    n_ctx: int
+    threads: int
+    n_gpu_layers: int
+    memory_budget_bytes: int
+    gpu_budget_bytes: int | None
+    pressure_high: float
+    pressure_critical: float
+    tier_reason: str = ""
+    budget_arithmetic: str = ""
+    device: dict = field(default_factory=dict)
+    created: str = ""
+    # Where each setting came from: "flag", "env ORION_X", "file", "tier", "device".
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "orion_version": __version__,
+            "created": self.created,
+            "tier": self.tier,
+            "tier_reason": self.tier_reason,
+            "quantization": self.quantization,
+            "max_models": self.max_models,
+            "keep_alive_s": self.keep_alive_s,
+            "n_ctx": self.n_ctx,
+            "threads": self.threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "budget": self.budget_arithmetic,
+            "pressure": {"high": self.pressure_high, "critical": self.pressure_critical},
+            "device": self.device,
+        }
+
+
+def pressure_level(used_bytes: int, limit_bytes: int, high: float, critical: float) -> str:
+    """``normal``, ``high`` (used/limit > high) or ``critical`` (> critical)."""
+    ratio = used_bytes / limit_bytes if limit_bytes else 1.0
+    if ratio > critical:
+        return "critical"
+    if ratio > high:
+        return "high"
+    return "normal"
+
+
+def _default_threads(device: DeviceInfo) -> int:
+    # llama.cpp generates fastest with one thread per physical core it may use.
+    return max(1, min(device.physical_cores, device.usable_cores))
+
+
+def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: TierTable | None = None) -> Strategy:
+    """The strategy for a device: its tier's defaults and a budget from its memory."""
+    table = table or builtin_tiers()
+    if tier_name:
+        tier = table.get(tier_name)
+        reason = f"forced with --tier (the device's memory limit is {format_bytes(device.memory_limit_bytes)})"
+    else:
+        tier, reason = table.for_memory(device.memory_limit_bytes)
+    budget = Budget.compute(device.memory_limit_bytes, device.memory_in_use_bytes, table.pressure_high)
+    gpu_budget = None
+    if device.gpus:
+        gpu = max(device.gpus, key=lambda g: g.total_bytes)
+        gpu_budget = Budget.compute(gpu.total_bytes, gpu.total_bytes - gpu.free_bytes, table.pressure_high).budget_bytes
+    return Strategy(
+        tier=tier.name,
+        quantization=tier.quantization,
+        max_models=tier.max_models,
+        keep_alive_s=tier.keep_alive_s,
+        n_ctx=tier.n_ctx,
+        threads=_default_threads(device),
+        n_gpu_layers=-1 if device.gpus else 0,
+        memory_budget_bytes=budget.budget_bytes,
+        gpu_budget_bytes=gpu_budget,
+        pressure_high=table.pressure_high,
+        pressure_critical=table.pressure_critical,
+        tier_reason=reason,
+        budget_arithmetic=budget.arithmetic(),
+        device=_device_record(device),
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        sources={k: ("tier" if k in TIER_KEYS else "device") for k in SETTING_KEYS}
+        | {"tier": "flag" if tier_name else "device"},
+    )
+
+
+def _device_record(device: DeviceInfo) -> dict:
+    d = device.to_dict()
+    d["cpu_flags"] = list(d["cpu_flags"])
+    d["gpus"] = [dict(g) for g in d["gpus"]]
+    return d
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _as_int(value: Any, minimum: int) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= minimum else None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        n = int(value.strip())
+        return n if n >= minimum else None
+    return None
+
+
+def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
+    """A setting's value checked and converted; raises ValueError with what was expected."""
+    if key == "tier":
+        if isinstance(value, str) and value.strip().lower() in table.names:
+            return value.strip().lower()
+        raise ValueError(f"one of {', '.join(table.names)}")
+    if key == "quantization":
+        if isinstance(value, str) and value.strip().lower() in QUANT_LEVELS:
+            return value.strip().lower()
+        raise ValueError(f"one of {', '.join(QUANT_LEVELS)}")
+    if key in ("max_models", "threads", "n_ctx"):
+        minimum = 64 if key == "n_ctx" else 1
+        n = _as_int(value, minimum)
+        if n is None:
+            raise ValueError(f"a whole number ≥ {minimum}")
+        return n
+    if key == "n_gpu_layers":
+        n = _as_int(value, -1)
+        if n is None:
+            raise ValueError("a whole number ≥ -1 (-1 = all layers, 0 = CPU only)")
+        return n
+    if key == "keep_alive_s":
+        if value is None:
+            return None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                return parse_keep_alive(value)
+            except InvalidValue:
+                pass
+        raise ValueError("seconds (300), a duration (5m, 1h) or null/'never'")
+    if key in ("memory_budget_bytes", "gpu_budget_bytes"):
+        if value is None and key == "gpu_budget_bytes":
+            return None
+        n = _as_int(value, 0)
+        if n is not None:
+            return n
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except InvalidValue:
+                pass
+        raise ValueError("a byte count or a size like 6GB")
+    raise KeyError(key)
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+# ---------------------------------------------------------------- the file
+
+
+def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, Any]:
+    """The settings of a strategy file, validated. Raises ConfigError saying which key is wrong."""
+    import yaml
+
+    table = table or builtin_tiers()
+    hint = f"fix it, or run 'orion profile' to write a new one ({path})"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read strategy file {path}: {exc.strerror or exc}", hint=hint) from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"strategy file {path} is not valid YAML{where}", hint=hint) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"strategy file {path} must be a YAML mapping of settings", hint=hint)
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"strategy file {path} has schema_version {_shown(version)}, this orion reads {SCHEMA_VERSION}",
+            hint="run 'orion profile' to write a new one",
+        )
+    unknown = sorted(set(doc) - set(SETTING_KEYS) - set(_FILE_ONLY_KEYS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), SETTING_KEYS, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"strategy file {path}: unknown key {unknown[0]!r}", hint=guess + hint)
+    settings: dict[str, Any] = {}
+    for key in SETTING_KEYS:
+        if key not in doc:
+            continue
+        try:
+            settings[key] = coerce_setting(key, doc[key], table=table)
+        except ValueError as exc:
+            raise ConfigError(
+                f"strategy file {path}: {key} must be {exc}, not {_shown(doc[key])}", hint=hint
+            ) from None
+    pressure = doc.get("pressure", {})
+    if pressure:
+        if not isinstance(pressure, dict):
+            raise ConfigError(f"strategy file {path}: pressure must be a mapping with high and critical", hint=hint)
+        for level in ("high", "critical"):
+            value = pressure.get(level)
+            if level in pressure and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+                raise ConfigError(
+                    f"strategy file {path}: pressure.{level} must be a fraction between 0 and 1, not {_shown(value)}",
+                    hint=hint,
+                )
+            if level in pressure:
+                settings[f"pressure_{level}"] = float(value)
+    for key in ("tier_reason", "budget", "created"):
+        if isinstance(doc.get(key), str):
+            settings[key] = doc[key]
+    if isinstance(doc.get("device"), dict):
+        settings["device"] = doc["device"]
+    return settings
+
+
+_COMMENTS = {
+    "tier": "Memory tier: aggressive (≤ 2 GB), balanced (2–4 GB), light (4–8 GB), minimal (> 8 GB).",
+    "quantization": "Quantization level for 'fetch --auto': q4 (Q4_K_M), q8 (Q8_0), q16 (F16), q32 (F32).",
+    "max_models": "Most models loaded at once; the least recently used idle one is unloaded first.",
+    "keep_alive_s": "Unload a model after this many seconds without use; null = never.",
+    "n_ctx": "Default context size in tokens (the KV cache grows with it).",
+    "threads": "CPU threads for llama.cpp (one per usable physical core).",
+    "n_gpu_layers": "Layers offloaded to the GPU: -1 = all, 0 = CPU only.",
+    "memory_budget_bytes": "Memory that loaded models may take, in bytes.",
+    "gpu_budget_bytes": "GPU memory that offloaded models may take, in bytes; null = no GPU.",
+}
+
+
+def render_strategy_yaml(strategy: Strategy) -> str:
+    """The strategy as a commented, human-editable YAML document."""
+    import yaml
+
+    def dump(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).strip().removesuffix("\n...").strip()
+
+    data = strategy.to_dict()
+    lines = [
+        f"# orion strategy, written by 'orion profile' (orion {__version__}) at {strategy.created}.",
+        "# Every orion command reads this file; edit it freely, or run 'orion profile' again.",
+        "# Precedence: command-line flag > ORION_* environment variable > this file > the tier's default.",
+        "# Changing 'tier' here (or with ORION_TIER / --tier) also changes the defaults that follow it",
+        "# (quantization, max_models, keep_alive_s, n_ctx) unless those are set at the same level or above.",
+        f"schema_version: {SCHEMA_VERSION}",
+        f"orion_version: {dump(__version__)}",
+        f"created: {dump(strategy.created)}",
+        "",
+        f"# Why this tier: {strategy.tier_reason}" if strategy.tier_reason else None,
+    ]
+    for key in SETTING_KEYS:
+        value = data[key]
+        lines.append(f"# {_COMMENTS[key]}  [{ENV_VARS[key]}]")
+        if key == "memory_budget_bytes":
+            lines.append(f"#   {strategy.budget_arithmetic}")
+        elif key in ("gpu_budget_bytes",) and value is not None:
+            lines.append(f"#   = {format_bytes(value)}")
+        elif key == "keep_alive_s" and value is not None:
+            lines.append(f"#   = {value // 60} min" if value >= 60 and value % 60 == 0 else f"#   = {value} s")
+        lines.append(f"{key}: {dump(value)}")
+    lines += [
+        f"tier_reason: {dump(strategy.tier_reason)}",
+        f"budget: {dump(strategy.budget_arithmetic)}",
+        "",
+        "# Memory pressure: used / limit above 'high' is high, above 'critical' is critical.",
+        yaml.safe_dump({"pressure": data["pressure"]}, sort_keys=False).strip(),
+        "",
+        "# What orion detected when this file was written (for reference; not read back as settings).",
+        yaml.safe_dump({"device": data["device"]}, sort_keys=False, allow_unicode=True).strip(),
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader never sees half of it (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_strategy(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    device_probe: Callable[[], DeviceInfo] | None = None,
+    table: TierTable | None = None,
+) -> Strategy:
+    """The strategy in force, each setting by precedence: flag > env > file > default.
+
+    ``flags`` holds command-line values (None means "not given"). Without a
+    strategy file, defaults come from the detected device, as ``orion profile``
+    would write them.
+    """
+    env = os.environ if env is None else env
+    table = table or builtin_tiers()
+    path = path or strategy_path(env)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    unknown_flags = set(flags) - set(SETTING_KEYS)
+    if unknown_flags:
+        raise KeyError(f"not a strategy setting: {sorted(unknown_flags)}")
+
+    file_settings = read_strategy_file(path, table) if path.exists() else None
+
+    def from_flag(key: str) -> Any:
+        try:
+            return coerce_setting(key, flags[key], table=table)
+        except ValueError as exc:
+            raise InvalidValue(f"--{key.replace('_', '-')} {flags[key]!r} is not valid", hint=f"expected {exc}") from None
+
+    def from_env(key: str) -> Any:
+        var = ENV_VARS[key]
+        try:
+            return coerce_setting(key, env[var], table=table)
+        except ValueError as exc:
+            raise ConfigError(f"{var}={env[var]!r} is not valid", hint=f"expected {exc}, or unset it") from None
+
+    base: Strategy | None = None
+
+    def default_strategy() -> Strategy:
+        nonlocal base
+        if base is None:
+            if device_probe is None:
+                from .device import detect_device
+
+                device = detect_device()
+            else:
+                device = device_probe()
+            base = build_strategy(device, table=table)
+        return base
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def resolve(key: str, file_ok: bool, default: Callable[[], Any]) -> None:
+        if key in flags:
+            values[key], sources[key] = from_flag(key), "flag"
+        elif env.get(ENV_VARS[key], "").strip():
+            values[key], sources[key] = from_env(key), f"env {ENV_VARS[key]}"
+        elif file_ok and file_settings is not None and key in file_settings:
+            values[key], sources[key] = file_settings[key], "file"
+        else:
+            values[key], sources[key] = default(), None  # type: ignore[assignment]
+
+    resolve("tier", True, lambda: default_strategy().tier)
+    if sources["tier"] is None:
+        sources["tier"] = "device"
+    tier: Tier = table.get(values["tier"])
+    file_tier_matches = file_settings is not None and file_settings.get("tier", tier.name) == tier.name
+    for key in TIER_KEYS:
+        resolve(key, file_tier_matches, lambda key=key: getattr(tier, key))
+        sources[key] = sources[key] or "tier"
+    for key in DEVICE_KEYS:
+        resolve(key, True, lambda key=key: getattr(default_strategy(), key))
+        sources[key] = sources[key] or "device"
+
+    if file_settings is not None:
+        meta = {
+            "tier_reason": file_settings.get("tier_reason", ""),
+            "budget_arithmetic": file_settings.get("budget", ""),
+            "device": file_settings.get("device", {}),
+            "created": file_settings.get("created", ""),
+            "pressure_high": file_settings.get("pressure_high", table.pressure_high),
+            "pressure_critical": file_settings.get("pressure_critical", table.pressure_critical),
+        }
+    else:
+        b = default_strategy()
+        meta = {
+            "tier_reason": b.tier_reason,
+            "budget_arithmetic": b.budget_arithmetic,
+            "device": b.device,
+            "created": b.created,
+            "pressure_high": b.pressure_high,
+            "pressure_critical": b.pressure_critical,
+        }
+    if sources["tier"] in ("flag",) or sources["tier"].startswith("env"):
+        meta["tier_reason"] = f"set by {sources['tier']}"
+    return Strategy(**values, **meta, sources=sources)

@@ -1,0 +1,93 @@
+"""Parsing and printing of sizes and durations.
+
+Memory sizes are binary, as operating systems count RAM: ``1GB`` and ``1GiB``
+both mean 1024**3 bytes, so ``--ram 8GB`` describes what an "8 GB laptop"
+reports.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidValue
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_NEVER = {"never", "none", "off", "inf", "-1"}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse ``"3GB"``, ``"512MiB"``, ``"1.5G"`` or a plain byte count into bytes."""
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise InvalidValue(
+            f"{what} {text!r} is not a size",
+            hint="write a number with a unit, like 3GB, 512MB or 1.5GiB",
+        )
+    value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise InvalidValue(f"{what} {text!r} must be larger than zero", hint="for example 3GB")
+    return value
+
+
+def parse_keep_alive(text: str | int | None, *, what: str = "keep-alive") -> int | None:
+    """Parse a keep-alive: seconds, ``"5m"``, ``"1h"``, or ``"never"`` (returns None)."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            return None
+        return text
+    if str(text).strip().lower() in _NEVER:
+        return None
+    match = _DURATION_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _DURATION_UNITS:
+        raise InvalidValue(
+            f"{what} {text!r} is not a duration",
+            hint="write seconds (300), minutes (5m), hours (1h) or 'never'",
+        )
+    return int(float(match.group(1)) * _DURATION_UNITS[unit])
+
+
+def format_bytes(n_bytes: int | float | None) -> str:
+    """Format a byte count with binary units: ``3.0 GiB``, ``512 MiB``."""
+    if n_bytes is None:
+        return "unknown"
+    value = float(n_bytes)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= factor:
+            scaled = value / factor
+            return f"{sign}{scaled:.1f} {unit}" if scaled < 100 else f"{sign}{scaled:.0f} {unit}"
+    return f"{sign}{value:.0f} B"
+
+
+def format_keep_alive(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"

@@ -1,0 +1,49 @@
+import pytest
+
+from orion_cli.errors import InvalidValue
+from orion_cli.units import format_bytes, parse_keep_alive, parse_size
+
+GiB = 1024**3
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("3GB", 3 * GiB),
+        ("3gb", 3 * GiB),
+        ("3 GiB", 3 * GiB),
+        ("1.5G", int(1.5 * GiB)),
+        ("512MB", 512 * 1024**2),
+        ("2048", 2048),
+        ("1TB", 1024**4),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["banana", "3XB", "", "GB", "-1GB", "0", "3 G B"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InvalidValue) as info:
+        parse_size(text, what="--ram")
+    assert "--ram" in info.value.one_line()
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("300", 300), (300, 300), ("5m", 300), ("1h", 3600), ("never", None), (None, None), (-1, None), ("90s", 90)],
+)
+def test_parse_keep_alive(text, expected):
+    assert parse_keep_alive(text) == expected
+
+
+def test_parse_keep_alive_rejects():
+    with pytest.raises(InvalidValue):
+        parse_keep_alive("soon")
+
+
+def test_format_bytes():
+    assert format_bytes(3 * GiB) == "3.0 GiB"
+    assert format_bytes(512 * 1024**2) == "512 MiB"
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(None) == "unknown"
