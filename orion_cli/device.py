@@ -7,12 +7,13 @@ recorded ``/proc`` and ``/sys/fs/cgroup`` fixtures and ``nvidia-smi`` output.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-import subprocess
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import subprocess
 
 from .paths import existing_parent, hf_cache_dir
 
@@ -198,10 +199,20 @@ def _cpu_info(cpuinfo: Path) -> tuple[str, tuple[str, ...], int | None]:
         model, flags, physical = parse_cpuinfo(cpuinfo.read_text(errors="replace"))
     except OSError:
         model, flags, physical = "", (), None
-    arch = platform.machine().lower()
+    arch = _uname()[2].lower()
     if not flags and arch in ("arm64", "aarch64"):
         flags = ("NEON",)  # every 64-bit ARM core (Apple silicon included) has NEON
-    return model or platform.processor() or arch or "unknown CPU", flags, physical
+    return model or arch or "unknown CPU", flags, physical
+
+
+def _uname() -> tuple[str, str, str]:
+    """System, release and machine; os.uname avoids importing platform (POSIX)."""
+    if hasattr(os, "uname"):
+        u = os.uname()
+        return u.sysname, u.release, u.machine
+    import platform
+
+    return platform.system(), platform.release(), platform.machine()
 
 
 def parse_meminfo(text: str) -> tuple[int, int] | None:
@@ -296,8 +307,11 @@ def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
             pass
 
 
-def detect_gpus(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[GPUInfo, ...]:
+def detect_gpus(run: Callable[..., "subprocess.CompletedProcess"] | None = None) -> tuple[GPUInfo, ...]:
     """NVIDIA GPUs through NVML, else ``nvidia-smi``; none when neither answers."""
+    import subprocess
+
+    run = run or subprocess.run
     gpus = _nvml_gpus()
     if gpus is not None:
         return gpus
@@ -347,6 +361,7 @@ def detect_device(
 
         physical = psutil.cpu_count(logical=False) or logical
 
+    system, release, machine = _uname()
     disk_path = existing_parent(models_dir or hf_cache_dir())
     disk_free = shutil.disk_usage(disk_path).free
 
@@ -365,8 +380,8 @@ def detect_device(
         gpus=gpu_probe(),
         disk_free_bytes=disk_free,
         disk_path=str(disk_path),
-        os=f"{platform.system()} {platform.release()}",
-        arch=platform.machine(),
+        os=f"{system} {release}",
+        arch=machine,
     )
 
 

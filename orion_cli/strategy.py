@@ -8,8 +8,6 @@ precedence *flag > ORION_* environment variable > strategy file > tier default*.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,10 +151,16 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         tier_reason=reason,
         budget_arithmetic=budget.arithmetic(),
         device=_device_record(device),
-        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created=_now_iso(),
         sources={k: ("tier" if k in TIER_KEYS else "device") for k in SETTING_KEYS}
         | {"tier": "flag" if tier_name else "device"},
     )
+
+
+def _now_iso() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _device_record(device: DeviceInfo) -> dict:
@@ -226,6 +230,8 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
 
 
 def _shown(value: Any) -> str:
+    import json
+
     return json.dumps(value) if not isinstance(value, str) else repr(value)
 
 
@@ -236,6 +242,8 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
     """The settings of a strategy file, validated. Raises ConfigError saying which key is wrong."""
     import yaml
 
+    from ._yaml import load_yaml
+
     table = table or builtin_tiers()
     hint = f"fix it, or run 'orion profile' to write a new one ({path})"
     try:
@@ -243,7 +251,7 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
     except OSError as exc:
         raise ConfigError(f"cannot read strategy file {path}: {exc.strerror or exc}", hint=hint) from exc
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

@@ -77,7 +77,7 @@ def builtin_tiers() -> TierTable:
     """The tier table shipped inside the package (``orion_cli.profiles/tiers.yaml``)."""
     from importlib.resources import files
 
-    import yaml
+    from ._yaml import load_yaml
 
     text = files("orion_cli.profiles").joinpath("tiers.yaml").read_text(encoding="utf-8")
-    return parse_tier_table(yaml.safe_load(text))
+    return parse_tier_table(load_yaml(text))

@@ -5,7 +5,6 @@ Rich is imported on first use, so commands that print only YAML or JSON never lo
 
 from __future__ import annotations
 
-import json
 import sys
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,8 @@ def err_console() -> "Console":
 
 def print_json(data: Any) -> None:
     """Stable JSON on stdout, one document, for scripts."""
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -37,4 +38,5 @@ def examples(*lines: tuple[str, str]) -> str:
     """An examples block for a command's --help epilog."""
     width = max(len(cmd) for cmd, _ in lines)
     body = "\n".join(f"  {cmd.ljust(width)}   {what}" for cmd, what in lines)
-    return f"Examples:\n\n{body}"
+    # \b keeps click from re-wrapping the block
+    return f"Examples:\n\n\b\n{body}"
