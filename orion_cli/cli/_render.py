@@ -1,0 +1,67 @@
+"""Rich renderings shared by the model commands: headers, estimates, candidate tables."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from ..units import format_bytes
+
+
+def header_table(summary: dict, title: str | None = None) -> Table:
+    t = Table(show_header=False, box=None, pad_edge=False, title=title, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    params = summary.get("parameters") or 0
+    rows = [
+        ("architecture", summary.get("architecture")),
+        ("name", summary.get("name")),
+        ("file type", summary.get("file_type")),
+        ("parameters", f"{params / 1e9:.2f} B" if params >= 1e9 else f"{params / 1e6:.0f} M"),
+        ("size", f"{format_bytes(summary.get('tensor_bytes'))} of tensors, {summary.get('bits_per_weight')} bits/weight"),
+        ("context length", summary.get("context_length")),
+        ("layers", summary.get("layers")),
+        ("embedding", summary.get("embedding_length")),
+        ("heads", f"{summary.get('heads')} ({summary.get('kv_heads')} KV), head dim {summary.get('head_dim')}"),
+        ("sliding window", summary.get("sliding_window") or "none"),
+        ("vocabulary", summary.get("vocab_size")),
+        ("tensors", f"{summary.get('tensors')} in {summary.get('parts')} file(s)"),
+    ]
+    for k, v in rows:
+        if v is not None:
+            t.add_row(k, escape(str(v)))
+    return t
+
+
+def estimate_table(estimate, budget_bytes: int | None = None) -> Table:
+    t = Table(box=None, pad_edge=False, title=f"Memory estimate at n_ctx {estimate.n_ctx}", title_justify="left")
+    t.add_column("part", style="bold")
+    t.add_column("size", justify="right")
+    t.add_column("how", style="dim")
+    for name, n, how in estimate.parts():
+        t.add_row(name, format_bytes(n), escape(how))
+    verdict = ""
+    if budget_bytes is not None:
+        fits = estimate.total_bytes <= budget_bytes
+        verdict = f"[green]fits[/] the budget of {format_bytes(budget_bytes)}" if fits else \
+            f"[red]over[/] the budget of {format_bytes(budget_bytes)}"
+    t.add_row("total", f"[bold]{format_bytes(estimate.total_bytes)}[/]", verdict)
+    return t
+
+
+def candidates_table(plan) -> Table:
+    t = Table(box=None, pad_edge=False,
+              title=f"{plan.repo} at n_ctx {plan.n_ctx}, budget {format_bytes(plan.budget_bytes)}, "
+                    f"{format_bytes(plan.free_disk_bytes)} disk free" + (f", level {plan.level}" if plan.level else ""),
+              title_justify="left")
+    t.add_column("file")
+    t.add_column("type")
+    t.add_column("size", justify="right")
+    t.add_column("estimate", justify="right")
+    t.add_column("verdict")
+    for c in plan.candidates:
+        style = "bold green" if c.verdict == "chosen" else ("" if c.fits else "dim")
+        name = c.filename + (f" (+{len(c.parts) - 1} parts)" if len(c.parts) > 1 else "")
+        t.add_row(escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes),
+                  escape(c.verdict), style=style)
+    return t

@@ -1,0 +1,134 @@
+"""``orion fetch``: pick the quantization that fits this device and download it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion fetch mistral", "the best file that fits the strategy (same as --auto)"),
+    ("orion fetch mistral --dry-run", "every candidate with size, estimate, verdict"),
+    ("orion fetch llava --quant q4", "a level (q4 q8 q16 q32) or a type (Q5_K_M)"),
+    ("orion fetch org/repo --ctx 16384", "any Hub repo; estimate at a larger context"),
+    ("orion fetch org/repo/file.gguf", "one file of a repo"),
+)
+
+
+def fetch(
+    model: Annotated[str, typer.Argument(help="A catalog name (mistral, llava, bakllava, gemma3-270m, minilm), org/repo or org/repo/file.gguf.")],
+    quant: Annotated[Optional[str], typer.Option(help="A level (q4, q8, q16, q32) or an exact GGUF type (Q5_K_M, Q8_0, F16).", metavar="Q")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Pick by the strategy: the best file at or below the tier's level that fits the budget and the disk (the default).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every candidate with size, estimate and verdict; download nothing.")] = False,
+    ctx: Annotated[Optional[int], typer.Option(help="Context size the estimate assumes (default: the strategy's).", metavar="N")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan and the result as JSON.")] = False,
+) -> None:
+    """Pick the quantization that fits this device and download it from the Hugging Face Hub.
+
+    The quantization of every candidate is read from its GGUF header with HTTP
+    range requests (nothing is downloaded), its memory is estimated at the
+    strategy's context size, and the best file at or below the tier's level that
+    fits the memory budget and the free disk is downloaded into the Hugging Face
+    cache, resumably, and checked against the Hub's sha256.
+    """
+    from ..errors import InvalidValue, Interrupted
+    from ..fetch import fetch as do_fetch
+    from ..fetch import plan_fetch, refuse
+    from ..models import resolve, valid_name
+    from ..strategy import load_strategy
+    from ._output import console, err_console
+    from ._render import candidates_table, estimate_table
+
+    if auto and quant:
+        raise InvalidValue("--auto and --quant ask for different things", hint="give one of them")
+    if name:
+        valid_name(name)
+    strategy = load_strategy({"n_ctx": ctx})
+    ref = resolve(model)
+    if ref.source == "path":
+        raise InvalidValue(f"{model} is a local file, there is nothing to fetch",
+                           hint=f"register it with 'orion import {model}'")
+    if ref.source == "registry" and ref.repo is None:
+        raise InvalidValue(f"{model} was imported from {ref.path}, not fetched", hint="it is ready to use")
+    if ref.format == "safetensors":
+        return _fetch_snapshot(ref, name, json_output)
+
+    with err_console().status(f"Reading GGUF headers of {ref.repo}…"):
+        plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx)
+
+    if dry_run:
+        if json_output:
+            from ._output import print_json
+
+            print_json({"dry_run": True, "plan": plan.to_dict()})
+            return
+        out = console()
+        out.print(candidates_table(plan))
+        if plan.chosen:
+            out.print()
+            out.print(estimate_table(plan.chosen.estimate, plan.budget_bytes))
+            out.print(f"\nWould fetch [bold]{plan.chosen.filename}[/] ({plan.chosen.file_type}).")
+        else:
+            out.print(f"\nNothing fits: {plan.hint}")
+        return
+    if plan.chosen is None:
+        raise refuse(plan)
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    # A bar for people at a terminal; nothing in logs and pipes.
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err_console(),
+                        disable=not err_console().is_terminal)
+    tasks: list = []
+
+    def on_file(filename: str, total: int, have: int) -> None:
+        label = filename if have == 0 else f"{filename} (resumed)"
+        tasks.append(progress.add_task(label, total=total or None, completed=have))
+
+    def on_bytes(n: int) -> None:
+        progress.advance(tasks[-1], n)
+
+    try:
+        with progress:
+            local = do_fetch(plan, name=name, on_file=on_file, on_bytes=on_bytes)
+    except KeyboardInterrupt:
+        raise Interrupted("download interrupted; what arrived is kept",
+                          hint=f"run 'orion fetch {model}' again to resume") from None
+
+    from ..units import format_bytes
+
+    if json_output:
+        from dataclasses import asdict
+
+        from ._output import print_json
+
+        print_json({"model": asdict(local), "estimate": plan.chosen.estimate.to_dict(), "plan": plan.to_dict()})
+        return
+    out = console()
+    out.print(f"Fetched [bold]{local.name}[/]: {plan.chosen.filename} ({local.file_type}, "
+              f"{format_bytes(local.size_bytes)}), sha256 verified")
+    out.print(f"  {local.path}")
+    if local.projector_path:
+        out.print(f"  projector {local.projector_path}")
+    out.print(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}")
+
+
+def _fetch_snapshot(ref, name: str | None, json_output: bool) -> None:
+    """An encoder published as safetensors: its listed files, into the HF cache."""
+    from ..fetch import fetch_snapshot
+    from ._output import console, err_console
+
+    with err_console().status(f"Downloading {ref.repo}…"):
+        local = fetch_snapshot(ref, name=name)
+    if json_output:
+        from dataclasses import asdict
+
+        from ._output import print_json
+
+        print_json({"model": asdict(local)})
+        return
+    console().print(f"Fetched [bold]{local.name}[/] ({ref.repo}, safetensors) to {local.path}")

@@ -1,0 +1,320 @@
+"""Choosing which file of a repo to fetch, and fetching it.
+
+:func:`plan_fetch` reads the GGUF header of every candidate file with range
+requests (nothing is downloaded), estimates its memory at the strategy's
+context size, and picks one: the highest-quality file at or below the tier's
+quantization level whose estimate fits the memory budget and whose size fits
+the free disk. :func:`fetch` downloads the chosen file (and a vision model's
+projector) into the Hugging Face cache and registers it under a short name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import DoesNotFit, InvalidValue, NotFound
+from .estimate import Estimate, estimate_memory
+from .gguf_header import GGUFHeader, merge_parts, split_part_names
+from .models import LocalModel, ModelRef, Registry, now_iso
+from .strategy import Strategy
+from .units import format_bytes
+
+# Quality order of GGUF file types, best first; equal numbers are equal quality.
+QUALITY = {
+    "F32": 0, "BF16": 1, "F16": 1, "Q8_0": 2, "Q6_K": 3, "Q5_K_M": 4, "Q5_K_S": 5, "Q5_1": 6, "Q5_0": 7,
+    "Q4_K_M": 8, "Q4_K_S": 9, "IQ4_NL": 10, "IQ4_XS": 11, "Q4_1": 12, "Q4_0": 13, "Q3_K_L": 14,
+    "Q3_K_M": 15, "IQ3_M": 16, "IQ3_S": 17, "Q3_K_S": 18, "IQ3_XS": 19, "IQ3_XXS": 20, "Q2_K": 21,
+    "Q2_K_S": 22, "IQ2_M": 23, "IQ2_S": 24, "IQ2_XS": 25, "IQ2_XXS": 26, "IQ1_M": 27, "IQ1_S": 28,
+}
+# The best type each strategy level allows, and what --quant LEVEL asks for (first that exists).
+LEVEL_CAP = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
+LEVEL_PREFERRED = {"q4": ("Q4_K_M", "Q4_0"), "q8": ("Q8_0",), "q16": ("F16", "BF16"), "q32": ("F32",)}
+
+
+def quality_rank(file_type: str) -> int:
+    return QUALITY.get(file_type.upper(), len(QUALITY))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    filename: str  # the file, or the first part of a split file
+    parts: tuple[str, ...]
+    size_bytes: int
+    header: GGUFHeader
+    estimate: Estimate
+    verdict: str = ""
+    fits: bool = False
+
+    @property
+    def file_type(self) -> str:
+        return self.header.file_type
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    ref: ModelRef
+    repo: str
+    commit: str | None
+    n_ctx: int
+    budget_bytes: int
+    free_disk_bytes: int
+    level: str | None
+    candidates: tuple[Candidate, ...]
+    chosen: Candidate | None
+    projector: str | None = None
+    projector_bytes: int = 0
+    hint: str = ""
+    listing: object = field(default=None, compare=False, repr=False)  # hub.RepoListing
+
+    def to_dict(self) -> dict:
+        return {
+            "repo": self.repo,
+            "commit": self.commit,
+            "n_ctx": self.n_ctx,
+            "budget_bytes": self.budget_bytes,
+            "free_disk_bytes": self.free_disk_bytes,
+            "level": self.level,
+            "chosen": self.chosen.filename if self.chosen else None,
+            "projector": self.projector,
+            "candidates": [
+                {
+                    "file": c.filename, "parts": list(c.parts), "file_type": c.file_type, "size_bytes": c.size_bytes,
+                    "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
+                    "fits": c.fits, "verdict": c.verdict,
+                }
+                for c in self.candidates
+            ],
+            "hint": self.hint,
+        }
+
+
+def _is_projector(name: str) -> bool:
+    return "mmproj" in Path(name).name.lower()
+
+
+def _split_group(name: str) -> tuple[str, ...]:
+    """All parts of a split GGUF (``x-00001-of-00003.gguf``), in the same folder; else just the name."""
+    parts = split_part_names(Path(name).name)
+    if not parts:
+        return (name,)
+    folder = str(Path(name).parent)
+    return tuple(p if folder == "." else f"{folder}/{p}" for p in parts)
+
+
+def group_gguf_files(names: list[str], pattern: str = "*.gguf") -> list[tuple[str, ...]]:
+    """GGUF files of a repo grouped as models: a split file's parts together, projectors left out."""
+    groups: list[tuple[str, ...]] = []
+    for name in sorted(names):
+        if not name.endswith(".gguf") or _is_projector(name) or not fnmatch.fnmatch(Path(name).name, pattern):
+            continue
+        group = _split_group(name)
+        if name == group[0]:  # a split file is listed once, through its first part
+            groups.append(group)
+    return groups
+
+
+def _normalise_quant(quant: str) -> str:
+    q = quant.strip()
+    if q.lower() in LEVEL_CAP:
+        return q.lower()
+    upper = q.upper()
+    if upper in QUALITY or upper in ("Q4_K", "Q5_K", "Q3_K"):
+        return {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}.get(upper, upper)
+    raise InvalidValue(f"--quant {quant!r} is not a quantization",
+                       hint="use a level (q4, q8, q16, q32) or a GGUF type such as Q4_K_M, Q5_K_M, Q8_0, F16")
+
+
+def plan_fetch(
+    ref: ModelRef,
+    strategy: Strategy,
+    *,
+    quant: str | None = None,
+    n_ctx: int | None = None,
+    free_disk_bytes: int | None = None,
+    read_header: Callable[[str, str, int | None], GGUFHeader] | None = None,
+    listing=None,
+) -> FetchPlan:
+    """Every candidate file of the model's repo with its estimate and verdict, and the choice."""
+    from . import hub
+
+    if ref.repo is None:
+        raise NotFound(f"{ref.name} is a local file, there is nothing to fetch", hint="use it directly")
+    n_ctx = n_ctx or strategy.n_ctx
+    listing = listing or hub.list_files(ref.repo)
+    read_header = read_header or (lambda repo, name, size: hub.read_remote_header(repo, name, size, listing.commit))
+    if free_disk_bytes is None:
+        import shutil
+
+        from .paths import existing_parent, hf_cache_dir
+
+        free_disk_bytes = shutil.disk_usage(existing_parent(hf_cache_dir())).free
+
+    names = [f.path for f in listing.files]
+    if ref.filename:
+        if ref.filename not in names:
+            raise NotFound(f"no file {ref.filename} in {ref.repo}", hint=f"run 'orion inspect {ref.repo}' to list its files")
+        groups = [_split_group(ref.filename)]
+    else:
+        groups = group_gguf_files(names, ref.pattern)
+    if not groups:
+        raise NotFound(f"{ref.repo} has no GGUF model file",
+                       hint="orion runs GGUF models; look for a '-GGUF' repo of the same model")
+
+    projector = ref.projector if ref.projector in names else None
+    if ref.projector and projector is None:
+        raise NotFound(f"{ref.repo} has no projector file {ref.projector}", hint="the repo changed: report it")
+    projector_header = read_header(ref.repo, projector, listing.get(projector).size) if projector else None
+
+    def build(group: tuple[str, ...]) -> Candidate:
+        headers = [read_header(ref.repo, n, listing.get(n).size) for n in group]
+        header = merge_parts(headers) if len(headers) > 1 else headers[0]
+        size = sum(listing.get(n).size or 0 for n in group)
+        est = estimate_memory(header, n_ctx, projector=projector_header)
+        return Candidate(group[0], group, size, header, est)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        candidates = list(pool.map(build, groups))
+    candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
+
+    wanted = _normalise_quant(quant) if quant else None
+    level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_CAP else None)
+    budget = strategy.memory_budget_bytes
+    projector_size = listing.get(projector).size or 0 if projector else 0
+
+    judged: list[Candidate] = []
+    for c in candidates:
+        disk_needed = c.size_bytes + projector_size
+        reasons = []
+        if wanted and wanted not in LEVEL_CAP:
+            if c.file_type.upper() != wanted:
+                reasons.append(f"not {wanted}")
+        elif wanted in LEVEL_CAP:
+            if c.file_type.upper() not in LEVEL_PREFERRED[wanted]:
+                reasons.append(f"not {'/'.join(LEVEL_PREFERRED[wanted])}")
+        elif quality_rank(c.file_type) < quality_rank(LEVEL_CAP[level]):
+            reasons.append(f"above the tier's level {level}")
+        if c.estimate.total_bytes > budget:
+            reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
+        if disk_needed > free_disk_bytes:
+            reasons.append(f"needs {format_bytes(disk_needed)} of disk, {format_bytes(free_disk_bytes)} free")
+        judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons))
+
+    chosen = None
+    if wanted in LEVEL_CAP:
+        # --quant q4: the level's preferred type in order (Q4_K_M, else Q4_0)
+        for t in LEVEL_PREFERRED[wanted]:
+            chosen = next((c for c in judged if c.file_type.upper() == t and c.fits), None)
+            if chosen:
+                break
+    else:
+        chosen = next((c for c in judged if c.fits), None)
+    if chosen:
+        judged = [replace(c, verdict="chosen") if c is chosen else c for c in judged]
+
+    hint = "" if chosen else _what_would_fit(judged, wanted, level, budget, free_disk_bytes, n_ctx, projector_header)
+    return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
+                     next((c for c in judged if c.verdict == "chosen"), None), projector,
+                     projector_size, hint, listing)
+
+
+def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header) -> str:
+    """A sentence saying what would fit when nothing does."""
+    if wanted and wanted not in LEVEL_CAP and not any(c.file_type.upper() == wanted for c in cands):
+        have = ", ".join(dict.fromkeys(c.file_type for c in cands))
+        return f"the repo has no {wanted} file; it has {have}"
+    if wanted in LEVEL_CAP and not any(c.file_type.upper() in LEVEL_PREFERRED[wanted] for c in cands):
+        have = ", ".join(dict.fromkeys(c.file_type for c in cands))
+        return f"the repo has no {'/'.join(LEVEL_PREFERRED[wanted])} file; it has {have}"
+    smaller = [c for c in cands if c.estimate.total_bytes <= budget and c.size_bytes <= free_disk]
+    if smaller:
+        best = smaller[0]
+        return (f"{best.file_type} ({best.filename}) fits: ask for it with --quant {best.file_type}"
+                if wanted or level else f"{best.file_type} fits")
+    smallest = min(cands, key=lambda c: c.estimate.total_bytes)
+    if smallest.size_bytes > free_disk:
+        return f"even {smallest.file_type} needs {format_bytes(smallest.size_bytes)} of disk, {format_bytes(free_disk)} is free"
+    ctx = n_ctx
+    while ctx > 256:
+        ctx //= 2
+        est = estimate_memory(smallest.header, ctx, projector=projector_header)
+        if est.total_bytes <= budget:
+            return (f"{smallest.file_type} fits with --ctx {ctx} ({format_bytes(est.total_bytes)}); "
+                    f"at --ctx {n_ctx} it needs {format_bytes(smallest.estimate.total_bytes)}")
+    return (f"the smallest file, {smallest.file_type}, needs {format_bytes(smallest.estimate.total_bytes)} and the budget "
+            f"is {format_bytes(budget)}: choose a smaller model, or raise the budget (ORION_MEMORY_BUDGET)")
+
+
+def refuse(plan: FetchPlan) -> DoesNotFit | NotFound:
+    """The error for a plan with nothing chosen."""
+    if plan.hint.startswith("the repo has no"):
+        return NotFound(f"{plan.repo}: nothing to fetch", hint=plan.hint)
+    what = f"level {plan.level}" if plan.level else "the requested type"
+    return DoesNotFit(
+        f"no file of {plan.repo} fits ({what}, n_ctx {plan.n_ctx}, budget {format_bytes(plan.budget_bytes)})",
+        hint=plan.hint,
+    )
+
+
+def fetch(
+    plan: FetchPlan,
+    *,
+    name: str | None = None,
+    registry: Registry | None = None,
+    on_file: Callable[[str, int, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> LocalModel:
+    """Download the plan's choice (and projector) and register it; returns the registry entry."""
+    from . import hub
+
+    if plan.chosen is None:
+        raise refuse(plan)
+    listing = plan.listing
+
+    def download(filename: str) -> Path:
+        def started(total: int, have: int) -> None:
+            if on_file:
+                on_file(filename, total, have)
+
+        return hub.download(plan.repo, listing.get(filename), on_start=started, on_bytes=on_bytes)
+
+    paths = [download(part) for part in plan.chosen.parts]
+    projector_path = str(download(plan.projector)) if plan.projector else None
+    model = LocalModel(
+        name=name or plan.ref.name,
+        kind=plan.ref.kind,
+        path=str(paths[0]),
+        source="hub",
+        file_type=plan.chosen.file_type,
+        size_bytes=plan.chosen.size_bytes,
+        repo=plan.repo,
+        filename=plan.chosen.filename,
+        projector_path=projector_path,
+        projector_filename=plan.projector,
+        sha256=listing.get(plan.chosen.parts[0]).sha256,
+        added=now_iso(),
+    )
+    (registry or Registry()).add(model)
+    return model
+
+
+def fetch_snapshot(ref: ModelRef, *, name: str | None = None, registry: Registry | None = None) -> LocalModel:
+    """Download the listed files of a safetensors model (an encoder) and register its snapshot folder."""
+    from . import hub
+
+    listing = hub.list_files(ref.repo)
+    wanted = [f for f in listing.files if f.path in ref.files] if ref.files else list(listing.files)
+    if not any(f.path.endswith(".safetensors") for f in wanted):
+        raise NotFound(f"{ref.repo} has no .safetensors weights", hint="orion reads safetensors or GGUF models")
+    paths = [hub.download(ref.repo, f) for f in wanted]
+    first = paths[0]
+    folder = first.parents[len(Path(wanted[0].path).parts) - 1]
+    model = LocalModel(
+        name=name or ref.name, kind=ref.kind, path=str(folder), source="hub", file_type="safetensors",
+        size_bytes=sum(f.size or 0 for f in wanted), repo=ref.repo, added=now_iso(),
+    )
+    (registry or Registry()).add(model)
+    return model

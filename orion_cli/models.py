@@ -1,0 +1,193 @@
+"""Model names: the built-in catalog, the local registry, and how a name resolves.
+
+A name resolves in this order: the local registry (models fetched or imported
+here) → the catalog (``profiles/models.yaml``) → a local file path → a Hub
+repo (``org/repo``) or one file of it (``org/repo/file.gguf``).
+
+The registry is ``$ORION_HOME/models.json``: plain JSON, one entry per name,
+written atomically under a lock so concurrent commands do not lose entries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ConfigError, NotFound
+from .paths import orion_home
+
+KINDS = ("llm", "vision", "encoder")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]*$")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    repo: str
+    kind: str
+    description: str = ""
+    pattern: str = "*.gguf"
+    projector: str | None = None
+    format: str = "gguf"
+    files: tuple[str, ...] = ()
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, CatalogEntry]:
+    from importlib.resources import files
+
+    from ._yaml import load_yaml
+
+    doc = load_yaml(files("orion_cli.profiles").joinpath("models.yaml").read_text(encoding="utf-8"))
+    out = {}
+    for name, e in doc["models"].items():
+        out[name] = CatalogEntry(
+            name=name, repo=e["repo"], kind=e["kind"], description=e.get("description", ""),
+            pattern=e.get("pattern", "*.gguf"), projector=e.get("projector"),
+            format=e.get("format", "gguf"), files=tuple(e.get("files", ())),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model on this machine: fetched into the HF cache, or imported from a path."""
+
+    name: str
+    kind: str
+    path: str  # the GGUF (or, for a safetensors encoder, the snapshot folder)
+    source: str  # "hub" or "import"
+    file_type: str = ""
+    size_bytes: int = 0
+    repo: str | None = None
+    filename: str | None = None
+    projector_path: str | None = None
+    projector_filename: str | None = None
+    sha256: str | None = None
+    added: str = ""
+
+    def exists(self) -> bool:
+        return Path(self.path).exists()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a MODEL argument means."""
+
+    name: str  # the name it is (or will be) registered under
+    kind: str
+    source: str  # "registry", "catalog", "path", "repo"
+    repo: str | None = None
+    filename: str | None = None
+    pattern: str = "*.gguf"
+    projector: str | None = None
+    format: str = "gguf"
+    files: tuple[str, ...] = ()
+    local: LocalModel | None = None
+    path: Path | None = None
+
+
+class Registry:
+    """The models known on this machine (``$ORION_HOME/models.json``)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or orion_home() / "models.json"
+
+    def _read(self) -> dict[str, LocalModel]:
+        if not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            return {name: LocalModel(**entry) for name, entry in doc.get("models", {}).items()}
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"the model registry {self.path} is damaged ({exc})",
+                              hint="move it away; 'orion import' and 'orion fetch' will write a new one") from exc
+
+    def all(self) -> dict[str, LocalModel]:
+        return self._read()
+
+    def get(self, name: str) -> LocalModel | None:
+        return self._read().get(name)
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, LocalModel]]:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            models = self._read()
+            yield models
+            from .strategy import write_text_atomic
+
+            doc = {"schema_version": 1, "models": {n: asdict(m) for n, m in sorted(models.items())}}
+            write_text_atomic(self.path, json.dumps(doc, indent=2) + "\n")
+
+    def add(self, model: LocalModel) -> None:
+        with self._locked() as models:
+            models[model.name] = model
+
+    def remove(self, name: str) -> LocalModel | None:
+        with self._locked() as models:
+            return models.pop(name, None)
+
+
+def valid_name(name: str) -> str:
+    from .errors import InvalidValue
+
+    if not _NAME_RE.match(name):
+        raise InvalidValue(f"{name!r} is not a usable model name",
+                           hint="use lower-case letters, digits, '.', '_' and '-'")
+    return name
+
+
+def default_name_for(repo: str, filename: str | None = None) -> str:
+    base = Path(filename).stem if filename else repo.split("/")[-1]
+    base = re.sub(r"-\d{5}-of-\d{5}$", "", base).lower()
+    return re.sub(r"[^a-z0-9._\-]+", "-", base).strip("-") or "model"
+
+
+def resolve(text: str, registry: Registry | None = None) -> ModelRef:
+    """What a MODEL argument names; raises NotFound with suggestions."""
+    registry = registry or Registry()
+    local = registry.all()
+    if text in local:
+        m = local[text]
+        return ModelRef(m.name, m.kind, "registry", repo=m.repo, filename=m.filename, local=m, path=Path(m.path))
+    cat = catalog()
+    if text in cat:
+        e = cat[text]
+        return ModelRef(e.name, e.kind, "catalog", repo=e.repo, pattern=e.pattern, projector=e.projector,
+                        format=e.format, files=e.files)
+    path = Path(text).expanduser()
+    if path.exists() or text.endswith(".gguf") and ("/" not in text or text.startswith((".", "/", "~"))):
+        return ModelRef(default_name_for("local", path.name), "llm", "path", path=path)
+    parts = text.strip("/").split("/")
+    if len(parts) >= 3 and parts[-1].endswith(".gguf") and _REPO_RE.match("/".join(parts[:2])):
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        return ModelRef(default_name_for(repo, filename), "llm", "repo", repo=repo, filename=filename)
+    if len(parts) == 2 and _REPO_RE.match(text):
+        return ModelRef(default_name_for(text), "llm", "repo", repo=text)
+    known = sorted(set(local) | set(cat))
+    close = difflib.get_close_matches(text, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint += f"known names: {', '.join(known)}; or give a Hub repo (org/repo) or a .gguf path"
+    raise NotFound(f"unknown model {text!r}", hint=hint)
+
+
+def catalog_entry_for_repo(repo: str) -> CatalogEntry | None:
+    return next((e for e in catalog().values() if e.repo == repo), None)
+
+
+def now_iso() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
