@@ -40,7 +40,8 @@ ENV_VARS = {
     "memory_budget_bytes": "ORION_MEMORY_BUDGET",
     "gpu_budget_bytes": "ORION_GPU_BUDGET",
 }
-_FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device")
+_FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
+                   "engine")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Strategy:
     budget_arithmetic: str = ""
     device: dict = field(default_factory=dict)
     created: str = ""
+    # The engine health check's verdict (orion_cli.engine.EngineCheck), when profile ran it.
+    engine: dict = field(default_factory=dict)
     # Where each setting came from: "flag", "env ORION_X", "file", "tier", "device".
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -105,6 +108,7 @@ class Strategy:
             "budget": self.budget_arithmetic,
             "pressure": {"high": self.pressure_high, "critical": self.pressure_critical},
             "device": self.device,
+            "engine": self.engine,
         }
 
 
@@ -301,6 +305,8 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
             settings[key] = doc[key]
     if isinstance(doc.get("device"), dict):
         settings["device"] = doc["device"]
+    if isinstance(doc.get("engine"), dict):
+        settings["engine"] = doc["engine"]
     return settings
 
 
@@ -353,6 +359,10 @@ def render_strategy_yaml(strategy: Strategy) -> str:
         "",
         "# Memory pressure: used / limit above 'high' is high, above 'critical' is critical.",
         yaml.safe_dump({"pressure": data["pressure"]}, sort_keys=False).strip(),
+        "",
+        "# The engine check: can llama.cpp's default settings decode a quantized model on this CPU,",
+        "# or must orion load with the safe settings (use_extra_bufts off)? tok/s on the canary model.",
+        yaml.safe_dump({"engine": data["engine"]}, sort_keys=False, allow_unicode=True).strip(),
         "",
         "# What orion detected when this file was written (for reference; not read back as settings).",
         yaml.safe_dump({"device": data["device"]}, sort_keys=False, allow_unicode=True).strip(),
@@ -456,6 +466,7 @@ def load_strategy(
             "budget_arithmetic": file_settings.get("budget", ""),
             "device": file_settings.get("device", {}),
             "created": file_settings.get("created", ""),
+            "engine": file_settings.get("engine", {}),
             "pressure_high": file_settings.get("pressure_high", table.pressure_high),
             "pressure_critical": file_settings.get("pressure_critical", table.pressure_critical),
         }
@@ -466,6 +477,7 @@ def load_strategy(
             "budget_arithmetic": b.budget_arithmetic,
             "device": b.device,
             "created": b.created,
+            "engine": b.engine,
             "pressure_high": b.pressure_high,
             "pressure_critical": b.pressure_critical,
         }

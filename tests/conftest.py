@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,26 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(scope="session")
+def engine_check_cache(tmp_path_factory) -> Path:
+    """The engine canary's verdict for this machine, found once per test session (real canary)."""
+    home = tmp_path_factory.mktemp("engine-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")} | {"ORION_HOME": str(home)}
+    code = "from orion_cli.engine import current_check; current_check()"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=600)
+    return home / "engine-check.json"
+
+
 @pytest.fixture(autouse=True)
-def orion_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own ORION_HOME and no ORION_* settings from the caller's shell."""
+def orion_home(tmp_path, monkeypatch, engine_check_cache) -> Path:
+    """Every test gets its own ORION_HOME (with the session's engine verdict, so the canary does
+    not run in every test; tests/test_engine.py runs it for real) and no ORION_* settings from
+    the caller's shell."""
     for var in [v for v in os.environ if v.startswith("ORION_")]:
         monkeypatch.delenv(var)
     home = tmp_path / "orion-home"
+    home.mkdir()
+    shutil.copy(engine_check_cache, home / "engine-check.json")
     monkeypatch.setenv("ORION_HOME", str(home))
     return home
 

@@ -80,7 +80,7 @@ def test_unknown_tier(orion):
 
 
 def test_broken_strategy_file(orion, orion_home):
-    orion_home.mkdir(parents=True)
+    orion_home.mkdir(parents=True, exist_ok=True)
     (orion_home / "strategy.yaml").write_text("schema_version: 1\ntier: [oops\n")
     proc = orion("strategy")
     assert_clean_error(proc, "is not valid YAML", "orion profile", code=3)
@@ -90,7 +90,7 @@ def test_broken_strategy_file(orion, orion_home):
 
 
 def test_wrong_type_in_strategy_file(orion, orion_home):
-    orion_home.mkdir(parents=True)
+    orion_home.mkdir(parents=True, exist_ok=True)
     (orion_home / "strategy.yaml").write_text("schema_version: 1\nmax_models: lots\n")
     assert_clean_error(orion("strategy"), "max_models must be a whole number ≥ 1, not 'lots'", code=3)
 

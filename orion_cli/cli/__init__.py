@@ -49,10 +49,12 @@ def _root(
 from . import fetch as _fetch  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import profile as _profile  # noqa: E402
+from . import run as _run  # noqa: E402
 from . import strategy as _strategy  # noqa: E402
 
 app.command("profile", epilog=_profile.EXAMPLES, short_help="Detect this machine, pick a memory tier, write the strategy.")(_profile.profile)
 app.command("strategy", epilog=_strategy.EXAMPLES, short_help="Show the settings in force and where each comes from.")(_strategy.strategy)
+app.command("run", epilog=_run.EXAMPLES, short_help="Run a model: a prompt, or a chat REPL.")(_run.run)
 app.command("fetch", epilog=_fetch.EXAMPLES, short_help="Download the quantization of a model that fits this device.")(_fetch.fetch)
 app.command("import", epilog=_models.IMPORT_EXAMPLES, short_help="Register a local GGUF under a short name.")(_models.import_)
 app.command("list", epilog=_models.LIST_EXAMPLES, short_help="List the models here, with memory estimates.")(_models.list_)

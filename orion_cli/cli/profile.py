@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._output import examples
+
+
+def _engine_check(force: bool) -> dict:
+    """The engine canary's verdict for this llama.cpp build and CPU (cached after the first run)."""
+    from ..device import _cpu_info
+    from ..engine import check_engine, engine_key
+
+    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    return check_engine(engine_key(model, flags), force=force).to_dict()
 
 EXAMPLES = examples(
     ("orion profile", "detect this machine, write the strategy"),
@@ -32,6 +42,7 @@ def profile(
         Optional[str], typer.Option(metavar="TIER", help="Force a tier: aggressive, balanced, light or minimal.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the strategy as JSON on stdout.")] = False,
+    recheck_engine: Annotated[bool, typer.Option("--recheck-engine", help="Run the engine canary again instead of using its cached verdict.")] = False,
 ) -> None:
     """Detect RAM, CPU, GPU and disk; pick a memory tier; write the strategy file.
 
@@ -55,6 +66,7 @@ def profile(
     if ram_bytes is not None or vram_bytes is not None:
         device = simulate(device, ram_bytes=ram_bytes, vram_bytes=vram_bytes)
     strategy = build_strategy(device, tier, table)
+    strategy = replace(strategy, engine=_engine_check(recheck_engine))
     text = render_strategy_yaml(strategy)
 
     if output == "-":
@@ -109,6 +121,14 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     rows.append(("Defaults", f"quantization {strategy.quantization}, up to {strategy.max_models} model(s) loaded, "
                  f"{_unload(strategy.keep_alive_s)}, context {strategy.n_ctx} tokens, {strategy.threads} threads"))
     rows.append(("Budget", strategy.budget_arithmetic))
+    if strategy.engine:
+        e = strategy.engine
+        if e["default_ok"]:
+            engine = f"llama.cpp defaults work (canary {e['tok_s_default']:.0f} tok/s)"
+        else:
+            engine = (f"[yellow]defaults crash ({e['default_signal']})[/]: loading with use_extra_bufts off "
+                      f"(canary {e['tok_s_safe']:.0f} tok/s)")
+        rows.append(("Engine", engine))
     if strategy.gpu_budget_bytes is not None:
         rows.append(("GPU budget", format_bytes(strategy.gpu_budget_bytes)))
     colour = {"normal": "green", "high": "yellow", "critical": "red"}[level]

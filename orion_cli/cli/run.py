@@ -1,0 +1,251 @@
+"""``orion run``: load a model through the manager and generate, once or in a REPL."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion run gemma3-270m 'The capital of France is'", "complete a prompt, streamed"),
+    ("orion run mistral", "a chat REPL (/load, /ps, /clear, /bye)"),
+    ("echo 'Hello' | orion run gemma3-270m", "the prompt from stdin"),
+    ("orion run llava 'What is this?' --image cat.png", "a vision model"),
+    ("orion run model.gguf 'Hi' --json --temperature 0", "one JSON object with text and timings"),
+)
+
+REPL_HELP = """Commands: /load NAME (switch model), /ps (loaded models), /clear (forget the conversation),
+/bye (quit). End a line with \\ to continue it; wrap several lines in \"\"\" to send them at once."""
+
+
+def run(
+    model: Annotated[str, typer.Argument(help="A model name (orion list), a catalog name, org/repo, or a .gguf path.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; without it: stdin when piped, else a REPL.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", metavar="N")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", metavar="T")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.", metavar="P")] = 0.95,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable sampling.", metavar="N")] = None,
+    ctx: Annotated[Optional[int], typer.Option(help="Context size (default: the strategy's).", metavar="N")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the strategy's).", metavar="N")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system prompt (chat models).", metavar="TEXT")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(help="An image for a vision model; repeatable.", metavar="PATH")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: text and timings.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print load time and prompt/generation tokens per second.")] = False,
+) -> None:
+    """Run a model: stream its answer to PROMPT, or chat with it in a REPL.
+
+    A model that is not here yet is fetched first (the quantization that fits,
+    as 'orion fetch --auto'). Models load through the model manager, which
+    keeps the strategy's cap, memory budget and keep-alive.
+    """
+    from ..errors import InvalidValue
+    from ..session import check_image, local_model, manager_for
+    from ..strategy import load_strategy
+    from ._output import err_console
+
+    if max_tokens < 1:
+        raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
+    strategy = load_strategy({"n_ctx": ctx, "threads": threads})
+    images = [check_image(p) for p in image or []]
+    local = local_model(model, strategy, fetch_progress=_fetch_progress())
+    if images and not local.projector_path:
+        raise InvalidValue(f"{local.name} is a text-only model: it has no projector for --image",
+                           hint="use a vision model such as llava or bakllava")
+
+    debug = _debug()
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
+
+    def on_event(event) -> None:
+        if verbose or debug or prompt is None:
+            err_console().print(f"[dim]{event.kind}: {event.detail}[/]", highlight=False)
+
+    manager = manager_for(strategy, on_event=on_event, timer=prompt is None)
+    try:
+        if prompt is None:
+            _repl(manager, local, strategy, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                                  seed=seed), system)
+            return
+        _once(manager, local, strategy, prompt, system=system, images=images, json_output=json_output,
+              verbose=verbose, debug=debug, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    finally:
+        manager.close()
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("ORION_DEBUG") == "1"
+
+
+def _fetch_progress():
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from ._output import err_console
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                        TransferSpeedColumn(), console=err_console(), disable=not err_console().is_terminal)
+    tasks: list = []
+
+    def on_file(name: str, total: int, have: int) -> None:
+        if not tasks:
+            progress.start()
+        tasks.append(progress.add_task(f"fetching {name}", total=total or None, completed=have))
+
+    def on_bytes(n: int) -> None:
+        progress.advance(tasks[-1], n)
+        task = progress.tasks[-1]
+        if task.total and task.completed >= task.total:
+            progress.stop()
+
+    return on_file, on_bytes
+
+
+def _once(manager, local, strategy, prompt, *, system, images, json_output, verbose, debug, **sampling) -> None:
+    from ..engine import Timings
+    from ..session import model_request
+    from ._output import err_console
+
+    request = model_request(local, strategy)
+    timings = Timings()
+    with manager.use(request) as model:
+        timings.load_s = model.load_s
+        if debug and not model.has_chat_template and not model.is_vision:
+            err_console().print("[dim]no chat template in this model: plain completion[/]")
+        if system and not model.has_chat_template and not model.is_vision:
+            prompt = f"{system}\n\n{prompt}"
+            system = None
+        pieces = model.generate(prompt, system=system, images=images, timings=timings, **sampling)
+        if json_output:
+            text = "".join(pieces)
+        else:
+            out = sys.stdout
+            chunks = []
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+                chunks.append(piece)
+            text = "".join(chunks)
+            out.write("\n")
+    if json_output:
+        from ._output import print_json
+
+        print_json({"model": local.name, "text": text, "timings": timings.to_dict()})
+    elif verbose:
+        _print_timings(timings)
+
+
+def _print_timings(t) -> None:
+    from ._output import err_console
+
+    err_console().print(f"[dim]load {t.load_s:.2f} s · prompt {t.prompt_tokens} tokens at {t.prompt_tok_s:.1f} tok/s"
+                        f" · generated {t.gen_tokens} tokens at {t.gen_tok_s:.1f} tok/s[/]", highlight=False)
+
+
+def _read_prompt() -> str | None:
+    """One prompt from the terminal: continued lines (trailing \\) or a triple-quoted block."""
+    try:
+        line = input(">>> ")
+    except EOFError:
+        return None
+    if line.strip().startswith('"""'):
+        lines = [line.strip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            try:
+                lines.append(input("... "))
+            except EOFError:
+                break
+        lines[-1] = lines[-1].rstrip().removesuffix('"""')
+        return "\n".join(lines).strip()
+    while line.endswith("\\"):
+        try:
+            line = line[:-1] + "\n" + input("... ")
+        except EOFError:
+            break
+    return line
+
+
+def _repl(manager, local, strategy, sampling: dict, system: str | None) -> None:
+    from ..engine import Timings
+    from ..session import local_model, model_request
+    from ..units import format_bytes
+    from ._output import console, err_console
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        from ..paths import orion_home
+
+        history = orion_home() / "history"
+        try:
+            readline.read_history_file(history)
+        except OSError:
+            pass
+    except ImportError:
+        readline = None  # type: ignore[assignment]
+        history = None
+    out = console()
+    out.print(f"[dim]{local.name} · {REPL_HELP}[/]", highlight=False)
+    request = model_request(local, strategy)
+    conversation: list[dict] = []
+    try:
+        while True:
+            text = _read_prompt()
+            if text is None or text.strip() in ("/bye", "/exit", "/quit"):
+                break
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                cmd, _, arg = text.strip().partition(" ")
+                if cmd == "/load" and arg:
+                    local = local_model(arg.strip(), strategy)
+                    request = model_request(local, strategy)
+                    conversation.clear()
+                    with manager.use(request):
+                        pass
+                    out.print(f"[dim]now talking to {local.name}[/]")
+                elif cmd == "/ps":
+                    for s in manager.status():
+                        state = "in use" if s.in_use else f"idle {s.idle_s:.0f} s"
+                        pin = ", pinned" if s.pinned else ""
+                        out.print(f"{s.name:24s} {format_bytes(s.estimate_bytes):>10s}  {state}{pin}")
+                    keep = "never" if manager.keep_alive_s is None else f"{manager.keep_alive_s} s"
+                    out.print(f"[dim]{len(manager.status())} of {manager.max_models} loaded; "
+                              f"budget {format_bytes(manager.budget_bytes)}; unload after {keep} idle[/]")
+                elif cmd == "/clear":
+                    conversation.clear()
+                    out.print("[dim]conversation cleared[/]")
+                elif cmd == "/help":
+                    out.print(REPL_HELP)
+                else:
+                    out.print(f"[red]unknown command {cmd}[/]; {REPL_HELP}")
+                continue
+            timings = Timings()
+            with manager.use(request) as model:
+                chat = model.has_chat_template
+                pieces = model.generate(text, system=system, history=conversation if chat else (),
+                                        timings=timings, **sampling)
+                answer = []
+                try:
+                    for piece in pieces:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                        answer.append(piece)
+                except KeyboardInterrupt:
+                    err_console().print("\n[dim](stopped)[/]")
+                sys.stdout.write("\n")
+            if chat:
+                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
+    finally:
+        if readline is not None and history is not None:
+            try:
+                history.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(history)
+            except OSError:
+                pass

@@ -1,0 +1,251 @@
+"""The model manager: every loaded model, under a cap, a memory budget and a keep-alive.
+
+One object used by ``run`` (and later ``embed`` and ``serve``):
+
+- loaded models in LRU order of use; at most ``max_models`` at once;
+- before loading, the model's memory estimate is checked against the budget:
+  least-recently-used idle models are evicted until it fits, and a model that
+  can never fit is refused with :class:`ModelDoesNotFit`, saying what would;
+- a model unused for ``keep_alive_s`` is unloaded (``None``: never), by a
+  background timer in long-running processes;
+- ``pin`` keeps a model from eviction and keep-alive; events (loading, loaded,
+  evicted, unloaded, refused, cancelled) go to a callback.
+
+The clock, the memory probe and the loader are injected, so the policy is
+tested without sleeping and without loading real models.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .errors import DoesNotFit
+from .units import format_bytes
+
+
+class ModelDoesNotFit(DoesNotFit):
+    """A model whose estimate can never fit the budget, even with everything else unloaded."""
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled
+    key: str
+    detail: str = ""
+    at: float = 0.0
+
+
+@dataclass
+class Entry:
+    key: str
+    name: str
+    model: Any
+    estimate_bytes: int
+    loaded_at: float
+    last_used: float
+    pinned: bool = False
+    users: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to load: a key, a display name, its estimate, and how to load it."""
+
+    key: str
+    name: str
+    estimate_bytes: int
+    load: Callable[[threading.Event], Any]  # given a cancel event, returns the loaded model
+    hint: str = ""  # what would fit instead, for a refusal
+
+
+@dataclass
+class ManagerStatus:
+    name: str
+    key: str
+    estimate_bytes: int
+    idle_s: float
+    pinned: bool
+    in_use: bool
+
+
+class ModelManager:
+    def __init__(
+        self,
+        *,
+        max_models: int,
+        budget_bytes: int,
+        keep_alive_s: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        available_memory: Callable[[], int] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        timer: bool = False,
+    ) -> None:
+        self.max_models = max_models
+        self.budget_bytes = budget_bytes
+        self.keep_alive_s = keep_alive_s
+        self._clock = clock
+        self._available = available_memory
+        self._on_event = on_event
+        self._entries: dict[str, Entry] = {}  # insertion order = LRU order (oldest first)
+        self._loading: dict[str, threading.Event] = {}  # key -> cancel event
+        self._cond = threading.Condition(threading.RLock())
+        self.events: list[Event] = []
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        if timer and keep_alive_s is not None:
+            self._timer = threading.Thread(target=self._timer_loop, name="orion-keep-alive", daemon=True)
+            self._timer.start()
+
+    # ------------------------------------------------------------ events
+
+    def _emit(self, kind: str, key: str, detail: str = "") -> None:
+        event = Event(kind, key, detail, self._clock())
+        self.events.append(event)
+        if self._on_event:
+            self._on_event(event)
+
+    # ------------------------------------------------------------ use
+
+    @contextmanager
+    def use(self, request: Request) -> Iterator[Any]:
+        """The loaded model for ``request`` (loading it if needed), marked in use meanwhile."""
+        entry = self._acquire(request)
+        try:
+            yield entry.model
+        finally:
+            with self._cond:
+                entry.users -= 1
+                entry.last_used = self._clock()
+                self._cond.notify_all()
+
+    def _acquire(self, request: Request) -> Entry:
+        with self._cond:
+            while True:
+                entry = self._entries.get(request.key)
+                if entry is not None:
+                    self._entries.pop(request.key)
+                    self._entries[request.key] = entry  # most recently used
+                    entry.users += 1
+                    entry.last_used = self._clock()
+                    return entry
+                if request.key not in self._loading:
+                    break
+                self._cond.wait()  # another thread is loading it: share that load
+            self._make_room(request)
+            cancel = threading.Event()
+            self._loading[request.key] = cancel
+            self._emit("loading", request.key, f"{request.name}, estimate {format_bytes(request.estimate_bytes)}")
+        try:
+            model = request.load(cancel)
+        except BaseException as exc:
+            with self._cond:
+                self._loading.pop(request.key, None)
+                self._cond.notify_all()
+                self._emit("cancelled" if cancel.is_set() else "refused", request.key, str(exc))
+            raise
+        with self._cond:
+            self._loading.pop(request.key, None)
+            now = self._clock()
+            entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1)
+            self._entries[request.key] = entry
+            self._emit("loaded", request.key, request.name)
+            self._cond.notify_all()
+            return entry
+
+    def _used_bytes(self) -> int:
+        return sum(e.estimate_bytes for e in self._entries.values())
+
+    def _make_room(self, request: Request) -> None:
+        """Evict idle models, least recently used first, until the request fits; else refuse."""
+        need = request.estimate_bytes
+        if need > self.budget_bytes:
+            self._refuse(request, f"{request.name} needs {format_bytes(need)}, the budget is "
+                                  f"{format_bytes(self.budget_bytes)} even with nothing else loaded")
+
+        def fits() -> bool:
+            if len(self._entries) + len(self._loading) >= self.max_models:
+                return False
+            if self._used_bytes() + need > self.budget_bytes:
+                return False
+            return self._available is None or need <= self._available()
+
+        while not fits():
+            victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0), None)
+            if victim is None:
+                busy = ", ".join(e.name for e in self._entries.values()) or "none"
+                why = (f"{len(self._entries)} of {self.max_models} models loaded"
+                       if len(self._entries) + len(self._loading) >= self.max_models else
+                       f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use")
+                self._refuse(request, f"{request.name} needs {format_bytes(need)}; {why}, none of them idle "
+                                      f"and unpinned ({busy})")
+            self._unload(victim, "evicted", f"to make room for {request.name}")
+
+    def _refuse(self, request: Request, message: str) -> None:
+        self._emit("refused", request.key, message)
+        raise ModelDoesNotFit(message, hint=request.hint or "use a smaller quantization or --ctx")
+
+    def _unload(self, entry: Entry, kind: str, detail: str) -> None:
+        self._entries.pop(entry.key, None)
+        try:
+            entry.model.close()
+        finally:
+            self._emit(kind, entry.key, f"{entry.name}: {detail}")
+
+    # ------------------------------------------------------------ control
+
+    def pin(self, key: str, pinned: bool = True) -> None:
+        with self._cond:
+            self._entries[key].pinned = pinned
+
+    def unload(self, key: str) -> bool:
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            if entry.users:
+                raise RuntimeError(f"{entry.name} is in use")
+            self._unload(entry, "unloaded", "on request")
+            return True
+
+    def cancel(self, key: str) -> bool:
+        """Cancel a load in progress (the loader sees its cancel event set)."""
+        with self._cond:
+            event = self._loading.get(key)
+            if event is None:
+                return False
+            event.set()
+            return True
+
+    def collect_idle(self) -> list[str]:
+        """Unload models idle for longer than the keep-alive; returns their keys."""
+        if self.keep_alive_s is None:
+            return []
+        with self._cond:
+            now = self._clock()
+            idle = [e for e in self._entries.values()
+                    if not e.pinned and e.users == 0 and now - e.last_used >= self.keep_alive_s]
+            for e in idle:
+                self._unload(e, "unloaded", f"idle for {now - e.last_used:.0f} s (keep-alive {self.keep_alive_s} s)")
+            return [e.key for e in idle]
+
+    def status(self) -> list[ManagerStatus]:
+        with self._cond:
+            now = self._clock()
+            return [ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0)
+                    for e in reversed(self._entries.values())]
+
+    def _timer_loop(self) -> None:
+        period = max(1.0, min(30.0, (self.keep_alive_s or 60) / 4))
+        while not self._stop.wait(period):
+            self.collect_idle()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            for entry in list(self._entries.values()):
+                self._unload(entry, "unloaded", "shutting down")
+

@@ -1,0 +1,106 @@
+"""From a MODEL argument to a model in the manager: resolve, fetch if absent, estimate, load.
+
+Shared by ``orion run`` (and later ``embed`` and ``serve``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import InvalidValue, NotFound
+from .estimate import EngineSettings, estimate_memory
+from .gguf_header import read_local_header
+from .manager import ModelManager, Request
+from .models import LocalModel, Registry, resolve
+from .strategy import Strategy
+from .units import format_bytes
+
+IMAGE_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"GIF87a": "gif", b"GIF89a": "gif", b"BM": "bmp",
+}
+
+
+def local_model(text: str, strategy: Strategy, *, fetch_progress: Callable | None = None,
+                registry: Registry | None = None) -> LocalModel:
+    """The model a MODEL argument names, on this machine; a model not here is fetched (--auto) first."""
+    registry = registry or Registry()
+    ref = resolve(text, registry)
+    if ref.source == "registry":
+        if not ref.local.exists():
+            raise NotFound(f"{ref.name}'s file is gone: {ref.local.path}",
+                           hint=f"run 'orion rm {ref.name}', then fetch or import it again")
+        return ref.local
+    if ref.source == "path":
+        if not ref.path.exists():
+            raise NotFound(f"no such file: {ref.path}", hint="check the path")
+        if ref.path.is_dir():
+            from .errors import NotAGGUF
+
+            raise NotAGGUF(f"{ref.path} is a directory, not a GGUF file", hint="pass the .gguf file inside it")
+        header = read_local_header(ref.path)
+        return LocalModel(name=ref.path.stem, kind="llm", path=str(ref.path.absolute()), source="path",
+                          file_type=header.file_type, size_bytes=ref.path.stat().st_size)
+    if ref.format != "gguf":
+        raise InvalidValue(f"{text} is an encoder published as safetensors", hint="orion run needs a GGUF LLM")
+    from .fetch import fetch, plan_fetch
+
+    plan = plan_fetch(ref, strategy)
+    on_file, on_bytes = fetch_progress if fetch_progress else (None, None)
+    return fetch(plan, registry=registry, on_file=on_file, on_bytes=on_bytes)
+
+
+def check_image(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NotFound(f"no such image: {path}", hint="check the path given to --image")
+    with path.open("rb") as f:
+        head = f.read(12)
+    if not any(head.startswith(m) for m in IMAGE_MAGIC) and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        raise InvalidValue(f"{path} is not an image (PNG, JPEG, GIF, BMP or WebP)", hint="pass an image file")
+    return path
+
+
+def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = None, threads: int | None = None,
+                  check=None) -> Request:
+    """A manager request for a local model: its estimate, its load, and what would fit instead."""
+    from . import engine
+
+    n_ctx = n_ctx or strategy.n_ctx
+    check = check or engine.current_check()
+    settings = replace(EngineSettings(), repack=check.use_extra_bufts)
+    header = engine.validate(Path(model.path))
+    projector = Path(model.projector_path) if model.projector_path else None
+    proj_header = read_local_header(projector) if projector else None
+    est = estimate_memory(header, n_ctx, settings, projector=proj_header)
+    spec = engine.LoadSpec(Path(model.path), n_ctx, threads or strategy.threads, strategy.n_gpu_layers,
+                           projector, settings=settings)
+    hint = ""
+    ctx = n_ctx
+    while ctx > 256:
+        ctx //= 2
+        smaller = estimate_memory(header, ctx, settings, projector=proj_header).total_bytes
+        if smaller <= strategy.memory_budget_bytes:
+            hint = f"--ctx {ctx} fits ({format_bytes(smaller)})"
+            break
+    if not hint:
+        hint = "a smaller quantization or model ('orion fetch NAME --quant q4')"
+    else:
+        hint += ", or a smaller quantization ('orion fetch NAME --quant q4')"
+
+    def load(cancel):
+        return engine.load(spec, check=check, cancel=cancel)
+
+    return Request(spec.key, model.name, est.total_bytes, load, hint)
+
+
+def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> ModelManager:
+    import psutil
+
+    def available() -> int:
+        return psutil.virtual_memory().available
+
+    return ModelManager(max_models=strategy.max_models, budget_bytes=strategy.memory_budget_bytes,
+                        keep_alive_s=strategy.keep_alive_s, available_memory=available, on_event=on_event,
+                        timer=timer)

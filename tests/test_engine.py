@@ -1,0 +1,107 @@
+"""The engine adapter and its health check, on the real gemma3-270m and the canary model."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean_error
+
+from orion_cli.engine import EngineCrashed, LoadSpec, Timings, canary_command, check_engine, load
+
+CRASH = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+
+
+def test_canary_falls_back_when_the_default_child_crashes(orion_home):
+    """A child that dies by SIGSEGV with the default settings, as llama.cpp's AMX path does in a VM."""
+    (orion_home / "engine-check.json").unlink()
+    calls = []
+
+    def command(model: Path, safe: bool) -> list[str]:
+        calls.append(safe)
+        return canary_command(model, safe) if safe else CRASH
+
+    check = check_engine("test-key", command=command)
+    assert calls == [False, True]
+    assert not check.default_ok and check.default_signal == "SIGSEGV"
+    assert check.use_extra_bufts is False
+    assert check.tok_s_safe and check.tok_s_safe > 0  # the safe child really decoded
+    assert "crash" in check.verdict()
+
+    def must_not_run(model, safe):
+        raise AssertionError("the verdict is cached per engine build and CPU")
+
+    assert check_engine("test-key", command=must_not_run) == check
+    assert json.loads((orion_home / "engine-check.json").read_text())["test-key"]["use_extra_bufts"] is False
+
+
+def test_canary_defaults_pass_here(orion_home):
+    (orion_home / "engine-check.json").unlink()
+    check = check_engine("real-key")
+    assert check.default_ok and check.use_extra_bufts and check.tok_s_default > 0
+
+
+def test_both_crash_is_a_clean_error(orion_home):
+    with pytest.raises(EngineCrashed, match="crashes on this machine"):
+        check_engine("k2", command=lambda model, safe: CRASH)
+
+
+@pytest.mark.parametrize("use_extra_bufts,repacked", [(True, True), (False, False)])
+def test_loads_use_the_recorded_settings(orion, orion_home, gemma_q4, use_extra_bufts, repacked):
+    cache = orion_home / "engine-check.json"
+    doc = json.loads(cache.read_text())
+    for entry in doc.values():
+        entry["use_extra_bufts"] = use_extra_bufts
+    cache.write_text(json.dumps(doc))
+    proc = orion("--debug", "run", str(gemma_q4), "Hi", "--max-tokens", "2", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # llama.cpp's own log (shown with --debug) says whether weights were repacked
+    assert ("CPU_REPACK model buffer size" in proc.stderr) is repacked
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_q4):
+    model = load(LoadSpec(gemma_q4, 1024, 2))
+    yield model
+    model.close()
+
+
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        ("The capital of France is Paris. The capital of Germany is", "Berlin"),
+        ("The chemical symbol for gold is", "Au"),
+        ("Water boils at a temperature of", "100"),
+        ("Monday, Tuesday, Wednesday,", "Thursday"),
+        ("One, two, three, four,", "five"),
+    ],
+)
+def test_real_completions_at_temperature_zero(gemma, prompt, expected):
+    text = "".join(gemma.generate(prompt, max_tokens=8, temperature=0.0))
+    assert expected in text, text
+
+
+def test_generation_is_streamed_and_timed(gemma):
+    t = Timings()
+    pieces = list(gemma.generate("One, two, three,", max_tokens=6, temperature=0.0, timings=t))
+    assert len(pieces) >= 3  # token by token, not one block
+    assert t.prompt_tokens == gemma.count_tokens("One, two, three,")
+    assert t.gen_tokens >= 5 and t.gen_tok_s > 0 and t.prompt_tok_s > 0
+
+
+def test_seed_makes_sampling_repeatable(gemma):
+    a = "".join(gemma.generate("Once upon a time", max_tokens=12, temperature=1.0, seed=7))
+    b = "".join(gemma.generate("Once upon a time", max_tokens=12, temperature=1.0, seed=7))
+    assert a == b
+
+
+def test_profile_records_the_engine_verdict(orion, orion_home):
+    proc = orion("profile")
+    assert proc.returncode == 0
+    assert "Engine" in proc.stdout and "defaults work" in proc.stdout
+    import yaml
+
+    doc = yaml.safe_load((orion_home / "strategy.yaml").read_text())
+    assert doc["engine"]["use_extra_bufts"] is True and doc["engine"]["default_ok"] is True
+    assert os.environ["ORION_HOME"] == str(orion_home)

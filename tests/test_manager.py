@@ -1,0 +1,242 @@
+"""ModelManager policy with an injected clock and fake models (no sleeping), then real RSS."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from orion_cli.manager import ModelDoesNotFit, ModelManager, Request
+
+MiB = 1024**2
+
+
+class FakeModel:
+    def __init__(self, name):
+        self.name = name
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def req(name, mib=100, loads=None, hint=""):
+    def load(cancel):
+        if loads is not None:
+            loads.append(name)
+        return FakeModel(name)
+
+    return Request(key=name, name=name, estimate_bytes=mib * MiB, load=load, hint=hint)
+
+
+def manager(**kw):
+    clock = kw.pop("clock", Clock())
+    defaults = dict(max_models=2, budget_bytes=1000 * MiB, keep_alive_s=300, clock=clock)
+    defaults.update(kw)
+    return ModelManager(**defaults), clock
+
+
+def test_second_use_does_not_load_again():
+    m, _ = manager()
+    loads = []
+    with m.use(req("a", loads=loads)) as first:
+        pass
+    with m.use(req("a", loads=loads)) as second:
+        assert second is first
+    assert loads == ["a"]
+
+
+def test_cap_evicts_least_recently_used():
+    m, clock = manager(max_models=2)
+    models = {}
+    for name in ("a", "b"):
+        with m.use(req(name)) as model:
+            models[name] = model
+        clock.now += 1
+    with m.use(req("a")):  # a is now the most recently used
+        pass
+    clock.now += 1
+    with m.use(req("c")):
+        pass
+    assert [s.name for s in m.status()] == ["c", "a"]  # most recent first
+    assert models["b"].closed and not models["a"].closed
+    assert [(e.kind, e.key) for e in m.events if e.kind == "evicted"] == [("evicted", "b")]
+
+
+def test_budget_evicts_until_it_fits():
+    m, clock = manager(max_models=5, budget_bytes=500 * MiB)
+    for name in ("a", "b", "c"):
+        with m.use(req(name, 150)):
+            pass
+        clock.now += 1
+    with m.use(req("big", 300)):
+        pass
+    assert sorted(s.name for s in m.status()) == ["big", "c"]  # a and b (oldest) made room
+
+
+def test_refuse_with_hint_when_it_can_never_fit():
+    m, _ = manager(budget_bytes=500 * MiB)
+    with pytest.raises(ModelDoesNotFit) as info:
+        with m.use(req("huge", 800, hint="Q4_K_M fits with --ctx 2048")):
+            pass
+    line = info.value.one_line()
+    assert "huge needs 800 MiB" in line and "500 MiB" in line and "--ctx 2048" in line
+    assert m.events[-1].kind == "refused"
+
+
+def test_models_in_use_and_pinned_are_never_evicted():
+    m, _ = manager(max_models=2)
+    with m.use(req("busy")):
+        with m.use(req("b")):
+            pass
+        m.pin("b")
+        with pytest.raises(ModelDoesNotFit, match="none of them idle and unpinned"):
+            with m.use(req("c")):
+                pass
+        m.pin("b", False)
+        with m.use(req("c")):
+            pass
+    assert sorted(s.name for s in m.status()) == ["busy", "c"]
+
+
+def test_keep_alive_with_an_injected_clock():
+    m, clock = manager(keep_alive_s=300)
+    with m.use(req("a")) as a:
+        pass
+    clock.now += 299
+    assert m.collect_idle() == []
+    clock.now += 1
+    assert m.collect_idle() == ["a"]
+    assert a.closed and m.status() == []
+    assert m.events[-1].kind == "unloaded" and "idle for 300 s" in m.events[-1].detail
+
+
+def test_keep_alive_never_and_pin():
+    m, clock = manager(keep_alive_s=None)
+    with m.use(req("a")):
+        pass
+    clock.now += 10**6
+    assert m.collect_idle() == []
+    m2, clock2 = manager(keep_alive_s=60)
+    with m2.use(req("p")):
+        pass
+    m2.pin("p")
+    clock2.now += 3600
+    assert m2.collect_idle() == []
+
+
+def test_memory_probe_is_checked_before_loading():
+    available = {"bytes": 50 * MiB}
+    m, _ = manager(available_memory=lambda: available["bytes"])
+    with pytest.raises(ModelDoesNotFit):
+        with m.use(req("a", 100)):
+            pass
+    available["bytes"] = 200 * MiB
+    with m.use(req("a", 100)):
+        pass
+
+
+def test_events_render_in_order():
+    seen = []
+    m, clock = manager(max_models=1, on_event=seen.append)
+    with m.use(req("a")):
+        pass
+    with m.use(req("b")):
+        pass
+    assert [(e.kind, e.key) for e in seen] == [("loading", "a"), ("loaded", "a"), ("evicted", "a"),
+                                               ("loading", "b"), ("loaded", "b")]
+
+
+def test_concurrent_requests_share_one_load():
+    m, _ = manager(max_models=3)
+    started, release = threading.Event(), threading.Event()
+    loads = []
+
+    def slow_load(cancel):
+        loads.append(1)
+        started.set()
+        release.wait(10)
+        return FakeModel("slow")
+
+    request = Request("slow", "slow", 10 * MiB, slow_load)
+    results = []
+
+    def worker():
+        with m.use(request) as model:
+            results.append(model)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert started.wait(10)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(loads) == 1 and len(results) == 4 and len({id(r) for r in results}) == 1
+
+
+def test_cancel_a_load_in_progress():
+    m, _ = manager()
+    started = threading.Event()
+
+    def load(cancel):
+        started.set()
+        assert cancel.wait(10)
+        raise RuntimeError("cancelled by the user")
+
+    errors = []
+
+    def worker():
+        try:
+            with m.use(Request("x", "x", MiB, load)):
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert started.wait(10)
+    assert m.cancel("x")
+    t.join(10)
+    assert errors and m.events[-1].kind == "cancelled" and m.status() == []
+
+
+def test_rss_comes_back_after_unload(gemma_q4):
+    """A real load through the engine and the manager, then unload: RSS returns within 10 %."""
+    code = f"""
+import json, gc
+from pathlib import Path
+from orion_cli.engine import LoadSpec, load
+from orion_cli.manager import ModelManager, Request
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'): return int(line.split()[1]) * 1024
+import llama_cpp  # import cost outside the measurement
+from orion_cli.engine import current_check
+current_check()  # the engine canary (first use) also happens before the baseline
+spec = LoadSpec(Path({str(gemma_q4)!r}), 2048, 2)
+m = ModelManager(max_models=1, budget_bytes=8 << 30, keep_alive_s=60)
+before = rss()
+with m.use(Request(spec.key, "gemma", 400 << 20, lambda cancel: load(spec, cancel=cancel))) as model:
+    text = "".join(model.generate("The capital of France is", max_tokens=8, temperature=0.0))
+loaded = rss()
+m.unload(spec.key)
+gc.collect()
+after = rss()
+print(json.dumps(dict(before=before, loaded=loaded, after=after, text=text)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["loaded"] - r["before"] > 200 * MiB  # the model really was resident
+    assert abs(r["after"] - r["before"]) <= 0.10 * r["before"], r
