@@ -96,10 +96,10 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
 
 
 def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> ModelManager:
-    import psutil
+    from .device import _ram
 
     def available() -> int:
-        return psutil.virtual_memory().available
+        return _ram(Path("/proc/meminfo"))[1]
 
     return ModelManager(max_models=strategy.max_models, budget_bytes=strategy.memory_budget_bytes,
                         keep_alive_s=strategy.keep_alive_s, available_memory=available, on_event=on_event,

@@ -141,3 +141,24 @@ def test_type_tables_match_the_gguf_package():
     assert ours == theirs
     names = {int(x): x.name.removeprefix("MOSTLY_").removeprefix("ALL_") for x in LlamaFileType if x.name != "GUESSED"}
     assert FILE_TYPES == names
+
+
+def test_header_cache_on_disk(gemma_q4, tmp_path, orion_home):
+    import shutil
+
+    from orion_cli import gguf_header
+
+    copy = tmp_path / "g.gguf"
+    shutil.copy(gemma_q4, copy)
+    first = read_local_header(copy)
+    files = list((orion_home / "cache" / "headers").glob("*.json"))
+    assert len(files) == 1
+    gguf_header._cached_header.cache_clear()  # a new process: only the disk cache remains
+    again = read_local_header(copy)
+    assert again == first and again.summary() == first.summary()
+    # a changed file is parsed again, never served from the cache
+    with open(copy, "r+b") as f:
+        f.seek(0)
+        f.write(b"XXXX")
+    with pytest.raises(NotAGGUF):
+        read_local_header(copy)

@@ -85,21 +85,24 @@ def _debug() -> bool:
 
 
 def _fetch_progress():
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    from ._output import err_console
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                        TransferSpeedColumn(), console=err_console(), disable=not err_console().is_terminal)
-    tasks: list = []
+    """Callbacks drawing a download bar; Rich's progress module is imported only if a fetch starts."""
+    state: dict = {}
 
     def on_file(name: str, total: int, have: int) -> None:
-        if not tasks:
-            progress.start()
-        tasks.append(progress.add_task(f"fetching {name}", total=total or None, completed=have))
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        from ._output import err_console
+
+        if "progress" not in state:
+            state["progress"] = Progress(TextColumn("{task.description}"), BarColumn(),
+                                         DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                                         console=err_console(), disable=not err_console().is_terminal)
+            state["progress"].start()
+        state["task"] = state["progress"].add_task(f"fetching {name}", total=total or None, completed=have)
 
     def on_bytes(n: int) -> None:
-        progress.advance(tasks[-1], n)
+        progress = state["progress"]
+        progress.advance(state["task"], n)
         task = progress.tasks[-1]
         if task.total and task.completed >= task.total:
             progress.stop()
