@@ -374,6 +374,21 @@ def _return_freed_memory() -> None:
             pass
 
 
+_NULL_LOG = None
+
+
+def _silence_mtmd() -> None:
+    """The vision library (mtmd) logs every image it encodes to stderr; quiet unless --debug."""
+    global _NULL_LOG
+    import llama_cpp.llama_cpp as C
+    import llama_cpp.mtmd_cpp as M
+
+    if _NULL_LOG is None:
+        _NULL_LOG = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
+    M.mtmd_log_set(_NULL_LOG, None)
+    M.mtmd_helper_log_set(_NULL_LOG, None)
+
+
 def validate(path: Path) -> GGUFHeader:
     """The header of a model file, checked before llama.cpp sees it."""
     header = read_local_header(path)
@@ -410,6 +425,9 @@ def load(
         if spec.projector is not None:
             from llama_cpp.llama_chat_format import Llava15ChatHandler
 
+            if not verbose:
+                _silence_mtmd()
+
             chat_handler = Llava15ChatHandler(clip_model_path=str(spec.projector), verbose=verbose)
         try:
             llm = Llama(
@@ -423,6 +441,15 @@ def load(
                 raise LoadCancelled(f"loading {spec.path.name} was cancelled") from exc
             raise NotAGGUF(f"llama.cpp could not load {spec.path}: {exc}",
                            hint="run with --debug to see llama.cpp's log") from exc
+        if chat_handler is not None:
+            # Load the projector now, not at the first image: a projector that does not
+            # match the model (its output size is not the model's embedding size) fails here.
+            try:
+                chat_handler._init_mtmd_context(llm)
+            except ValueError as exc:
+                llm.close()
+                raise NotAGGUF(f"the projector {spec.projector} does not fit {spec.path.name}: {exc}",
+                               hint="use the mmproj file published with this model; --debug shows why") from exc
     return LoadedModel(spec, header, llm, chat_handler, time.perf_counter() - start)
 
 
