@@ -33,7 +33,7 @@ class ModelDoesNotFit(DoesNotFit):
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled
+    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled, failed
     key: str
     detail: str = ""
     at: float = 0.0
@@ -145,7 +145,7 @@ class ModelManager:
             with self._cond:
                 self._loading.pop(request.key, None)
                 self._cond.notify_all()
-                self._emit("cancelled" if cancel.is_set() else "refused", request.key, str(exc))
+                self._emit("cancelled" if cancel.is_set() else "failed", request.key, str(exc))
             raise
         with self._cond:
             self._loading.pop(request.key, None)

@@ -25,6 +25,9 @@ $BIN/orion import "$model" --name gemma3-270m
 say "orion inspect gemma3-270m --ctx 4096: the header and the memory arithmetic"
 $BIN/orion inspect gemma3-270m --ctx 4096
 
+say "orion run: the real model answers (a base model: plain completion, greedy)"
+$BIN/orion run gemma3-270m "The capital of France is Paris. The capital of Germany is" --temperature 0 --max-tokens 12 --verbose
+
 say "orion fetch through a local Hub-compatible server (--dry-run, then the download)"
 work=$(mktemp -d)
 trap 'kill "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT

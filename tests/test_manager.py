@@ -216,27 +216,34 @@ def test_rss_comes_back_after_unload(gemma_q4):
     code = f"""
 import json, gc
 from pathlib import Path
-from orion_cli.engine import LoadSpec, load
+from orion_cli.engine import LoadSpec, load, current_check
 from orion_cli.manager import ModelManager, Request
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS'): return int(line.split()[1]) * 1024
-import llama_cpp  # import cost outside the measurement
-from orion_cli.engine import current_check
-current_check()  # the engine canary (first use) also happens before the baseline
+import llama_cpp  # imports (llama_cpp, numpy) and the engine canary happen before any measurement
+current_check()
 spec = LoadSpec(Path({str(gemma_q4)!r}), 2048, 2)
 m = ModelManager(max_models=1, budget_bytes=8 << 30, keep_alive_s=60)
-before = rss()
-with m.use(Request(spec.key, "gemma", 400 << 20, lambda cancel: load(spec, cancel=cancel))) as model:
-    text = "".join(model.generate("The capital of France is", max_tokens=8, temperature=0.0))
-loaded = rss()
-m.unload(spec.key)
-gc.collect()
-after = rss()
-print(json.dumps(dict(before=before, loaded=loaded, after=after, text=text)))
+cycles = []
+# Two cycles: llama.cpp initialises its CPU backend and thread pool once per process, at the
+# first load; the second cycle shows what one model's load and unload leave behind.
+for _ in range(2):
+    before = rss()
+    with m.use(Request(spec.key, "gemma", 400 << 20, lambda cancel: load(spec, cancel=cancel))) as model:
+        text = "".join(model.generate("The capital of France is", max_tokens=8, temperature=0.0))
+    loaded = rss()
+    m.unload(spec.key)
+    gc.collect()
+    cycles.append(dict(before=before, loaded=loaded, after=rss(), text=text))
+print(json.dumps(cycles))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["loaded"] - r["before"] > 200 * MiB  # the model really was resident
-    assert abs(r["after"] - r["before"]) <= 0.10 * r["before"], r
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    print({k: [round(c[k] / MiB, 1) for c in (first, second)] for k in ("before", "loaded", "after")})
+    for r in (first, second):
+        assert r["loaded"] - r["before"] > 200 * MiB  # the model really was resident
+    assert abs(second["after"] - second["before"]) <= 0.10 * second["before"], second
+    # the one-time backend initialisation of the first cycle is small next to the model
+    assert first["after"] - first["before"] <= 0.05 * (first["loaded"] - first["before"]), first
