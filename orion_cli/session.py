@@ -63,7 +63,7 @@ def check_image(path: Path) -> Path:
 
 
 def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = None, threads: int | None = None,
-                  check=None) -> Request:
+                  check=None, progress: Callable[[float], None] | None = None) -> Request:
     """A manager request for a local model: its estimate, its load, and what would fit instead."""
     from . import engine
 
@@ -90,7 +90,7 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
         hint += ", or a smaller quantization ('orion fetch NAME --quant q4')"
 
     def load(cancel):
-        return engine.load(spec, check=check, cancel=cancel)
+        return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
     return Request(spec.key, model.name, est.total_bytes, load, hint)
 

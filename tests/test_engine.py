@@ -105,3 +105,23 @@ def test_profile_records_the_engine_verdict(orion, orion_home):
     doc = yaml.safe_load((orion_home / "strategy.yaml").read_text())
     assert doc["engine"]["use_extra_bufts"] is True and doc["engine"]["default_ok"] is True
     assert os.environ["ORION_HOME"] == str(orion_home)
+
+
+def test_load_progress_and_cancellation(gemma_q4):
+    import threading
+
+    from orion_cli.engine import LoadCancelled
+
+    values = []
+    model = load(LoadSpec(gemma_q4, 512, 2), progress=values.append)
+    model.close()
+    assert values[0] == 0.0 and values[-1] == 1.0 and values == sorted(values)
+
+    cancel = threading.Event()
+
+    def cancel_halfway(value: float) -> None:
+        if value > 0.5:
+            cancel.set()
+
+    with pytest.raises(LoadCancelled, match="cancelled"):
+        load(LoadSpec(gemma_q4, 512, 2), progress=cancel_halfway, cancel=cancel)

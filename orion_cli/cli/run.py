@@ -115,7 +115,7 @@ def _once(manager, local, strategy, prompt, *, system, images, json_output, verb
     from ..session import model_request
     from ._output import err_console
 
-    request = model_request(local, strategy)
+    request = model_request(local, strategy, progress=_load_progress(local.name))
     timings = Timings()
     with manager.use(request) as model:
         timings.load_s = model.load_s
@@ -142,6 +142,28 @@ def _once(manager, local, strategy, prompt, *, system, images, json_output, verb
         print_json({"model": local.name, "text": text, "timings": timings.to_dict()})
     elif verbose:
         _print_timings(timings)
+
+
+def _load_progress(name: str):
+    """A load bar on a terminal (llama.cpp reports load progress from 0 to 1); None elsewhere."""
+    from ._output import err_console
+
+    if not err_console().is_terminal:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    progress = Progress(TextColumn(f"loading {name}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        console=err_console(), transient=True)
+    task = progress.add_task("load", total=1.0)
+
+    def update(value: float) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=value)
+        if value >= 1.0:
+            progress.stop()
+
+    return update
 
 
 def _print_timings(t) -> None:
