@@ -239,7 +239,7 @@ def _ram(meminfo: Path) -> tuple[int, int]:
     import psutil
 
     vm = psutil.virtual_memory()
-    return ram_total, ram_available
+    return vm.total, vm.available
 
 
 def _usable_cores(logical: int) -> int:

@@ -96,7 +96,7 @@ def _is_projector(name: str) -> bool:
     return "mmproj" in Path(name).name.lower()
 
 
-def _split_group(name: str) -> tuple[str, ...]:
+def split_group(name: str) -> tuple[str, ...]:
     """All parts of a split GGUF (``x-00001-of-00003.gguf``), in the same folder; else just the name."""
     parts = split_part_names(Path(name).name)
     if not parts:
@@ -111,7 +111,7 @@ def group_gguf_files(names: list[str], pattern: str = "*.gguf") -> list[tuple[st
     for name in sorted(names):
         if not name.endswith(".gguf") or _is_projector(name) or not fnmatch.fnmatch(Path(name).name, pattern):
             continue
-        group = _split_group(name)
+        group = split_group(name)
         if name == group[0]:  # a split file is listed once, through its first part
             groups.append(group)
     return groups
@@ -157,7 +157,7 @@ def plan_fetch(
     if ref.filename:
         if ref.filename not in names:
             raise NotFound(f"no file {ref.filename} in {ref.repo}", hint=f"run 'orion inspect {ref.repo}' to list its files")
-        groups = [_split_group(ref.filename)]
+        groups = [split_group(ref.filename)]
     else:
         groups = group_gguf_files(names, ref.pattern)
     if not groups:

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import LADDER_REPO, assert_clean_error
 
 from orion_cli.models import Registry, resolve

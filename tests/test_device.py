@@ -152,3 +152,14 @@ def test_simulate_replaces_memory_and_gpu():
     assert sim.memory_in_use_bytes == 0
     assert sim.gpus[0].total_bytes == 8 * GiB
     assert sim.cpu_flags == real.cpu_flags
+
+
+def test_ram_falls_back_to_psutil_without_proc_meminfo(tmp_path):
+    import psutil
+
+    from orion_cli.device import _ram
+
+    total, available = _ram(tmp_path / "no-meminfo")
+    assert total == psutil.virtual_memory().total and 0 < available <= total
+    device = detect_device(meminfo=tmp_path / "no-meminfo", gpu_probe=tuple)
+    assert device.ram_total_bytes == psutil.virtual_memory().total

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error
 
 from orion_cli.engine import EngineCrashed, LoadSpec, Timings, canary_command, check_engine, load
 

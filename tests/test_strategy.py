@@ -206,6 +206,8 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path):
 
 def test_strategy_is_a_frozen_value():
     s = build_strategy(device())
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         s.tier = "light"  # type: ignore[misc]
     assert replace(s, tier="light").tier == "light"

@@ -156,9 +156,9 @@ def rm(
             for f in [p for p in folder.rglob("*") if p.is_symlink() or p.is_file()]:
                 freed += hub.delete_cached(model.repo, str(f.relative_to(folder)))
         else:
-            from ..fetch import _split_group
+            from ..fetch import split_group
 
-            for part in _split_group(model.filename or Path(model.path).name):
+            for part in split_group(model.filename or Path(model.path).name):
                 freed += hub.delete_cached(model.repo, part)
             if model.projector_filename:
                 still_used = any(m.projector_path == model.projector_path and m.name != name
@@ -204,11 +204,11 @@ def inspect(
         where = str(ref.path)
     elif ref.filename:
         from .. import hub
-        from ..fetch import _split_group
+        from ..fetch import split_group
         from ..gguf_header import merge_parts
 
         listing = hub.list_files(ref.repo)
-        parts = _split_group(ref.filename)
+        parts = split_group(ref.filename)
         missing = [p for p in parts if listing.get(p) is None]
         if missing:
             from ..errors import NotFound
