@@ -343,8 +343,13 @@ class LoadedModel:
         t.gen_tokens = max(0, n - 1)
         t.gen_s = end - (first or end)
 
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids as the model sees them (with BOS/[CLS] and, for encoders, [SEP])."""
+        return self._llm.tokenize(text.encode(), add_bos=special, special=special)
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        return self._llm.embed(list(texts))
+        """One L2-normalised, pooled embedding per text (the model's pooling: mean, CLS...)."""
+        return self._llm.embed(list(texts), normalize=True)
 
     def close(self) -> None:
         if self._chat_handler is not None and hasattr(self._chat_handler, "close"):

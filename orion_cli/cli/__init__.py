@@ -46,6 +46,7 @@ def _root(
         os.environ["ORION_DEBUG"] = "1"
 
 
+from . import convert as _convert  # noqa: E402
 from . import fetch as _fetch  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import profile as _profile  # noqa: E402
@@ -59,6 +60,7 @@ app.command("fetch", epilog=_fetch.EXAMPLES, short_help="Download the quantizati
 app.command("import", epilog=_models.IMPORT_EXAMPLES, short_help="Register a local GGUF under a short name.")(_models.import_)
 app.command("list", epilog=_models.LIST_EXAMPLES, short_help="List the models here, with memory estimates.")(_models.list_)
 app.command("rm", epilog=_models.RM_EXAMPLES, short_help="Remove a model (its cached files; never your own).")(_models.rm)
+app.command("convert", epilog=_convert.EXAMPLES, short_help="Convert a BERT encoder (safetensors) to GGUF, no torch.")(_convert.convert)
 app.command("inspect", epilog=_models.INSPECT_EXAMPLES, short_help="Show a GGUF's header and memory estimate.")(_models.inspect)
 
 

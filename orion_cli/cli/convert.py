@@ -1,0 +1,73 @@
+"""``orion convert``: a BERT-family encoder in Hugging Face format to GGUF, without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion convert ./all-MiniLM-L6-v2 -o minilm-f16.gguf", "a local model folder"),
+    ("orion convert minilm --to q8_0 -o minilm-q8.gguf", "a catalog name, fetched first"),
+    ("orion convert sentence-transformers/all-MiniLM-L12-v2 -o m.gguf", "any BERT repo on the Hub"),
+)
+
+
+def convert(
+    source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a catalog name (minilm) or org/repo.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF file to write.", metavar="OUT.gguf")],
+    to: Annotated[str, typer.Option("--to", help="Weight type: f32, f16 or q8_0.", metavar="TYPE")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Convert a BERT encoder (safetensors, config, WordPiece vocabulary) to a GGUF llama.cpp loads.
+
+    Mean or CLS pooling comes from the sentence-transformers config; no torch is
+    needed. The file appears only when complete (a temporary name until then).
+    """
+    from ..convert import convert_bert
+    from ..errors import InvalidValue
+    from ..units import format_bytes
+
+    output = output.expanduser()
+    if output.exists() and not force:
+        raise InvalidValue(f"{output} already exists", hint="choose another -o, or add --force")
+    folder = _source_folder(source)
+    result = convert_bert(folder, output, to)
+    if json_output:
+        from ._output import print_json
+
+        print_json({"path": str(result.path), "type": result.target, "tensors": result.tensors,
+                    "parameters": result.parameters, "size_bytes": result.size_bytes, "pooling": result.pooling})
+        return
+    from ._output import console
+
+    console().print(f"Wrote [bold]{result.path}[/]: {result.target}, {result.tensors} tensors, "
+                    f"{result.parameters / 1e6:.1f} M parameters, {format_bytes(result.size_bytes)}, "
+                    f"{result.pooling} pooling")
+
+
+def _source_folder(source: str) -> Path:
+    """A local folder as is; a catalog name or Hub repo fetched into the HF cache first."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from ..fetch import fetch_snapshot
+    from ..models import ModelRef, resolve
+
+    ref = resolve(source)
+    if ref.local is not None and Path(ref.local.path).is_dir():
+        return Path(ref.local.path)
+    if ref.repo is None:
+        from ..errors import NotFound
+
+        raise NotFound(f"no model folder {source}", hint="pass a folder with config.json and model.safetensors")
+    if not ref.files:
+        ref = ModelRef(ref.name, "encoder", ref.source, repo=ref.repo, format="safetensors",
+                       files=("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
+                              "tokenizer_config.json", "special_tokens_map.json", "modules.json",
+                              "sentence_bert_config.json", "1_Pooling/config.json"))
+    return Path(fetch_snapshot(ref).path)

@@ -1,0 +1,157 @@
+"""Convert a BERT-family encoder in Hugging Face format to a GGUF llama.cpp loads: no torch.
+
+Reads ``config.json``, ``model.safetensors`` (with safetensors' numpy backend),
+the WordPiece vocabulary and the sentence-transformers pooling config, and
+writes what llama.cpp's own converter (``convert_hf_to_gguf.py``,
+``BertModel``) writes: arch ``bert``, non-causal attention, the pooling type,
+the vocabulary in llama.cpp's "phantom space" spelling, the special tokens,
+and the tensors under the names ``gguf.get_tensor_name_map`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidValue, NotFound
+
+TARGETS = ("f32", "f16", "q8_0")
+_SKIP = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    target: str
+    tensors: int
+    parameters: int
+    size_bytes: int
+    pooling: str
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"{path.parent} has no {path.name}", hint="pass a Hugging Face model folder") from None
+    except ValueError as exc:
+        raise InvalidValue(f"{path} is not valid JSON: {exc}", hint="the model folder is damaged") from None
+
+
+def pooling_of(folder: Path) -> str:
+    """'mean' or 'cls', from the sentence-transformers modules (default mean)."""
+    modules = folder / "modules.json"
+    pooling_dir = None
+    if modules.exists():
+        for m in _read_json(modules):
+            if m.get("type", "").endswith("Pooling"):
+                pooling_dir = folder / m.get("path", "1_Pooling")
+    cfg = pooling_dir / "config.json" if pooling_dir else folder / "1_Pooling" / "config.json"
+    if cfg.exists():
+        p = _read_json(cfg)
+        if p.get("pooling_mode_cls_token"):
+            return "cls"
+        if not p.get("pooling_mode_mean_tokens", True):
+            raise InvalidValue(f"{cfg}: only mean and CLS pooling are supported",
+                               hint="llama.cpp pools with mean, CLS or last token")
+    return "mean"
+
+
+def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
+    """Write ``out`` from the BERT model in ``folder``; a temporary name until complete."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    target = target.lower()
+    if target not in TARGETS:
+        raise InvalidValue(f"--to {target!r} is not a conversion target", hint=f"use one of {', '.join(TARGETS)}")
+    if not folder.is_dir():
+        raise NotFound(f"no model folder {folder}", hint="pass a folder with config.json and model.safetensors")
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") != "bert":
+        raise InvalidValue(f"{folder} holds a {config.get('model_type')!r} model; orion converts BERT encoders",
+                           hint="for other models use llama.cpp's convert_hf_to_gguf.py")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise NotFound(f"{folder} has no model.safetensors", hint="orion reads safetensors weights (no torch)")
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.exists():
+        raise NotFound(f"{folder} has no vocab.txt", hint="a BERT WordPiece vocabulary is needed")
+
+    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    n_layers = int(config["num_hidden_layers"])
+    specials = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    toktypes = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+
+    def phantom(tok: str, kind) -> str:  # llama.cpp's WordPiece spelling (BertModel.set_vocab)
+        if kind == gguf.TokenType.CONTROL:
+            return tok
+        return tok[2:] if tok.startswith("##") else "\u2581" + tok
+
+    pooling = pooling_of(folder)
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target]
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
+    tensors = load_file(str(weights))
+    try:
+        w = gguf.GGUFWriter(str(tmp), "bert")
+        name = folder.name
+        if name == "model" or len(name) == 40:  # a package's model/ folder, or an HF snapshot hash
+            name = str(config.get("_name_or_path") or name).split("/")[-1]
+        w.add_name(name)
+        w.add_context_length(int(config.get("max_position_embeddings", 512)))
+        w.add_embedding_length(int(config["hidden_size"]))
+        w.add_feed_forward_length(int(config["intermediate_size"]))
+        w.add_block_count(n_layers)
+        w.add_head_count(int(config["num_attention_heads"]))
+        w.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
+        w.add_causal_attention(False)
+        w.add_pooling_type(gguf.PoolingType.MEAN if pooling == "mean" else gguf.PoolingType.CLS)
+        w.add_file_type(ftype)
+        w.add_token_type_count(int(config.get("type_vocab_size", 2)))
+        w.add_tokenizer_model("bert")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([phantom(t, k) for t, k in zip(tokens, toktypes)])
+        w.add_token_types(toktypes)
+        import logging
+
+        logging.getLogger("gguf.vocab").setLevel(logging.ERROR)  # it notes that [CLS] needs no key
+        gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+        count = params = 0
+        for hf_name, array in tensors.items():
+            name = hf_name[5:] if hf_name.startswith("bert.") else hf_name
+            if name in _SKIP:
+                continue
+            new = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise InvalidValue(f"{weights}: no llama.cpp name for tensor {hf_name!r}",
+                                   hint="this BERT variant is not supported by orion convert")
+            data = np.asarray(array, dtype=np.float32)
+            params += data.size
+            count += 1
+            # llama.cpp adds the position and token-type embeddings to f32 activations and
+            # aborts on an f16 operand: its converter keeps both in f32, and so does orion.
+            if data.ndim == 1 or target == "f32" or new.startswith(("position_embd", "token_types")):
+                w.add_tensor(new, data)
+            elif target == "f16":
+                w.add_tensor(new, data.astype(np.float16))
+            else:
+                w.add_tensor(new, quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ConvertResult(out, target, count, params, out.stat().st_size, pooling)
+
