@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import InvalidValue, NotFound
 
 TARGETS = ("f32", "f16", "q8_0")
+MAX_SEQ_KEY = "sentence_transformers.max_seq_length"
 _SKIP = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
 
 
@@ -113,6 +114,10 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         w.add_head_count(int(config["num_attention_heads"]))
         w.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
         w.add_causal_attention(False)
+        st_config = folder / "sentence_bert_config.json"
+        if st_config.exists() and _read_json(st_config).get("max_seq_length"):
+            # sentence-transformers truncates at this many word pieces; orion's encoder does the same
+            w.add_uint32(MAX_SEQ_KEY, int(_read_json(st_config)["max_seq_length"]))
         w.add_pooling_type(gguf.PoolingType.MEAN if pooling == "mean" else gguf.PoolingType.CLS)
         w.add_file_type(ftype)
         w.add_token_type_count(int(config.get("type_vocab_size", 2)))

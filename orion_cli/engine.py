@@ -283,6 +283,11 @@ class LoadedModel:
         self._llm = llm
         self._chat_handler = chat_handler
         self.load_s = load_s
+        self._embed_batch = None
+        if spec.embedding:
+            import llama_cpp
+
+            self._embed_batch = llama_cpp.llama_batch_init(spec.n_ctx, 0, 1)
         self.has_chat_template = bool(header.get("tokenizer.chat_template"))
 
     @property
@@ -351,12 +356,57 @@ class LoadedModel:
         """One L2-normalised, pooled embedding per text (the model's pooling: mean, CLS...)."""
         return self._llm.embed(list(texts), normalize=True)
 
+    @property
+    def n_embd(self) -> int:
+        return self._llm.n_embd()
+
+    def embed_tokens(self, sequences: Sequence[Sequence[int]]):
+        """Pooled embeddings (float32 matrix, one row per sequence, not normalised) of token-id lists.
+
+        One sequence per decode, the whole sequence in one micro-batch: measured on
+        all-MiniLM-L6-v2 (F16, ~200-token chunks, 2 threads) this beat packing 2, 4 or
+        8 sequences per batch (17.6 / 16.7 / 13.4 chunks/s against 17.8), and
+        llama-cpp-python's embed() builds batches token by token in Python and
+        reads results back as Python lists.
+        """
+        import llama_cpp
+        import numpy as np
+
+        ctx = self._llm._ctx.ctx
+        n_embd = self._llm.n_embd()
+        longest = max((len(s) for s in sequences), default=0)
+        if longest > self.spec.n_ctx:
+            raise ValueError(f"a sequence of {longest} tokens exceeds n_ctx {self.spec.n_ctx}")
+        batch = self._embed_batch
+        out = np.empty((len(sequences), n_embd), dtype=np.float32)
+        memory = llama_cpp.llama_get_memory(ctx)
+        for row, tokens in enumerate(sequences):
+            for pos, tok in enumerate(tokens):
+                batch.token[pos] = tok
+                batch.pos[pos] = pos
+                batch.n_seq_id[pos] = 1
+                batch.seq_id[pos][0] = 0
+                batch.logits[pos] = True
+            batch.n_tokens = len(tokens)
+            if memory:
+                llama_cpp.llama_memory_clear(memory, True)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while embedding")
+            ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+            out[row] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
+        return out
+
     def close(self) -> None:
         if self._chat_handler is not None and hasattr(self._chat_handler, "close"):
             try:
                 self._chat_handler.close()
             except Exception:  # the handler's own cleanup; the model closes regardless
                 pass
+        if self._embed_batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self._embed_batch)
+            self._embed_batch = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -435,9 +485,10 @@ def load(
 
             chat_handler = Llava15ChatHandler(clip_model_path=str(spec.projector), verbose=verbose)
         try:
+            n_batch = max(s.n_ubatch, spec.n_ctx) if spec.embedding else s.n_ubatch  # a whole sequence at once
             llm = Llama(
                 str(spec.path), n_ctx=spec.n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
-                n_batch=s.n_ubatch, n_ubatch=s.n_ubatch, n_gpu_layers=spec.n_gpu_layers,
+                n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=spec.n_gpu_layers,
                 swa_full=s.swa_full, flash_attn=s.flash_attn, embedding=spec.embedding,
                 chat_handler=chat_handler, verbose=verbose,
             )

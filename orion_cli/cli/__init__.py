@@ -47,6 +47,7 @@ def _root(
 
 
 from . import convert as _convert  # noqa: E402
+from . import embed as _embed  # noqa: E402
 from . import fetch as _fetch  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import profile as _profile  # noqa: E402
@@ -61,6 +62,9 @@ app.command("import", epilog=_models.IMPORT_EXAMPLES, short_help="Register a loc
 app.command("list", epilog=_models.LIST_EXAMPLES, short_help="List the models here, with memory estimates.")(_models.list_)
 app.command("rm", epilog=_models.RM_EXAMPLES, short_help="Remove a model (its cached files; never your own).")(_models.rm)
 app.command("convert", epilog=_convert.EXAMPLES, short_help="Convert a BERT encoder (safetensors) to GGUF, no torch.")(_convert.convert)
+app.command("embed", epilog=_embed.EMBED_EXAMPLES, short_help="Embed files into a collection (float16, re-runs skip unchanged).")(_embed.embed)
+app.command("search", epilog=_embed.SEARCH_EXAMPLES, short_help="Search a collection by meaning.")(_embed.search)
+app.command("collections", epilog=_embed.COLLECTIONS_EXAMPLES, short_help="List, show or delete collections.")(_embed.collections)
 app.command("inspect", epilog=_models.INSPECT_EXAMPLES, short_help="Show a GGUF's header and memory estimate.")(_models.inspect)
 
 

@@ -27,7 +27,7 @@ INSPECT_EXAMPLES = examples(
 
 
 def import_(
-    path: Annotated[Path, typer.Argument(help="A local .gguf file (the first part of a split file).")],
+    path: Annotated[Path, typer.Argument(help="A local .gguf file (the first part of a split file), or a BERT encoder folder.")],
     name: Annotated[Optional[str], typer.Option(help="Register under this name (default: the file name).", metavar="NAME")] = None,
     projector: Annotated[Optional[Path], typer.Option(help="The vision projector (mmproj) GGUF that goes with it.", metavar="PATH")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the registered entry as JSON.")] = False,
@@ -41,6 +41,8 @@ def import_(
     from ..strategy import load_strategy
 
     path = path.expanduser().absolute()
+    if path.is_dir() and (path / "config.json").exists():
+        return _import_folder(path, name, json_output)
     header = read_local_header(path)  # a missing, non-GGUF or damaged file fails here, clearly
     proj_path = None
     if projector is not None:
@@ -70,6 +72,34 @@ def import_(
     console().print(f"Imported [bold]{name}[/]: {header.architecture} {header.file_type}, {format_bytes(size)}, {path}")
     console().print(f"  memory at n_ctx {strategy.n_ctx}: {format_bytes(est.total_bytes)}, {fits} the budget of "
                     f"{format_bytes(strategy.memory_budget_bytes)}")
+
+
+def _import_folder(folder: Path, name: str | None, json_output: bool) -> None:
+    """A Hugging Face encoder folder: registered as is, converted to GGUF on first use (orion embed)."""
+    from ..convert import _read_json
+    from ..errors import InvalidValue
+    from ..models import LocalModel, Registry, default_name_for, now_iso, valid_name
+
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") != "bert" or not (folder / "model.safetensors").exists():
+        raise InvalidValue(f"{folder} is not a BERT encoder with model.safetensors",
+                           hint="orion imports GGUF files and BERT encoder folders")
+    name = valid_name(name or default_name_for("local", folder.name))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    model = LocalModel(name=name, kind="encoder", path=str(folder), source="import", file_type="safetensors",
+                       size_bytes=size, added=now_iso())
+    Registry().add(model)
+    if json_output:
+        from dataclasses import asdict
+
+        from ._output import print_json
+
+        print_json({"model": asdict(model)})
+        return
+    from ._output import console
+
+    console().print(f"Imported [bold]{name}[/]: BERT encoder (safetensors), {folder}; "
+                    f"converted to GGUF on first use by 'orion embed'")
 
 
 def list_(

