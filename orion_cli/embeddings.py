@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -251,7 +251,7 @@ def _read_gitignore(folder: Path) -> list[tuple[re.Pattern, bool, bool]]:
     return rules
 
 
-def _ignored(rel: str, is_dir: bool, stack: list[tuple[Path, list]], path: Path) -> bool:
+def _ignored(is_dir: bool, stack: list[tuple[Path, list]], path: Path) -> bool:
     ignored = False
     for base, rules in stack:
         try:
@@ -323,7 +323,7 @@ def walk(paths: Sequence[Path], *, hidden: bool = False) -> WalkReport:
             except OSError:
                 report.unreadable += 1
                 continue
-            if _ignored(entry.name, is_dir, stack, path):
+            if _ignored(is_dir, stack, path):
                 report.ignored += 1
                 continue
             if is_dir:

