@@ -240,6 +240,7 @@ class LoadSpec:
     projector: Path | None = None
     embedding: bool = False
     settings: EngineSettings = field(default_factory=EngineSettings)
+    whole_window: bool = False  # batch = context: evaluate a whole window at once (perplexity)
 
     @property
     def key(self) -> str:
@@ -355,6 +356,39 @@ class LoadedModel:
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One L2-normalised, pooled embedding per text (the model's pooling: mean, CLS...)."""
         return self._llm.embed(list(texts), normalize=True)
+
+    def perplexity_window(self, tokens: Sequence[int], first_scored: int):
+        """Negative log-likelihoods of ``tokens[j + 1]`` given ``tokens[: j + 1]`` for j from
+        ``first_scored`` to the end, from one evaluation of the window (llama.cpp's perplexity)."""
+        import llama_cpp
+        import numpy as np
+
+        ctx = self._llm._ctx.ctx
+        n_vocab = self._llm.n_vocab()
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for pos, tok in enumerate(tokens):
+                batch.token[pos] = tok
+                batch.pos[pos] = pos
+                batch.n_seq_id[pos] = 1
+                batch.seq_id[pos][0] = 0
+                batch.logits[pos] = pos >= first_scored and pos < len(tokens) - 1
+            batch.n_tokens = len(tokens)
+            memory = llama_cpp.llama_get_memory(ctx)
+            if memory:
+                llama_cpp.llama_memory_clear(memory, True)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while scoring")
+            nll = []
+            for j in range(first_scored, len(tokens) - 1):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
+                top = float(logits.max())
+                log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+                nll.append(log_z - float(logits[tokens[j + 1]]))
+            return nll
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            self._llm.reset()
 
     @property
     def n_embd(self) -> int:
@@ -485,7 +519,8 @@ def load(
 
             chat_handler = Llava15ChatHandler(clip_model_path=str(spec.projector), verbose=verbose)
         try:
-            n_batch = max(s.n_ubatch, spec.n_ctx) if spec.embedding else s.n_ubatch  # a whole sequence at once
+            # an encoder or a scored window is evaluated whole, in one batch
+            n_batch = max(s.n_ubatch, spec.n_ctx) if (spec.embedding or spec.whole_window) else s.n_ubatch
             llm = Llama(
                 str(spec.path), n_ctx=spec.n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
                 n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=spec.n_gpu_layers,
@@ -509,9 +544,40 @@ def load(
     return LoadedModel(spec, header, llm, chat_handler, time.perf_counter() - start)
 
 
-if __name__ == "__main__":  # python -m orion_cli.engine canary MODEL default|safe
+# ---------------------------------------------------------------- quantization
+
+# llama_ftype of every type llama.cpp's quantizer makes without an importance matrix.
+QUANT_FTYPES = {
+    "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q5_1": 9, "Q5_0": 8,
+    "Q4_K_M": 15, "Q4_K_S": 14, "Q4_1": 3, "Q4_0": 2, "IQ4_NL": 25, "IQ4_XS": 30, "Q3_K_L": 13, "Q3_K_M": 12,
+    "Q3_K_S": 11, "IQ3_S": 26, "IQ3_M": 27, "Q2_K": 10,
+}
+# Types llama.cpp refuses to make without an importance matrix (not exposed by llama-cpp-python).
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_XS", "Q2_K_S")
+LEVEL_TYPES = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
+
+
+def quantize_command(src: Path, dst: Path, type_name: str, threads: int, allow_requantize: bool) -> list[str]:
+    return [sys.executable, "-m", "orion_cli.engine", "quantize", str(src), str(dst), type_name, str(threads),
+            "1" if allow_requantize else "0"]
+
+
+def _quantize_child(src: str, dst: str, type_name: str, threads: str, allow: str) -> None:
+    """In the quantize child: llama_model_quantize, exit status its return code."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_FTYPES[type_name]
+    params.nthread = int(threads)
+    params.allow_requantize = allow == "1"
+    sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))
+
+
+if __name__ == "__main__":  # python -m orion_cli.engine canary MODEL default|safe | quantize ...
     if len(sys.argv) == 4 and sys.argv[1] == "canary":
         _canary_child(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 7 and sys.argv[1] == "quantize":
+        _quantize_child(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m orion_cli.engine canary MODEL default|safe")
+        sys.exit("usage: python -m orion_cli.engine canary MODEL default|safe | quantize IN OUT TYPE THREADS 0|1")
 

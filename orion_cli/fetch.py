@@ -35,6 +35,17 @@ LEVEL_CAP = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
 LEVEL_PREFERRED = {"q4": ("Q4_K_M", "Q4_0"), "q8": ("Q8_0",), "q16": ("F16", "BF16"), "q32": ("F32",)}
 
 
+def expected_tok_s(bench: dict, size_bytes: int) -> float | None:
+    """Generation speed expected for a file of ``size_bytes``, scaled from a measured model.
+
+    Generation on a CPU reads every weight once per token, so it is bound by memory
+    bandwidth: tokens/s scales with 1 / model size (a rough guide, shown as ~).
+    """
+    if not bench or not bench.get("gen_tok_s") or not bench.get("size_bytes") or not size_bytes:
+        return None
+    return bench["gen_tok_s"] * bench["size_bytes"] / size_bytes
+
+
 def quality_rank(file_type: str) -> int:
     return QUALITY.get(file_type.upper(), len(QUALITY))
 
@@ -69,6 +80,7 @@ class FetchPlan:
     projector_bytes: int = 0
     hint: str = ""
     listing: object = field(default=None, compare=False, repr=False)  # hub.RepoListing
+    bench: dict = field(default_factory=dict)  # the strategy's measured speed, for expected tok/s
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +97,7 @@ class FetchPlan:
                     "file": c.filename, "parts": list(c.parts), "file_type": c.file_type, "size_bytes": c.size_bytes,
                     "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
                     "fits": c.fits, "verdict": c.verdict,
+                    "expected_tok_s": expected_tok_s(self.bench, c.size_bytes),
                 }
                 for c in self.candidates
             ],
@@ -218,7 +231,7 @@ def plan_fetch(
     hint = "" if chosen else _what_would_fit(judged, wanted, level, budget, free_disk_bytes, n_ctx, projector_header)
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
-                     projector_size, hint, listing)
+                     projector_size, hint, listing, strategy.bench)
 
 
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header) -> str:

@@ -41,7 +41,7 @@ ENV_VARS = {
     "gpu_budget_bytes": "ORION_GPU_BUDGET",
 }
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
-                   "engine")
+                   "engine", "bench")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class Strategy:
     created: str = ""
     # The engine health check's verdict (orion_cli.engine.EngineCheck), when profile ran it.
     engine: dict = field(default_factory=dict)
+    # Measured speed of the default small model (orion profile --bench), for expected tok/s.
+    bench: dict = field(default_factory=dict)
     # Where each setting came from: "flag", "env ORION_X", "file", "tier", "device".
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -109,6 +111,7 @@ class Strategy:
             "pressure": {"high": self.pressure_high, "critical": self.pressure_critical},
             "device": self.device,
             "engine": self.engine,
+            "bench": self.bench,
         }
 
 
@@ -307,6 +310,8 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
         settings["device"] = doc["device"]
     if isinstance(doc.get("engine"), dict):
         settings["engine"] = doc["engine"]
+    if isinstance(doc.get("bench"), dict):
+        settings["bench"] = doc["bench"]
     return settings
 
 
@@ -363,6 +368,9 @@ def render_strategy_yaml(strategy: Strategy) -> str:
         "# The engine check: can llama.cpp's default settings decode a quantized model on this CPU,",
         "# or must orion load with the safe settings (use_extra_bufts off)? tok/s on the canary model.",
         yaml.safe_dump({"engine": data["engine"]}, sort_keys=False, allow_unicode=True).strip(),
+        "",
+        "# Measured speed of a small model (orion profile --bench); fetch --dry-run scales it by file size.",
+        yaml.safe_dump({"bench": data["bench"]}, sort_keys=False, allow_unicode=True).strip(),
         "",
         "# What orion detected when this file was written (for reference; not read back as settings).",
         yaml.safe_dump({"device": data["device"]}, sort_keys=False, allow_unicode=True).strip(),
@@ -467,6 +475,7 @@ def load_strategy(
             "device": file_settings.get("device", {}),
             "created": file_settings.get("created", ""),
             "engine": file_settings.get("engine", {}),
+            "bench": file_settings.get("bench", {}),
             "pressure_high": file_settings.get("pressure_high", table.pressure_high),
             "pressure_critical": file_settings.get("pressure_critical", table.pressure_critical),
         }
@@ -478,6 +487,7 @@ def load_strategy(
             "device": b.device,
             "created": b.created,
             "engine": b.engine,
+            "bench": b.bench,
             "pressure_high": b.pressure_high,
             "pressure_critical": b.pressure_critical,
         }

@@ -48,9 +48,11 @@ def _root(
 
 from . import convert as _convert  # noqa: E402
 from . import embed as _embed  # noqa: E402
+from . import evaluate as _evaluate  # noqa: E402
 from . import fetch as _fetch  # noqa: E402
 from . import models as _models  # noqa: E402
 from . import profile as _profile  # noqa: E402
+from . import quantize as _quantize  # noqa: E402
 from . import run as _run  # noqa: E402
 from . import strategy as _strategy  # noqa: E402
 
@@ -65,6 +67,8 @@ app.command("convert", epilog=_convert.EXAMPLES, short_help="Convert a BERT enco
 app.command("embed", epilog=_embed.EMBED_EXAMPLES, short_help="Embed files into a collection (float16, re-runs skip unchanged).")(_embed.embed)
 app.command("search", epilog=_embed.SEARCH_EXAMPLES, short_help="Search a collection by meaning.")(_embed.search)
 app.command("collections", epilog=_embed.COLLECTIONS_EXAMPLES, short_help="List, show or delete collections.")(_embed.collections)
+app.command("quantize", epilog=_quantize.EXAMPLES, short_help="Quantize a GGUF to any level (Q4_K_M, Q8_0, F16...).")(_quantize.quantize)
+app.command("eval", epilog=_evaluate.EXAMPLES, short_help="Perplexity, speed and memory of a model or a quantization ladder.")(_evaluate.evaluate)
 app.command("inspect", epilog=_models.INSPECT_EXAMPLES, short_help="Show a GGUF's header and memory estimate.")(_models.inspect)
 
 

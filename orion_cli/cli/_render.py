@@ -58,10 +58,17 @@ def candidates_table(plan) -> Table:
     t.add_column("type")
     t.add_column("size", justify="right")
     t.add_column("estimate", justify="right")
+    if plan.bench:
+        t.add_column("~tok/s", justify="right")
     t.add_column("verdict")
+    from ..fetch import expected_tok_s
+
     for c in plan.candidates:
         style = "bold green" if c.verdict == "chosen" else ("" if c.fits else "dim")
         name = c.filename + (f" (+{len(c.parts) - 1} parts)" if len(c.parts) > 1 else "")
-        t.add_row(escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes),
-                  escape(c.verdict), style=style)
+        cells = [escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes)]
+        if plan.bench:
+            speed = expected_tok_s(plan.bench, c.size_bytes)
+            cells.append(f"{speed:.0f}" if speed else "-")
+        t.add_row(*cells, escape(c.verdict), style=style)
     return t

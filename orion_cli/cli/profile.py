@@ -12,6 +12,39 @@ import typer
 from ._output import examples
 
 
+def _bench(threads: int) -> dict:
+    """Speed of the default small model, measured in a child process."""
+    from ..errors import NotFound
+    from ..evaluate import speed_in_child
+    from ..gguf_header import read_local_header
+    from ..models import Registry, now_iso
+    from ._output import err_console
+
+    model = Registry().get("gemma3-270m")
+    if model is None or not model.exists():
+        raise NotFound("--bench measures gemma3-270m, which is not here",
+                       hint="orion fetch gemma3-270m (or orion import FILE --name gemma3-270m)")
+    with err_console().status("Measuring gemma3-270m…"):
+        result = speed_in_child(Path(model.path), threads)
+    header = read_local_header(Path(model.path))
+    return {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
+            "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
+            "threads": threads, "measured_at": now_iso()}
+
+
+def _previous_bench(output: str | None) -> dict:
+    """Keep the last --bench figures when the strategy is rewritten without --bench."""
+    from ..errors import ConfigError
+    from ..paths import strategy_path
+    from ..strategy import read_strategy_file
+
+    path = Path(output).expanduser() if output else strategy_path()
+    try:
+        return read_strategy_file(path).get("bench", {}) if path.exists() else {}
+    except ConfigError:
+        return {}
+
+
 def _engine_check(force: bool) -> dict:
     """The engine canary's verdict for this llama.cpp build and CPU (cached after the first run)."""
     from ..device import _cpu_info
@@ -43,6 +76,7 @@ def profile(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the strategy as JSON on stdout.")] = False,
     recheck_engine: Annotated[bool, typer.Option("--recheck-engine", help="Run the engine canary again instead of using its cached verdict.")] = False,
+    bench: Annotated[bool, typer.Option("--bench", help="Measure prompt and generation tok/s of the default small model (gemma3-270m) and record them.")] = False,
 ) -> None:
     """Detect RAM, CPU, GPU and disk; pick a memory tier; write the strategy file.
 
@@ -67,6 +101,10 @@ def profile(
         device = simulate(device, ram_bytes=ram_bytes, vram_bytes=vram_bytes)
     strategy = build_strategy(device, tier, table)
     strategy = replace(strategy, engine=_engine_check(recheck_engine))
+    if bench:
+        strategy = replace(strategy, bench=_bench(strategy.threads))
+    elif output != "-":
+        strategy = replace(strategy, bench=_previous_bench(output))
     text = render_strategy_yaml(strategy)
 
     if output == "-":
@@ -121,6 +159,10 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     rows.append(("Defaults", f"quantization {strategy.quantization}, up to {strategy.max_models} model(s) loaded, "
                  f"{_unload(strategy.keep_alive_s)}, context {strategy.n_ctx} tokens, {strategy.threads} threads"))
     rows.append(("Budget", strategy.budget_arithmetic))
+    if strategy.bench:
+        b = strategy.bench
+        rows.append(("Speed", f"{b['model']} {b['file_type']}: prompt {b['prompt_tok_s']:.0f} tok/s, "
+                     f"generation {b['gen_tok_s']:.1f} tok/s ({b['threads']} threads)"))
     if strategy.engine:
         e = strategy.engine
         if e["default_ok"]:

@@ -1,0 +1,174 @@
+"""``orion eval``: perplexity, speed and memory of a model, or of a ladder of its quantizations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+EXAMPLES = examples(
+    ("orion eval gemma3-270m", "perplexity on the built-in text (Python docs)"),
+    ("orion eval model.gguf --text wiki.txt --ctx 1024", "your own text and window"),
+    ("orion eval gemma3-270m --ladder Q4_K_M,Q8_0,F16", "quantize to each type (cached) and compare"),
+    ("orion eval m.gguf --ladder q4,q8 --markdown q.md --csv q.csv", "export the table"),
+)
+
+
+def evaluate(
+    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.")],
+    text: Annotated[Optional[Path], typer.Option(help="The text to score (default: Python's own docs, shipped with orion).", metavar="FILE")] = None,
+    ctx: Annotated[int, typer.Option(help="Window size in tokens; the second half of each window is scored.", metavar="N")] = 512,
+    ladder: Annotated[Optional[str], typer.Option(help="Comma-separated types or levels to quantize to and compare.", metavar="T1,T2")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown here.", metavar="FILE")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.", metavar="FILE")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Measure a model: perplexity (± standard error), prompt and generation tokens/s, load time, peak RSS.
+
+    Perplexity is computed as llama.cpp's perplexity tool does: windows of --ctx
+    tokens, the second half of each scored. With --ladder, the model is quantized
+    to each type (kept in $ORION_HOME/cache/quant) and every level is measured the
+    same way, each in its own process.
+    """
+    import tempfile
+
+    from ..errors import InvalidValue, NotFound
+    from ..evaluate import default_text, evaluate_in_child
+    from ..models import resolve
+    from ..strategy import load_strategy
+    from ._output import err_console
+
+    if ctx < 64:
+        raise InvalidValue(f"--ctx {ctx} is too small", hint="use 256 or more")
+    strategy = load_strategy()
+    path = Path(model).expanduser()
+    if not path.exists():
+        ref = resolve(model)
+        if ref.path is None:
+            raise NotFound(f"{model} is not on this machine", hint=f"fetch it first: orion fetch {model}")
+        path = ref.path
+    if text is not None and not text.is_file():
+        raise NotFound(f"no such text file: {text}", hint="check --text")
+    body = text.read_text(encoding="utf-8", errors="replace") if text else default_text()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
+        f.write(body)
+        text_file = Path(f.name)
+    try:
+        targets = [(path, None)]
+        if ladder:
+            targets = [(_ladder_file(path, t, strategy.threads), t) for t in _parse_ladder(ladder)]
+        results = []
+        for target, label in targets:
+            with err_console().status(f"Evaluating {target.name}…"):
+                results.append(evaluate_in_child(target, text_file, ctx, strategy.threads))
+    finally:
+        text_file.unlink(missing_ok=True)
+    rows = _rows(results, strategy)
+    if markdown:
+        markdown.write_text(_markdown(rows, model, ctx))
+    if csv_path:
+        _write_csv(csv_path, rows)
+    if json_output:
+        from ._output import print_json
+
+        print_json({"model": str(path), "ctx": ctx, "results": rows})
+        return
+    _render(rows)
+
+
+def _parse_ladder(text: str) -> list[str]:
+    from ..quantize import resolve_type
+
+    types = [resolve_type(t) for t in text.split(",") if t.strip()]
+    if not types:
+        from ..errors import InvalidValue
+
+        raise InvalidValue("--ladder is empty", hint="for example --ladder Q4_K_M,Q8_0,F16")
+    return list(dict.fromkeys(types))
+
+
+def _ladder_file(src: Path, type_name: str, threads: int) -> Path:
+    """The model at ``type_name``: the file itself if it is that type, else a cached quantization."""
+    import hashlib
+
+    from ..gguf_header import read_local_header
+    from ..paths import orion_home
+    from ..quantize import quantize
+
+    if read_local_header(src).file_type == type_name:
+        return src
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = orion_home() / "cache" / "quant" / f"{src.stem}-{key}-{type_name}.gguf"
+    if not out.exists():
+        from ._output import err_console
+
+        with err_console().status(f"Quantizing {src.name} to {type_name} (cached for next time)…"):
+            quantize(src, out, type_name, threads=threads, allow_requantize=True)
+    return out
+
+
+def _rows(results, strategy) -> list[dict]:
+    from ..estimate import estimate_memory
+    from ..gguf_header import read_local_header
+
+    best = min(r.perplexity for r in results)
+    rows = []
+    for r in results:
+        est = estimate_memory(read_local_header(Path(r.path)), strategy.n_ctx).total_bytes
+        rows.append(r.to_dict() | {
+            "delta_perplexity": r.perplexity - best,
+            "estimate_bytes": est,
+            "fits_budget": est <= strategy.memory_budget_bytes,
+        })
+    return rows
+
+
+HEADERS = ["type", "size", "bits/weight", "perplexity", "Δ vs best", "prompt tok/s", "gen tok/s", "peak RSS",
+           "fits budget"]
+
+
+def _cells(row: dict) -> list[str]:
+    from ..units import format_bytes
+
+    return [row["file_type"], format_bytes(row["size_bytes"]), f"{row['bits_per_weight']:.2f}",
+            f"{row['perplexity']:.4f} ± {row['perplexity_err']:.4f}", f"+{row['delta_perplexity']:.4f}",
+            f"{row['prompt_tok_s']:.1f}", f"{row['gen_tok_s']:.1f}", format_bytes(row["peak_rss_bytes"]),
+            "yes" if row["fits_budget"] else "no"]
+
+
+def _render(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from ._output import console
+
+    t = Table(box=None, pad_edge=False)
+    for h in HEADERS:
+        t.add_column(h, justify="left" if h in ("type", "fits budget") else "right")
+    for row in rows:
+        t.add_row(*_cells(row))
+    console().print(t)
+    r = rows[0]
+    console().print(f"[dim]{r['chunks']} windows of {r['n_ctx']} tokens, {r['scored_tokens']} tokens scored[/]")
+
+
+def _markdown(rows: list[dict], model: str, ctx: int) -> str:
+    lines = [f"`orion eval {model}` — {rows[0]['chunks']} windows of {ctx} tokens, "
+             f"{rows[0]['scored_tokens']} tokens scored", "", "| " + " | ".join(HEADERS) + " |",
+             "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        keys = list(rows[0])
+        w.writerow(keys)
+        for r in rows:
+            w.writerow([r[k] for k in keys])

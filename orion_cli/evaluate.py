@@ -1,0 +1,157 @@
+"""`orion eval`: perplexity as llama.cpp's perplexity tool computes it, speed, load time, memory.
+
+Perplexity: the text is tokenized once (with BOS); each window of ``n_ctx``
+tokens starts with BOS and is evaluated once; the tokens of its second half are
+scored (the negative log-likelihood of each next token); perplexity is
+exp(mean NLL) with the standard error of that mean carried through (±).
+Each model is evaluated in a child process, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import InvalidValue, NotAGGUF
+
+GEN_TOKENS = 32
+GEN_PROMPT = "The history of the city of Paris"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    path: str
+    file_type: str
+    size_bytes: int
+    bits_per_weight: float
+    n_ctx: int
+    chunks: int
+    scored_tokens: int
+    perplexity: float
+    perplexity_err: float
+    prompt_tok_s: float
+    gen_tok_s: float
+    load_s: float
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_text() -> str:
+    from importlib.resources import files
+
+    return files("orion_cli.profiles").joinpath("eval-python-docs.txt").read_text(encoding="utf-8")
+
+
+def perplexity_from_nll(nll: list[float]) -> tuple[float, float]:
+    """exp(mean) and its standard error (delta method), as llama.cpp reports them."""
+    n = len(nll)
+    mean = sum(nll) / n
+    var = sum((x - mean) ** 2 for x in nll) / (n - 1) if n > 1 else 0.0
+    ppl = math.exp(mean)
+    return ppl, ppl * math.sqrt(var / n)
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def evaluate(path: Path, text: str, n_ctx: int, threads: int) -> EvalResult:
+    """Evaluate one model in this process (the child side of :func:`evaluate_in_child`)."""
+    from .engine import LoadSpec, Timings, load
+    from .gguf_header import read_local_header
+
+    header = read_local_header(path)
+    model = load(LoadSpec(Path(path), n_ctx, threads, whole_window=True))
+    try:
+        tokens = model.tokenize(text)
+        n_chunks = len(tokens) // n_ctx
+        if n_chunks < 1:
+            raise InvalidValue(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}",
+                               hint="give a longer --text or a smaller --ctx")
+        bos = tokens[0]
+        nll: list[float] = []
+        start = time.perf_counter()
+        for i in range(n_chunks):
+            window = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+            window[0] = bos
+            nll += model.perplexity_window(window, n_ctx // 2)
+        prompt_s = time.perf_counter() - start
+        t = Timings()
+        "".join(model.generate(GEN_PROMPT, max_tokens=GEN_TOKENS, temperature=0.0, timings=t))
+        ppl, err = perplexity_from_nll(nll)
+        return EvalResult(str(path), header.file_type, header.file_size or Path(path).stat().st_size,
+                          round(header.bits_per_weight, 2), n_ctx, n_chunks, len(nll), ppl, err,
+                          n_chunks * n_ctx / prompt_s, t.gen_tok_s, model.load_s, _peak_rss())
+    finally:
+        model.close()
+
+
+def speed(path: Path, threads: int, prompt_tokens: int = 256) -> dict:
+    """Prompt-processing and generation tokens/s of a model (for `orion profile --bench`)."""
+    from .engine import LoadSpec, Timings, load
+
+    model = load(LoadSpec(Path(path), 1024, threads))
+    try:
+        text = default_text()
+        tokens = model.tokenize(text)[:prompt_tokens]
+        start = time.perf_counter()
+        model.perplexity_window(tokens, len(tokens) - 2)  # one evaluation of the whole prompt
+        prompt_s = time.perf_counter() - start
+        t = Timings()
+        "".join(model.generate(GEN_PROMPT, max_tokens=GEN_TOKENS, temperature=0.0, timings=t))
+        return {"prompt_tok_s": len(tokens) / prompt_s, "gen_tok_s": t.gen_tok_s}
+    finally:
+        model.close()
+
+
+def evaluate_in_child(path: Path, text_file: Path, n_ctx: int, threads: int) -> EvalResult:
+    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", str(path), str(text_file), str(n_ctx),
+                           str(threads)], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        doc = json.loads(lines[-1]) if lines else {}
+        if doc.get("error"):
+            raise InvalidValue(doc["error"], hint=doc.get("hint") or "")
+        raise NotAGGUF(f"evaluating {Path(path).name} failed (exit {proc.returncode})",
+                       hint="run with --debug to see llama.cpp's log")
+    return EvalResult(**json.loads(lines[-1]))
+
+
+def speed_in_child(path: Path, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", "speed", str(path), str(threads)],
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise NotAGGUF(f"measuring {Path(path).name} failed (exit {proc.returncode})",
+                       hint="run with --debug to see llama.cpp's log")
+    return json.loads(lines[-1])
+
+
+def _child_main(argv: list[str]) -> None:
+    from .errors import OrionError
+
+    if argv[0] == "speed":
+        print(json.dumps(speed(Path(argv[1]), int(argv[2]))))
+        return
+    path, text_file, n_ctx, threads = argv
+    try:
+        result = evaluate(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads))
+    except OrionError as exc:
+        print(json.dumps({"error": exc.message, "hint": exc.hint}))
+        sys.exit(1)
+    print(json.dumps(result.to_dict()))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

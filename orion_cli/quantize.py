@@ -1,0 +1,138 @@
+"""Quantize a GGUF to any type llama.cpp makes without an importance matrix.
+
+The quantizer runs in a child process (``python -m orion_cli.engine quantize``):
+llama.cpp's logs stay out of the terminal, Ctrl-C stops it at once, and a
+crash cannot take orion down. The output is written under a temporary name and
+renamed only once its header says the type that was asked for: no half file
+is ever left under the output name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import DoesNotFit, Interrupted, InvalidValue, NotAGGUF
+from .gguf_header import GGML_TYPES, read_local_header
+from .units import format_bytes
+
+UNQUANTIZED = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    src: Path
+    dst: Path
+    type_name: str
+    src_bytes: int
+    dst_bytes: int
+    seconds: float
+    requantized: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.dst_bytes / self.src_bytes if self.src_bytes else 0.0
+
+
+def resolve_type(name: str) -> str:
+    from .engine import LEVEL_TYPES, NEEDS_IMATRIX, QUANT_FTYPES
+
+    upper = name.strip().upper()
+    if name.strip().lower() in LEVEL_TYPES:
+        return LEVEL_TYPES[name.strip().lower()]
+    if upper in QUANT_FTYPES:
+        return upper
+    if upper in NEEDS_IMATRIX:
+        raise InvalidValue(f"{upper} needs an importance matrix, which llama-cpp-python does not let orion pass",
+                           hint="choose IQ4_XS, Q3_K_S or Q2_K, or make it with llama.cpp's llama-quantize --imatrix")
+    raise InvalidValue(f"--to {name!r} is not a quantization type",
+                       hint=f"use a level (q4, q8, q16, q32) or one of {', '.join(QUANT_FTYPES)}")
+
+
+def _bytes_per_weight(type_name: str) -> float:
+    base = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q3_K_L": "Q3_K",
+            "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "IQ3_M": "IQ3_S"}.get(type_name, type_name)
+    for name, block, size in GGML_TYPES.values():
+        if name == base:
+            return size / block
+    return 4.0
+
+
+def quantize(
+    src: Path,
+    dst: Path,
+    type_name: str,
+    *,
+    threads: int,
+    force: bool = False,
+    allow_requantize: bool = False,
+    on_tick: Callable[[float], None] | None = None,
+    on_requantize: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize ``src`` into ``dst`` (checked, atomic); see the module docstring."""
+    import time
+
+    from .engine import quantize_command
+
+    type_name = resolve_type(type_name)
+    src, dst = Path(src), Path(dst)
+    header = read_local_header(src)  # missing, non-GGUF, truncated: a clean error before llama.cpp
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise InvalidValue(f"the output {dst} is the input", hint="write to another file with -o")
+    if dst.exists() and not force:
+        raise InvalidValue(f"{dst} already exists", hint="choose another -o, or add --force to replace it")
+    if dst.is_dir():
+        raise InvalidValue(f"{dst} is a directory", hint="-o takes a file name")
+    requant = header.file_type not in UNQUANTIZED
+    if requant and not allow_requantize:
+        raise InvalidValue(f"{src.name} is already quantized ({header.file_type}); quantizing it again loses quality "
+                           f"twice", hint="quantize from an F16/F32 file, or add --allow-requantize")
+    expected = int(header.n_params * _bytes_per_weight(type_name) * 1.1) + (16 << 20)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    if free < expected:
+        raise DoesNotFit(f"{type_name} of {src.name} needs about {format_bytes(expected)}, {format_bytes(free)} is free "
+                         f"at {dst.parent}", hint="free some space or write elsewhere with -o")
+    if requant and on_requantize:
+        on_requantize(header.file_type)  # every check passed: it really happens
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    debug = os.environ.get("ORION_DEBUG") == "1"
+    start = time.perf_counter()
+    proc = subprocess.Popen(quantize_command(src, tmp, type_name, threads, allow_requantize),
+                            stdout=None if debug else subprocess.DEVNULL, stderr=None if debug else subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if on_tick:
+                    on_tick(time.perf_counter() - start)
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.returncode != 0:
+            last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
+            if proc.returncode < 0:
+                last = f"killed by {signal.Signals(-proc.returncode).name}"
+            raise NotAGGUF(f"llama.cpp could not quantize {src.name} to {type_name}: {last or 'no reason given'}",
+                           hint="run with --debug to see llama.cpp's log")
+        got = read_local_header(tmp).file_type
+        if got != type_name:
+            raise NotAGGUF(f"llama.cpp wrote {got}, not {type_name}", hint="this model's tensors may not allow it")
+        os.replace(tmp, dst)
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise Interrupted("quantization stopped; no output was written", hint="run it again") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        tmp.unlink(missing_ok=True)
+    return QuantizeResult(src, dst, type_name, header.file_size or src.stat().st_size, dst.stat().st_size,
+                          time.perf_counter() - start, requant)
