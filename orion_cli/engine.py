@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import NotAGGUF, OrionError
 from .estimate import EngineSettings
 from .gguf_header import GGUFHeader, read_local_header
-from .paths import orion_home
 
 CANARY_TOKENS = 32
 
@@ -41,141 +38,18 @@ class LoadCancelled(OrionError):
     exit_code = 130
 
 
-class EngineCrashed(OrionError):
-    """Both the default and the safe settings crashed the canary."""
-
-
 def debug_enabled() -> bool:
     return os.environ.get("ORION_DEBUG") == "1"
 
 
-# ---------------------------------------------------------------- health check
-
-
-@dataclass(frozen=True)
-class EngineCheck:
-    """What the canary found for this engine build on this CPU."""
-
-    key: str
-    use_extra_bufts: bool
-    default_ok: bool
-    default_signal: str | None
-    tok_s_default: float | None
-    tok_s_safe: float | None
-    checked_at: str = ""
-
-    def verdict(self) -> str:
-        if self.default_ok:
-            return "llama.cpp's default settings work"
-        return (f"default settings crash ({self.default_signal}); using the safe settings "
-                f"(use_extra_bufts off)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def engine_key(cpu_model: str, cpu_flags: Sequence[str]) -> str:
-    """Identifies the engine build and the CPU, without importing llama_cpp (it costs 0.3 s)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    build = "none"
-    if spec and spec.submodule_search_locations:
-        lib_dir = Path(list(spec.submodule_search_locations)[0]) / "lib"
-        libs = sorted(lib_dir.glob("libllama*")) + sorted(lib_dir.glob("llama*.dll"))
-        if libs:
-            st = libs[0].stat()
-            build = f"{st.st_size}-{int(st.st_mtime)}"
-    return f"llama:{build}|cpu:{cpu_model}|{'+'.join(cpu_flags)}"
-
-
-def _cache_path() -> Path:
-    return orion_home() / "engine-check.json"
-
-
-def cached_check(key: str) -> EngineCheck | None:
-    try:
-        doc = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return None
-    entry = doc.get(key)
-    try:
-        return EngineCheck(**entry) if entry else None
-    except TypeError:
-        return None
-
-
-def _store_check(check: EngineCheck) -> None:
-    from .strategy import write_text_atomic
-
-    try:
-        doc = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        doc = {}
-    doc[check.key] = check.to_dict()
-    write_text_atomic(_cache_path(), json.dumps(doc, indent=2) + "\n")
-
-
-def canary_command(model: Path, safe: bool) -> list[str]:
-    return [sys.executable, "-m", "orion_cli.engine", "canary", str(model), "safe" if safe else "default"]
-
-
-def _run_canary(cmd: list[str]) -> tuple[bool, str | None, float | None]:
-    """Run one canary child: (survived, signal name if it died by one, tok/s)."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return False, "timeout", None
-    if done.returncode < 0:
-        try:
-            name = signal.Signals(-done.returncode).name
-        except ValueError:
-            name = f"signal {-done.returncode}"
-        return False, name, None
-    if done.returncode != 0:
-        return False, f"exit {done.returncode}", None
-    try:
-        return True, None, float(json.loads(done.stdout.strip().splitlines()[-1])["tok_s"])
-    except (ValueError, KeyError, IndexError):
-        return False, "no result", None
-
-
-def check_engine(
-    key: str,
-    *,
-    force: bool = False,
-    command: Callable[[Path, bool], list[str]] = canary_command,
-) -> EngineCheck:
-    """The cached verdict for this engine and CPU, or a fresh one from the canary children."""
-    if not force:
-        cached = cached_check(key)
-        if cached is not None:
-            return cached
-    import tempfile
-
-    from .models import now_iso
-
-    with tempfile.TemporaryDirectory(prefix="orion-canary-") as tmp:
-        model = Path(tmp) / "canary-q4_0.gguf"  # the first child writes it (gguf and numpy stay out of here)
-        ok, sig, tok_default = _run_canary(command(model, False))
-        safe_ok, safe_sig, tok_safe = _run_canary(command(model, True))
-    if not ok and not safe_ok:
-        raise EngineCrashed(
-            f"llama.cpp crashes on this machine with default and safe settings ({sig}; {safe_sig})",
-            hint="reinstall llama-cpp-python built for this CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF'",
-        )
-    check = EngineCheck(key=key, use_extra_bufts=ok, default_ok=ok, default_signal=sig,
-                        tok_s_default=tok_default, tok_s_safe=tok_safe, checked_at=now_iso())
-    _store_check(check)
-    return check
-
-
-def current_check() -> EngineCheck:
-    """The verdict for this machine: cached, or found now (first use with no profile)."""
-    from .device import _cpu_info
-
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
-    return check_engine(engine_key(model, flags))
+from .enginecheck import (  # noqa: E402,F401  (the health check, re-exported)
+    EngineCheck,
+    EngineCrashed,
+    canary_command,
+    check_engine,
+    current_check,
+    engine_key,
+)
 
 
 def _canary_child(model: str, mode: str) -> None:

@@ -48,7 +48,7 @@ def _previous_bench(output: str | None) -> dict:
 def _engine_check(force: bool) -> dict:
     """The engine canary's verdict for this llama.cpp build and CPU (cached after the first run)."""
     from ..device import _cpu_info
-    from ..engine import check_engine, engine_key
+    from ..enginecheck import check_engine, engine_key
 
     model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
     return check_engine(engine_key(model, flags), force=force).to_dict()
