@@ -149,6 +149,25 @@ class Timings:
                 "generation_tok_s": round(self.gen_tok_s, 1)}
 
 
+def _decode_alone(ctx, batch, tokens: Sequence[int], output: Callable[[int], bool]) -> None:
+    """Decode ``tokens`` as the only sequence in an emptied context; ``output(pos)`` says which
+    positions return logits or embeddings."""
+    import llama_cpp
+
+    for pos, tok in enumerate(tokens):
+        batch.token[pos] = tok
+        batch.pos[pos] = pos
+        batch.n_seq_id[pos] = 1
+        batch.seq_id[pos][0] = 0
+        batch.logits[pos] = output(pos)
+    batch.n_tokens = len(tokens)
+    memory = llama_cpp.llama_get_memory(ctx)
+    if memory:
+        llama_cpp.llama_memory_clear(memory, True)
+    if llama_cpp.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+
+
 class LoadedModel:
     """One model loaded in llama.cpp."""
 
@@ -241,18 +260,7 @@ class LoadedModel:
         n_vocab = self._llm.n_vocab()
         batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
         try:
-            for pos, tok in enumerate(tokens):
-                batch.token[pos] = tok
-                batch.pos[pos] = pos
-                batch.n_seq_id[pos] = 1
-                batch.seq_id[pos][0] = 0
-                batch.logits[pos] = pos >= first_scored and pos < len(tokens) - 1
-            batch.n_tokens = len(tokens)
-            memory = llama_cpp.llama_get_memory(ctx)
-            if memory:
-                llama_cpp.llama_memory_clear(memory, True)
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed while scoring")
+            _decode_alone(ctx, batch, tokens, lambda pos: first_scored <= pos < len(tokens) - 1)
             nll = []
             for j in range(first_scored, len(tokens) - 1):
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
@@ -287,19 +295,8 @@ class LoadedModel:
             raise ValueError(f"a sequence of {longest} tokens exceeds n_ctx {self.spec.n_ctx}")
         batch = self._embed_batch
         out = np.empty((len(sequences), n_embd), dtype=np.float32)
-        memory = llama_cpp.llama_get_memory(ctx)
         for row, tokens in enumerate(sequences):
-            for pos, tok in enumerate(tokens):
-                batch.token[pos] = tok
-                batch.pos[pos] = pos
-                batch.n_seq_id[pos] = 1
-                batch.seq_id[pos][0] = 0
-                batch.logits[pos] = True
-            batch.n_tokens = len(tokens)
-            if memory:
-                llama_cpp.llama_memory_clear(memory, True)
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed while embedding")
+            _decode_alone(ctx, batch, tokens, lambda pos: True)
             ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
             out[row] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
         return out

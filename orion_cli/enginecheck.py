@@ -132,7 +132,7 @@ def check_engine(
             return cached
     import tempfile
 
-    from .models import now_iso
+    from .strategy import now_iso
 
     with tempfile.TemporaryDirectory(prefix="orion-canary-") as tmp:
         model = Path(tmp) / "canary-q4_0.gguf"  # the first child writes it (gguf and numpy stay out of here)

@@ -115,42 +115,40 @@ def speed(path: Path, threads: int, prompt_tokens: int = 256) -> dict:
         model.close()
 
 
-def evaluate_in_child(path: Path, text_file: Path, n_ctx: int, threads: int) -> EvalResult:
-    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", str(path), str(text_file), str(n_ctx),
-                           str(threads)], capture_output=True, text=True)
+def _run_child(args: list[str], what: str) -> dict:
+    """Run ``python -m orion_cli.evaluate ARGS``; its last JSON line, or its error as an OrionError."""
+    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", *args], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    doc = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not lines:
-        doc = json.loads(lines[-1]) if lines else {}
         if doc.get("error"):
             raise InvalidValue(doc["error"], hint=doc.get("hint") or "")
-        raise NotAGGUF(f"evaluating {Path(path).name} failed (exit {proc.returncode})",
-                       hint="run with --debug to see llama.cpp's log")
-    return EvalResult(**json.loads(lines[-1]))
+        raise NotAGGUF(f"{what} failed (exit {proc.returncode})", hint="run with --debug to see llama.cpp's log")
+    return doc
+
+
+def evaluate_in_child(path: Path, text_file: Path, n_ctx: int, threads: int) -> EvalResult:
+    doc = _run_child([str(path), str(text_file), str(n_ctx), str(threads)], f"evaluating {Path(path).name}")
+    return EvalResult(**doc)
 
 
 def speed_in_child(path: Path, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", "speed", str(path), str(threads)],
-                          capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise NotAGGUF(f"measuring {Path(path).name} failed (exit {proc.returncode})",
-                       hint="run with --debug to see llama.cpp's log")
-    return json.loads(lines[-1])
+    return _run_child(["speed", str(path), str(threads)], f"measuring {Path(path).name}")
 
 
 def _child_main(argv: list[str]) -> None:
     from .errors import OrionError
 
-    if argv[0] == "speed":
-        print(json.dumps(speed(Path(argv[1]), int(argv[2]))))
-        return
-    path, text_file, n_ctx, threads = argv
     try:
-        result = evaluate(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads))
+        if argv[0] == "speed":
+            doc = speed(Path(argv[1]), int(argv[2]))
+        else:
+            path, text_file, n_ctx, threads = argv
+            doc = evaluate(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads)).to_dict()
     except OrionError as exc:
         print(json.dumps({"error": exc.message, "hint": exc.hint}))
         sys.exit(1)
-    print(json.dumps(result.to_dict()))
+    print(json.dumps(doc))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from typing import Callable
 from .errors import DoesNotFit, InvalidValue, NotFound
 from .estimate import Estimate, estimate_memory
 from .gguf_header import GGUFHeader, merge_parts, split_part_names
-from .models import LocalModel, ModelRef, Registry, now_iso
-from .strategy import Strategy
+from .models import LocalModel, ModelRef, Registry
+from .strategy import Strategy, now_iso
 from .units import format_bytes
 
 # Quality order of GGUF file types, best first; equal numbers are equal quality.

@@ -186,8 +186,4 @@ def catalog_entry_for_repo(repo: str) -> CatalogEntry | None:
     return next((e for e in catalog().values() if e.repo == repo), None)
 
 
-def now_iso() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 

@@ -158,16 +158,17 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         tier_reason=reason,
         budget_arithmetic=budget.arithmetic(),
         device=_device_record(device),
-        created=_now_iso(),
+        created=now_iso(),
         sources={k: ("tier" if k in TIER_KEYS else "device") for k in SETTING_KEYS}
         | {"tier": "flag" if tier_name else "device"},
     )
 
 
-def _now_iso() -> str:
-    import datetime as _dt
+def now_iso() -> str:
+    """The current UTC time, to the second, ISO 8601."""
+    import datetime as dt
 
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _device_record(device: DeviceInfo) -> dict:

@@ -35,8 +35,7 @@ def _store():
 
 
 def _encoder(model: str | None):
-    """The encoder through the model manager (one per process), with its id."""
-    from ..embeddings import Encoder
+    """The encoder's manager, load request, id, window and GGUF path (loaded through the manager)."""
     from ..session import encoder_model, manager_for, model_request
     from ..strategy import load_strategy
 
@@ -44,11 +43,7 @@ def _encoder(model: str | None):
     local, model_id, max_tokens = encoder_model(model, strategy)
     manager = manager_for(strategy)
     request = model_request(local, strategy, n_ctx=max_tokens, embedding=True)
-    return manager, request, model_id, max_tokens, Encoder
-
-
-def request_path(request) -> Path:
-    return Path(request.key.split("|")[0])
+    return manager, request, model_id, max_tokens, Path(local.path)
 
 
 def embed(
@@ -81,10 +76,11 @@ def embed(
     from ..indexer import embed_paths
     from ._output import console, err_console
 
-    manager, request, model_id, max_tokens, Encoder = _encoder(model)
+    manager, request, model_id, max_tokens, gguf_path = _encoder(model)
+    from ..embeddings import Encoder
     from ..gguf_header import read_local_header
 
-    dim = read_local_header(request_path(request)).n_embd
+    dim = read_local_header(gguf_path).n_embd
     store = _store()
     import contextlib
     import time
@@ -152,8 +148,10 @@ def _embed_stdin(model: str | None, jsonl: bool) -> None:
 
     if not jsonl:
         raise InvalidValue("'-' reads texts from stdin and writes JSON lines", hint="add --jsonl")
+    from ..embeddings import Encoder
+
     lines = [line.rstrip("\n") for line in sys.stdin]
-    manager, request, model_id, max_tokens, Encoder = _encoder(model)
+    manager, request, model_id, max_tokens, _ = _encoder(model)
     try:
         with manager.use(request) as loaded:
             encoder = Encoder(loaded, model_id=model_id, max_tokens=max_tokens)
@@ -182,7 +180,9 @@ def search(
     store = _store()
     try:
         c = store.collection(collection)
-        manager, request, model_id, max_tokens, Encoder = _encoder(model)
+        from ..embeddings import Encoder
+
+        manager, request, model_id, max_tokens, _ = _encoder(model)
         if model_id != c.model_id:
             manager.close()
             raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {model_id}",

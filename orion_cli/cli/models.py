@@ -37,7 +37,8 @@ def import_(
     The file stays where it is: orion reads it in place, and 'orion rm' never deletes it.
     """
     from ..gguf_header import read_local_header
-    from ..models import LocalModel, Registry, default_name_for, now_iso, valid_name
+    from ..models import LocalModel, Registry, default_name_for, valid_name
+    from ..strategy import now_iso
     from ..strategy import load_strategy
 
     path = path.expanduser().absolute()
@@ -78,7 +79,8 @@ def _import_folder(folder: Path, name: str | None, json_output: bool) -> None:
     """A Hugging Face encoder folder: registered as is, converted to GGUF on first use (orion embed)."""
     from ..convert import _read_json
     from ..errors import InvalidValue
-    from ..models import LocalModel, Registry, default_name_for, now_iso, valid_name
+    from ..models import LocalModel, Registry, default_name_for, valid_name
+    from ..strategy import now_iso
 
     config = _read_json(folder / "config.json")
     if config.get("model_type") != "bert" or not (folder / "model.safetensors").exists():

@@ -17,7 +17,8 @@ def _bench(threads: int) -> dict:
     from ..errors import NotFound
     from ..evaluate import speed_in_child
     from ..gguf_header import read_local_header
-    from ..models import Registry, now_iso
+    from ..models import Registry
+    from ..strategy import now_iso
     from ._output import err_console
 
     model = Registry().get("gemma3-270m")
