@@ -65,7 +65,17 @@ def _canary_child(model: str, mode: str) -> None:
     start = time.perf_counter()
     out = llm("the", max_tokens=CANARY_TOKENS, temperature=0.0)
     n = max(1, out["usage"]["completion_tokens"])
-    print(json.dumps({"tok_s": n / (time.perf_counter() - start)}))
+    print(json.dumps({"tok_s": n / (time.perf_counter() - start), "features": build_features()}))
+
+
+def build_features() -> list[str]:
+    """What llama.cpp's CPU backend was built with and found here ("AVX2", "AMX_INT8", "OPENMP"...)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return [name.strip() for part in info.split("|") if "=" in part
+            for name, value in [part.rsplit("=", 1)] if value.strip() == "1"
+            for name in [name.split(":")[-1]]]
 
 
 # ---------------------------------------------------------------- loading
@@ -101,6 +111,26 @@ def _model_params(progress: Callable[[float], bool] | None = None, **fields) -> 
             yield
         finally:
             C.llama_model_default_params = original
+
+
+def settings_for(check: EngineCheck, *, embedding: bool = False) -> EngineSettings:
+    """The llama.cpp settings orion loads with (and estimates for) under an engine verdict."""
+    # Encoders run with flash attention: measured faster for all-MiniLM-L6-v2.
+    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding)
+
+
+def peer_llama(path: Path | str, *, check: EngineCheck | None = None, **kwargs):
+    """llama-cpp-python's own ``Llama``, loaded with the engine check's settings.
+
+    For peers in benchmarks and independent checks in tests: where llama.cpp's
+    defaults crash (GCC-built AMX kernels on Intel Xeons), a plain ``Llama()``
+    would crash too, so nothing loads a model outside these settings.
+    """
+    check = check or current_check()
+    with _model_params(use_extra_bufts=check.use_extra_bufts):
+        from llama_cpp import Llama
+
+        return Llama(str(path), **kwargs)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,14 @@ class EngineCheck:
     tok_s_default: float | None
     tok_s_safe: float | None
     checked_at: str = ""
+    # what llama.cpp's CPU backend was built with (llama_print_system_info: AVX2, AMX_INT8, OPENMP...)
+    features: tuple[str, ...] = ()
+
+    @property
+    def amx(self) -> bool:
+        """Whether ggml's AMX kernels are in use: built in, and the default settings (which
+        enable them) survive here."""
+        return self.default_ok and "AMX_INT8" in self.features
 
     def verdict(self) -> str:
         if self.default_ok:
@@ -48,6 +56,10 @@ class EngineCheck:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "EngineCheck":
+        return cls(**(entry | {"features": tuple(entry.get("features", ()))}))
 
 
 def engine_key(cpu_model: str, cpu_flags: Sequence[str]) -> str:
@@ -75,8 +87,10 @@ def cached_check(key: str) -> EngineCheck | None:
     except (OSError, ValueError):
         return None
     entry = doc.get(key)
+    if not isinstance(entry, dict) or "features" not in entry:
+        return None  # none, or from an orion that did not record the build's features: check again
     try:
-        return EngineCheck(**entry) if entry else None
+        return EngineCheck.from_dict(entry)
     except TypeError:
         return None
 
@@ -96,27 +110,28 @@ def canary_command(model: Path, safe: bool) -> list[str]:
     return [sys.executable, "-m", "orion_cli.engine", "canary", str(model), "safe" if safe else "default"]
 
 
-def _run_canary(cmd: list[str]) -> tuple[bool, str | None, float | None]:
-    """Run one canary child: (survived, signal name if it died by one, tok/s)."""
+def _run_canary(cmd: list[str]) -> tuple[bool, str | None, float | None, tuple[str, ...]]:
+    """Run one canary child: (survived, signal name if it died by one, tok/s, the build's features)."""
     import signal
     import subprocess
 
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        return False, "timeout", None
+        return False, "timeout", None, ()
     if done.returncode < 0:
         try:
             name = signal.Signals(-done.returncode).name
         except ValueError:
             name = f"signal {-done.returncode}"
-        return False, name, None
+        return False, name, None, ()
     if done.returncode != 0:
-        return False, f"exit {done.returncode}", None
+        return False, f"exit {done.returncode}", None, ()
     try:
-        return True, None, float(json.loads(done.stdout.strip().splitlines()[-1])["tok_s"])
-    except (ValueError, KeyError, IndexError):
-        return False, "no result", None
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return True, None, float(result["tok_s"]), tuple(result.get("features", ()))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return False, "no result", None, ()
 
 
 def check_engine(
@@ -136,15 +151,16 @@ def check_engine(
 
     with tempfile.TemporaryDirectory(prefix="orion-canary-") as tmp:
         model = Path(tmp) / "canary-q4_0.gguf"  # the first child writes it (gguf and numpy stay out of here)
-        ok, sig, tok_default = _run_canary(command(model, False))
-        safe_ok, safe_sig, tok_safe = _run_canary(command(model, True))
+        ok, sig, tok_default, features = _run_canary(command(model, False))
+        safe_ok, safe_sig, tok_safe, safe_features = _run_canary(command(model, True))
     if not ok and not safe_ok:
         raise EngineCrashed(
             f"llama.cpp crashes on this machine with default and safe settings ({sig}; {safe_sig})",
             hint="reinstall llama-cpp-python built for this CPU, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF'",
         )
     check = EngineCheck(key=key, use_extra_bufts=ok, default_ok=ok, default_signal=sig,
-                        tok_s_default=tok_default, tok_s_safe=tok_safe, checked_at=now_iso())
+                        tok_s_default=tok_default, tok_s_safe=tok_safe, checked_at=now_iso(),
+                        features=features or safe_features)
     _store_check(check)
     return check
 

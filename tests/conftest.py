@@ -23,6 +23,19 @@ def engine_check_cache(tmp_path_factory) -> Path:
     return home / "engine-check.json"
 
 
+@pytest.fixture(scope="session")
+def engine_verdict(engine_check_cache):
+    """This machine's engine verdict (an EngineCheck): what tests expect derives from it, never
+    from the CPU the suite was written on (llama.cpp's defaults crash on Intel Xeons with AMX
+    when GCC built the engine, and work elsewhere)."""
+    import json
+
+    from orion_cli.enginecheck import EngineCheck
+
+    (entry,) = json.loads(engine_check_cache.read_text()).values()
+    return EngineCheck.from_dict(entry)
+
+
 @pytest.fixture(autouse=True)
 def orion_home(tmp_path, monkeypatch, engine_check_cache) -> Path:
     """Every test gets its own ORION_HOME (with the session's engine verdict, so the canary does
@@ -71,14 +84,8 @@ def assert_clean_error(proc, *fragments: str, code: int | None = None) -> None:
 
 MODELS_DIR = Path(__file__).parent / ".models"
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
-_QUANTIZE = """
-import sys, llama_cpp
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = int(sys.argv[3]); p.allow_requantize = True; p.nthread = 2
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
-"""
-# llama_ftype values (llama.h): what the ladder's siblings are quantized to
-LADDER_FTYPES = {"Q8_0": 7, "F16": 1}
+# what the ladder's siblings are quantized to
+LADDER_TYPES = ("Q8_0", "F16")
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +100,14 @@ def gemma_q4() -> Path:
 @pytest.fixture(scope="session")
 def gemma_ladder(gemma_q4) -> dict[str, Path]:
     """Q4_K_M (from PyPI) and its Q8_0 and F16 siblings made with llama.cpp's quantizer, cached."""
+    from orion_cli.engine import quantize_command
+
     ladder = {"Q4_K_M": gemma_q4}
-    for name, ftype in LADDER_FTYPES.items():
+    for name in LADDER_TYPES:
         out = MODELS_DIR / f"gemma-3-270m-{name}.gguf"
         if not out.exists():
             tmp = out.with_suffix(".tmp")
-            done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(gemma_q4), str(tmp), str(ftype)],
+            done = subprocess.run(quantize_command(gemma_q4, tmp, name, 2, allow_requantize=True),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
             assert done.returncode == 0, f"quantizing to {name} failed"
             tmp.rename(out)

@@ -121,8 +121,9 @@ def _independent_perplexity(path: Path, text: str, n_ctx: int) -> float:
     """Perplexity from raw logits with llama-cpp-python's own high-level API and numpy."""
     code = f"""
 import json, numpy as np
-from llama_cpp import Llama
-llm = Llama({str(path)!r}, n_ctx={n_ctx}, n_batch={n_ctx}, n_ubatch={n_ctx}, logits_all=True, verbose=False, swa_full=False)
+from orion_cli.engine import peer_llama  # llama-cpp-python's own Llama, with this machine's engine settings
+llm = peer_llama({str(path)!r}, n_ctx={n_ctx}, n_batch={n_ctx}, n_ubatch={n_ctx}, logits_all=True, verbose=False,
+                 swa_full=False)
 tokens = llm.tokenize({text!r}.encode(), add_bos=True)
 n = len(tokens) // {n_ctx}
 nll = []

@@ -57,9 +57,21 @@ def test_run_fetches_a_missing_model_first(orion, hub):
     assert [m["file_type"] for m in models] == ["Q4_K_M"]  # fetched with --auto for the 1 GB tier
 
 
-def test_model_that_never_fits_is_refused_with_a_hint(orion, gemma_name):
-    proc = orion("run", gemma_name, "Hi", env={"ORION_MEMORY_BUDGET": "380MB", "ORION_CTX": "8192"})
-    assert_clean_error(proc, "needs 476 MiB", "budget", "--ctx 2048 fits", code=5)
+def test_model_that_never_fits_is_refused_with_a_hint(orion, gemma_name, gemma_q4, engine_verdict):
+    from orion_cli.engine import settings_for
+    from orion_cli.estimate import estimate_memory
+    from orion_cli.gguf_header import read_local_header
+    from orion_cli.units import format_bytes
+
+    # the estimate depends on this machine's engine settings (weight repacking on or off, AMX or
+    # not), so the budget is set between what 2048 and 8192 tokens of context need here
+    header, settings = read_local_header(gemma_q4), settings_for(engine_verdict)
+    needs = estimate_memory(header, 8192, settings).total_bytes
+    fits = estimate_memory(header, 2048, settings).total_bytes
+    assert fits + 16 * 2**20 < needs
+    budget = f"{(fits >> 20) + 8}MiB"
+    proc = orion("run", gemma_name, "Hi", env={"ORION_MEMORY_BUDGET": budget, "ORION_CTX": "8192"})
+    assert_clean_error(proc, f"needs {format_bytes(needs)}", "budget", "--ctx 2048 fits", code=5)
 
 
 def test_image_on_a_text_model(orion, gemma_name, tmp_path):

@@ -51,7 +51,9 @@ def import_(
         read_local_header(projector)
         proj_path = str(projector)
     name = valid_name(name or default_name_for("local", path.name))
-    kind = "vision" if proj_path else ("encoder" if header.architecture in ("bert", "nomic-bert") else "llm")
+    from ..estimate import ENCODER_ARCHITECTURES
+
+    kind = "vision" if proj_path else ("encoder" if header.architecture in ENCODER_ARCHITECTURES else "llm")
     size = header.file_size or path.stat().st_size
     model = LocalModel(name=name, kind=kind, path=str(path), source="import", file_type=header.file_type,
                        size_bytes=size, projector_path=proj_path, added=now_iso())
