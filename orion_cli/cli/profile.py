@@ -28,9 +28,33 @@ def _bench(threads: int) -> dict:
     with err_console().status("Measuring gemma3-270m…"):
         result = speed_in_child(Path(model.path), threads)
     header = read_local_header(Path(model.path))
-    return {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
-            "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
-            "threads": threads, "measured_at": now_iso()}
+    out = {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
+           "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
+           "threads": threads, "measured_at": now_iso()}
+    encoder = _bench_encoder(threads)
+    if encoder:
+        out["encoder"] = encoder
+    return out
+
+
+def _bench_encoder(threads: int) -> dict:
+    """chunks/s and quality of the default encoder (minilm) as F16 and Q8_0, when it is here;
+    the type orion converts it to from then on is the fastest that keeps the quality floor."""
+    import tempfile
+
+    from ..embeddings import choose_encoder_type, measure_encoder_types
+    from ..models import Registry
+    from ._output import err_console
+
+    local = Registry().get("minilm")
+    folder = Path(local.path) if local is not None else None
+    if folder is None or not (folder / "model.safetensors").is_file():
+        return {}  # never fetched: nothing to measure ('orion embed' fetches it on first use)
+    with err_console().status("Measuring the minilm encoder (F16 and Q8_0)…"), \
+            tempfile.TemporaryDirectory(prefix="orion-bench-") as work:
+        measured = measure_encoder_types(folder, Path(work), threads=threads)
+    choice = choose_encoder_type(False, measured)
+    return {"model": "minilm", "measured": measured, "type": choice.name, "reason": choice.reason}
 
 
 def _previous_bench(output: str | None) -> dict:
@@ -51,8 +75,15 @@ def _engine_check(force: bool) -> dict:
     from ..device import _cpu_info
     from ..enginecheck import check_engine, engine_key
 
+    from ..enginebuild import crash_advice, installed_compiler
+
     model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
-    return check_engine(engine_key(model, flags), force=force).to_dict()
+    check = check_engine(engine_key(model, flags), force=force)
+    compiler = installed_compiler()
+    out = check.to_dict() | {"features": list(check.features), "compiler": compiler}
+    if not check.default_ok:
+        out["fix"] = crash_advice(model, flags, compiler)
+    return out
 
 EXAMPLES = examples(
     ("orion profile", "detect this machine, write the strategy"),
@@ -164,6 +195,9 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         b = strategy.bench
         rows.append(("Speed", f"{b['model']} {b['file_type']}: prompt {b['prompt_tok_s']:.0f} tok/s, "
                      f"generation {b['gen_tok_s']:.1f} tok/s ({b['threads']} threads)"))
+        if b.get("encoder"):
+            rows.append(("Encoder", f"{b['encoder']['model']} as {b['encoder']['type'].upper()}: "
+                         f"{escape(b['encoder']['reason'])}"))
     if strategy.engine:
         e = strategy.engine
         if e["default_ok"]:
@@ -171,7 +205,11 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         else:
             engine = (f"[yellow]defaults crash ({e['default_signal']})[/]: loading with use_extra_bufts off "
                       f"(canary {e['tok_s_safe']:.0f} tok/s)")
+        if "AMX_INT8" in e.get("features", ()) and e["default_ok"]:
+            engine += "; AMX kernels on"
         rows.append(("Engine", engine))
+        if e.get("fix"):
+            rows.append(("Fix", f"[yellow]{escape(e['fix'])}[/]"))
     if strategy.gpu_budget_bytes is not None:
         rows.append(("GPU budget", format_bytes(strategy.gpu_budget_bytes)))
     colour = {"normal": "green", "high": "yellow", "critical": "red"}[level]
