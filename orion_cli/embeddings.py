@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -133,6 +133,83 @@ class Encoder:
                 if on_done:
                     on_done(len(part))
         return out
+
+
+# ---------------------------------------------------------------- the encoder's type
+
+# The GGUF types orion converts an encoder to by default, and the least cosine a type's vectors
+# must keep to the F32 conversion's on the probe texts to be chosen (Q8_0 measured 0.9994 to
+# sentence-transformers' own vectors, F16 0.999998: tests/test_convert.py).
+ENCODER_TYPES = ("f16", "q8_0")
+QUALITY_FLOOR = 0.999
+
+
+@dataclass(frozen=True)
+class EncoderType:
+    """The type an encoder is converted to on this machine, and why."""
+
+    name: str  # "f16" or "q8_0"
+    reason: str
+
+
+def choose_encoder_type(amx: bool, measured: Mapping[str, Mapping[str, float]] | None = None) -> EncoderType:
+    """The encoder's type here: the fastest type that keeps the quality floor, measured on this
+    machine by ``orion profile --bench``; before any measurement, Q8_0 where ggml's AMX kernels
+    run (int8 tiles) and F16 elsewhere, as measured on both kinds of CPU (docs/benchmarks.md)."""
+    good = {t: m for t, m in (measured or {}).items()
+            if t in ENCODER_TYPES and m.get("chunks_s") and m.get("min_cosine", 0.0) >= QUALITY_FLOOR}
+    if good:
+        best = max(good, key=lambda t: good[t]["chunks_s"])
+        figures = ", ".join(f"{t.upper()} {m['chunks_s']:.1f}" for t, m in sorted((measured or {}).items()))
+        return EncoderType(best, f"measured here by 'orion profile --bench': {figures} chunks/s; "
+                                 f"{best.upper()} keeps cosine {good[best]['min_cosine']:.4f} to F32")
+    if amx:
+        return EncoderType("q8_0", "ggml's AMX kernels are on here: Q8_0 runs on int8 tiles, faster than F16")
+    return EncoderType("f16", "no AMX kernels here: F16 (Q8_0 is no faster without them, and F16 is closer to F32)")
+
+
+def probe_texts(count: int = 64, max_words: int = 160) -> list[str]:
+    """Texts for measuring an encoder: paragraphs of orion's evaluation text (Python's docs)."""
+    from .evaluate import default_text
+
+    out, words = [], []
+    for word in default_text().split():
+        words.append(word)
+        if len(words) >= max_words:
+            out.append(" ".join(words))
+            words = []
+            if len(out) == count:
+                break
+    return out
+
+
+def measure_encoder_types(folder: Path, work: Path, *, threads: int,
+                          texts: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """chunks/s and the least cosine to the F32 conversion of each of ENCODER_TYPES, on this
+    machine with the engine's settings (each converted into ``work``)."""
+    import numpy as np
+
+    from .convert import convert_bert
+    from .engine import LoadSpec, current_check, load, settings_for
+
+    texts = list(texts or probe_texts())
+    settings = settings_for(current_check(), embedding=True)
+    vectors, rates = {}, {}
+    for target in ("f32", *ENCODER_TYPES):
+        path = convert_bert(folder, work / f"encoder-{target}.gguf", target).path
+        model = load(LoadSpec(path, DEFAULT_MAX_TOKENS, threads, embedding=True, settings=settings))
+        try:
+            encoder = Encoder(model, model_id=target)
+            encoder.encode(texts[:4])  # warm-up
+            encoder.cache = HotCache()  # measure encoding, not the cache
+            start = time.perf_counter()
+            vectors[target] = encoder.encode(texts)
+            rates[target] = len(texts) / (time.perf_counter() - start)
+        finally:
+            model.close()
+    return {t: {"chunks_s": round(rates[t], 1),
+                "min_cosine": round(float(np.min(np.sum(vectors[t] * vectors["f32"], axis=1))), 6)}
+            for t in ENCODER_TYPES}
 
 
 # ---------------------------------------------------------------- chunks

@@ -5,12 +5,11 @@ Shared by ``orion run`` (and later ``embed`` and ``serve``).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from .errors import InvalidValue, NotFound
-from .estimate import EngineSettings, estimate_memory
+from .estimate import estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
 from .models import LocalModel, Registry, resolve
@@ -69,8 +68,7 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
 
     n_ctx = n_ctx or strategy.n_ctx
     check = check or engine.current_check()
-    # Encoders run with flash attention: measured faster for all-MiniLM-L6-v2 here.
-    settings = replace(EngineSettings(), repack=check.use_extra_bufts, flash_attn=embedding)
+    settings = engine.settings_for(check, embedding=embedding)
     header = engine.validate(Path(model.path))
     projector = Path(model.projector_path) if model.projector_path else None
     proj_header = read_local_header(projector) if projector else None
@@ -107,18 +105,26 @@ def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> Mo
                         timer=timer)
 
 
-def encoder_model(text: str | None, strategy: Strategy) -> tuple[LocalModel, str, int]:
+def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None = None
+                  ) -> tuple[LocalModel, str, int]:
     """The GGUF of an encoder (converting a safetensors model on first use), its id and window.
 
-    ``text``: a model name (default ``minilm``), a Hub repo, a Hugging Face folder or a GGUF.
-    A converted model lives in ``$ORION_HOME/models`` and is reused.
+    ``text``: a model name (default ``minilm``), a Hub repo, a Hugging Face folder or a GGUF,
+    optionally with the type to convert to (``minilm@q8_0``). A converted model lives in
+    ``$ORION_HOME/models`` and is reused; its type is the one asked for, else the one in
+    ``prefer_id`` (the id a collection was made with, ``MODEL@TYPE``) when that names the same
+    model, else this machine's (:func:`orion_cli.embeddings.choose_encoder_type`).
     """
     import hashlib
 
-    from .convert import MAX_SEQ_KEY, convert_bert
+    from .convert import MAX_SEQ_KEY, TARGETS, convert_bert
     from .paths import orion_home
 
     text = text or "minilm"
+    base, at, suffix = text.rpartition("@")
+    asked = None
+    if at and base and suffix.lower() in TARGETS and not Path(text).expanduser().exists():
+        text, asked = base, suffix.lower()
     path = Path(text).expanduser()
     folder: Path | None = None
     model_id = text
@@ -126,12 +132,14 @@ def encoder_model(text: str | None, strategy: Strategy) -> tuple[LocalModel, str
         folder = path
         model_id = path.resolve().name
     elif path.suffix == ".gguf" or path.exists():
+        _no_type_for_a_gguf(text, asked)
         local = local_model(text, strategy)
         header = read_local_header(Path(local.path))
         return local, path.name, int(header.get(MAX_SEQ_KEY) or min(512, header.context_length or 512))
     else:
         ref = resolve(text)
         if ref.local is not None and ref.local.path.endswith(".gguf"):
+            _no_type_for_a_gguf(text, asked)
             header = read_local_header(Path(ref.local.path))
             return ref.local, ref.local.repo or ref.name, int(header.get(MAX_SEQ_KEY) or 512)
         if ref.local is not None:
@@ -144,12 +152,33 @@ def encoder_model(text: str | None, strategy: Strategy) -> tuple[LocalModel, str
                 raise InvalidValue(f"{text} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
             folder = Path(fetch_snapshot(ref).path)
             model_id = ref.repo
+    target = asked or encoder_type(model_id, strategy, prefer_id)
     stamp = hashlib.sha1(f"{folder.resolve()}|{(folder / 'model.safetensors').stat().st_mtime_ns}".encode()).hexdigest()
-    out = orion_home() / "models" / f"{folder.resolve().name}-{stamp[:10]}-f16.gguf"
+    out = orion_home() / "models" / f"{folder.resolve().name}-{stamp[:10]}-{target}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert_bert(folder, out, "f16")
+        convert_bert(folder, out, target)
     header = read_local_header(out)
-    local = LocalModel(name=model_id, kind="encoder", path=str(out), source="convert", file_type="F16",
+    local = LocalModel(name=model_id, kind="encoder", path=str(out), source="convert", file_type=target.upper(),
                        size_bytes=out.stat().st_size)
-    return local, f"{model_id}@f16", int(header.get(MAX_SEQ_KEY) or 512)
+    return local, f"{model_id}@{target}", int(header.get(MAX_SEQ_KEY) or 512)
+
+
+def _no_type_for_a_gguf(text: str, asked: str | None) -> None:
+    if asked:
+        raise InvalidValue(f"{text} is a GGUF file: its type is the file's own, not {asked}",
+                           hint=f"drop '@{asked}', or give the Hugging Face folder to convert")
+
+
+def encoder_type(model_id: str, strategy: Strategy, prefer_id: str | None = None) -> str:
+    """The type to convert encoder ``model_id`` to: a collection's own (``prefer_id``), else this
+    machine's choice (measured by ``orion profile --bench``, or from the engine check)."""
+    from .convert import TARGETS
+    from .embeddings import choose_encoder_type
+    from .engine import current_check
+
+    prefix, _, target = (prefer_id or "").rpartition("@")
+    if prefix == model_id and target in TARGETS:
+        return target
+    measured = (strategy.bench or {}).get("encoder", {}).get("measured")
+    return choose_encoder_type(current_check().amx, measured).name

