@@ -108,6 +108,10 @@ class Encoder:
         """Word pieces of ``text`` without the special tokens."""
         return max(0, len(self.model.tokenize(text)) - 2)
 
+    def chunks(self, text: str) -> list[Chunk]:
+        """``text`` cut into chunks that fit this encoder's window."""
+        return chunk_text(text, self.count_tokens, self.max_tokens - 2)
+
     def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None):
         """A float32 matrix, one normalised row per text (cached texts are not embedded again)."""
         import numpy as np

@@ -233,14 +233,20 @@ class LoadedModel:
         seed: int | None = None,
         timings: Timings | None = None,
         history: Sequence[dict] = (),
+        chat: bool | None = None,
     ) -> Iterator[str]:
-        """Stream the model's continuation of ``prompt`` (its chat template when it has one)."""
+        """Stream the model's continuation of ``prompt`` (its chat template when it has one;
+        ``chat=False``: a plain completion of the text, as /v1/completions asks)."""
         t = timings if timings is not None else Timings()
         # Evaluate every prompt from position 0: llama-cpp-python would reuse the KV cache of a
         # matching prefix, which evaluates in other batch shapes and changes the low bits of the
         # logits, so the same prompt and seed would not give the same text twice.
         self._llm.reset()
+        if system and not self.has_chat_template and not self.is_vision and not chat:
+            prompt, system = f"{system}\n\n{prompt}", None  # no template to put it in: it leads the text
         use_chat = self.has_chat_template or self.is_vision or system is not None or bool(history)
+        if chat is not None:
+            use_chat = chat
         start = time.perf_counter()
         first = None
         if use_chat:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .embeddings import Encoder, WalkReport, chunk_text, walk
+from .embeddings import Encoder, WalkReport, walk
 from .store import EmbeddingStore, content_hash
 
 
@@ -85,7 +85,7 @@ def embed_paths(
                 continue
             text = data.decode("utf-8", errors="replace")
             encoder_now = enc()
-            chunks = chunk_text(text, encoder_now.count_tokens, encoder_now.max_tokens - 2)
+            chunks = encoder_now.chunks(text)
             hashes = [content_hash(ch.text) for ch in chunks]
             known = store.known_vectors(c, hashes)
             todo = [i for i, h in enumerate(hashes) if h not in known]

@@ -49,6 +49,7 @@ class Entry:
     last_used: float
     pinned: bool = False
     users: int = 0
+    keep_alive_s: int | None = None  # this model's; the manager's default unless set
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class ManagerStatus:
     idle_s: float
     pinned: bool
     in_use: bool
+    loaded_for_s: float = 0.0
+    users: int = 0
+    keep_alive_s: int | None = None
+    expires_in_s: float | None = None  # None: never unloaded for inactivity (pinned, in use, or no keep-alive)
 
 
 class ModelManager:
@@ -96,7 +101,7 @@ class ModelManager:
         self.events: list[Event] = []
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
-        if timer and keep_alive_s is not None:
+        if timer:
             self._timer = threading.Thread(target=self._timer_loop, name="orion-keep-alive", daemon=True)
             self._timer.start()
 
@@ -150,7 +155,8 @@ class ModelManager:
         with self._cond:
             self._loading.pop(request.key, None)
             now = self._clock()
-            entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1)
+            entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
+                          keep_alive_s=self.keep_alive_s)
             self._entries[request.key] = entry
             self._emit("loaded", request.key, request.name)
             self._cond.notify_all()
@@ -201,6 +207,30 @@ class ModelManager:
         with self._cond:
             self._entries[key].pinned = pinned
 
+    def set_keep_alive(self, key: str, keep_alive_s: int | None) -> None:
+        """This model's keep-alive (None: never unloaded for inactivity)."""
+        with self._cond:
+            self._entries[key].keep_alive_s = keep_alive_s
+            self._cond.notify_all()
+
+    def load(self, request: Request, *, pin: bool | None = None, keep_alive_s: int | None | str = "default") -> None:
+        """Load a model (or find it loaded) without using it; optionally pin it or give it its own keep-alive."""
+        with self.use(request):
+            pass
+        with self._cond:
+            entry = self._entries.get(request.key)
+            if entry is None:  # unloaded in between (a zero keep-alive): nothing to set
+                return
+            if pin is not None:
+                entry.pinned = pin
+            if keep_alive_s != "default":
+                entry.keep_alive_s = keep_alive_s  # type: ignore[assignment]
+
+    def in_use(self, key: str) -> bool:
+        with self._cond:
+            entry = self._entries.get(key)
+            return entry is not None and entry.users > 0
+
     def unload(self, key: str) -> bool:
         with self._cond:
             entry = self._entries.get(key)
@@ -221,26 +251,36 @@ class ModelManager:
             return True
 
     def collect_idle(self) -> list[str]:
-        """Unload models idle for longer than the keep-alive; returns their keys."""
-        if self.keep_alive_s is None:
-            return []
+        """Unload models idle for longer than their keep-alive; returns their keys."""
         with self._cond:
             now = self._clock()
             idle = [e for e in self._entries.values()
-                    if not e.pinned and e.users == 0 and now - e.last_used >= self.keep_alive_s]
+                    if not e.pinned and e.users == 0 and e.keep_alive_s is not None
+                    and now - e.last_used >= e.keep_alive_s]
             for e in idle:
-                self._unload(e, "unloaded", f"idle for {now - e.last_used:.0f} s (keep-alive {self.keep_alive_s} s)")
+                self._unload(e, "unloaded", f"idle for {now - e.last_used:.0f} s (keep-alive {e.keep_alive_s} s)")
             return [e.key for e in idle]
 
     def status(self) -> list[ManagerStatus]:
+        """The loaded models, most recently used first."""
         with self._cond:
             now = self._clock()
-            return [ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0)
-                    for e in reversed(self._entries.values())]
+            out = []
+            for e in reversed(self._entries.values()):
+                expires = None
+                if not e.pinned and e.users == 0 and e.keep_alive_s is not None:
+                    expires = max(0.0, e.last_used + e.keep_alive_s - now)
+                out.append(ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0,
+                                         now - e.loaded_at, e.users, e.keep_alive_s, expires))
+            return out
 
     def _timer_loop(self) -> None:
-        period = max(1.0, min(30.0, (self.keep_alive_s or 60) / 4))
-        while not self._stop.wait(period):
+        while True:
+            with self._cond:
+                alive = [e.keep_alive_s for e in self._entries.values() if e.keep_alive_s is not None]
+            period = max(0.5, min(30.0, min(alive, default=60) / 4))
+            if self._stop.wait(period):
+                return
             self.collect_idle()
 
     def close(self) -> None:

@@ -135,7 +135,7 @@ def test_startup_imports_nothing_heavy():
         "from orion_cli.cli import main\n"
         "try:\n    main(['profile', '--ram', '3GB', '--output', '-'])\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = [m for m in ('llama_cpp', 'huggingface_hub', 'numpy', 'gguf', 'torch') if m in sys.modules]\n"
+        "heavy = [m for m in ('llama_cpp', 'huggingface_hub', 'numpy', 'gguf', 'torch', 'starlette', 'uvicorn') if m in sys.modules]\n"
         "print(heavy, file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -43,19 +43,80 @@ def _collection_model(name: str) -> str | None:
         store.close()
 
 
-def _encoder(model: str | None, collection_model: str | None = None):
-    """The encoder's manager, load request, id, window and GGUF path (loaded through the manager).
+class _EncoderSource:
+    """Where encoding happens: a running 'orion serve' (one encoder for every client), or this
+    process through the model manager; loaded only when asked for (a re-run over an unchanged
+    corpus loads nothing). If the server stops answering, the work finishes here."""
 
-    ``collection_model``: the id an existing collection was made with; its type is kept.
-    """
-    from ..session import encoder_model, manager_for, model_request
-    from ..strategy import load_strategy
+    def __init__(self, model: str | None, collection_model: str | None = None, *, local: bool = False) -> None:
+        import contextlib
 
-    strategy = load_strategy()
-    local, model_id, max_tokens = encoder_model(model, strategy, prefer_id=collection_model)
-    manager = manager_for(strategy)
-    request = model_request(local, strategy, n_ctx=max_tokens, embedding=True)
-    return manager, request, model_id, max_tokens, Path(local.path)
+        self.model = model
+        self._stack = contextlib.ExitStack()
+        self._manager = None
+        self.remote = None
+        if not local:
+            self.remote = _remote_encoder(model, collection_model, self._local_encoder)
+        if self.remote is not None:
+            self.model_id, self.dim, self.via = self.remote.model_id, self.remote.dim, self.remote.client.info.url
+        else:
+            self._setup_local(collection_model)
+            self.via = "this process"
+
+    def _setup_local(self, prefer_id: str | None) -> None:
+        from ..gguf_header import read_local_header
+        from ..session import encoder_model, manager_for, model_request
+        from ..strategy import load_strategy
+
+        strategy = load_strategy()
+        local, self.model_id, self.max_tokens = encoder_model(self.model, strategy, prefer_id=prefer_id)
+        self._manager = manager_for(strategy)
+        self._request = model_request(local, strategy, n_ctx=self.max_tokens, embedding=True)
+        self.dim = read_local_header(Path(local.path)).n_embd
+
+    def _local_encoder(self, model_id: str | None = None):
+        from ..embeddings import Encoder
+
+        if self._manager is None:  # the server went away: the same model and type, here
+            self._setup_local(model_id)
+        loaded = self._stack.enter_context(self._manager.use(self._request))
+        return Encoder(loaded, model_id=self.model_id, max_tokens=self.max_tokens)
+
+    def make(self):
+        return self.remote if self.remote is not None else self._local_encoder()
+
+    def close(self) -> None:
+        self._stack.close()
+        if self._manager is not None:
+            self._manager.close()
+
+
+def _remote_encoder(model: str | None, collection_model: str | None, fallback):
+    """The running server's encoder, or None (no server, or it did not answer)."""
+    from ..server.client import ServerClient, ServerGone
+    from ..server.discovery import live_server
+    from ..server.remote import RemoteEncoder
+
+    info = live_server()
+    if info is None:
+        return None
+    try:
+        return RemoteEncoder(ServerClient(info), model, prefer_id=collection_model, fallback=fallback,
+                             notice=_notice)
+    except ServerGone as exc:
+        _notice(f"{exc.message}; working in this process")
+        return None
+
+
+def _notice(line: str) -> None:
+    from rich.markup import escape
+
+    from ._output import err_console
+
+    err_console().print(f"[yellow]notice:[/] {escape(line)}", highlight=False)
+
+
+LOCAL_HELP = "Work in this process even when 'orion serve' is running."
 
 
 def embed(
@@ -65,6 +126,7 @@ def embed(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="With '-': write one JSON object per input line, with its embedding.")] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and folders.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    local: Annotated[bool, typer.Option("--local", help=LOCAL_HELP)] = False,
 ) -> None:
     """Embed text files into a collection: chunks of at most the model's window, float16 vectors.
 
@@ -75,7 +137,7 @@ def embed(
     from ..errors import InvalidValue, NotFound
 
     if paths == ["-"]:
-        return _embed_stdin(model, jsonl)
+        return _embed_stdin(model, jsonl, local)
     if jsonl:
         raise InvalidValue("--jsonl goes with '-' (texts from stdin)", hint="orion embed - --jsonl < lines.txt")
     if not collection:
@@ -88,13 +150,9 @@ def embed(
     from ..indexer import embed_paths
     from ._output import console, err_console
 
-    manager, request, model_id, max_tokens, gguf_path = _encoder(model, _collection_model(collection))
-    from ..embeddings import Encoder
-    from ..gguf_header import read_local_header
-
-    dim = read_local_header(gguf_path).n_embd
+    source = _EncoderSource(model, _collection_model(collection), local=local)
+    model_id = source.model_id
     store = _store()
-    import contextlib
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -104,11 +162,6 @@ def embed(
                         disable=not err_console().is_terminal)
     state = {"task": None, "done": 0}
     start = time.perf_counter()
-    stack = contextlib.ExitStack()
-
-    def make_encoder():
-        loaded = stack.enter_context(manager.use(request))  # loaded only when a file changed
-        return Encoder(loaded, model_id=model_id, max_tokens=max_tokens)
 
     def on_file(path: Path, n: int) -> None:
         if state["task"] is None:
@@ -121,19 +174,20 @@ def embed(
         progress.update(state["task"], completed=state["done"], rate=f"{rate:.1f} chunks/s")
 
     try:
-        with stack, progress:
-            summary = embed_paths(store, make_encoder, collection, targets, model_id=model_id, dim=dim,
+        with progress:
+            summary = embed_paths(store, source.make, collection, targets, model_id=model_id, dim=source.dim,
                                   hidden=hidden, on_file=on_file, on_chunks=on_chunks)
         elapsed = time.perf_counter() - start
     finally:
         store.close()
-        manager.close()
+        source.close()
     if summary.files_seen == 0 and not json_output:
         w = summary.walk
         raise NotFound(f"no text file to embed in {', '.join(paths)}",
                        hint=f"skipped: {w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, "
                             f"{w.unreadable} unreadable (--hidden includes hidden files)")
-    data = summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3)}
+    data = summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
+                                "encoded_by": source.via}
     if json_output:
         from ._output import print_json
 
@@ -153,24 +207,21 @@ def embed(
         err_console().print(f"[yellow]failed[/] {failure}")
 
 
-def _embed_stdin(model: str | None, jsonl: bool) -> None:
+def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
     import json
 
     from ..errors import InvalidValue
 
     if not jsonl:
         raise InvalidValue("'-' reads texts from stdin and writes JSON lines", hint="add --jsonl")
-    from ..embeddings import Encoder
-
     lines = [line.rstrip("\n") for line in sys.stdin]
-    manager, request, model_id, max_tokens, _ = _encoder(model)
+    texts = [t for t in lines if t.strip()]
+    source = _EncoderSource(model, local=local)
+    model_id = source.model_id
     try:
-        with manager.use(request) as loaded:
-            encoder = Encoder(loaded, model_id=model_id, max_tokens=max_tokens)
-            texts = [t for t in lines if t.strip()]
-            vectors = encoder.encode(texts) if texts else []
+        vectors = source.make().encode(texts) if texts else []
     finally:
-        manager.close()
+        source.close()
     out = sys.stdout
     for text, vec in zip(texts, vectors):
         out.write(json.dumps({"text": text, "model": model_id, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
@@ -182,6 +233,7 @@ def search(
     n: Annotated[int, typer.Option("-n", help="How many results.", metavar="K")] = 5,
     model: Annotated[Optional[str], typer.Option(help="The encoder the collection was made with (default minilm).", metavar="MODEL")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    local: Annotated[bool, typer.Option("--local", help=LOCAL_HELP)] = False,
 ) -> None:
     """Search a collection: the chunks closest in meaning to QUERY, with file, lines and score."""
     from ..errors import InvalidValue
@@ -192,16 +244,14 @@ def search(
     store = _store()
     try:
         c = store.collection(collection)
-        from ..embeddings import Encoder
-
-        manager, request, model_id, max_tokens, _ = _encoder(model, c.model_id)
-        if model_id != c.model_id:
-            manager.close()
-            raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {model_id}",
-                               hint="pass the same --model as when embedding")
-        with manager.use(request) as loaded:
-            q = Encoder(loaded, model_id=model_id, max_tokens=max_tokens).encode([query])[0]
-        manager.close()
+        source = _EncoderSource(model, c.model_id, local=local)
+        try:
+            if source.model_id != c.model_id:
+                raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {source.model_id}",
+                                   hint="pass the same --model as when embedding")
+            q = source.make().encode([query])[0]
+        finally:
+            source.close()
         results = do_search(store, c, q, n)
     finally:
         store.close()

@@ -35,12 +35,15 @@ def run(
     image: Annotated[Optional[list[Path]], typer.Option(help="An image for a vision model; repeatable.", metavar="PATH")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: text and timings.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print load time and prompt/generation tokens per second.")] = False,
+    local_only: Annotated[bool, typer.Option("--local", help="Load the model in this process even when 'orion serve' is running.")] = False,
 ) -> None:
     """Run a model: stream its answer to PROMPT, or chat with it in a REPL.
 
     A model that is not here yet is fetched first (the quantization that fits,
     as 'orion fetch --auto'). Models load through the model manager, which
-    keeps the strategy's cap, memory budget and keep-alive.
+    keeps the strategy's cap, memory budget and keep-alive. With 'orion serve'
+    running, a prompt is answered by the server (the model stays loaded there);
+    the REPL, images, --ctx and --threads work in this process.
     """
     from ..errors import InvalidValue
     from ..session import check_image, local_model, manager_for
@@ -51,16 +54,24 @@ def run(
         raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
     strategy = load_strategy({"n_ctx": ctx, "threads": threads})
     images = [check_image(p) for p in image or []]
-    local = local_model(model, strategy, fetch_progress=_fetch_progress())
-    if images and not local.projector_path:
-        raise InvalidValue(f"{local.name} is a text-only model: it has no projector for --image",
-                           hint="use a vision model such as llava or bakllava")
 
     debug = _debug()
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if prompt is not None and not local_only and not images and ctx is None and threads is None:
+        from ..server.discovery import live_server
+
+        info = live_server()
+        if info is not None and _once_remote(info, _server_name(model), prompt,
+                                             system=system, json_output=json_output, verbose=verbose, **sampling):
+            return
+    local = local_model(model, strategy, fetch_progress=_fetch_progress())
+    if images and not local.projector_path:
+        raise InvalidValue(f"{local.name} is a text-only model: it has no projector for --image",
+                           hint="use a vision model such as llava or bakllava")
 
     def on_event(event) -> None:
         if verbose or debug or prompt is None:
@@ -69,13 +80,58 @@ def run(
     manager = manager_for(strategy, on_event=on_event, timer=prompt is None)
     try:
         if prompt is None:
-            _repl(manager, local, strategy, dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                                  seed=seed), system)
+            _repl(manager, local, strategy, sampling, system)
             return
         _once(manager, local, strategy, prompt, system=system, images=images, json_output=json_output,
-              verbose=verbose, debug=debug, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+              verbose=verbose, debug=debug, **sampling)
     finally:
         manager.close()
+
+
+def _server_name(model: str) -> str:
+    """The name to send to a server: a path made absolute (the server's folder is not ours)."""
+    path = Path(model).expanduser()
+    return str(path.absolute()) if path.exists() else model
+
+
+def _once_remote(info, model: str, prompt: str, *, system, json_output, verbose, **sampling) -> bool:
+    """Answer through the server; False when it went away before answering (then: in-process)."""
+    from ..engine import Timings
+    from ..server.client import ServerClient, ServerGone
+    from .embed import _notice
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+            **{k: v for k, v in sampling.items() if v is not None}}
+    timings, chunks = Timings(), []
+    try:
+        for doc in ServerClient(info).events("POST", "/v1/chat/completions", body):
+            if doc.get("timings"):
+                t = doc["timings"]
+                timings = Timings(t["load_s"], t["prompt_tokens"], 0.0, t["generated_tokens"], 0.0)
+                timings.prompt_s = t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
+                timings.gen_s = t["generated_tokens"] / t["generation_tok_s"] if t["generation_tok_s"] else 0.0
+            for choice in doc.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    chunks.append(piece)
+                    if not json_output:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+    except ServerGone as exc:
+        if chunks and not json_output:
+            sys.stdout.write("\n")
+        _notice(f"{exc.message}; answering in this process")
+        return False
+    if json_output:
+        from ._output import print_json
+
+        print_json({"model": model, "text": "".join(chunks), "timings": timings.to_dict(), "served_by": info.url})
+    else:
+        sys.stdout.write("\n")
+        if verbose:
+            _print_timings(timings)
+    return True
 
 
 def _debug() -> bool:
@@ -121,9 +177,6 @@ def _once(manager, local, strategy, prompt, *, system, images, json_output, verb
         timings.load_s = model.load_s
         if debug and not model.has_chat_template and not model.is_vision:
             err_console().print("[dim]no chat template in this model: plain completion[/]")
-        if system and not model.has_chat_template and not model.is_vision:
-            prompt = f"{system}\n\n{prompt}"
-            system = None
         pieces = model.generate(prompt, system=system, images=images, timings=timings, **sampling)
         if json_output:
             text = "".join(pieces)

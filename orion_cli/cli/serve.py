@@ -1,0 +1,164 @@
+"""``orion serve`` and its clients: ``orion ps``, ``orion load``, ``orion stop``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ._output import examples
+
+SERVE_EXAMPLES = examples(
+    ("orion serve", "share the models and the encoder with every client, on 127.0.0.1:11435"),
+    ("orion serve --port 0", "a free port (written to $ORION_HOME/server.json)"),
+    ("ORION_API_KEY=secret orion serve --host 0.0.0.0", "on the network, with a key"),
+    ("curl localhost:11435/v1/models", "the OpenAI API is under /v1"),
+)
+PS_EXAMPLES = examples(
+    ("orion ps", "the models the server has loaded, their memory and queues"),
+    ("orion ps --watch", "a live view: models, memory against the budget, pressure, events"),
+    ("orion ps --json", "for scripts"),
+)
+LOAD_EXAMPLES = examples(
+    ("orion load gemma3-270m", "load a model into the server now"),
+    ("orion load gemma3-270m --pin", "never evicted or unloaded for inactivity"),
+    ("orion load minilm --keep-alive 1h", "this model's own keep-alive"),
+)
+STOP_EXAMPLES = examples(("orion stop gemma3-270m", "unload a model from the server"),)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback by default.", metavar="HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one).", metavar="N")] = 11435,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="ORION_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.", metavar="KEY")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
+) -> None:
+    """Serve the models and the shared encoder to every client (OpenAI-compatible API).
+
+    One process owns the loaded models (the strategy's cap, memory budget,
+    keep-alive and pins) and one encoder per embedding model. 'orion run',
+    'embed' and 'search' find it through $ORION_HOME/server.json (or ORION_HOST)
+    and send their work to it; '--local' keeps them in-process. Ctrl-C stops
+    accepting, finishes the requests in flight, unloads and exits.
+    """
+    from ..errors import InvalidValue
+    from ..server import serve as run_server
+    from ..strategy import load_strategy
+
+    if not 0 <= port <= 65535:
+        raise InvalidValue(f"--port {port} is not a port", hint="0 to 65535 (0 picks a free one)")
+    if max_queue < 1:
+        raise InvalidValue(f"--max-queue {max_queue} must be at least 1", hint="for example 8")
+    run_server(load_strategy(), host=host, port=port, api_key=api_key or None, max_queue=max_queue)
+
+
+def _client():
+    from ..errors import NotFound
+    from ..server.client import ServerClient
+    from ..server.discovery import live_server
+
+    info = live_server()
+    if info is None:
+        raise NotFound("no orion serve is running for this ORION_HOME", hint="start one with 'orion serve'")
+    return ServerClient(info, timeout=600)
+
+
+def ps(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", metavar="S")] = 1.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
+) -> None:
+    """Show the models the server has loaded: memory, idle time, keep-alive, pins, queues."""
+    from ..errors import InvalidValue
+
+    if interval <= 0:
+        raise InvalidValue(f"--interval {interval} must be above 0", hint="for example 1")
+    client = _client()
+    if json_output:
+        from ._output import print_json
+
+        print_json(client.get("/api/ps"))
+        return
+    from ._output import console
+
+    if not watch:
+        console().print(_ps_view(client.get("/api/ps")))
+        return
+    import time
+
+    from rich.live import Live
+
+    try:
+        with Live(_ps_view(client.get("/api/ps")), console=console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_ps_view(client.get("/api/ps")), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def _ps_view(doc: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..units import format_bytes
+
+    table = Table(box=None, pad_edge=False)
+    # short headings: the table must fit 80 columns (model names fold, nothing else wraps)
+    table.add_column("model", overflow="fold")
+    for col in ("kind", "type", "estimate", "rss", "up", "idle", "unloads", "pin", "use", "queue"):
+        table.add_column(col, no_wrap=True)
+    for m in doc["models"]:
+        measured = format_bytes(m["measured_bytes"]) if m.get("measured_bytes") else "-"
+        expires = "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f} s"
+        table.add_row(m["name"], m["kind"], m["type"], format_bytes(m["estimate_bytes"]), measured,
+                      f"{m['loaded_for_s']:.0f} s", f"{m['idle_s']:.0f} s", expires, "yes" if m["pinned"] else "",
+                      str(m["users"]), str(m["queue_depth"]))
+    used, budget = doc["used_bytes"], doc["budget_bytes"]
+    width = 30
+    filled = min(width, round(width * used / budget)) if budget else 0
+    level = doc["pressure"]["level"]
+    colour = {"normal": "green", "high": "yellow", "critical": "red"}[level]
+    bar = Text(f"memory  [{'#' * filled}{'.' * (width - filled)}] {format_bytes(used)} of {format_bytes(budget)} "
+               f"budget · {len(doc['models'])}/{doc['max_models']} models · pressure ")
+    bar.append(f"{level} ({doc['pressure']['ratio']:.0%})", style=colour)
+    events = Text("\n".join(f"{e['kind']:<9} {e['detail']}" for e in doc["events"][-5:]) or "no events yet",
+                  style="dim")
+    if not doc["models"]:
+        return Group(Text("no models loaded"), bar, events)
+    return Group(table, bar, events)
+
+
+def load(
+    model: Annotated[str, typer.Argument(help="A model name, org/repo or .gguf path; encoders too (minilm).")],
+    pin: Annotated[Optional[bool], typer.Option("--pin/--unpin", help="Keep it loaded whatever the keep-alive and the LRU order.")] = None,
+    keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", help="This model's keep-alive: 10m, 1h, 30s or never.", metavar="TIME")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
+) -> None:
+    """Load a model into the running server now (optionally pinned, or with its own keep-alive)."""
+    from ..units import parse_keep_alive
+
+    body: dict = {"model": model}
+    if pin is not None:
+        body["pin"] = pin
+    if keep_alive is not None:
+        parse_keep_alive(keep_alive, what="--keep-alive")  # a bad value is a usage error here, not a 400
+        body["keep_alive"] = keep_alive
+    doc = _client().post("/api/load", body)
+    if json_output:
+        from ._output import print_json
+
+        print_json(doc)
+        return
+    from ._output import console
+
+    console().print(f"loaded {doc['model']} ({doc['kind']})" + (" [pinned]" if pin else ""))
+
+
+def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).")]) -> None:
+    """Unload a model from the running server."""
+    from ._output import console
+
+    _client().post("/api/unload", {"model": model})
+    console().print(f"unloaded {model}")

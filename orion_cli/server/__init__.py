@@ -1,0 +1,126 @@
+"""``orion serve``: one long-lived process that owns the models and the shared encoder.
+
+- :mod:`.state`: the model manager, per-model queues, the embedding batcher, events, metrics;
+- :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API);
+- :mod:`.discovery` and :mod:`.client`: how the CLI finds a running server and talks to it
+  (standard library only, so the CLI's start-up stays fast).
+
+:func:`serve` binds, writes ``$ORION_HOME/server.json``, serves until SIGINT/SIGTERM, then stops
+accepting, finishes in-flight requests within ``grace_s``, unloads, removes the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from typing import Callable
+
+from ..errors import OrionError
+
+
+class ServerAlreadyRunning(OrionError):
+    exit_code = 1
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        from ..errors import InvalidValue
+
+        raise InvalidValue(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           hint="choose another --port (0 picks a free one)") from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _few_malloc_arenas(arenas: int = 2) -> None:
+    """Keep glibc to a couple of malloc arenas: with one per worker thread (up to 8 per core),
+    memory freed after a model is unloaded stays scattered across arenas and is not given back
+    (measured: +61 MiB of RSS after a 500-request load test and unloading everything)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
+          max_queue: int = 8, grace_s: float = 10.0, say: Callable[[str], None] | None = None) -> None:
+    """Run the server in this process until SIGINT or SIGTERM."""
+    import uvicorn
+
+    from ..strategy import now_iso
+    from .app import create_app
+    from .discovery import ServerInfo, live_server, remove_server_file, write_server_file
+    from .state import ServerState
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    running = live_server({k: v for k, v in os.environ.items() if k != "ORION_HOST"})
+    if running is not None:
+        raise ServerAlreadyRunning(f"orion serve is already running for this ORION_HOME (pid {running.pid}, "
+                                   f"{running.url})", hint="use it, or stop it first (Ctrl-C, or kill that pid)")
+    if not is_loopback(host) and not api_key:
+        say(f"warning: listening on {host} without an API key: anyone who can reach this machine can use "
+            "its models (pass --api-key or set ORION_API_KEY)")
+    _few_malloc_arenas()
+    sock = bind(host, port)
+    port = sock.getsockname()[1]
+    state = ServerState(strategy, max_queue=max_queue, on_line=say)
+    app = create_app(state, api_key=api_key, log=say)
+    info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s,
+                            lifespan="off")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # first signal: stop accepting, drain, then exit
+            state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
+    write_server_file(info)
+    say(f"orion serve on {info.url} (pid {info.pid}); OpenAI API at {info.url}/v1"
+        f"{', API key required' if api_key else ''}. Ctrl-C stops it.")
+    # uvicorn handles SIGINT/SIGTERM while it runs (stop accepting, drain), then restores the
+    # handlers it found and raises the signal again: these take it, so the clean-up below runs
+    # and the process exits 0 instead of dying by the signal (or a KeyboardInterrupt).
+    import signal
+
+    def stop_soon(*_) -> None:  # also a signal before uvicorn installed its handlers: exit at once
+        state.stopping.set()
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop_soon) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        state.stopping.set()
+        say("stopping: unloading models")
+        state.close()
+        remove_server_file(info.pid)
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if server.started is False:
+        raise OrionError("the server did not start", hint="run with --debug for the reason")
+
+
+__all__ = ["serve", "is_loopback", "ServerAlreadyRunning"]

@@ -1,0 +1,124 @@
+"""The CLI's side of ``orion serve``: JSON and server-sent events over ``http.client``.
+
+Standard library only (the CLI's start-up budget). Errors come back as the server's own
+OpenAI-shaped message, raised as the orion error of the same kind; a server that stops
+answering raises :class:`ServerGone`, which the CLI turns into in-process work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+from typing import Any, Iterator
+
+from ..errors import DoesNotFit, InvalidValue, NotFound, OrionError
+from .discovery import ServerInfo
+
+
+class ServerGone(OrionError):
+    """The server did not answer (it stopped, or was killed)."""
+
+
+class ServerBusy(OrionError):
+    """The server's queue for a model is full (HTTP 503)."""
+
+
+class ServerError(OrionError):
+    """Any other error the server reported."""
+
+
+_BY_STATUS = {400: InvalidValue, 404: NotFound, 413: InvalidValue, 422: InvalidValue, 503: ServerBusy, 507: DoesNotFit}
+
+
+def healthy(info: ServerInfo, timeout: float = 2.0) -> bool:
+    try:
+        conn = http.client.HTTPConnection(info.host, info.port, timeout=timeout)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+class ServerClient:
+    def __init__(self, info: ServerInfo, api_key: str | None = None, timeout: float = 600.0) -> None:
+        self.info = info
+        self.api_key = api_key if api_key is not None else os.environ.get("ORION_API_KEY")
+        self.timeout = timeout
+
+    def _send(self, method: str, path: str, body: Any = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        conn = http.client.HTTPConnection(self.info.host, self.info.port, timeout=self.timeout)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            raise ServerGone(f"orion serve at {self.info.url} did not answer: {exc}",
+                             hint="start it again with 'orion serve', or pass --local") from exc
+        if response.status >= 400:
+            raw = response.read()
+            conn.close()
+            raise _error(response.status, raw)
+        return conn, response
+
+    def get(self, path: str) -> Any:
+        return self._json("GET", path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self._json("POST", path, body)
+
+    def _json(self, method: str, path: str, body: Any = None) -> Any:
+        conn, response = self._send(method, path, body)
+        try:
+            return json.loads(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise ServerGone(f"orion serve at {self.info.url} stopped answering: {exc}",
+                             hint="start it again with 'orion serve', or pass --local") from exc
+        finally:
+            conn.close()
+
+    def events(self, method: str, path: str, body: Any = None) -> Iterator[Any]:
+        """The ``data:`` payloads of a server-sent event stream, decoded (ends at ``[DONE]``)."""
+        conn, response = self._send(method, path, body)
+        try:
+            while True:
+                try:
+                    line = response.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise ServerGone(f"orion serve at {self.info.url} stopped in the middle: {exc}",
+                                     hint="run again (with --local to work in-process)") from exc
+                if not line:
+                    raise ServerGone(f"orion serve at {self.info.url} closed the stream early",
+                                     hint="run again (with --local to work in-process)")
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    return
+                doc = json.loads(payload)
+                if isinstance(doc, dict) and "error" in doc:
+                    raise _error(doc["error"].get("status", 500), json.dumps(doc).encode())
+                yield doc
+        finally:
+            conn.close()
+
+
+def _error(status: int, raw: bytes) -> OrionError:
+    try:
+        err = json.loads(raw)["error"]
+        message, hint = str(err.get("message") or f"HTTP {status}"), err.get("hint")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, hint = f"HTTP {status}: {raw[:200].decode(errors='replace')}", None
+    if status == 401:
+        return ServerError(message, hint="set ORION_API_KEY to the key the server was started with")
+    return _BY_STATUS.get(status, ServerError)(message, hint=hint)
