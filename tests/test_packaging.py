@@ -18,11 +18,12 @@ def test_wheel_ships_profiles_and_entry_point(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "orion_cli/profiles/tiers.yaml" in names
-        assert "orion_cli/cli/profile.py" in names
+        assert "orion_cli/cli/profile.py" in names and "orion_cli/server/app.py" in names
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "orion = orion_cli.cli:main" in zf.read(entry_points).decode()
         metadata = zf.read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for dep in ("typer", "rich", "huggingface-hub", "llama-cpp-python", "gguf", "psutil", "pyyaml", "numpy"):
+    for dep in ("typer", "rich", "huggingface-hub", "llama-cpp-python", "gguf", "psutil", "pyyaml", "numpy",
+                "starlette", "uvicorn"):
         assert f"Requires-Dist: {dep}" in metadata
     # the bench peers never become runtime dependencies
     assert "Requires-Dist: sentence-transformers" in metadata
