@@ -226,6 +226,12 @@ class ModelManager:
             if keep_alive_s != "default":
                 entry.keep_alive_s = keep_alive_s  # type: ignore[assignment]
 
+    def peek(self, key: str) -> Any:
+        """The loaded model for ``key`` (None if not loaded), without using it or changing its LRU place."""
+        with self._cond:
+            entry = self._entries.get(key)
+            return entry.model if entry is not None else None
+
     def in_use(self, key: str) -> bool:
         with self._cond:
             entry = self._entries.get(key)

@@ -62,7 +62,8 @@ def check_image(path: Path) -> Path:
 
 
 def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = None, threads: int | None = None,
-                  check=None, progress: Callable[[float], None] | None = None, embedding: bool = False) -> Request:
+                  check=None, progress: Callable[[float], None] | None = None, embedding: bool = False,
+                  parallel: int = 1) -> Request:
     """A manager request for a local model: its estimate, its load, and what would fit instead."""
     from . import engine
 
@@ -74,7 +75,7 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     proj_header = read_local_header(projector) if projector else None
     est = estimate_memory(header, n_ctx, settings, projector=proj_header)
     spec = engine.LoadSpec(Path(model.path), n_ctx, threads or strategy.threads, strategy.n_gpu_layers,
-                           projector, embedding=embedding, settings=settings)
+                           projector, embedding=embedding, settings=settings, parallel=parallel)
     hint = ""
     ctx = n_ctx
     while ctx > 256:

@@ -32,6 +32,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (0: a free one).", metavar="N")] = 11435,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="ORION_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.", metavar="KEY")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
+    parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
 ) -> None:
     """Serve the models and the shared encoder to every client (OpenAI-compatible API).
 
@@ -49,7 +50,10 @@ def serve(
         raise InvalidValue(f"--port {port} is not a port", hint="0 to 65535 (0 picks a free one)")
     if max_queue < 1:
         raise InvalidValue(f"--max-queue {max_queue} must be at least 1", hint="for example 8")
-    run_server(load_strategy(), host=host, port=port, api_key=api_key or None, max_queue=max_queue)
+    if not 1 <= parallel <= 64:
+        raise InvalidValue(f"--parallel {parallel} must be from 1 to 64", hint="for example 4")
+    run_server(load_strategy(), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+               parallel=parallel)
 
 
 def _client():

@@ -64,7 +64,8 @@ def _few_malloc_arenas(arenas: int = 2) -> None:
 
 
 def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
-          max_queue: int = 8, grace_s: float = 10.0, say: Callable[[str], None] | None = None) -> None:
+          max_queue: int = 8, parallel: int = 4, grace_s: float = 10.0,
+          say: Callable[[str], None] | None = None) -> None:
     """Run the server in this process until SIGINT or SIGTERM."""
     import uvicorn
 
@@ -84,7 +85,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     _few_malloc_arenas()
     sock = bind(host, port)
     port = sock.getsockname()[1]
-    state = ServerState(strategy, max_queue=max_queue, on_line=say)
+    state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say)
     app = create_app(state, api_key=api_key, log=say)
     info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s,

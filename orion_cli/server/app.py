@@ -178,10 +178,18 @@ class Generation:
 
     def pieces(self, cancel: threading.Event) -> Any:
         """Yield text as it is generated (stop strings cut, held back while they may be starting)."""
+        if self.model.spec.parallel > 1:  # decoded together with the model's other requests
+            from ..engine import prompt_tokens
+
+            tokens, template_stops = prompt_tokens(self.model, self.prompt, system=self.system,
+                                                   history=self.history, chat=self.chat)
+            self.stops = self.stops + [s for s in template_stops if s not in self.stops]
+            stream = self.model.decoder().generate(tokens, timings=self.timings, **self.options)
+        else:
+            stream = self.model.generate(self.prompt, system=self.system, history=self.history,
+                                         timings=self.timings, chat=self.chat, **self.options)
         hold = max((len(s) for s in self.stops), default=1) - 1
         pending = ""
-        stream = self.model.generate(self.prompt, system=self.system, history=self.history, timings=self.timings,
-                                     chat=self.chat, **self.options)
         try:
             for piece in stream:
                 if cancel.is_set():
@@ -330,7 +338,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
 
         if not stream:
             def run():
-                with state.using(served) as model:
+                with state.sharing(served) as model:
                     gen = make(model)
                     for _ in gen.pieces(threading.Event()):
                         pass
@@ -345,7 +353,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
 
         # Streaming: take the queue place and load the model before answering, so a full queue
         # or a model that does not fit is a real HTTP error, not a broken stream.
-        holder = state.using(served)
+        holder = state.sharing(served)
         model = await in_thread(holder.__enter__)
 
         def chunk(delta_or_text, finish_reason=None) -> dict:
@@ -526,8 +534,17 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         for key, depth in state.queue_depths().items():
             served = state.by_key(key)
             queues[served.name if served else key] = depth
-        memory = {s.name: s.estimate_bytes for s in state.manager.status()}
-        text = state.metrics.render(queues=queues, memory=memory, events=dict(state.events.counts))
+        memory, steps = {}, {}
+        for status in state.manager.status():
+            served = state.by_key(status.key)
+            name = served.name if served else status.name
+            memory[name] = status.estimate_bytes
+            model = state.manager.peek(status.key)
+            decoder = getattr(model, "_decoder", None)
+            if served is not None and served.kind == "llm":
+                steps[name] = decoder.steps if decoder is not None else 0
+        text = state.metrics.render(queues=queues, memory=memory, events=dict(state.events.counts),
+                                    decode_steps=steps)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def not_found(request: Request, exc: HTTPException) -> Response:

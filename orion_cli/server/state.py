@@ -3,10 +3,11 @@
 Plain threads and locks, no web framework: the routes (``app.py``) call these from worker threads,
 and tests call them directly.
 
-- Each model has a bounded queue (:class:`ModelQueue`): requests wait their turn for the model
-  (llama.cpp runs one request on a context at a time); past the bound a request is refused at once
-  (HTTP 503 with Retry-After). A request holds the model "in use" in the manager from the moment
-  it is queued, so a model with requests waiting is never evicted.
+- Each model has a bounded queue (:class:`ModelQueue`): its requests are decoded together, several
+  sequences in one llama_decode (engine.ParallelDecoder), and wait for room when all its sequences
+  are busy; past the bound a request is refused at once (HTTP 503 with Retry-After). A request holds
+  the model "in use" in the manager from the moment it is queued, so a model with requests waiting
+  is never evicted.
 - One encoder per encoder model, shared by every client: embedding requests are merged into
   shared batches (:class:`EmbeddingBatcher`: a token budget per batch, sorted by length, a short
   wait for company), as TEI and infinity do.
@@ -79,14 +80,13 @@ class EventLog:
 
 
 class ModelQueue:
-    """At most ``limit`` requests for one model: one runs, the others wait their turn."""
+    """At most ``limit`` requests for one model at once, running or waiting for room in its decoder."""
 
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
         self.pending = 0  # running + waiting
         self._count = threading.Lock()
-        self._turn = threading.Lock()
 
     def reserve(self) -> None:
         """Take a place in the queue, or raise :class:`QueueFull` at once."""
@@ -98,12 +98,6 @@ class ModelQueue:
     def release(self) -> None:
         with self._count:
             self.pending -= 1
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        """Wait for this model's turn (after :meth:`reserve`)."""
-        with self._turn:
-            yield
 
 
 # ---------------------------------------------------------------- embeddings
@@ -232,7 +226,8 @@ class Metrics:
             for direction, n in (("in", n_in), ("out", n_out)):
                 self.tokens[(model, direction)] = self.tokens.get((model, direction), 0) + n
 
-    def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int]) -> str:
+    def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int],
+               decode_steps: dict[str, int] | None = None) -> str:
         def esc(text: str) -> str:
             return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
@@ -256,6 +251,9 @@ class Metrics:
         lines += ["# HELP orion_model_memory_bytes Estimated memory of each loaded model.",
                   "# TYPE orion_model_memory_bytes gauge"]
         lines += [f'orion_model_memory_bytes{{model="{esc(m)}"}} {n}' for m, n in sorted(memory.items())]
+        lines += ["# HELP orion_decode_steps_total llama_decode calls of each loaded model's decoder (since it loaded);",
+                  "# several chat requests share one step.", "# TYPE orion_decode_steps_total counter"]
+        lines += [f'orion_decode_steps_total{{model="{esc(m)}"}} {n}' for m, n in sorted((decode_steps or {}).items())]
         lines += ["# HELP orion_model_events_total Model manager events (loaded, evicted, unloaded...).",
                   "# TYPE orion_model_events_total counter"]
         lines += [f'orion_model_events_total{{kind="{k}"}} {n}' for k, n in sorted(events.items())]
@@ -293,12 +291,13 @@ def _rss_bytes() -> int:
 class ServerState:
     """Everything ``orion serve`` owns; the routes call into it from worker threads."""
 
-    def __init__(self, strategy, *, max_queue: int = 8, on_line: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4,
+                 on_line: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         from ..session import manager_for
 
         self.strategy = strategy
         self.max_queue = max_queue
+        self.parallel = parallel  # chat sequences of one model decoded together
         self.events = EventLog(on_line=on_line)
         self.metrics = Metrics()
         self.manager = manager_for(strategy, on_event=self.events, timer=True)
@@ -332,7 +331,7 @@ class ServerState:
             from ..errors import InvalidValue
 
             raise InvalidValue(f"{name} is an encoder", hint="use it with /v1/embeddings")
-        request = self._measured(model_request(local, self.strategy))
+        request = self._measured(model_request(local, self.strategy, parallel=self.parallel))
         return self._remember(f"llm:{name}", Served(name, request, Path(local.path), local.file_type, "llm",
                                                      self.strategy.n_ctx))
 
@@ -381,12 +380,13 @@ class ServerState:
     # ------------------------------------------------------------ using models
 
     @contextmanager
-    def using(self, served: Served) -> Iterator[Any]:
-        """A queue place, the model held in use (never evicted meanwhile), then its turn."""
+    def sharing(self, served: Served) -> Iterator[Any]:
+        """A queue place and the model held in use, without waiting for a turn: the model's
+        requests are decoded together (engine.ParallelDecoder), up to its parallel sequences."""
         queue = self._queues[served.request.key]
         queue.reserve()
         try:
-            with self.manager.use(served.request) as model, queue.turn():
+            with self.manager.use(served.request) as model:
                 yield model
         finally:
             queue.release()
