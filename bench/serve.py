@@ -191,8 +191,10 @@ def main() -> None:
 
     # (c) chat, the peer
     peer_port = free_port()
+    # llama_cpp.server cannot take the GGUF's own chat template by name; its built-in "gemma" format is
+    # that template (without it, it formats chats as llama-2 and gemma answers nothing)
     peer = subprocess.Popen([sys.executable, "-c", PEER, "--model", str(model), "--model_alias", "gemma3-270m",
-                             "--n_ctx", str(args.ctx), "--n_threads", str(args.threads), "--n_threads_batch",
+                             "--chat_format", "gemma", "--n_ctx", str(args.ctx), "--n_threads", str(args.threads), "--n_threads_batch",
                              str(args.threads), "--host", "127.0.0.1", "--port", str(peer_port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -424,7 +425,7 @@ class _Sequence:
     tokens: list[int]
     max_tokens: int
     sampler: object
-    out: "queue.Queue"
+    out: queue.Queue
     cancel: threading.Event
     seq_id: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
@@ -468,7 +469,6 @@ class ParallelDecoder:
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                  top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None) -> Iterator[str]:
         import codecs
-        import queue
 
         if not tokens:
             raise ValueError("an empty prompt")

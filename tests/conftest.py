@@ -67,6 +67,50 @@ def orion():
     return run
 
 
+class Terminal:
+    """`orion ARGS...` in a pseudo-terminal, typed into as a person would (for the REPL)."""
+
+    def __init__(self, args: list[str], env: dict | None = None) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        full_env = dict(os.environ, NO_COLOR="1", COLUMNS="120") | (env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=full_env, close_fds=True)
+        os.close(slave)
+        self.seen = b""
+
+    def expect(self, pattern: str, timeout: float = 120) -> str:
+        """Read until ``pattern`` (a regex) appears in what was printed since the last send."""
+        import re
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern.encode(), self.seen):
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {pattern!r} in {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:
+                    break
+        return self.seen.decode(errors="replace")
+
+    def send(self, line: str) -> None:
+        self.seen = b""
+        os.write(self.master, (line + "\n").encode())
+
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+
+
 def assert_clean_error(proc, *fragments: str, code: int | None = None) -> None:
     """A failed command: non-zero exit, one 'error:' line naming the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout

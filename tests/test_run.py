@@ -129,53 +129,17 @@ def test_second_request_pays_no_load_time(gemma_q4):
 
 def test_repl_in_a_terminal(gemma_name, orion_home):
     """The REPL, driven through a pseudo-terminal as a person would type."""
-    import os
-    import pty
-    import re
-    import select
-    import subprocess
-    import sys
-    import time
+    from conftest import Terminal
 
-    master, slave = pty.openpty()
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="120")
-    proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "run", gemma_name, "--temperature", "0",
-                             "--max-tokens", "4"], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-    os.close(slave)
-    seen = b""
-
-    def expect(pattern: str, timeout: float = 120) -> str:
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern.encode(), seen):
-            left = deadline - time.monotonic()
-            assert left > 0, f"never saw {pattern!r} in {seen[-2000:]!r}"
-            ready, _, _ = select.select([master], [], [], left)
-            if ready:
-                try:
-                    seen += os.read(master, 65536)
-                except OSError:
-                    break
-        return seen.decode(errors="replace")
-
-    def send(line: str) -> None:
-        nonlocal seen
-        seen = b""
-        os.write(master, (line + "\n").encode())
-
-    try:
-        expect(r">>> ")
-        send("One, two, three, four,")
-        expect(r"five[\s\S]*>>> ")
-        send("/ps")
-        out = expect(r"budget[\s\S]*>>> ")
+    with Terminal(["run", gemma_name, "--temperature", "0", "--max-tokens", "4"]) as term:
+        term.expect(r">>> ")
+        term.send("One, two, three, four,")
+        term.expect(r"five[\s\S]*>>> ")
+        term.send("/ps")
+        out = term.expect(r"budget[\s\S]*>>> ")
         assert "gemma3-270m" in out and "idle" in out and "1 of" in out
-        send("/clear")
-        expect(r"conversation cleared")
-        send("/bye")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
+        term.send("/clear")
+        term.expect(r"conversation cleared")
+        term.send("/bye")
+        assert term.proc.wait(timeout=60) == 0
     assert (orion_home / "history").exists()

@@ -348,6 +348,21 @@ def test_run_embed_and_search_go_through_the_server(server, tmp_path):
     assert "served_by" not in json.loads(local.stdout)
 
 
+def test_the_repl_goes_through_the_server(server):
+    from conftest import Terminal
+
+    with Terminal(["run", "gemma3-270m", "--temperature", "0", "--max-tokens", "4"], env=server.env) as term:
+        term.expect(r"served by " + server.url + r"[\s\S]*>>> ")
+        term.send("Monday, Tuesday, Wednesday,")
+        term.expect(r"Thursday[\s\S]*>>> ")
+        term.send("/ps")
+        assert "gemma3-270m" in term.expect(r"gemma3-270m[\s\S]*>>> ")
+        term.send("/load no-such-model")  # an error line; the conversation goes on
+        assert "unknown model" in term.expect(r"error:[\s\S]*>>> ")
+        term.send("/bye")
+        assert term.proc.wait(timeout=60) == 0
+
+
 def test_three_concurrent_embeds_share_one_encoder(server, tmp_path):
     corpora = []
     for i in range(3):

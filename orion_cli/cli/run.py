@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,8 +43,8 @@ def run(
     A model that is not here yet is fetched first (the quantization that fits,
     as 'orion fetch --auto'). Models load through the model manager, which
     keeps the strategy's cap, memory budget and keep-alive. With 'orion serve'
-    running, a prompt is answered by the server (the model stays loaded there);
-    the REPL, images, --ctx and --threads work in this process.
+    running, the server answers, the REPL's too (the model stays loaded there);
+    --image, --ctx and --threads work in this process.
     """
     from ..errors import InvalidValue
     from ..session import check_image, local_model, manager_for
@@ -61,10 +62,12 @@ def run(
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if prompt is not None and not local_only and not images and ctx is None and threads is None:
+    if not local_only and not images and ctx is None and threads is None:
         from ..server.discovery import live_server
 
         info = live_server()
+        if info is not None and prompt is None:
+            return _repl_remote(info, _server_name(model), strategy, sampling, system)
         if info is not None and _once_remote(info, _server_name(model), prompt,
                                              system=system, json_output=json_output, verbose=verbose, **sampling):
             return
@@ -94,6 +97,117 @@ def _server_name(model: str) -> str:
     return str(path.absolute()) if path.exists() else model
 
 
+def _remote_chat(client, model: str, messages: list[dict], sampling: dict, timings=None):
+    """The server's answer to ``messages``, piece by piece (its timings into ``timings``)."""
+    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+            **{k: v for k, v in sampling.items() if v is not None}}
+    for doc in client.events("POST", "/v1/chat/completions", body):
+        if doc.get("timings") and timings is not None:
+            t = doc["timings"]
+            timings.load_s, timings.prompt_tokens, timings.gen_tokens = t["load_s"], t["prompt_tokens"], \
+                t["generated_tokens"]
+            timings.prompt_s = t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
+            timings.gen_s = t["generated_tokens"] / t["generation_tok_s"] if t["generation_tok_s"] else 0.0
+        for choice in doc.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if piece:
+                yield piece
+
+
+def _print_answer(pieces) -> str:
+    """Write an answer as it streams (Ctrl-C stops it, keeping what came); the text."""
+    from ._output import err_console
+
+    answer = []
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            answer.append(piece)
+    except KeyboardInterrupt:
+        err_console().print("\n[dim](stopped)[/]")
+    sys.stdout.write("\n")
+    return "".join(answer)
+
+
+def _repl_command(text: str, conversation: list[dict], out, *, load, ps) -> None:
+    """A REPL command (/load NAME, /ps, /clear, /help); ``load(name)`` and ``ps()`` do the model work."""
+    cmd, _, arg = text.strip().partition(" ")
+    if cmd == "/load" and arg:
+        load(arg.strip())
+        conversation.clear()
+        out.print(f"[dim]now talking to {arg.strip()}[/]")
+    elif cmd == "/ps":
+        ps()
+    elif cmd == "/clear":
+        conversation.clear()
+        out.print("[dim]conversation cleared[/]")
+    elif cmd == "/help":
+        out.print(REPL_HELP)
+    else:
+        out.print(f"[red]unknown command {cmd}[/]; {REPL_HELP}")
+
+
+def _model_row(name: str, estimate_bytes: int, in_use: bool, idle_s: float, pinned: bool) -> str:
+    from ..units import format_bytes
+
+    state = "in use" if in_use else f"idle {idle_s:.0f} s"
+    return f"{name:24s} {format_bytes(estimate_bytes):>10s}  {state}{', pinned' if pinned else ''}"
+
+
+def _repl_remote(info, model: str, strategy, sampling: dict, system: str | None) -> None:
+    """The chat REPL with the server doing the work; if it stops answering, the conversation
+    goes on in this process (the unanswered prompt is asked again there)."""
+    from ..errors import OrionError
+    from ..server.client import ServerClient, ServerGone
+    from ._output import console, err_console
+    from .embed import _notice
+
+    client = ServerClient(info)
+    out = console()
+    out.print(f"[dim]{model} (served by {info.url}) · {REPL_HELP}[/]", highlight=False)
+    conversation: list[dict] = []
+    with _line_history():
+        while True:
+            text = _read_prompt()
+            if text is None or text.strip() in ("/bye", "/exit", "/quit"):
+                return
+            if not text.strip():
+                continue
+            try:
+                if text.startswith("/"):
+                    def load(name: str) -> None:
+                        nonlocal model
+                        client.post("/api/load", {"model": name})
+                        model = name
+
+                    def ps() -> None:
+                        for m in client.get("/api/ps")["models"]:
+                            out.print(_model_row(m["name"], m["estimate_bytes"], m["in_use"], m["idle_s"], m["pinned"]))
+
+                    _repl_command(text, conversation, out, load=load, ps=ps)
+                    continue
+                messages = ([{"role": "system", "content": system}] if system else []) + conversation + [
+                    {"role": "user", "content": text}]
+                answer = _print_answer(_remote_chat(client, model, messages, sampling))
+                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            except ServerGone as exc:
+                _notice(f"{exc.message}; the conversation goes on in this process")
+                from ..session import local_model, manager_for
+
+                manager = manager_for(strategy, timer=True)
+                try:
+                    _repl(manager, local_model(model, strategy), strategy, sampling, system, conversation,
+                          pending=None if text.startswith("/") else text)
+                finally:
+                    manager.close()
+                return
+            except OrionError as exc:  # an unknown model, a full queue...: say so, keep the conversation
+                from rich.markup import escape
+
+                err_console().print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False)
+
+
 def _once_remote(info, model: str, prompt: str, *, system, json_output, verbose, **sampling) -> bool:
     """Answer through the server; False when it went away before answering (then: in-process)."""
     from ..engine import Timings
@@ -101,23 +215,13 @@ def _once_remote(info, model: str, prompt: str, *, system, json_output, verbose,
     from .embed import _notice
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
-            **{k: v for k, v in sampling.items() if v is not None}}
     timings, chunks = Timings(), []
     try:
-        for doc in ServerClient(info).events("POST", "/v1/chat/completions", body):
-            if doc.get("timings"):
-                t = doc["timings"]
-                timings = Timings(t["load_s"], t["prompt_tokens"], 0.0, t["generated_tokens"], 0.0)
-                timings.prompt_s = t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
-                timings.gen_s = t["generated_tokens"] / t["generation_tok_s"] if t["generation_tok_s"] else 0.0
-            for choice in doc.get("choices", []):
-                piece = (choice.get("delta") or {}).get("content") or ""
-                if piece:
-                    chunks.append(piece)
-                    if not json_output:
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
+        for piece in _remote_chat(ServerClient(info), model, messages, sampling, timings):
+            chunks.append(piece)
+            if not json_output:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except ServerGone as exc:
         if chunks and not json_output:
             sys.stdout.write("\n")
@@ -249,81 +353,72 @@ def _read_prompt() -> str | None:
     return line
 
 
-def _repl(manager, local, strategy, sampling: dict, system: str | None) -> None:
+@contextmanager
+def _line_history():
+    """Line editing and a history file for input() (where readline exists)."""
+    try:
+        import readline
+    except ImportError:
+        yield
+        return
+    from ..paths import orion_home
+
+    history = orion_home() / "history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+
+def _repl(manager, local, strategy, sampling: dict, system: str | None,
+          conversation: list[dict] | None = None, pending: str | None = None) -> None:
     from ..engine import Timings
     from ..session import local_model, model_request
     from ..units import format_bytes
-    from ._output import console, err_console
+    from ._output import console
 
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-
-        from ..paths import orion_home
-
-        history = orion_home() / "history"
-        try:
-            readline.read_history_file(history)
-        except OSError:
-            pass
-    except ImportError:
-        readline = None  # type: ignore[assignment]
-        history = None
     out = console()
     out.print(f"[dim]{local.name} · {REPL_HELP}[/]", highlight=False)
     request = model_request(local, strategy)
-    conversation: list[dict] = []
-    try:
+    conversation = conversation if conversation is not None else []
+    with _line_history():
         while True:
-            text = _read_prompt()
+            text, pending = (pending, None) if pending else (_read_prompt(), None)
             if text is None or text.strip() in ("/bye", "/exit", "/quit"):
                 break
             if not text.strip():
                 continue
             if text.startswith("/"):
-                cmd, _, arg = text.strip().partition(" ")
-                if cmd == "/load" and arg:
-                    local = local_model(arg.strip(), strategy)
+                def load(name: str) -> None:
+                    nonlocal local, request
+                    local = local_model(name, strategy)
                     request = model_request(local, strategy)
-                    conversation.clear()
                     with manager.use(request):
                         pass
-                    out.print(f"[dim]now talking to {local.name}[/]")
-                elif cmd == "/ps":
-                    for s in manager.status():
-                        state = "in use" if s.in_use else f"idle {s.idle_s:.0f} s"
-                        pin = ", pinned" if s.pinned else ""
-                        out.print(f"{s.name:24s} {format_bytes(s.estimate_bytes):>10s}  {state}{pin}")
+
+                def ps() -> None:
+                    for st in manager.status():
+                        out.print(_model_row(st.name, st.estimate_bytes, st.in_use, st.idle_s, st.pinned))
                     keep = "never" if manager.keep_alive_s is None else f"{manager.keep_alive_s} s"
                     out.print(f"[dim]{len(manager.status())} of {manager.max_models} loaded; "
                               f"budget {format_bytes(manager.budget_bytes)}; unload after {keep} idle[/]")
-                elif cmd == "/clear":
-                    conversation.clear()
-                    out.print("[dim]conversation cleared[/]")
-                elif cmd == "/help":
-                    out.print(REPL_HELP)
-                else:
-                    out.print(f"[red]unknown command {cmd}[/]; {REPL_HELP}")
+
+                _repl_command(text, conversation, out, load=load, ps=ps)
                 continue
             timings = Timings()
             with manager.use(request) as model:
                 chat = model.has_chat_template
                 pieces = model.generate(text, system=system, history=conversation if chat else (),
                                         timings=timings, **sampling)
-                answer = []
-                try:
-                    for piece in pieces:
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
-                        answer.append(piece)
-                except KeyboardInterrupt:
-                    err_console().print("\n[dim](stopped)[/]")
-                sys.stdout.write("\n")
+                answer = _print_answer(pieces)
             if chat:
-                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(answer)}]
-    finally:
-        if readline is not None and history is not None:
-            try:
-                history.parent.mkdir(parents=True, exist_ok=True)
-                readline.write_history_file(history)
-            except OSError:
-                pass
+                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
