@@ -108,6 +108,12 @@ class Encoder:
         """Word pieces of ``text`` without the special tokens."""
         return max(0, len(self.model.tokenize(text)) - 2)
 
+    def encode_f16(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None) -> list[bytes]:
+        """Each text's vector as float16 bytes, as the store keeps them."""
+        import numpy as np
+
+        return [row.tobytes() for row in self.encode(texts, on_done=on_done).astype(np.float16)]
+
     def chunks(self, text: str) -> list[Chunk]:
         """``text`` cut into chunks that fit this encoder's window."""
         return chunk_text(text, self.count_tokens, self.max_tokens - 2)

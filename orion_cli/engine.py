@@ -120,6 +120,18 @@ def settings_for(check: EngineCheck, *, embedding: bool = False) -> EngineSettin
     return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding)
 
 
+def machine_settings(*, embedding: bool = False) -> EngineSettings:
+    """The settings loads use on this machine, for estimates made without loading (list, inspect,
+    fetch, eval): from the engine check's cached verdict; llama.cpp's defaults before any check
+    has run (``orion profile`` runs it). Never runs the canary itself."""
+    from .device import _cpu_info
+    from .enginecheck import cached_check
+
+    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    check = cached_check(engine_key(model, flags))
+    return settings_for(check, embedding=embedding) if check else EngineSettings(flash_attn=embedding)
+
+
 def peer_llama(path: Path | str, *, check: EngineCheck | None = None, **kwargs):
     """llama-cpp-python's own ``Llama``, loaded with the engine check's settings.
 

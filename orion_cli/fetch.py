@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DoesNotFit, InvalidValue, NotFound
-from .estimate import Estimate, estimate_memory
+from .estimate import EngineSettings, Estimate, estimate_memory
 from .gguf_header import GGUFHeader, merge_parts, split_part_names
 from .models import LocalModel, ModelRef, Registry
 from .strategy import Strategy, now_iso
@@ -150,9 +150,15 @@ def plan_fetch(
     free_disk_bytes: int | None = None,
     read_header: Callable[[str, str, int | None], GGUFHeader] | None = None,
     listing=None,
+    settings: EngineSettings | None = None,
 ) -> FetchPlan:
-    """Every candidate file of the model's repo with its estimate and verdict, and the choice."""
+    """Every candidate file of the model's repo with its estimate and verdict, and the choice.
+
+    ``settings``: the engine settings the estimates assume (default: this machine's)."""
     from . import hub
+    from .engine import machine_settings
+
+    settings = settings or machine_settings()
 
     if ref.repo is None:
         raise NotFound(f"{ref.name} is a local file, there is nothing to fetch", hint="use it directly")
@@ -186,7 +192,7 @@ def plan_fetch(
         headers = [read_header(ref.repo, n, listing.get(n).size) for n in group]
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
         size = sum(listing.get(n).size or 0 for n in group)
-        est = estimate_memory(header, n_ctx, projector=projector_header)
+        est = estimate_memory(header, n_ctx, settings, projector=projector_header)
         return Candidate(group[0], group, size, header, est)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -228,13 +234,15 @@ def plan_fetch(
     if chosen:
         judged = [replace(c, verdict="chosen") if c is chosen else c for c in judged]
 
-    hint = "" if chosen else _what_would_fit(judged, wanted, level, budget, free_disk_bytes, n_ctx, projector_header)
+    hint = "" if chosen else _what_would_fit(judged, wanted, level, budget, free_disk_bytes, n_ctx, projector_header,
+                                             settings)
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
                      projector_size, hint, listing, strategy.bench)
 
 
-def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header) -> str:
+def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,
+                    settings: EngineSettings) -> str:
     """A sentence saying what would fit when nothing does."""
     if wanted and wanted not in LEVEL_CAP and not any(c.file_type.upper() == wanted for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
@@ -253,7 +261,7 @@ def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_
     ctx = n_ctx
     while ctx > 256:
         ctx //= 2
-        est = estimate_memory(smallest.header, ctx, projector=projector_header)
+        est = estimate_memory(smallest.header, ctx, settings, projector=projector_header)
         if est.total_bytes <= budget:
             return (f"{smallest.file_type} fits with --ctx {ctx} ({format_bytes(est.total_bytes)}); "
                     f"at --ctx {n_ctx} it needs {format_bytes(smallest.estimate.total_bytes)}")

@@ -51,8 +51,6 @@ def embed_paths(
     ``encoder`` may be a function that makes one: it is then called only when a file
     changed, so a re-run over an unchanged corpus never loads the model.
     """
-    import numpy as np
-
     made: list[Encoder] = []
 
     def enc() -> Encoder:
@@ -93,9 +91,8 @@ def embed_paths(
                 on_file(path, len(todo))
             vectors: dict[int, bytes] = {}
             if todo:
-                mat = encoder_now.encode([chunks[i].text for i in todo], on_done=on_chunks)
-                for i, row in zip(todo, mat.astype(np.float16)):
-                    vectors[i] = row.tobytes()
+                rows = encoder_now.encode_f16([chunks[i].text for i in todo], on_done=on_chunks)
+                vectors = dict(zip(todo, rows))
             blobs = [vectors[i] if i in vectors else known[hashes[i]] for i in range(len(chunks))]
             rows = [(hashes[i], ch.start_byte, ch.end_byte, ch.start_line, ch.end_line, ch.text)
                     for i, ch in enumerate(chunks)]

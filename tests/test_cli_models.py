@@ -10,18 +10,27 @@ from conftest import LADDER_REPO, assert_clean_error
 from orion_cli.models import Registry, resolve
 
 
-def test_import_list_inspect_rm(orion, gemma_q4):
+def test_import_list_inspect_rm(orion, gemma_q4, engine_verdict):
+    from orion_cli.engine import settings_for
+    from orion_cli.estimate import estimate_memory
+    from orion_cli.gguf_header import read_local_header
+
     proc = orion("import", str(gemma_q4), "--name", "gemma3-270m")
     assert proc.returncode == 0, proc.stderr
     assert "Imported gemma3-270m" in proc.stdout and "Q4_K_M" in proc.stdout
-    models = json.loads(orion("list", "--json").stdout)["models"]
+    listing = json.loads(orion("list", "--json").stdout)
+    models = listing["models"]
     assert [(m["name"], m["source"], m["file_type"], m["fits"]) for m in models] == \
         [("gemma3-270m", "import", "Q4_K_M", True)]
-    assert models[0]["estimate_bytes"] > gemma_q4.stat().st_size
+    # the estimate a load will use here: this machine's engine settings (AMX's copy of the weights, or not)
+    settings = settings_for(engine_verdict)
+    assert models[0]["estimate_bytes"] == estimate_memory(read_local_header(gemma_q4), listing["n_ctx"],
+                                                          settings).total_bytes
 
     data = json.loads(orion("inspect", "gemma3-270m", "--ctx", "2048", "--json").stdout)
     assert data["header"]["architecture"] == "gemma3"
     assert data["estimate"]["n_ctx"] == 2048
+    assert data["estimate"]["total_bytes"] == estimate_memory(read_local_header(gemma_q4), 2048, settings).total_bytes
     assert set(data["estimate"]["parts"]) >= {"weights", "KV cache", "compute", "runtime"}
     human = orion("inspect", str(gemma_q4)).stdout
     assert "sliding window" in human and "KV cache" in human and "total" in human

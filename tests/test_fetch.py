@@ -46,10 +46,22 @@ def test_auto_picks_the_tiers_level(orion, hub, ram, expected, gemma_ladder):
     assert [m["file_type"] for m in listed] == [expected]
 
 
-def test_budget_only_lowers_quality(orion, hub):
-    # minimal tier (q16) but a budget that only Q4_K_M fits at this context
+def estimate_here(path: Path, n_ctx: int, verdict) -> int:
+    """What orion estimates for a file on this machine (its engine settings: repacking, AMX or not)."""
+    from orion_cli.engine import settings_for
+    from orion_cli.estimate import estimate_memory
+    from orion_cli.gguf_header import read_local_header
+
+    return estimate_memory(read_local_header(path), n_ctx, settings_for(verdict)).total_bytes
+
+
+def test_budget_only_lowers_quality(orion, hub, gemma_ladder, engine_verdict):
+    # minimal tier (q16) but a budget that only Q4_K_M fits at this context, from this machine's estimates
+    q4, q8 = (estimate_here(gemma_ladder[t], 2048, engine_verdict) for t in ("Q4_K_M", "Q8_0"))
+    assert q4 < q8
+    budget = f"{(q4 + q8) // 2 >> 20}MiB"
     assert orion("profile", "--ram", "16GB").returncode == 0
-    proc = orion("fetch", LADDER_REPO, "--dry-run", "--json", "--ctx", "2048", env={"ORION_MEMORY_BUDGET": "380MB"})
+    proc = orion("fetch", LADDER_REPO, "--dry-run", "--json", "--ctx", "2048", env={"ORION_MEMORY_BUDGET": budget})
     plan = json.loads(proc.stdout)["plan"]
     assert plan["chosen"].endswith("Q4_K_M.gguf")
     assert [c["file_type"] for c in plan["candidates"]] == ["F16", "Q8_0", "Q4_K_M"]
@@ -63,9 +75,11 @@ def test_budget_too_small_for_anything(orion, hub):
     assert blobs(Path(os.environ["HF_HOME"])) == []
 
 
-def test_smaller_context_is_suggested(orion, hub):
+def test_smaller_context_is_suggested(orion, hub, gemma_ladder, engine_verdict):
+    fits = estimate_here(gemma_ladder["Q4_K_M"], 2048, engine_verdict)  # Q4_K_M fits at 2048, not 32768
+    assert fits + 16 * 2**20 < estimate_here(gemma_ladder["Q4_K_M"], 32768, engine_verdict)
     assert orion("profile", "--ram", "16GB").returncode == 0
-    proc = orion("fetch", LADDER_REPO, "--ctx", "32768", env={"ORION_MEMORY_BUDGET": "500MB"})
+    proc = orion("fetch", LADDER_REPO, "--ctx", "32768", env={"ORION_MEMORY_BUDGET": f"{(fits >> 20) + 8}MiB"})
     assert_clean_error(proc, "fits with --ctx", code=5)
 
 

@@ -211,6 +211,11 @@ def test_each_error_class_is_an_openai_error(server):
         ("GET", "/v1/nothing-here", None, 404, "not_found"),
         ("GET", "/v1/embeddings", None, 405, "method_not_allowed"),
         ("POST", "/api/unload", json.dumps({"model": "mistral"}).encode(), 404, "model_not_loaded"),
+        ("POST", "/v1/embeddings", json.dumps({"model": "minilm", "input": "x", "prefer_id": 7}).encode(), 400,
+         "invalid_value"),
+        ("POST", "/api/chunk", json.dumps({"model": ["minilm"], "text": "x"}).encode(), 400, "invalid_value"),
+        ("POST", "/api/chunk", json.dumps({"model": "minilm"}).encode(), 400, None),
+        ("POST", "/api/load", json.dumps({"model": "gemma3-270m", "pin": "yes"}).encode(), 400, None),
     ]
     for method, path, raw, status, code in cases:
         got, headers, payload = server.request(method, path, raw=raw, headers={"Content-Type": "application/json"})
@@ -338,6 +343,21 @@ def test_run_embed_and_search_go_through_the_server(server, tmp_path):
     assert doc["encoded_by"] == server.url and doc["chunks_embedded"] == 2
     found = json.loads(cli(server, "search", "a database", "-c", "served", "--json").stdout)
     assert Path(found["results"][0]["path"]).name == "db.txt"
+    local = cli(server, "embed", str(docs), "-c", "in-process", "--local", "--json")
+    assert json.loads(local.stdout)["encoded_by"] == "this process"
+    db = sqlite3.connect(server.home / "embeddings.db")
+    blobs = {name: sorted(db.execute("SELECT c.content_hash, c.embedding FROM chunks c JOIN collections k ON "
+                                     "k.id = c.collection_id WHERE k.name = ?", (name,)).fetchall())
+             for name in ("served", "in-process")}
+    assert blobs["served"] == blobs["in-process"]  # the same float16 bytes, whoever encoded them
+
+    # a client of the server stays small: no numpy (float16 packed with struct), no llama.cpp
+    code = ("import sys\nfrom orion_cli.cli import main\n"
+            f"try:\n    main(['embed', {str(docs)!r}, '-c', 'light', '--json'])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print([m for m in ('numpy', 'llama_cpp', 'starlette') if m in sys.modules], file=sys.stderr)")
+    light = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True, timeout=300)
+    assert light.returncode == 0 and light.stderr.strip().splitlines()[-1] == "[]", light.stderr
     run = cli(server, "run", "gemma3-270m", "Monday, Tuesday, Wednesday,", "--temperature", "0",
               "--max-tokens", "4", "--json")
     assert run.returncode == 0, run.stderr

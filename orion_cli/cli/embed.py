@@ -34,6 +34,33 @@ def _store():
     return EmbeddingStore(orion_home() / "embeddings.db")
 
 
+class _NoProgress:
+    """What a progress bar does where nobody watches (a pipe, a file): nothing, and no Rich import."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+
+def _progress():
+    from ._output import err_console
+
+    if not err_console().is_terminal:
+        return _NoProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console())
+
+
 def _collection_model(name: str) -> str | None:
     """The encoder id an existing collection was made with (None for a new one)."""
     store = _store()
@@ -155,11 +182,7 @@ def embed(
     store = _store()
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console(),
-                        disable=not err_console().is_terminal)
+    progress = _progress()
     state = {"task": None, "done": 0}
     start = time.perf_counter()
 

@@ -112,13 +112,15 @@ def _ladder_file(src: Path, type_name: str, threads: int) -> Path:
 
 
 def _rows(results, strategy) -> list[dict]:
+    from ..engine import machine_settings
     from ..estimate import estimate_memory
     from ..gguf_header import read_local_header
 
+    settings = machine_settings()
     best = min(r.perplexity for r in results)
     rows = []
     for r in results:
-        est = estimate_memory(read_local_header(Path(r.path)), strategy.n_ctx).total_bytes
+        est = estimate_memory(read_local_header(Path(r.path)), strategy.n_ctx, settings).total_bytes
         rows.append(r.to_dict() | {
             "delta_perplexity": r.perplexity - best,
             "estimate_bytes": est,

@@ -66,11 +66,12 @@ def import_(
 
         print_json({"model": asdict(model), "header": header.summary()})
         return
+    from ..engine import machine_settings
     from ..estimate import estimate_memory
     from ..units import format_bytes
     from ._output import console
 
-    est = estimate_memory(header, strategy.n_ctx)
+    est = estimate_memory(header, strategy.n_ctx, machine_settings())
     fits = "fits" if est.total_bytes <= strategy.memory_budget_bytes else "does NOT fit"
     console().print(f"Imported [bold]{name}[/]: {header.architecture} {header.file_type}, {format_bytes(size)}, {path}")
     console().print(f"  memory at n_ctx {strategy.n_ctx}: {format_bytes(est.total_bytes)}, {fits} the budget of "
@@ -115,6 +116,9 @@ def list_(
 
     strategy = load_strategy()
     rows = []
+    from ..engine import machine_settings
+
+    settings = machine_settings()
     for m in Registry().all().values():
         est_bytes = None
         status = "ok"
@@ -126,7 +130,7 @@ def list_(
             from ..gguf_header import read_local_header
 
             try:
-                est = estimate_memory(read_local_header(Path(m.path)), strategy.n_ctx,
+                est = estimate_memory(read_local_header(Path(m.path)), strategy.n_ctx, settings,
                                       projector=read_local_header(Path(m.projector_path)) if m.projector_path else None)
                 est_bytes = est.total_bytes
             except OrionError:
@@ -254,7 +258,9 @@ def inspect(
     else:
         return _inspect_repo(ref, strategy, ctx, json_output)
 
-    est = estimate_memory(header, strategy.n_ctx, projector=projector)
+    from ..engine import machine_settings
+
+    est = estimate_memory(header, strategy.n_ctx, machine_settings(), projector=projector)
     if json_output:
         from ._output import print_json
 

@@ -110,6 +110,13 @@ def model_name(doc: dict) -> str:
     return name.strip()
 
 
+def optional_text(doc: dict, key: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise APIError(400, f"'{key}' must be a non-empty string", param=key, code="invalid_value")
+    return value
+
+
 def stop_strings(doc: dict) -> list[str]:
     stop = doc.get("stop")
     if stop is None:
@@ -413,7 +420,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         if fmt not in ("float", "base64"):
             raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
         inputs = embedding_inputs(doc.get("input"))
-        served = await in_thread(state.encoder, name, doc.get("prefer_id"))
+        served = await in_thread(state.encoder, name, optional_text(doc, "prefer_id"))
         if doc.get("dimensions") is not None and doc.get("dimensions") != _dim(served):
             raise APIError(400, f"{served.model_id} makes {_dim(served)}-dimensional vectors; 'dimensions' cannot "
                                 "change that", param="dimensions")
@@ -440,7 +447,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
     @route("/api/encoder")
     async def encoder_info(request: Request) -> Response:
         doc = await read_json(request)
-        served = await in_thread(state.encoder, doc.get("model"), doc.get("prefer_id"))
+        served = await in_thread(state.encoder, optional_text(doc, "model"), optional_text(doc, "prefer_id"))
         request.state.model = served.name
         return JSONResponse({"id": served.model_id, "dim": _dim(served), "max_tokens": served.n_ctx,
                              "file": str(served.path), "type": served.file_type})
@@ -451,7 +458,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         text = doc.get("text")
         if not isinstance(text, str):
             raise APIError(400, "'text' must be a string", param="text")
-        served = await in_thread(state.encoder, doc.get("model"), doc.get("prefer_id"))
+        served = await in_thread(state.encoder, optional_text(doc, "model"), optional_text(doc, "prefer_id"))
         request.state.model = served.name
 
         def run():

@@ -49,25 +49,52 @@ class RemoteEncoder:
                 self._go_local(exc)
         return self.local.chunks(text)
 
+    def _remote_rows(self, texts: Sequence[str], on_done: Callable[[int], None] | None) -> list:
+        """float32 rows (``array('f')``) for the texts the server embedded, in order; fewer than
+        ``texts`` when it stopped answering (then :attr:`local` does the rest)."""
+        import base64
+        import sys
+        from array import array
+
+        rows: list = []
+        while len(rows) < len(texts) and self.local is None:
+            part = list(texts[len(rows): len(rows) + BATCH_TEXTS])
+            try:
+                doc = self.client.post("/v1/embeddings", {"model": self.model, "prefer_id": self.model_id,
+                                                          "input": part, "encoding_format": "base64"})
+            except ServerGone as exc:
+                self._go_local(exc)
+                break
+            got: list = [None] * len(part)
+            for item in doc["data"]:
+                row = array("f", base64.b64decode(item["embedding"]))  # little-endian float32
+                if sys.byteorder == "big":
+                    row.byteswap()
+                got[item["index"]] = row
+            rows += got
+            if on_done:
+                on_done(len(part))
+        return rows
+
     def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None):
         """A float32 matrix, one normalised row per text."""
         import numpy as np
 
+        rows = self._remote_rows(texts, on_done)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        done = 0
-        while done < len(texts) and self.local is None:
-            part = list(texts[done: done + BATCH_TEXTS])
-            try:
-                doc = self.client.post("/v1/embeddings", {"model": self.model, "prefer_id": self.model_id,
-                                                          "input": part})
-            except ServerGone as exc:
-                self._go_local(exc)
-                break
-            for item in doc["data"]:
-                out[done + item["index"]] = item["embedding"]
-            done += len(part)
-            if on_done:
-                on_done(len(part))
-        if done < len(texts):
-            out[done:] = self.local.encode(list(texts[done:]), on_done=on_done)
+        for i, row in enumerate(rows):
+            out[i] = row
+        if len(rows) < len(texts):
+            out[len(rows):] = self.local.encode(list(texts[len(rows):]), on_done=on_done)
+        return out
+
+    def encode_f16(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None) -> list[bytes]:
+        """Each text's vector as float16 bytes, as the store keeps them, without numpy (a client
+        process stays small): struct's 'e' format rounds half to even, as numpy's float16 does."""
+        import struct
+
+        pack = struct.Struct(f"<{self.dim}e").pack
+        out = [pack(*row) for row in self._remote_rows(texts, on_done)]
+        if len(out) < len(texts):
+            out += self.local.encode_f16(list(texts[len(out):]), on_done=on_done)
         return out
