@@ -242,6 +242,19 @@ def _ram(meminfo: Path) -> tuple[int, int]:
     return vm.total, vm.available
 
 
+def process_memory_bytes(key: str = "VmRSS", status: Path = Path("/proc/self/status")) -> int:
+    """A memory figure of this process from /proc/self/status: ``VmRSS`` (resident now) or
+    ``VmHWM`` (the peak); 0 where there is no such file."""
+    try:
+        with status.open() as f:
+            for line in f:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _usable_cores(logical: int) -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -262,6 +262,15 @@ class LoadedModel:
     def is_vision(self) -> bool:
         return self._chat_handler is not None
 
+    def chat_mode(self, prompt: str, system: str | None, history: Sequence[dict],
+                  chat: bool | None) -> tuple[str, str | None, bool]:
+        """(prompt, system, whether the chat template applies): a model without a template gets
+        the system text ahead of the prompt; ``chat`` forces the choice (False: a plain completion)."""
+        if system and not self.has_chat_template and not self.is_vision and not chat:
+            prompt, system = f"{system}\n\n{prompt}", None  # no template to put it in: it leads the text
+        use_chat = self.has_chat_template or self.is_vision or system is not None or bool(history)
+        return prompt, system, use_chat if chat is None else chat
+
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=True, special=True))
 
@@ -286,11 +295,7 @@ class LoadedModel:
         # matching prefix, which evaluates in other batch shapes and changes the low bits of the
         # logits, so the same prompt and seed would not give the same text twice.
         self._llm.reset()
-        if system and not self.has_chat_template and not self.is_vision and not chat:
-            prompt, system = f"{system}\n\n{prompt}", None  # no template to put it in: it leads the text
-        use_chat = self.has_chat_template or self.is_vision or system is not None or bool(history)
-        if chat is not None:
-            use_chat = chat
+        prompt, system, use_chat = self.chat_mode(prompt, system, history, chat)
         start = time.perf_counter()
         first = None
         if use_chat:
@@ -410,13 +415,10 @@ def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = Non
     template as llama-cpp-python's create_chat_completion builds it (the same rules as
     :meth:`LoadedModel.generate` for when it applies), else the plain text with BOS."""
     llm = model._llm
-    if system and not model.has_chat_template and not chat:
-        prompt, system = f"{system}\n\n{prompt}", None
-    use_chat = model.has_chat_template or system is not None or bool(history)
-    if chat is not None:
-        use_chat = chat
-    if not use_chat or not model.has_chat_template:
-        return llm.tokenize(prompt.encode(), add_bos=True, special=True), []
+    prompt, system, use_chat = model.chat_mode(prompt, system, history, chat)
+    if not use_chat or not model.has_chat_template:  # plain text (a vision model's system text leads it too)
+        text = f"{system}\n\n{prompt}" if system else prompt
+        return llm.tokenize(text.encode(), add_bos=True, special=True), []
     from llama_cpp import llama_chat_format
 
     eos_id, bos_id = llm.token_eos(), llm.token_bos()

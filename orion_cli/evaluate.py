@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .device import process_memory_bytes
 from .errors import InvalidValue, NotAGGUF
 
 GEN_TOKENS = 32
@@ -58,14 +59,6 @@ def perplexity_from_nll(nll: list[float]) -> tuple[float, float]:
     return ppl, ppl * math.sqrt(var / n)
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def evaluate(path: Path, text: str, n_ctx: int, threads: int) -> EvalResult:
     """Evaluate one model in this process (the child side of :func:`evaluate_in_child`)."""
     from .engine import LoadSpec, Timings, load
@@ -92,7 +85,7 @@ def evaluate(path: Path, text: str, n_ctx: int, threads: int) -> EvalResult:
         ppl, err = perplexity_from_nll(nll)
         return EvalResult(str(path), header.file_type, header.file_size or Path(path).stat().st_size,
                           round(header.bits_per_weight, 2), n_ctx, n_chunks, len(nll), ppl, err,
-                          n_chunks * n_ctx / prompt_s, t.gen_tok_s, model.load_s, _peak_rss())
+                          n_chunks * n_ctx / prompt_s, t.gen_tok_s, model.load_s, process_memory_bytes("VmHWM"))
     finally:
         model.close()
 

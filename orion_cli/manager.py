@@ -207,12 +207,6 @@ class ModelManager:
         with self._cond:
             self._entries[key].pinned = pinned
 
-    def set_keep_alive(self, key: str, keep_alive_s: int | None) -> None:
-        """This model's keep-alive (None: never unloaded for inactivity)."""
-        with self._cond:
-            self._entries[key].keep_alive_s = keep_alive_s
-            self._cond.notify_all()
-
     def load(self, request: Request, *, pin: bool | None = None, keep_alive_s: int | None | str = "default") -> None:
         """Load a model (or find it loaded) without using it; optionally pin it or give it its own keep-alive."""
         with self.use(request):
@@ -231,11 +225,6 @@ class ModelManager:
         with self._cond:
             entry = self._entries.get(key)
             return entry.model if entry is not None else None
-
-    def in_use(self, key: str) -> bool:
-        with self._cond:
-            entry = self._entries.get(key)
-            return entry is not None and entry.users > 0
 
     def unload(self, key: str) -> bool:
         with self._cond:

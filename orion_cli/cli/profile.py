@@ -80,7 +80,7 @@ def _engine_check(force: bool) -> dict:
     model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
     check = check_engine(engine_key(model, flags), force=force)
     compiler = installed_compiler()
-    out = check.to_dict() | {"features": list(check.features), "compiler": compiler}
+    out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler}
     if not check.default_ok:
         out["fix"] = crash_advice(model, flags, compiler)
     return out
@@ -205,7 +205,7 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         else:
             engine = (f"[yellow]defaults crash ({e['default_signal']})[/]: loading with use_extra_bufts off "
                       f"(canary {e['tok_s_safe']:.0f} tok/s)")
-        if "AMX_INT8" in e.get("features", ()) and e["default_ok"]:
+        if e.get("amx"):
             engine += "; AMX kernels on"
         rows.append(("Engine", engine))
         if e.get("fix"):

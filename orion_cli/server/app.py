@@ -182,6 +182,7 @@ class Generation:
         self.timings = Timings()
         self.text = ""
         self.finish_reason = "stop"
+        self.completion_tokens = 0
 
     def pieces(self, cancel: threading.Event) -> Any:
         """Yield text as it is generated (stop strings cut, held back while they may be starting)."""
@@ -197,6 +198,7 @@ class Generation:
                                          timings=self.timings, chat=self.chat, **self.options)
         hold = max((len(s) for s in self.stops), default=1) - 1
         pending = ""
+        stopped = False  # by a stop string
         try:
             for piece in stream:
                 if cancel.is_set():
@@ -204,25 +206,24 @@ class Generation:
                 pending += piece
                 cut = min((pending.find(s) for s in self.stops if s in pending), default=-1)
                 if cut >= 0:
-                    pending = pending[:cut]
+                    pending, stopped = pending[:cut], True
                     break
                 if len(pending) > hold:
                     out, pending = pending[: len(pending) - hold], pending[len(pending) - hold:]
                     self.text += out
                     yield out
-            else:
-                n = len(self.model.tokenize(self.text + pending, special=False))
-                self.finish_reason = "length" if n >= self.options["max_tokens"] else "stop"
         finally:
             stream.close()
         if pending:
             self.text += pending
             yield pending
+        self.completion_tokens = len(self.model.tokenize(self.text, special=False)) if self.text else 0
+        if not stopped and self.completion_tokens >= self.options["max_tokens"]:
+            self.finish_reason = "length"
 
     def usage(self) -> dict:
-        completion = len(self.model.tokenize(self.text, special=False)) if self.text else 0
-        return {"prompt_tokens": self.timings.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.timings.prompt_tokens + completion}
+        return {"prompt_tokens": self.timings.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.timings.prompt_tokens + self.completion_tokens}
 
 
 def _sse(doc: Any) -> str:

@@ -277,22 +277,11 @@ class Served:
     measured_bytes: int | None = None  # RSS growth when it was loaded
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 class ServerState:
     """Everything ``orion serve`` owns; the routes call into it from worker threads."""
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4,
-                 on_line: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_line: Callable[[str], None] | None = None) -> None:
         from ..session import manager_for
 
         self.strategy = strategy
@@ -301,8 +290,6 @@ class ServerState:
         self.events = EventLog(on_line=on_line)
         self.metrics = Metrics()
         self.manager = manager_for(strategy, on_event=self.events, timer=True)
-        if clock is not time.monotonic:
-            self.manager._clock = clock
         self.started = time.time()
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: event streams end
         self._lock = threading.Lock()
@@ -363,12 +350,14 @@ class ServerState:
     def _measured(self, request: Request) -> Request:
         """The same request, its load measuring the RSS it adds (one load at a time, so it is its own)."""
         def load(cancel):
+            from ..device import process_memory_bytes
+
             with self._loading_lock:
-                before = _rss_bytes()
+                before = process_memory_bytes()
                 model = request.load(cancel)
                 served = self._served.get(request.key)
                 if served is not None:
-                    served.measured_bytes = max(0, _rss_bytes() - before)
+                    served.measured_bytes = max(0, process_memory_bytes() - before)
                 return model
 
         return Request(request.key, request.name, request.estimate_bytes, load, request.hint)
