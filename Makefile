@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.orion-installed
 
-.PHONY: install engine demo test bench clean
+.PHONY: install engine gpu demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ install: $(STAMP)
 # Rebuild the engine for this machine (after a CPU or compiler change), then check it.
 engine: | $(BIN)/python
 	$(BIN)/python -m orion_cli.enginebuild install --rebuild
+	$(BIN)/python -m orion_cli.enginebuild verify
+
+# The engine with llama.cpp's CUDA backend, for NVIDIA GPUs (needs the CUDA toolkit's nvcc). Its
+# wheel has a wheel-house folder of its own (the CMake flags are part of the key): pip's cache, keyed by
+# version alone, would hand back the CPU wheel. 'make install' keeps the CPU build.
+gpu: install
+	$(BIN)/python -m orion_cli.enginebuild install --cuda
 	$(BIN)/python -m orion_cli.enginebuild verify
 
 demo: install

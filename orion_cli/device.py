@@ -48,8 +48,14 @@ class GPUInfo:
     index: int
     name: str
     total_bytes: int
-    free_bytes: int
+    free_bytes: int  # what other processes hold is total - free
     driver: str | None = None
+    compute_capability: str | None = None  # "9.0" for Hopper
+    cuda_version: str | None = None  # the newest CUDA the driver runs ("13.0")
+
+    @property
+    def used_bytes(self) -> int:
+        return max(0, self.total_bytes - self.free_bytes)
 
 
 @dataclass(frozen=True)
@@ -265,8 +271,11 @@ def _usable_cores(logical: int) -> int:
 # ---------------------------------------------------------------- GPU
 
 
-def parse_nvidia_smi(csv_text: str) -> tuple[GPUInfo, ...]:
-    """Parse ``nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version
+NVIDIA_SMI_FIELDS = "index,name,memory.total,memory.free,driver_version,compute_cap"
+
+
+def parse_nvidia_smi(csv_text: str, cuda_version: str | None = None) -> tuple[GPUInfo, ...]:
+    """Parse ``nvidia-smi --query-gpu=index,name,memory.total,memory.free,driver_version[,compute_cap]
     --format=csv,noheader,nounits`` output (memory in MiB)."""
     gpus = []
     for line in csv_text.splitlines():
@@ -280,8 +289,17 @@ def parse_nvidia_smi(csv_text: str) -> tuple[GPUInfo, ...]:
         except ValueError:
             continue  # "[N/A]" on some virtual GPUs: nothing usable to report
         driver = fields[4] if len(fields) > 4 and fields[4] else None
-        gpus.append(GPUInfo(index, fields[1], total, free, driver))
+        cc = fields[5] if len(fields) > 5 and fields[5][:1].isdigit() else None
+        gpus.append(GPUInfo(index, fields[1], total, free, driver, cc, cuda_version))
     return tuple(gpus)
+
+
+def parse_cuda_version(text: str) -> str | None:
+    """The "CUDA Version: 13.0" of plain ``nvidia-smi`` output (the driver's CUDA), or None."""
+    import re
+
+    m = re.search(r"CUDA Version\s*:\s*([0-9]+\.[0-9]+)", text)
+    return m.group(1) if m else None
 
 
 def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
@@ -294,22 +312,29 @@ def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
         pynvml.nvmlInit()
     except Exception:  # NVML raises its own error types when no driver is loaded
         return None
+
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = text(pynvml.nvmlSystemGetDriverVersion())
+        cuda = None
+        try:
+            v = int(pynvml.nvmlSystemGetCudaDriverVersion_v2())
+            cuda = f"{v // 1000}.{v % 1000 // 10}"
+        except Exception:  # older drivers: no CUDA version through NVML
+            pass
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(
-                GPUInfo(
-                    i,
-                    name.decode() if isinstance(name, bytes) else name,
-                    int(mem.total),
-                    int(mem.free),
-                    driver.decode() if isinstance(driver, bytes) else driver,
-                )
-            )
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                cc = f"{major}.{minor}"
+            except Exception:
+                cc = None
+            gpus.append(GPUInfo(i, text(pynvml.nvmlDeviceGetName(handle)), int(mem.total), int(mem.free),
+                                driver, cc, cuda))
         return tuple(gpus)
     except Exception:
         return None
@@ -331,17 +356,21 @@ def detect_gpus(run: Callable[..., "subprocess.CompletedProcess"] | None = None)
     exe = shutil.which("nvidia-smi")
     if not exe:
         return ()
-    try:
-        done = run(
-            [exe, "--query-gpu=index,name,memory.total,memory.free,driver_version",
-             "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
+
+    def smi(*args: str) -> str | None:
+        try:
+            done = run([exe, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    fmt = "--format=csv,noheader,nounits"
+    csv = smi(f"--query-gpu={NVIDIA_SMI_FIELDS}", fmt)
+    if csv is None:  # drivers before 510 do not know compute_cap
+        csv = smi(f"--query-gpu={NVIDIA_SMI_FIELDS.rsplit(',', 1)[0]}", fmt)
+    if csv is None:
         return ()
-    if done.returncode != 0:
-        return ()
-    return parse_nvidia_smi(done.stdout)
+    return parse_nvidia_smi(csv, parse_cuda_version(smi() or ""))
 
 
 # ---------------------------------------------------------------- all together

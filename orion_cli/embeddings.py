@@ -132,7 +132,7 @@ class Encoder:
                 todo.append(i)
         if todo:
             sequences = [self.tokenize(texts[i]) for i in todo]
-            step = 16
+            step = 16 * getattr(self.model, "n_contexts", 1)  # every context of a pool busy
             for start in range(0, len(todo), step):
                 part = todo[start : start + step]
                 vecs = self.model.embed_tokens(sequences[start : start + step])

@@ -74,9 +74,12 @@ def build_features() -> list[str]:
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    return [name.strip() for part in info.split("|") if "=" in part
-            for name, value in [part.rsplit("=", 1)] if value.strip() == "1"
-            for name in [name.split(":")[-1]]]
+    features = [name.strip() for part in info.split("|") if "=" in part
+                for name, value in [part.rsplit("=", 1)] if value.strip() == "1"
+                for name in [name.split(":")[-1]]]
+    if llama_cpp.llama_supports_gpu_offload():  # a CUDA (or other GPU) backend is built in
+        features.append("GPU_OFFLOAD")
+    return features
 
 
 # ---------------------------------------------------------------- loading
@@ -114,21 +117,30 @@ def _model_params(progress: Callable[[float], bool] | None = None, **fields) -> 
             C.llama_model_default_params = original
 
 
-def settings_for(check: EngineCheck, *, embedding: bool = False) -> EngineSettings:
-    """The llama.cpp settings orion loads with (and estimates for) under an engine verdict."""
-    # Encoders run with flash attention: measured faster for all-MiniLM-L6-v2.
-    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding)
+def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool = False) -> EngineSettings:
+    """The llama.cpp settings orion loads with (and estimates for) under an engine verdict.
+
+    Encoders run with flash attention on the CPU (measured faster for all-MiniLM-L6-v2), but not on a
+    GPU: CUDA's kernels have no head size 32 (MiniLM's), so the op would fall back to the CPU
+    between GPU layers. An LLM offloaded to a GPU runs with it (llama.cpp's own choice there: no
+    attention-score matrix in VRAM)."""
+    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload)
+
+
+def machine_check() -> EngineCheck | None:
+    """The engine check's cached verdict for this machine (None before any check has run)."""
+    from .device import _cpu_info
+    from .enginecheck import cached_check
+
+    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    return cached_check(engine_key(model, flags))
 
 
 def machine_settings(*, embedding: bool = False) -> EngineSettings:
     """The settings loads use on this machine, for estimates made without loading (list, inspect,
     fetch, eval): from the engine check's cached verdict; llama.cpp's defaults before any check
     has run (``orion profile`` runs it). Never runs the canary itself."""
-    from .device import _cpu_info
-    from .enginecheck import cached_check
-
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
-    check = cached_check(engine_key(model, flags))
+    check = machine_check()
     return settings_for(check, embedding=embedding) if check else EngineSettings(flash_attn=embedding)
 
 
@@ -180,10 +192,13 @@ class LoadSpec:
     settings: EngineSettings = field(default_factory=EngineSettings)
     whole_window: bool = False  # batch = context: evaluate a whole window at once (perplexity)
     parallel: int = 1  # sequences decoded together (orion serve): llama.cpp's n_seq_max, one unified KV cache
+    tensor_split: tuple[float, ...] = ()  # the share of offloaded layers of each GPU (several GPUs)
+    contexts: int = 1  # an encoder's contexts on the one model, decoding side by side (a GPU pool)
 
     @property
     def key(self) -> str:
-        return f"{self.path}|ctx={self.n_ctx}|emb={self.embedding}" + (f"|seq={self.parallel}" if self.parallel > 1 else "")
+        return (f"{self.path}|ctx={self.n_ctx}|emb={self.embedding}" + (f"|seq={self.parallel}" if self.parallel > 1 else "")
+                + (f"|gpu={self.n_gpu_layers}" if self.n_gpu_layers else ""))
 
 
 @dataclass(frozen=True)
@@ -233,6 +248,49 @@ def _decode_alone(ctx, batch, tokens: Sequence[int], output: Callable[[int], boo
         raise RuntimeError("llama_decode failed")
 
 
+# Sequences an encoder decodes together (one llama_decode): 1, measured fastest on CPUs.
+EMBED_PACK = 1
+
+
+class _TokenBatch:
+    """A ``llama_batch`` whose arrays are numpy's: filled by array copies, one sequence id a token."""
+
+    def __init__(self, capacity: int) -> None:
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.seq = np.zeros(capacity, np.int32)
+        self.logits = np.ones(capacity, np.int8)
+        seq_p = ctypes.POINTER(llama_cpp.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_p * capacity)(*[ctypes.cast(base + 4 * i, seq_p) for i in range(capacity)])
+        b = llama_cpp.llama_batch()
+        b.token = self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_p))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.batch = b
+
+    def fill(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Sequence k of ``sequences`` as seq_id k, positions from 0, every token an output."""
+        import numpy as np
+
+        n = 0
+        for k, tokens in enumerate(sequences):
+            m = len(tokens)
+            self.token[n: n + m] = tokens
+            self.pos[n: n + m] = np.arange(m, dtype=np.int32)
+            self.seq[n: n + m] = k
+            n += m
+        self.batch.n_tokens = n
+
+
 class LoadedModel:
     """One model loaded in llama.cpp."""
 
@@ -242,11 +300,11 @@ class LoadedModel:
         self._llm = llm
         self._chat_handler = chat_handler
         self.load_s = load_s
-        self._embed_batch = None
+        self._pool: queue.Queue | None = None  # (context, batch) pairs of an encoder
+        self._extra_contexts: list = []
+        self.n_contexts = 1
         if spec.embedding:
-            import llama_cpp
-
-            self._embed_batch = llama_cpp.llama_batch_init(spec.n_ctx, 0, 1)
+            self._open_pool(max(1, spec.contexts))
         self.has_chat_template = bool(header.get("tokenizer.chat_template"))
         self._decoder: ParallelDecoder | None = None
         self._decoder_lock = threading.Lock()
@@ -361,30 +419,89 @@ class LoadedModel:
     def n_embd(self) -> int:
         return self._llm.n_embd()
 
+    def _open_pool(self, n: int) -> None:
+        """The encoder's contexts: llama-cpp-python's own, and ``n - 1`` more on the same model
+        (the weights are shared; each context has its own compute buffer and, on a GPU, its own
+        stream), each with a batch of its own. ``llama_decode`` releases the GIL, so threads
+        decode on them side by side."""
+        import llama_cpp
+
+        capacity = self.spec.n_ctx * EMBED_PACK
+        threads = max(1, self.spec.threads // n) if n > 1 else self.spec.threads
+        self._pool = queue.Queue()
+        contexts = [self._llm._ctx.ctx]
+        params = self._llm.context_params
+        params.n_threads = params.n_threads_batch = threads
+        for _ in range(n - 1):
+            ctx = llama_cpp.llama_init_from_model(self._llm._model.model, params)
+            if not ctx:
+                break  # out of memory for another: the pool is what fitted
+            self._extra_contexts.append(ctx)
+            contexts.append(ctx)
+        for ctx in contexts:
+            llama_cpp.llama_set_n_threads(ctx, threads, threads)
+            self._pool.put((ctx, _TokenBatch(capacity)))
+        self.n_contexts = len(contexts)
+
     def embed_tokens(self, sequences: Sequence[Sequence[int]]):
         """Pooled embeddings (float32 matrix, one row per sequence, not normalised) of token-id lists.
 
         One sequence per decode, the whole sequence in one micro-batch: measured on
         all-MiniLM-L6-v2 (F16, ~200-token chunks, 2 threads) this beat packing 2, 4 or
-        8 sequences per batch (17.6 / 16.7 / 13.4 chunks/s against 17.8), and
-        llama-cpp-python's embed() builds batches token by token in Python and
-        reads results back as Python lists.
+        8 sequences per batch (17.6 / 16.7 / 13.4 chunks/s against 17.8). The batch is
+        filled from numpy arrays (no per-token Python). With several contexts (a GPU pool),
+        the sequences are shared out between threads, one context each.
         """
-        import llama_cpp
         import numpy as np
 
-        ctx = self._llm._ctx.ctx
-        n_embd = self._llm.n_embd()
         longest = max((len(s) for s in sequences), default=0)
         if longest > self.spec.n_ctx:
             raise ValueError(f"a sequence of {longest} tokens exceeds n_ctx {self.spec.n_ctx}")
-        batch = self._embed_batch
-        out = np.empty((len(sequences), n_embd), dtype=np.float32)
-        for row, tokens in enumerate(sequences):
-            _decode_alone(ctx, batch, tokens, lambda pos: True)
-            ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
-            out[row] = np.ctypeslib.as_array(ptr, shape=(n_embd,))
+        out = np.empty((len(sequences), self._llm.n_embd()), dtype=np.float32)
+        if self.n_contexts == 1 or len(sequences) < 2:
+            self._embed_rows(sequences, range(len(sequences)), out)
+            return out
+        # longest first, dealt round-robin: every thread gets a like share of the work
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        shares = [order[k::self.n_contexts] for k in range(self.n_contexts)]
+        errors: list[BaseException] = []
+
+        def work(share: list[int]) -> None:
+            try:
+                self._embed_rows(sequences, share, out)
+            except BaseException as exc:  # raised again in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(share,), daemon=True) for share in shares if share]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
         return out
+
+    def _embed_rows(self, sequences: Sequence[Sequence[int]], rows, out) -> None:
+        """Embed ``sequences[i]`` into ``out[i]`` for i in ``rows``, on a context of the pool."""
+        import llama_cpp
+        import numpy as np
+
+        ctx, batch = self._pool.get()
+        try:
+            n_embd = out.shape[1]
+            memory = llama_cpp.llama_get_memory(ctx)
+            rows = list(rows)
+            for start in range(0, len(rows), EMBED_PACK):
+                part = rows[start: start + EMBED_PACK]
+                batch.fill([sequences[i] for i in part])
+                if memory:
+                    llama_cpp.llama_memory_clear(memory, True)
+                if llama_cpp.llama_decode(ctx, batch.batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                for seq, i in enumerate(part):
+                    out[i] = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, seq), shape=(n_embd,))
+        finally:
+            self._pool.put((ctx, batch))
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -395,11 +512,13 @@ class LoadedModel:
                 self._chat_handler.close()
             except Exception:  # the handler's own cleanup; the model closes regardless
                 pass
-        if self._embed_batch is not None:
+        if self._extra_contexts:
             import llama_cpp
 
-            llama_cpp.llama_batch_free(self._embed_batch)
-            self._embed_batch = None
+            for ctx in self._extra_contexts:
+                llama_cpp.llama_free(ctx)
+            self._extra_contexts = []
+        self._pool = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -727,6 +846,8 @@ def load(
     verbose = debug_enabled()
     s = spec.settings
     parallel = {"n_seq_max": spec.parallel, "kv_unified": True} if spec.parallel > 1 else {}
+    if spec.embedding and EMBED_PACK > 1:
+        parallel = {"n_seq_max": EMBED_PACK}
     with _model_params(progress=on_progress, use_extra_bufts=check.use_extra_bufts and s.repack), \
             _context_params(**parallel):
         from llama_cpp import Llama
@@ -742,9 +863,13 @@ def load(
         try:
             # an encoder or a scored window is evaluated whole, in one batch
             n_batch = max(s.n_ubatch, spec.n_ctx) if (spec.embedding or spec.whole_window) else s.n_ubatch
+            n_ctx = spec.n_ctx
+            if spec.embedding:  # EMBED_PACK sequences a decode
+                n_ctx = n_batch = spec.n_ctx * EMBED_PACK
             llm = Llama(
-                str(spec.path), n_ctx=spec.n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
+                str(spec.path), n_ctx=n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
                 n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=spec.n_gpu_layers,
+                tensor_split=list(spec.tensor_split) or None,
                 swa_full=s.swa_full, flash_attn=s.flash_attn, embedding=spec.embedding,
                 chat_handler=chat_handler, verbose=verbose,
             )

@@ -16,6 +16,7 @@ used for it.
 
     python -m orion_cli.enginebuild plan      what would be built, and where its wheel lives
     python -m orion_cli.enginebuild install   build (or reuse) the wheel and install it
+    python -m orion_cli.enginebuild install --cuda   the same with llama.cpp's CUDA backend (make gpu)
     python -m orion_cli.enginebuild verify    what the installed build is, and the engine check
 
 This module uses the standard library only: the Makefile runs it from the source
@@ -61,6 +62,7 @@ class BuildPlan:
     cmake_args: str
     reason: str
     apt_packages: tuple[str, ...] = ()
+    extra_path: str = ""  # a folder to put first on PATH (nvcc's)
 
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment a build runs in."""
@@ -70,6 +72,8 @@ class BuildPlan:
         if self.cc:
             env["CC"], env["CXX"] = self.cc, self.cxx or self.cc
         env["CMAKE_ARGS"] = self.cmake_args
+        if self.extra_path:
+            env["PATH"] = f"{self.extra_path}{os.pathsep}{env.get('PATH', '')}"
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         return env
 
@@ -85,13 +89,32 @@ def has_amx(cpu_flags: Sequence[str]) -> bool:
     return any(f in ("AMX", "amx_tile", "amx_int8") for f in cpu_flags)
 
 
-def plan_build(cpu_flags: Sequence[str], *, cmake_args: str = "", version: str = LLAMA_CPP_VERSION) -> BuildPlan:
-    """The compiler and flags for this CPU."""
+CUDA_CMAKE_ARGS = "-DGGML_CUDA=on"
+
+
+def plan_build(cpu_flags: Sequence[str], *, cmake_args: str = "", version: str = LLAMA_CPP_VERSION,
+               cuda: bool = False) -> BuildPlan:
+    """The compiler and flags for this CPU (``cuda``: with llama.cpp's CUDA backend as well)."""
+    if cuda and CUDA_CMAKE_ARGS not in cmake_args:
+        cmake_args = f"{cmake_args} {CUDA_CMAKE_ARGS}".strip()
+    gpu = " (+ CUDA)" if cuda else ""
     if has_amx(cpu_flags):
         return BuildPlan(version, AMX_CC, AMX_CXX, cmake_args,
-                         f"the CPU has AMX: {AMX_CC} builds ggml's AMX kernels correctly (GCC's crash)",
+                         f"the CPU has AMX: {AMX_CC} builds ggml's AMX kernels correctly (GCC's crash){gpu}",
                          AMX_APT_PACKAGES)
-    return BuildPlan(version, None, None, cmake_args, "no AMX on this CPU: the default compiler, as pip uses")
+    return BuildPlan(version, None, None, cmake_args, f"no AMX on this CPU: the default compiler, as pip uses{gpu}")
+
+
+def find_nvcc(env: Mapping[str, str] | None = None) -> str | None:
+    """CUDA's compiler: on the PATH, under CUDA_HOME, or in /usr/local/cuda."""
+    env = os.environ if env is None else env
+    found = shutil.which("nvcc", path=env.get("PATH"))
+    if found:
+        return found
+    for base in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
+        if base and (Path(base) / "bin" / "nvcc").exists():
+            return str(Path(base) / "bin" / "nvcc")
+    return None
 
 
 def compiler_identity(cc: str | None, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> str:
@@ -165,11 +188,21 @@ def build_wheel(plan: BuildPlan, folder: Path, python: str, say: Callable[[str],
 
 
 def install_engine(python: str = sys.executable, *, say: Callable[[str], None] = print,
-                   env: Mapping[str, str] | None = None, rebuild: bool = False,
+                   env: Mapping[str, str] | None = None, rebuild: bool = False, cuda: bool = False,
                    run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> Path:
-    """Build this machine's engine wheel (or reuse the one in its wheel-house) and install it."""
+    """Build this machine's engine wheel (or reuse the one in its wheel-house) and install it.
+
+    ``cuda``: llama.cpp's CUDA backend too (``make gpu``); its wheel has a wheel-house folder
+    of its own (the CMake flags are in the key), so the CPU build stays where it is."""
     model, flags = _cpu_identity()
-    plan = plan_build(flags, cmake_args=(env or os.environ).get("CMAKE_ARGS", ""))
+    plan = plan_build(flags, cmake_args=(env or os.environ).get("CMAKE_ARGS", ""), cuda=cuda)
+    if cuda:
+        nvcc = find_nvcc(env)
+        if nvcc is None:
+            raise EngineBuildError("CUDA's compiler (nvcc) is not installed: the CUDA build needs the CUDA toolkit",
+                                   hint="install the CUDA toolkit (nvcc) or set CUDA_HOME, then run 'make gpu' again")
+        plan = BuildPlan(plan.version, plan.cc, plan.cxx, plan.cmake_args, plan.reason, plan.apt_packages,
+                         extra_path=str(Path(nvcc).parent))
     ensure_compiler(plan, say, run)
     compiler = compiler_identity(plan.cc, run)
     folder = wheel_house(env) / plan.key(compiler, f"{model}|{'+'.join(flags)}")
@@ -288,17 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orion_cli.enginebuild", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["plan", "install", "verify"])
     parser.add_argument("--rebuild", action="store_true", help="build again even if the wheel-house has it")
+    parser.add_argument("--cuda", action="store_true", help="with llama.cpp's CUDA backend (NVIDIA GPUs; needs nvcc)")
     args = parser.parse_args(argv)
     say = lambda line: print(f"orion engine: {line}", flush=True)  # noqa: E731
     try:
         if args.action == "plan":
             model, flags = _cpu_identity()
-            plan = plan_build(flags, cmake_args=os.environ.get("CMAKE_ARGS", ""))
+            plan = plan_build(flags, cmake_args=os.environ.get("CMAKE_ARGS", ""), cuda=args.cuda)
             compiler = compiler_identity(plan.cc) if plan.cc is None or shutil.which(plan.cc) else ""
             say(f"{PACKAGE} {plan.version} with {plan.cc or 'the default compiler'}: {plan.reason}")
             say(f"wheel-house: {wheel_house() / plan.key(compiler, f'{model}|{chr(43).join(flags)}')}")
         elif args.action == "install":
-            install_engine(say=say, rebuild=args.rebuild)
+            install_engine(say=say, rebuild=args.rebuild, cuda=args.cuda)
         else:
             return verify(say)
     except OrionError as exc:
@@ -316,6 +350,8 @@ def verify(say: Callable[[str], None]) -> int:
     model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
     check = check_engine(engine_key(model, flags), force=True)
     say(f"engine check on {model}: {check.verdict()}")
+    say("GPU offload: " + ("yes (llama_supports_gpu_offload)" if check.gpu_offload else
+                           "no (a CPU build; 'make gpu' builds it with CUDA)"))
     if not check.default_ok and has_amx(flags):
         say(f"warning: the fast AMX path is off; '{rebuild_command()}' rebuilds it with {AMX_CC}")
     return 0

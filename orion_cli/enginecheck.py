@@ -48,6 +48,11 @@ class EngineCheck:
         enable them) survive here."""
         return self.default_ok and "AMX_INT8" in self.features
 
+    @property
+    def gpu_offload(self) -> bool:
+        """Whether this build can put layers on a GPU (llama_supports_gpu_offload)."""
+        return "GPU_OFFLOAD" in self.features
+
     def verdict(self) -> str:
         if self.default_ok:
             return "llama.cpp's default settings work"

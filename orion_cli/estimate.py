@@ -110,6 +110,26 @@ class Estimate:
         }
 
 
+def tensor_layer(name: str, n_layers: int) -> int | None:
+    """Where llama.cpp places a tensor when it offloads: ``blk.i.*`` with layer i, the output
+    (``output.weight``, ``output_norm``) as layer ``n_layers``; None for the input layer
+    (token embedding and the like), which llama.cpp always keeps on the CPU."""
+    if name.startswith("blk."):
+        head = name.split(".", 2)[1]
+        return int(head) if head.isdigit() else None
+    if name.startswith("output.") or name.startswith("output_norm"):
+        return n_layers
+    return None
+
+
+def first_gpu_layer(n_layers: int, n_gpu_layers: int) -> int:
+    """The first layer llama.cpp offloads for ``n_gpu_layers`` (it counts from the output down:
+    ``n_gpu_layers`` = n_layers + 1 puts every repeating layer and the output on the GPU)."""
+    if n_gpu_layers < 0:
+        return 0
+    return max(n_layers + 1 - n_gpu_layers, 0)
+
+
 def _pad(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
 
@@ -128,8 +148,21 @@ def swa_layers(header: GGUFHeader) -> list[bool]:
     return [i % pattern < pattern - 1 for i in range(n)]
 
 
-def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings) -> tuple[int, str, int]:
-    """KV cache bytes, how, and the most KV cells one layer attends to."""
+def kv_per_layer(header: GGUFHeader, n_ctx: int, s: EngineSettings) -> list[int]:
+    """KV cache bytes of each layer (none for an encoder)."""
+    if header.architecture in ENCODER_ARCHITECTURES:
+        return [0] * header.n_layers
+    cells_full = _pad(n_ctx)
+    window = header.sliding_window
+    swa = swa_layers(header)
+    cells_swa = cells_full if s.swa_full or not window else min(cells_full, _pad(window + s.n_ubatch))
+    per_cell = [kv * (header.head_dim_k + header.head_dim_v) * s.kv_bytes_per_value for kv in header.n_head_kv]
+    return [per_cell[i] * (cells_swa if swa[i] else cells_full) for i in range(header.n_layers)]
+
+
+def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None = None) -> tuple[int, str, int]:
+    """KV cache bytes (of the layers below ``first_gpu``: those on the CPU), how, and the most KV
+    cells one layer attends to."""
     if header.architecture in ENCODER_ARCHITECTURES:
         return 0, "encoder: no KV cache", n_ctx
     cells_full = _pad(n_ctx)
@@ -137,7 +170,8 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings) -> tuple[int, str, in
     swa = swa_layers(header)
     cells_swa = cells_full if s.swa_full or not window else min(cells_full, _pad(window + s.n_ubatch))
     per_cell = [kv * (header.head_dim_k + header.head_dim_v) * s.kv_bytes_per_value for kv in header.n_head_kv]
-    total = sum(per_cell[i] * (cells_swa if swa[i] else cells_full) for i in range(header.n_layers))
+    per_layer = kv_per_layer(header, n_ctx, s)
+    total = sum(per_layer[: header.n_layers if first_gpu is None else first_gpu])
     n_swa = sum(swa)
     n_full = header.n_layers - n_swa
     cell = format_bytes(max(per_cell or [0]))
@@ -145,6 +179,8 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings) -> tuple[int, str, in
     if n_swa:
         how += f" + {n_swa} sliding-window layers × {cells_swa} cells"
     how += f", {cell} a cell (K+V, f16)"
+    if first_gpu is not None and first_gpu < header.n_layers:
+        how = f"the {first_gpu} layers on the CPU of {how}"
     return total, how, cells_full if n_full else cells_swa
 
 
@@ -168,6 +204,11 @@ def _amx_copies(header: GGUFHeader) -> dict[str, int]:
     return out
 
 
+def _tied_output(header: GGUFHeader) -> bool:
+    return header.architecture not in ENCODER_ARCHITECTURES and not any(
+        t.name == "output.weight" for t in header.tensors)
+
+
 def estimate_memory(
     header: GGUFHeader,
     n_ctx: int,
@@ -175,18 +216,31 @@ def estimate_memory(
     *,
     projector: GGUFHeader | None = None,
     repack_supported: bool = True,
+    n_gpu_layers: int = 0,
 ) -> Estimate:
-    """Resident memory of the model loaded with ``n_ctx`` and a full context, by part."""
+    """Resident memory (RAM) of the model loaded with ``n_ctx`` and a full context, by part.
+
+    With ``n_gpu_layers`` > 0, the part that stays on the CPU: the input layer, the layers below
+    the first offloaded one, their KV cache, and the runtime (CUDA's host side included);
+    :func:`estimate_gpu` counts the rest."""
     s = settings or EngineSettings()
-    kv_bytes, kv_how, max_cells = _kv(header, n_ctx, s)
+    first_gpu = first_gpu_layer(header.n_layers, n_gpu_layers) if n_gpu_layers else header.n_layers + 1
+    offloaded = first_gpu <= header.n_layers
+    kv_bytes, kv_how, max_cells = _kv(header, n_ctx, s, first_gpu if offloaded else None)
+
+    def on_cpu(name: str) -> bool:
+        layer = tensor_layer(name, header.n_layers)
+        return layer is None or layer < first_gpu
 
     repack = 0
     repack_how = f"{', '.join(sorted(REPACKED_TYPES))} matrices copied into interleaved layout"
     if s.repack and repack_supported:
-        amx = _amx_copies(header) if s.amx else {}
+        # a tied output's copy is the token embedding's: on the CPU only while the output is
+        amx = {k: v for k, v in _amx_copies(header).items()
+               if (k != "token_embd.weight" and on_cpu(k)) or first_gpu > header.n_layers} if s.amx else {}
         repack = sum(amx.values()) + sum(
             t.n_bytes for t in header.tensors
-            if len(t.shape) >= 2 and t.name != "token_embd.weight" and t.name not in amx
+            if len(t.shape) >= 2 and t.name != "token_embd.weight" and t.name not in amx and on_cpu(t.name)
             and ggml_type_name(t.ggml_type) in REPACKED_TYPES
         )
         if amx:
@@ -195,25 +249,125 @@ def estimate_memory(
 
     n_ubatch = min(s.n_ubatch, n_ctx)
     heads = max(header.n_head or [1])
-    n_ff = header.arch_key("feed_forward_length", 4 * header.n_embd)
-    n_ff = max(n_ff) if isinstance(n_ff, list) else int(n_ff or 0)
+    n_ff = _n_ff(header)
     kv_heads = max(header.n_head_kv or [heads])
     activations = n_ubatch * 4 * (header.n_embd + 2 * n_ff + (heads + 2 * kv_heads) * header.head_dim_k)
     scores = 0 if s.flash_attn else 2 * n_ubatch * heads * 4 * max_cells
     compute_how = f"activations of {n_ubatch} tokens"
-    if scores:
+    if first_gpu == 0:  # everything offloaded: the CPU only looks up the input embeddings
+        activations, scores = n_ubatch * 4 * header.n_embd, 0
+        compute_how = f"input embeddings of {n_ubatch} tokens (the rest runs on the GPU)"
+    elif scores:
         compute_how += f" + attention scores {n_ubatch} × {max_cells} × {heads} heads (f32, ×2)"
 
     overhead = OVERHEAD_BASE_BYTES + OVERHEAD_PER_VOCAB_TOKEN_BYTES * header.n_vocab
+    if offloaded:
+        overhead += CUDA_HOST_BYTES
+    # Loading maps the whole file and reads every tensor, the offloaded ones on their way to the GPU
+    # (llama.cpp unmaps those afterwards): the peak holds them all. Measured on an H200's host:
+    # peak RSS growth within 4 % of this with every layer offloaded (bench/gpu.py).
+    weights = header.tensor_bytes if offloaded else sum(t.n_bytes for t in header.tensors if on_cpu(t.name))
     return Estimate(
         n_ctx=n_ctx,
-        weights_bytes=header.tensor_bytes,
+        weights_bytes=weights,
         repack_bytes=repack,
         kv_bytes=kv_bytes,
         compute_bytes=activations + scores,
         overhead_bytes=overhead,
-        projector_bytes=projector.tensor_bytes if projector is not None else 0,
+        projector_bytes=projector.tensor_bytes if projector is not None and not offloaded else 0,
         kv_how=kv_how,
         compute_how=compute_how,
         repack_how=repack_how,
+    )
+
+
+def _n_ff(header: GGUFHeader) -> int:
+    n_ff = header.arch_key("feed_forward_length", 4 * header.n_embd)
+    return max(n_ff) if isinstance(n_ff, list) else int(n_ff or 0)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+# What a process that uses a CUDA GPU holds there beyond llama.cpp's buffers (the CUDA context,
+# cuBLAS, ggml-cuda's memory pool), and on the host (the CUDA runtime's libraries and pinned
+# staging buffers); measured on an H200 (docs/benchmarks.md, bench/gpu.py).
+CUDA_CONTEXT_BYTES = 608 * MiB
+CUDA_HOST_BYTES = 300 * MiB  # peak RSS growth 1,203 MiB for a 907 MiB model, all offloaded
+
+
+def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, *, with_output: bool,
+                      embedding: bool = False) -> int:
+    """The compute buffer llama.cpp reserves on a GPU (allocated whole there, unlike the CPU's,
+    of which only the touched pages count): the peak of the graph for one micro-batch, which is
+    the logits when the output layer is on that GPU (n_ubatch × vocabulary, f32), else the
+    feed-forward activations or, without flash attention, the attention scores.
+
+    Fitted to llama.cpp's own report (``compute buffer size``) for gemma3-270m and a random
+    1024-wide llama at 512 to 16,384 cells, with and without flash attention."""
+    s = settings
+    n_ubatch = min(s.n_ubatch, n_ctx) if not embedding else n_ctx
+    cells = _pad(n_ctx) if header.architecture not in ENCODER_ARCHITECTURES else n_ctx
+    heads = max(header.n_head or [1])
+    kv_heads = max(header.n_head_kv or [heads])
+    ffn = n_ubatch * 4 * 4 * _n_ff(header)
+    if s.flash_attn:
+        layer_peak = ffn + cells * n_ubatch * 2  # + the f16 mask
+    else:
+        attention = cells * n_ubatch * (4 * heads + 4) + n_ubatch * 4 * (
+            4 * header.n_embd + 6 * kv_heads * header.head_dim_k)
+        layer_peak = max(ffn, attention)
+    output_peak = 0
+    if with_output and not embedding and header.architecture not in ENCODER_ARCHITECTURES:
+        output_peak = n_ubatch * 4 * (header.n_vocab + 2 * header.n_embd)
+    return max(layer_peak, output_peak)
+
+
+@dataclass(frozen=True)
+class GPUEstimate:
+    """What one GPU holds for the layers offloaded to it."""
+
+    layers: tuple[int, int]  # [first, last] layer indices on it (n_layers = the output)
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    runtime_bytes: int
+    projector_bytes: int = 0
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0] + 1 if self.layers[1] >= self.layers[0] else 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes + self.projector_bytes
+
+    def arithmetic(self) -> str:
+        parts = [("weights", self.weights_bytes), ("KV cache", self.kv_bytes), ("compute", self.compute_bytes),
+                 ("CUDA runtime", self.runtime_bytes), ("projector", self.projector_bytes)]
+        terms = " + ".join(f"{format_bytes(b)} {name}" for name, b in parts if b or name == "weights")
+        return f"{terms} = {format_bytes(self.total_bytes)}"
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "total_bytes": self.total_bytes, "weights_bytes": self.weights_bytes,
+                "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes, "runtime_bytes": self.runtime_bytes,
+                "projector_bytes": self.projector_bytes}
+
+
+def estimate_gpu(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first: int, last: int, *,
+                 projector: GGUFHeader | None = None, embedding: bool = False) -> GPUEstimate:
+    """One GPU's memory for layers ``first``..``last`` (``header.n_layers`` is the output layer)."""
+    n = header.n_layers
+    weights = sum(t.n_bytes for t in header.tensors
+                  if (layer := tensor_layer(t.name, n)) is not None and first <= layer <= last)
+    with_output = first <= n <= last
+    if with_output and _tied_output(header):
+        weights += sum(t.n_bytes for t in header.tensors if t.name == "token_embd.weight")  # the output's copy
+    kv = sum(kv_per_layer(header, n_ctx, settings)[first: min(last, n - 1) + 1])
+    return GPUEstimate(
+        layers=(first, last),
+        weights_bytes=weights,
+        kv_bytes=kv,
+        compute_bytes=gpu_compute_bytes(header, n_ctx, settings, with_output=with_output, embedding=embedding),
+        runtime_bytes=CUDA_CONTEXT_BYTES,
+        projector_bytes=projector.tensor_bytes if projector is not None and with_output else 0,
     )

@@ -90,11 +90,13 @@ def evaluate(path: Path, text: str, n_ctx: int, threads: int) -> EvalResult:
         model.close()
 
 
-def speed(path: Path, threads: int, prompt_tokens: int = 256) -> dict:
-    """Prompt-processing and generation tokens/s of a model (for `orion profile --bench`)."""
-    from .engine import LoadSpec, Timings, load
+def speed(path: Path, threads: int, prompt_tokens: int = 256, n_gpu_layers: int = 0) -> dict:
+    """Prompt-processing and generation tokens/s of a model (for `orion profile --bench`);
+    ``n_gpu_layers`` -1: every layer on the GPU."""
+    from .engine import LoadSpec, Timings, current_check, load, settings_for
 
-    model = load(LoadSpec(Path(path), 1024, threads))
+    settings = settings_for(current_check(), offload=n_gpu_layers != 0)
+    model = load(LoadSpec(Path(path), 1024, threads, n_gpu_layers, settings=settings))
     try:
         text = default_text()
         tokens = model.tokenize(text)[:prompt_tokens]
@@ -125,8 +127,8 @@ def evaluate_in_child(path: Path, text_file: Path, n_ctx: int, threads: int) -> 
     return EvalResult(**doc)
 
 
-def speed_in_child(path: Path, threads: int) -> dict:
-    return _run_child(["speed", str(path), str(threads)], f"measuring {Path(path).name}")
+def speed_in_child(path: Path, threads: int, n_gpu_layers: int = 0) -> dict:
+    return _run_child(["speed", str(path), str(threads), str(n_gpu_layers)], f"measuring {Path(path).name}")
 
 
 def _child_main(argv: list[str]) -> None:
@@ -134,7 +136,7 @@ def _child_main(argv: list[str]) -> None:
 
     try:
         if argv[0] == "speed":
-            doc = speed(Path(argv[1]), int(argv[2]))
+            doc = speed(Path(argv[1]), int(argv[2]), n_gpu_layers=int(argv[3]) if len(argv) > 3 else 0)
         else:
             path, text_file, n_ctx, threads = argv
             doc = evaluate(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads)).to_dict()

@@ -14,12 +14,13 @@ import fnmatch
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import DoesNotFit, InvalidValue, NotFound
 from .estimate import EngineSettings, Estimate, estimate_memory
 from .gguf_header import GGUFHeader, merge_parts, split_part_names
 from .models import LocalModel, ModelRef, Registry
+from .offload import OffloadPlan, plan_offload
 from .strategy import Strategy, now_iso
 from .units import format_bytes
 
@@ -35,15 +36,25 @@ LEVEL_CAP = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
 LEVEL_PREFERRED = {"q4": ("Q4_K_M", "Q4_0"), "q8": ("Q8_0",), "q16": ("F16", "BF16"), "q32": ("F32",)}
 
 
-def expected_tok_s(bench: dict, size_bytes: int) -> float | None:
+def expected_tok_s(bench: dict, size_bytes: int, gpu_share: float = 0.0) -> float | None:
     """Generation speed expected for a file of ``size_bytes``, scaled from a measured model.
 
-    Generation on a CPU reads every weight once per token, so it is bound by memory
-    bandwidth: tokens/s scales with 1 / model size (a rough guide, shown as ~).
+    Generation reads every weight once per token, so it is bound by memory bandwidth:
+    tokens/s scales with 1 / model size (a rough guide, shown as ~). With ``gpu_share`` of the
+    weights on the GPU, a token takes the CPU's time for the rest plus the GPU's for that share,
+    each from the measured model on it (``orion profile --bench`` measures it on the GPU too);
+    None where that was not measured.
     """
     if not bench or not bench.get("gen_tok_s") or not bench.get("size_bytes") or not size_bytes:
         return None
-    return bench["gen_tok_s"] * bench["size_bytes"] / size_bytes
+    cpu_rate = bench["gen_tok_s"] * bench["size_bytes"]  # weight bytes read per second
+    if gpu_share <= 0:
+        return cpu_rate / size_bytes
+    gpu = bench.get("gpu") or {}
+    if not gpu.get("gen_tok_s"):
+        return None
+    gpu_rate = gpu["gen_tok_s"] * bench["size_bytes"]
+    return 1.0 / (size_bytes * (1 - gpu_share) / cpu_rate + size_bytes * gpu_share / gpu_rate)
 
 
 def quality_rank(file_type: str) -> int:
@@ -56,13 +67,25 @@ class Candidate:
     parts: tuple[str, ...]
     size_bytes: int
     header: GGUFHeader
-    estimate: Estimate
+    estimate: Estimate  # what stays in RAM (all of it without a GPU)
     verdict: str = ""
     fits: bool = False
+    offload: OffloadPlan | None = None  # with a GPU: where its layers go
 
     @property
     def file_type(self) -> str:
         return self.header.file_type
+
+    @property
+    def gpu_share(self) -> float:
+        """The share of its weights on the GPU."""
+        if self.offload is None or not self.header.tensor_bytes:
+            return 0.0
+        return min(1.0, sum(g.weights_bytes for g in self.offload.gpus) / self.header.tensor_bytes)
+
+    @property
+    def gpu_layers(self) -> str:
+        return f"{self.offload.n_gpu_layers}/{self.offload.n_total}" if self.offload is not None else ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +104,7 @@ class FetchPlan:
     hint: str = ""
     listing: object = field(default=None, compare=False, repr=False)  # hub.RepoListing
     bench: dict = field(default_factory=dict)  # the strategy's measured speed, for expected tok/s
+    gpu_budgets: tuple[int, ...] = ()  # each GPU's budget (none: no GPU offload)
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +112,7 @@ class FetchPlan:
             "commit": self.commit,
             "n_ctx": self.n_ctx,
             "budget_bytes": self.budget_bytes,
+            "gpu_budgets": list(self.gpu_budgets),
             "free_disk_bytes": self.free_disk_bytes,
             "level": self.level,
             "chosen": self.chosen.filename if self.chosen else None,
@@ -97,7 +122,8 @@ class FetchPlan:
                     "file": c.filename, "parts": list(c.parts), "file_type": c.file_type, "size_bytes": c.size_bytes,
                     "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
                     "fits": c.fits, "verdict": c.verdict,
-                    "expected_tok_s": expected_tok_s(self.bench, c.size_bytes),
+                    "expected_tok_s": expected_tok_s(self.bench, c.size_bytes, c.gpu_share),
+                    "offload": c.offload.to_dict() if c.offload is not None else None,
                 }
                 for c in self.candidates
             ],
@@ -151,14 +177,22 @@ def plan_fetch(
     read_header: Callable[[str, str, int | None], GGUFHeader] | None = None,
     listing=None,
     settings: EngineSettings | None = None,
+    gpu_budgets: Sequence[int] | None = None,
 ) -> FetchPlan:
     """Every candidate file of the model's repo with its estimate and verdict, and the choice.
 
-    ``settings``: the engine settings the estimates assume (default: this machine's)."""
+    ``settings``: the engine settings the estimates assume (default: this machine's).
+    ``gpu_budgets``: each GPU's budget (default: this machine's GPUs, where the engine can offload).
+    With a GPU, each candidate gets an offload plan; its RAM part is what the budget must hold, and
+    a file that fits wholly on the GPU is preferred to a larger one that spills onto the CPU."""
     from . import hub
     from .engine import machine_settings
 
     settings = settings or machine_settings()
+    if gpu_budgets is None:
+        gpu_budgets = _machine_gpu_budgets(strategy)
+    gpu_budgets = tuple(gpu_budgets) if strategy.n_gpu_layers != 0 else ()
+    gpu_settings = replace(settings, flash_attn=True)
 
     if ref.repo is None:
         raise NotFound(f"{ref.name} is a local file, there is nothing to fetch", hint="use it directly")
@@ -192,6 +226,11 @@ def plan_fetch(
         headers = [read_header(ref.repo, n, listing.get(n).size) for n in group]
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
         size = sum(listing.get(n).size or 0 for n in group)
+        if gpu_budgets:
+            plan = plan_offload(header, n_ctx, gpu_settings, gpu_budgets, strategy.n_gpu_layers,
+                                projector=projector_header)
+            if plan.n_gpu_layers:
+                return Candidate(group[0], group, size, header, plan.cpu, offload=plan)
         est = estimate_memory(header, n_ctx, settings, projector=projector_header)
         return Candidate(group[0], group, size, header, est)
 
@@ -230,7 +269,9 @@ def plan_fetch(
             if chosen:
                 break
     else:
-        chosen = next((c for c in judged if c.fits), None)
+        # with a GPU, the best file that fits wholly on it, else the best that fits at all
+        chosen = next((c for c in judged if c.fits and c.offload is not None and c.offload.full), None) \
+            or next((c for c in judged if c.fits), None)
     if chosen:
         judged = [replace(c, verdict="chosen") if c is chosen else c for c in judged]
 
@@ -238,7 +279,18 @@ def plan_fetch(
                                              settings)
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
-                     projector_size, hint, listing, strategy.bench)
+                     projector_size, hint, listing, strategy.bench, gpu_budgets)
+
+
+def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
+    """This machine's GPU budgets, where the engine's cached verdict says it can offload."""
+    if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
+        return []
+    from .engine import machine_check
+    from .session import gpu_budgets_now
+
+    check = machine_check()
+    return gpu_budgets_now(strategy) if check is not None and check.gpu_offload else []
 
 
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,

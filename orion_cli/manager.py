@@ -50,6 +50,7 @@ class Entry:
     pinned: bool = False
     users: int = 0
     keep_alive_s: int | None = None  # this model's; the manager's default unless set
+    gpu_bytes: int = 0  # its VRAM estimate (layers offloaded to GPUs)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Request:
     estimate_bytes: int
     load: Callable[[threading.Event], Any]  # given a cancel event, returns the loaded model
     hint: str = ""  # what would fit instead, for a refusal
+    gpu_bytes: int = 0  # VRAM estimate, counted against the GPU budget apart from RAM
+    placement: str = ""  # where its layers go ("all 19 layers on the GPU ..."), shown on loading
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ManagerStatus:
     users: int = 0
     keep_alive_s: int | None = None
     expires_in_s: float | None = None  # None: never unloaded for inactivity (pinned, in use, or no keep-alive)
+    gpu_bytes: int = 0
 
 
 class ModelManager:
@@ -88,9 +92,11 @@ class ModelManager:
         available_memory: Callable[[], int] | None = None,
         on_event: Callable[[Event], None] | None = None,
         timer: bool = False,
+        gpu_budget_bytes: int | None = None,
     ) -> None:
         self.max_models = max_models
         self.budget_bytes = budget_bytes
+        self.gpu_budget_bytes = gpu_budget_bytes  # None: no GPU
         self.keep_alive_s = keep_alive_s
         self._clock = clock
         self._available = available_memory
@@ -143,7 +149,10 @@ class ModelManager:
             self._make_room(request)
             cancel = threading.Event()
             self._loading[request.key] = cancel
-            self._emit("loading", request.key, f"{request.name}, estimate {format_bytes(request.estimate_bytes)}")
+            detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
+            if request.gpu_bytes:
+                detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
+            self._emit("loading", request.key, detail)
         try:
             model = request.load(cancel)
         except BaseException as exc:
@@ -156,7 +165,7 @@ class ModelManager:
             self._loading.pop(request.key, None)
             now = self._clock()
             entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
-                          keep_alive_s=self.keep_alive_s)
+                          keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes)
             self._entries[request.key] = entry
             self._emit("loaded", request.key, request.name)
             self._cond.notify_all()
@@ -165,17 +174,27 @@ class ModelManager:
     def _used_bytes(self) -> int:
         return sum(e.estimate_bytes for e in self._entries.values())
 
+    def _used_gpu_bytes(self) -> int:
+        return sum(e.gpu_bytes for e in self._entries.values())
+
     def _make_room(self, request: Request) -> None:
         """Evict idle models, least recently used first, until the request fits; else refuse."""
         need = request.estimate_bytes
+        need_gpu = request.gpu_bytes
+        gpu_budget = self.gpu_budget_bytes or 0
         if need > self.budget_bytes:
             self._refuse(request, f"{request.name} needs {format_bytes(need)}, the budget is "
                                   f"{format_bytes(self.budget_bytes)} even with nothing else loaded")
+        if need_gpu > gpu_budget:
+            self._refuse(request, f"{request.name} needs {format_bytes(need_gpu)} of VRAM, the GPU budget is "
+                                  f"{format_bytes(gpu_budget)} even with nothing else loaded")
 
         def fits() -> bool:
             if len(self._entries) + len(self._loading) >= self.max_models:
                 return False
             if self._used_bytes() + need > self.budget_bytes:
+                return False
+            if need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
                 return False
             return self._available is None or need <= self._available()
 
@@ -183,9 +202,12 @@ class ModelManager:
             victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0), None)
             if victim is None:
                 busy = ", ".join(e.name for e in self._entries.values()) or "none"
-                why = (f"{len(self._entries)} of {self.max_models} models loaded"
-                       if len(self._entries) + len(self._loading) >= self.max_models else
-                       f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use")
+                if len(self._entries) + len(self._loading) >= self.max_models:
+                    why = f"{len(self._entries)} of {self.max_models} models loaded"
+                elif need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
+                    why = f"{format_bytes(self._used_gpu_bytes())} of {format_bytes(gpu_budget)} VRAM in use"
+                else:
+                    why = f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use"
                 self._refuse(request, f"{request.name} needs {format_bytes(need)}; {why}, none of them idle "
                                       f"and unpinned ({busy})")
             self._unload(victim, "evicted", f"to make room for {request.name}")
@@ -266,7 +288,7 @@ class ModelManager:
                 if not e.pinned and e.users == 0 and e.keep_alive_s is not None:
                     expires = max(0.0, e.last_used + e.keep_alive_s - now)
                 out.append(ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0,
-                                         now - e.loaded_at, e.users, e.keep_alive_s, expires))
+                                         now - e.loaded_at, e.users, e.keep_alive_s, expires, e.gpu_bytes))
             return out
 
     def _timer_loop(self) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from . import __version__
-from .device import DeviceInfo
+from .device import DeviceInfo, GPUInfo
 from .errors import ConfigError, InvalidValue
 from .paths import strategy_path
 from .tiers import QUANT_LEVELS, Tier, TierTable, builtin_tiers
@@ -40,6 +40,9 @@ ENV_VARS = {
     "memory_budget_bytes": "ORION_MEMORY_BUDGET",
     "gpu_budget_bytes": "ORION_GPU_BUDGET",
 }
+# The command-line flag of each setting, as error messages name it.
+FLAG_NAMES = {"n_ctx": "--ctx", "n_gpu_layers": "--gpu-layers", "keep_alive_s": "--keep-alive",
+              "quantization": "--quant", "memory_budget_bytes": "--memory-budget", "gpu_budget_bytes": "--gpu-budget"}
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
                    "engine", "bench")
 
@@ -76,7 +79,7 @@ class Strategy:
     keep_alive_s: int | None
     n_ctx: int
     threads: int
-    n_gpu_layers: int
+    n_gpu_layers: int | str  # "auto" (fit the GPU budget), -1 (all), 0 (CPU only) or a count
     memory_budget_bytes: int
     gpu_budget_bytes: int | None
     pressure_high: float
@@ -130,19 +133,28 @@ def _default_threads(device: DeviceInfo) -> int:
     return max(1, min(device.physical_cores, device.usable_cores))
 
 
-def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: TierTable | None = None) -> Strategy:
-    """The strategy for a device: its tier's defaults and a budget from its memory."""
+def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: TierTable | None = None, *,
+                   gpu_offload: bool = True) -> Strategy:
+    """The strategy for a device: its tier's defaults and a budget from its memory.
+
+    The tier rule: the tier is the one for the memory models can live in. Without a GPU (or with
+    a llama.cpp build that cannot offload, ``gpu_offload`` False) that is the memory limit; with
+    GPUs it is the memory limit plus their VRAM, since a model's layers split between the two."""
     table = table or builtin_tiers()
+    gpus = device.gpus if gpu_offload else ()
+    memory = device.memory_limit_bytes + sum(g.total_bytes for g in gpus)
     if tier_name:
         tier = table.get(tier_name)
         reason = f"forced with --tier (the device's memory limit is {format_bytes(device.memory_limit_bytes)})"
     else:
-        tier, reason = table.for_memory(device.memory_limit_bytes)
+        tier, reason = table.for_memory(memory)
+        if gpus:
+            vram = format_bytes(sum(g.total_bytes for g in gpus))
+            reason = reason.replace(f"memory limit {format_bytes(memory)}",
+                                    f"memory limit {format_bytes(device.memory_limit_bytes)} + {vram} VRAM "
+                                    f"= {format_bytes(memory)}")
     budget = Budget.compute(device.memory_limit_bytes, device.memory_in_use_bytes, table.pressure_high)
-    gpu_budget = None
-    if device.gpus:
-        gpu = max(device.gpus, key=lambda g: g.total_bytes)
-        gpu_budget = Budget.compute(gpu.total_bytes, gpu.total_bytes - gpu.free_bytes, table.pressure_high).budget_bytes
+    gpu_budget = sum(gpu_budgets(gpus, table.pressure_high)) if gpus else None
     return Strategy(
         tier=tier.name,
         quantization=tier.quantization,
@@ -150,7 +162,7 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         keep_alive_s=tier.keep_alive_s,
         n_ctx=tier.n_ctx,
         threads=_default_threads(device),
-        n_gpu_layers=-1 if device.gpus else 0,
+        n_gpu_layers="auto" if gpus else 0,
         memory_budget_bytes=budget.budget_bytes,
         gpu_budget_bytes=gpu_budget,
         pressure_high=table.pressure_high,
@@ -162,6 +174,16 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         sources={k: ("tier" if k in TIER_KEYS else "device") for k in SETTING_KEYS}
         | {"tier": "flag" if tier_name else "device"},
     )
+
+
+def gpu_budgets(gpus: Sequence[GPUInfo], fraction: float, total_cap: int | None = None) -> list[int]:
+    """Each GPU's budget, like the RAM budget: its VRAM × the high-pressure line, minus what
+    other processes hold there now; scaled down together to ``total_cap`` (the strategy's
+    gpu_budget_bytes) where that is lower."""
+    budgets = [Budget.compute(g.total_bytes, g.used_bytes, fraction).budget_bytes for g in gpus]
+    if total_cap is not None and sum(budgets) > total_cap:
+        budgets = [int(b * total_cap / sum(budgets)) for b in budgets]
+    return budgets
 
 
 def now_iso() -> str:
@@ -209,9 +231,11 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
             raise ValueError(f"a whole number ≥ {minimum}")
         return n
     if key == "n_gpu_layers":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
         n = _as_int(value, -1)
         if n is None:
-            raise ValueError("a whole number ≥ -1 (-1 = all layers, 0 = CPU only)")
+            raise ValueError("auto or a whole number ≥ -1 (auto = as many as fit the GPU budget, -1 = all, 0 = CPU only)")
         return n
     if key == "keep_alive_s":
         if value is None:
@@ -323,9 +347,9 @@ _COMMENTS = {
     "keep_alive_s": "Unload a model after this many seconds without use; null = never.",
     "n_ctx": "Default context size in tokens (the KV cache grows with it).",
     "threads": "CPU threads for llama.cpp (one per usable physical core).",
-    "n_gpu_layers": "Layers offloaded to the GPU: -1 = all, 0 = CPU only.",
+    "n_gpu_layers": "Layers offloaded to the GPU: auto = as many as fit the GPU budget, -1 = all, 0 = CPU only.",
     "memory_budget_bytes": "Memory that loaded models may take, in bytes.",
-    "gpu_budget_bytes": "GPU memory that offloaded models may take, in bytes; null = no GPU.",
+    "gpu_budget_bytes": "GPU memory that offloaded models may take (all GPUs together), in bytes; null = no GPU.",
 }
 
 
@@ -421,7 +445,8 @@ def load_strategy(
         try:
             return coerce_setting(key, flags[key], table=table)
         except ValueError as exc:
-            raise InvalidValue(f"--{key.replace('_', '-')} {flags[key]!r} is not valid", hint=f"expected {exc}") from None
+            flag = FLAG_NAMES.get(key, f"--{key.replace('_', '-')}")
+            raise InvalidValue(f"{flag} {flags[key]!r} is not valid", hint=f"expected {exc}") from None
 
     def from_env(key: str) -> Any:
         var = ENV_VARS[key]

@@ -51,7 +51,7 @@ def test_profile_json_and_output_path(orion, tmp_path):
     assert data["path"] == str(out) and out.exists()
     s = data["strategy"]
     assert s["tier"] == "light" and "forced" in s["tier_reason"]
-    assert s["n_gpu_layers"] == -1 and s["gpu_budget_bytes"] == int(8 * GiB * 0.75)
+    assert s["n_gpu_layers"] == "auto" and s["gpu_budget_bytes"] == int(8 * GiB * 0.75)
     assert data["pressure"] == "normal"
 
 

@@ -126,7 +126,10 @@ def test_detect_gpus_with_and_without_nvidia_smi(monkeypatch):
     recorded = (FIXTURES / "nvidia-smi-2xA100.csv").read_text()
 
     def fake_run(cmd, **kwargs):
-        assert cmd[0] == "/usr/bin/nvidia-smi" and "--format=csv,noheader,nounits" in cmd
+        assert cmd[0] == "/usr/bin/nvidia-smi"
+        if len(cmd) == 1:  # plain nvidia-smi, for the CUDA version in its header
+            return subprocess.CompletedProcess(cmd, 0, (FIXTURES / "nvidia-smi-header.txt").read_text(), "")
+        assert "--format=csv,noheader,nounits" in cmd
         return subprocess.CompletedProcess(cmd, 0, recorded, "")
 
     assert len(detect_gpus(run=fake_run)) == 2

@@ -209,3 +209,36 @@ def test_disk_too_small(hub, monkeypatch, gemma_ladder, orion_home):
     with pytest.raises(DoesNotFit, match="more on disk"):
         fetch_mod.fetch(plan)
     assert blobs(Path(os.environ["HF_HOME"])) == []
+
+
+def test_gpu_prefers_a_file_that_fits_wholly_on_it(hub, gemma_ladder, orion_home):
+    """With a GPU, each candidate gets an offload plan; a file that fits wholly in VRAM beats a
+    better one that would spill onto the CPU, and the dry run shows layers and VRAM."""
+    from rich.console import Console
+
+    from orion_cli.cli._render import candidates_table
+    from orion_cli.fetch import plan_fetch
+    from orion_cli.models import resolve
+    from orion_cli.strategy import load_strategy
+
+    strategy = load_strategy({"tier": "minimal", "memory_budget_bytes": 8 * GiB, "n_gpu_layers": "auto",
+                              "gpu_budget_bytes": 8 * GiB})
+    wide = plan_fetch(resolve(LADDER_REPO), strategy, gpu_budgets=[64 * GiB])
+    assert wide.chosen.file_type == "F16" and wide.chosen.offload.full
+    by_type = {c.file_type: c for c in wide.candidates}
+    budget = (by_type["Q8_0"].offload.gpu_bytes + by_type["F16"].offload.gpu_bytes) // 2
+    plan = plan_fetch(resolve(LADDER_REPO), strategy, gpu_budgets=[budget])
+    assert plan.chosen.file_type == "Q8_0" and plan.chosen.offload.full
+    f16 = next(c for c in plan.candidates if c.file_type == "F16")
+    assert f16.fits and 0 < f16.offload.n_gpu_layers < f16.offload.n_total  # it would run, spilling
+    doc = plan.to_dict()
+    assert doc["gpu_budgets"] == [budget]
+    assert {c["file_type"]: c["offload"]["n_gpu_layers"] for c in doc["candidates"]}["Q8_0"] == f16.offload.n_total
+    console = Console(width=200, record=True)
+    console.print(candidates_table(plan))
+    text = console.export_text()
+    assert "GPU layers" in text and "VRAM" in text and f"{f16.offload.n_gpu_layers}/{f16.offload.n_total}" in text
+    # no GPU (or n_gpu_layers 0): the plain plan, as before
+    cpu = plan_fetch(resolve(LADDER_REPO), load_strategy({"tier": "minimal", "memory_budget_bytes": 8 * GiB}),
+                     gpu_budgets=[])
+    assert cpu.chosen.file_type == "F16" and cpu.chosen.offload is None

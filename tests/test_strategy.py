@@ -59,7 +59,7 @@ def test_build_strategy_with_gpu_and_forced_tier():
 
     s = build_strategy(device(16 * GiB, gpus=(GPUInfo(0, "GPU", 8 * GiB, 7 * GiB),)), "aggressive")
     assert s.tier == "aggressive" and "forced" in s.tier_reason
-    assert s.n_gpu_layers == -1
+    assert s.n_gpu_layers == "auto"
     assert s.gpu_budget_bytes == int(8 * GiB * 0.75) - 1 * GiB
 
 

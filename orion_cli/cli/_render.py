@@ -57,7 +57,10 @@ def candidates_table(plan) -> Table:
     t.add_column("file")
     t.add_column("type")
     t.add_column("size", justify="right")
-    t.add_column("estimate", justify="right")
+    t.add_column("RAM" if plan.gpu_budgets else "estimate", justify="right")
+    if plan.gpu_budgets:
+        t.add_column("VRAM", justify="right")
+        t.add_column("GPU layers", justify="right")
     if plan.bench:
         t.add_column("~tok/s", justify="right")
     t.add_column("verdict")
@@ -67,8 +70,11 @@ def candidates_table(plan) -> Table:
         style = "bold green" if c.verdict == "chosen" else ("" if c.fits else "dim")
         name = c.filename + (f" (+{len(c.parts) - 1} parts)" if len(c.parts) > 1 else "")
         cells = [escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes)]
+        if plan.gpu_budgets:
+            cells += [format_bytes(c.offload.gpu_bytes) if c.offload else "-",
+                      c.gpu_layers or f"0/{c.header.n_layers + 1}"]
         if plan.bench:
-            speed = expected_tok_s(plan.bench, c.size_bytes)
+            speed = expected_tok_s(plan.bench, c.size_bytes, c.gpu_share)
             cells.append(f"{speed:.0f}" if speed else "-")
         t.add_row(*cells, escape(c.verdict), style=style)
     return t

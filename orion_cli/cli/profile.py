@@ -12,8 +12,9 @@ import typer
 from ._output import examples
 
 
-def _bench(threads: int) -> dict:
-    """Speed of the default small model, measured in a child process."""
+def _bench(threads: int, gpu: bool = False) -> dict:
+    """Speed of the default small model, measured in a child process (``gpu``: also with every
+    layer on the GPU, for the expected tok/s of offloaded models)."""
     from ..errors import NotFound
     from ..evaluate import speed_in_child
     from ..gguf_header import read_local_header
@@ -31,6 +32,10 @@ def _bench(threads: int) -> dict:
     out = {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
            "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
            "threads": threads, "measured_at": now_iso()}
+    if gpu:
+        with err_console().status("Measuring gemma3-270m on the GPU…"):
+            on_gpu = speed_in_child(Path(model.path), threads, n_gpu_layers=-1)
+        out["gpu"] = {"prompt_tok_s": round(on_gpu["prompt_tok_s"], 1), "gen_tok_s": round(on_gpu["gen_tok_s"], 1)}
     encoder = _bench_encoder(threads)
     if encoder:
         out["encoder"] = encoder
@@ -80,7 +85,8 @@ def _engine_check(force: bool) -> dict:
     model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
     check = check_engine(engine_key(model, flags), force=force)
     compiler = installed_compiler()
-    out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler}
+    out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler,
+                             "gpu_offload": check.gpu_offload}
     if not check.default_ok:
         out["fix"] = crash_advice(model, flags, compiler)
     return out
@@ -131,10 +137,13 @@ def profile(
     device = detect_device()
     if ram_bytes is not None or vram_bytes is not None:
         device = simulate(device, ram_bytes=ram_bytes, vram_bytes=vram_bytes)
-    strategy = build_strategy(device, tier, table)
-    strategy = replace(strategy, engine=_engine_check(recheck_engine))
+    engine = _engine_check(recheck_engine)
+    # a simulated GPU (--vram) shows what a build that offloads would do
+    strategy = build_strategy(device, tier, table, gpu_offload=engine["gpu_offload"] or vram_bytes is not None)
+    strategy = replace(strategy, engine=engine)
     if bench:
-        strategy = replace(strategy, bench=_bench(strategy.threads))
+        strategy = replace(strategy, bench=_bench(strategy.threads, gpu=bool(device.gpus) and not device.simulated
+                                                  and engine["gpu_offload"]))
     elif output != "-":
         strategy = replace(strategy, bench=_previous_bench(output))
     text = render_strategy_yaml(strategy)
@@ -180,10 +189,15 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     rows.append(("Memory", f"{format_bytes(device.memory_limit_bytes)} limit ({device.memory_limit_source}){sim}; "
                  f"{format_bytes(device.memory_in_use_bytes)} in use; RAM {format_bytes(device.ram_total_bytes)}"))
     if device.gpus:
-        gpus = "; ".join(f"{escape(g.name)}: {format_bytes(g.total_bytes)} ({format_bytes(g.free_bytes)} free)" for g in device.gpus)
+        for g in device.gpus:
+            facts = [f"{format_bytes(g.total_bytes)} VRAM, {format_bytes(g.free_bytes)} free"]
+            if g.compute_capability:
+                facts.append(f"compute capability {g.compute_capability}")
+            if g.driver:
+                facts.append(f"driver {escape(g.driver)}" + (f" (CUDA {g.cuda_version})" if g.cuda_version else ""))
+            rows.append(("GPU" if g.index == device.gpus[0].index else "", f"{g.index}: {escape(g.name)}: {', '.join(facts)}"))
     else:
-        gpus = "none (models run on the CPU)"
-    rows.append(("GPU", gpus))
+        rows.append(("GPU", "none (models run on the CPU)"))
     rows.append(("Disk", f"{format_bytes(device.disk_free_bytes)} free at {escape(device.disk_path)}"))
     rows.append(("OS", f"{escape(device.os)} ({device.arch})"))
     rows.append(("", ""))
@@ -194,7 +208,9 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     if strategy.bench:
         b = strategy.bench
         rows.append(("Speed", f"{b['model']} {b['file_type']}: prompt {b['prompt_tok_s']:.0f} tok/s, "
-                     f"generation {b['gen_tok_s']:.1f} tok/s ({b['threads']} threads)"))
+                     f"generation {b['gen_tok_s']:.1f} tok/s ({b['threads']} threads)"
+                     + (f"; on the GPU {b['gpu']['prompt_tok_s']:.0f} / {b['gpu']['gen_tok_s']:.1f} tok/s"
+                        if b.get("gpu") else "")))
         if b.get("encoder"):
             rows.append(("Encoder", f"{b['encoder']['model']} as {b['encoder']['type'].upper()}: "
                          f"{escape(b['encoder']['reason'])}"))
@@ -211,14 +227,19 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         if e.get("fix"):
             rows.append(("Fix", f"[yellow]{escape(e['fix'])}[/]"))
     if strategy.gpu_budget_bytes is not None:
-        rows.append(("GPU budget", format_bytes(strategy.gpu_budget_bytes)))
+        used = sum(g.used_bytes for g in device.gpus)
+        rows.append(("GPU budget", f"{format_bytes(strategy.gpu_budget_bytes)} ({strategy.pressure_high:g} of the VRAM, "
+                     f"less {format_bytes(used)} other processes hold); layers on the GPU: {strategy.n_gpu_layers}"))
+    elif device.gpus and strategy.engine and not strategy.engine.get("gpu_offload"):
+        rows.append(("GPU fix", "[yellow]this llama.cpp build cannot offload to the GPU: run 'make gpu' (or "
+                     "python -m orion_cli.enginebuild install --cuda --rebuild) to build it with CUDA[/]"))
     colour = {"normal": "green", "high": "yellow", "critical": "red"}[level]
     ratio = device.memory_in_use_bytes / device.memory_limit_bytes if device.memory_limit_bytes else 0
     rows.append(("Pressure", f"[{colour}]{level}[/] ({ratio:.0%} of the limit in use; high above "
                  f"{strategy.pressure_high:.0%}, critical above {strategy.pressure_critical:.0%})"))
     out = console()
     for label, value in rows:
-        out.print(f"[bold]{label:<11}[/]{value}" if label else "")
+        out.print(f"[bold]{label:<11}[/]{value}" if label or value else "")
     out.print(f"\nWrote {escape(str(path))}")
 
 

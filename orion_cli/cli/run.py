@@ -32,6 +32,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable sampling.", metavar="N")] = None,
     ctx: Annotated[Optional[int], typer.Option(help="Context size (default: the strategy's).", metavar="N")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the strategy's).", metavar="N")] = None,
+    gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", help="Layers on the GPU: auto (as many as fit its budget), N, -1 (all) or 0 (CPU only). Default: the strategy's.", metavar="N|auto")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (chat models).", metavar="TEXT")] = None,
     image: Annotated[Optional[list[Path]], typer.Option(help="An image for a vision model; repeatable.", metavar="PATH")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: text and timings.")] = False,
@@ -44,7 +45,7 @@ def run(
     as 'orion fetch --auto'). Models load through the model manager, which
     keeps the strategy's cap, memory budget and keep-alive. With 'orion serve'
     running, the server answers, the REPL's too (the model stays loaded there);
-    --image, --ctx and --threads work in this process.
+    --image, --ctx, --threads and --gpu-layers work in this process.
     """
     from ..errors import InvalidValue
     from ..session import check_image, local_model, manager_for
@@ -53,7 +54,7 @@ def run(
 
     if max_tokens < 1:
         raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
-    strategy = load_strategy({"n_ctx": ctx, "threads": threads})
+    strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers})
     images = [check_image(p) for p in image or []]
 
     debug = _debug()
@@ -62,7 +63,7 @@ def run(
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if not local_only and not images and ctx is None and threads is None:
+    if not local_only and not images and ctx is None and threads is None and gpu_layers is None:
         from ..server.discovery import live_server
 
         info = live_server()

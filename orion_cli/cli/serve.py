@@ -33,6 +33,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="ORION_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.", metavar="KEY")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
     parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
+    gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", help="Layers on the GPU: auto (as many as fit its budget), N, -1 (all) or 0 (CPU only). Default: the strategy's.", metavar="N|auto")] = None,
 ) -> None:
     """Serve the models and the shared encoder to every client (OpenAI-compatible API).
 
@@ -52,7 +53,7 @@ def serve(
         raise InvalidValue(f"--max-queue {max_queue} must be at least 1", hint="for example 8")
     if not 1 <= parallel <= 64:
         raise InvalidValue(f"--parallel {parallel} must be from 1 to 64", hint="for example 4")
-    run_server(load_strategy(), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+    run_server(load_strategy({"n_gpu_layers": gpu_layers}), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
                parallel=parallel)
 
 

@@ -677,6 +677,7 @@ def ps_document(state: ServerState) -> dict:
             "file": str(served.path) if served else "", "type": served.file_type if served else "",
             "model_id": served.model_id if served else "",
             "estimate_bytes": s.estimate_bytes, "measured_bytes": served.measured_bytes if served else None,
+            "gpu_bytes": s.gpu_bytes,
             "loaded_for_s": round(s.loaded_for_s, 1), "idle_s": round(s.idle_s, 1),
             "keep_alive_s": s.keep_alive_s,
             "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
@@ -687,5 +688,7 @@ def ps_document(state: ServerState) -> dict:
     strategy = state.strategy
     level = "critical" if ratio > strategy.pressure_critical else "high" if ratio > strategy.pressure_high else "normal"
     return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": used,
+            "gpu_budget_bytes": state.manager.gpu_budget_bytes,
+            "gpu_used_bytes": sum(s.gpu_bytes for s in state.manager.status()),
             "max_models": strategy.max_models, "pressure": {"level": level, "ratio": round(ratio, 3)},
             "events": list(state.events.latest)[-10:]}

@@ -15,6 +15,8 @@ and tests call them directly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import threading
 import time
@@ -360,7 +362,7 @@ class ServerState:
                     served.measured_bytes = max(0, process_memory_bytes() - before)
                 return model
 
-        return Request(request.key, request.name, request.estimate_bytes, load, request.hint)
+        return dataclasses.replace(request, load=load)
 
     def by_key(self, key: str) -> Served | None:
         with self._lock:

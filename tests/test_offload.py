@@ -1,0 +1,224 @@
+"""GPU offload: device descriptions, the tier rule with GPUs, the offload plan, the manager's VRAM
+budget and fetch's choice. No GPU is needed: the devices are recorded (nvidia-smi output of an
+H200 and of two A100s, NVML's answers through a stand-in module) and the models are GGUF headers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from orion_cli.device import GPUInfo, detect_gpus, parse_cuda_version, parse_nvidia_smi
+from orion_cli.estimate import CUDA_CONTEXT_BYTES, EngineSettings, estimate_gpu, estimate_memory, kv_per_layer
+from orion_cli.gguf_header import ArrayInfo, GGUFHeader, TensorInfo
+from orion_cli.offload import layers_per_gpu, plan_offload
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MiB, GiB = 1024**2, 1024**3
+Q4_K, Q6_K, F32 = 12, 14, 0
+
+
+def llama_header(n_layers=16, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8, n_vocab=128256) -> GGUFHeader:
+    """The header of a 1B llama in Q4_K (the shape bench/gpu.py measured on an H200)."""
+    def q4k(name, rows, cols):
+        return TensorInfo(name, (cols, rows), Q4_K, 0, rows * cols // 256 * 144)
+
+    head_dim = n_embd // n_head
+    tensors = [q4k("token_embd.weight", n_vocab, n_embd), TensorInfo("output_norm.weight", (n_embd,), F32, 0, n_embd * 4),
+               TensorInfo("output.weight", (n_embd, n_vocab), Q6_K, 0, n_vocab * n_embd // 256 * 210)]
+    for i in range(n_layers):
+        tensors += [TensorInfo(f"blk.{i}.attn_norm.weight", (n_embd,), F32, 0, n_embd * 4),
+                    q4k(f"blk.{i}.attn_q.weight", n_embd, n_embd), q4k(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd),
+                    q4k(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd),
+                    q4k(f"blk.{i}.attn_output.weight", n_embd, n_embd),
+                    q4k(f"blk.{i}.ffn_gate.weight", n_ff, n_embd), q4k(f"blk.{i}.ffn_up.weight", n_ff, n_embd),
+                    q4k(f"blk.{i}.ffn_down.weight", n_embd, n_ff)]
+    meta = {"general.architecture": "llama", "llama.block_count": n_layers, "llama.embedding_length": n_embd,
+            "llama.feed_forward_length": n_ff, "llama.attention.head_count": n_head,
+            "llama.attention.head_count_kv": n_head_kv, "llama.context_length": 131072,
+            "tokenizer.ggml.tokens": ArrayInfo(8, n_vocab), "general.file_type": 15}
+    return GGUFHeader("llama-1b", 3, meta, tuple(tensors), None)
+
+
+GPU_SETTINGS = EngineSettings(repack=False, flash_attn=True)
+
+
+# ---------------------------------------------------------------- device descriptions
+
+
+def test_recorded_h200_and_cuda_version():
+    gpus = parse_nvidia_smi((FIXTURES / "nvidia-smi-1xH200.csv").read_text(),
+                            parse_cuda_version((FIXTURES / "nvidia-smi-header.txt").read_text()))
+    assert gpus == (GPUInfo(0, "NVIDIA H200", 143771 * MiB, 143156 * MiB, "580.159.04", "9.0", "13.0"),)
+    assert gpus[0].used_bytes == 615 * MiB
+    assert parse_cuda_version("no such line") is None
+
+
+def test_nvidia_smi_fallback_asks_for_compute_capability_then_without(monkeypatch):
+    import orion_cli.device as device_mod
+
+    monkeypatch.setattr(device_mod, "_nvml_gpus", lambda: None)
+    monkeypatch.setattr(device_mod.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    old = (FIXTURES / "nvidia-smi-2xA100.csv").read_text()  # a driver without compute_cap
+    header = (FIXTURES / "nvidia-smi-header.txt").read_text()
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        if len(cmd) == 1:
+            return subprocess.CompletedProcess(cmd, 0, header, "")
+        if "compute_cap" in cmd[1]:
+            return subprocess.CompletedProcess(cmd, 2, "", 'Field "compute_cap" is not a valid field to query.')
+        return subprocess.CompletedProcess(cmd, 0, old, "")
+
+    gpus = detect_gpus(run=run)
+    assert [g.name for g in gpus] == ["NVIDIA A100-SXM4-80GB"] * 2
+    assert gpus[0].compute_capability is None and gpus[0].cuda_version == "13.0"
+    assert len(calls) == 3
+
+
+def test_nvml_answers(monkeypatch):
+    """NVML (nvidia-ml-py) first: names, memory, compute capability, driver and CUDA version."""
+    mem = [types.SimpleNamespace(total=80 * GiB, free=79 * GiB), types.SimpleNamespace(total=80 * GiB, free=10 * GiB)]
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlSystemGetDriverVersion=lambda: b"550.54.15", nvmlSystemGetCudaDriverVersion_v2=lambda: 12040,
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetName=lambda h: "NVIDIA H100 80GB HBM3", nvmlDeviceGetMemoryInfo=lambda h: mem[h],
+        nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    gpus = detect_gpus(run=lambda *a, **k: pytest.fail("nvidia-smi is not needed when NVML answers"))
+    assert gpus == (GPUInfo(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 79 * GiB, "550.54.15", "9.0", "12.4"),
+                    GPUInfo(1, "NVIDIA H100 80GB HBM3", 80 * GiB, 10 * GiB, "550.54.15", "9.0", "12.4"))
+
+
+# ---------------------------------------------------------------- the tier rule
+
+
+def _device(ram, gpus=()):
+    from orion_cli.device import DeviceInfo
+
+    return DeviceInfo(ram, ram, ram, "physical RAM", 0, None, "cpu", 8, 16, 16, ("AVX2",), tuple(gpus),
+                      100 * GiB, "/", "Linux", "x86_64")
+
+
+def test_tier_rule_counts_vram_when_the_build_can_offload():
+    from orion_cli.strategy import build_strategy
+
+    gpu = GPUInfo(0, "laptop GPU", 4 * GiB, 3 * GiB)
+    s = build_strategy(_device(3 * GiB, [gpu]))
+    assert s.tier == "light" and "3.0 GiB + 4.0 GiB VRAM = 7.0 GiB" in s.tier_reason
+    assert s.n_gpu_layers == "auto"
+    # the VRAM other processes hold (1 GB) is out of the budget: 4 GB × 0.75 − 1 GB
+    assert s.gpu_budget_bytes == int(4 * GiB * 0.75) - 1 * GiB
+    cpu_only = build_strategy(_device(3 * GiB, [gpu]), gpu_offload=False)
+    assert cpu_only.tier == "balanced" and cpu_only.n_gpu_layers == 0 and cpu_only.gpu_budget_bytes is None
+
+
+def test_two_recorded_gpus_budgets():
+    from orion_cli.strategy import build_strategy, gpu_budgets
+
+    gpus = parse_nvidia_smi((FIXTURES / "nvidia-smi-2xA100.csv").read_text())
+    s = build_strategy(_device(64 * GiB, gpus))
+    assert s.tier == "minimal"
+    each = gpu_budgets(gpus, 0.75)
+    # GPU 1 has 1 GB free: other processes hold 79 GB, more than its high-pressure line
+    assert each == [int(81920 * MiB * 0.75) - (81920 - 80512) * MiB, 0]
+    assert s.gpu_budget_bytes == sum(each)
+    assert gpu_budgets(gpus, 0.75, total_cap=10 * GiB) == [10 * GiB, 0]
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_full_offload_when_it_fits():
+    h = llama_header()
+    plan = plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB])
+    assert plan.full and plan.n_gpu_layers == 17 and plan.gpu_fits
+    g = plan.gpus[0]
+    embd = next(t.n_bytes for t in h.tensors if t.name == "token_embd.weight")
+    assert g.weights_bytes == h.tensor_bytes - embd  # the input embedding stays on the CPU
+    assert g.kv_bytes == sum(kv_per_layer(h, 4096, GPU_SETTINGS)) == 16 * 4096 * 2 * 8 * 64 * 2
+    # the logits of a 512-token micro-batch over 128,256 tokens dominate the compute buffer
+    assert g.compute_bytes == 512 * 4 * (128256 + 2 * 2048)
+    assert g.runtime_bytes == CUDA_CONTEXT_BYTES
+    assert plan.cpu.kv_bytes == 0 and plan.cpu.weights_bytes == h.tensor_bytes  # mapped while loading
+
+
+def test_recorded_h200_vram_within_tolerance():
+    """bench/gpu.py on an H200: NVML counted 1,692.8 / 1,884.8 / 2,652.8 MiB for a 1B llama (Q4_K_M)
+    fully offloaded at 2,048 / 8,192 / 32,768 cells. The estimate's context-dependent part (the KV
+    cache) must grow exactly as measured: 192 and 768 MiB more."""
+    h = llama_header()
+    totals = [plan_offload(h, n, GPU_SETTINGS, [100 * GiB]).gpu_bytes for n in (2048, 8192, 32768)]
+    assert (totals[1] - totals[0]) / MiB == pytest.approx(1884.8 - 1692.8, abs=1)
+    assert (totals[2] - totals[1]) / MiB == pytest.approx(2652.8 - 1884.8, abs=1)
+
+
+def test_partial_offload_takes_the_top_layers():
+    h = llama_header()
+    full = plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB]).gpus[0]
+    budget = full.total_bytes - (full.weights_bytes + full.kv_bytes) // 2
+    plan = plan_offload(h, 4096, GPU_SETTINGS, [budget])
+    assert 1 < plan.n_gpu_layers < 17 and plan.gpu_fits
+    first, last = plan.gpus[0].layers
+    assert last == 16 and first == 17 - plan.n_gpu_layers  # the output (layer 16) and the last repeating ones
+    more = plan_offload(h, 4096, GPU_SETTINGS, [budget], plan.n_gpu_layers + 1)
+    assert not more.gpu_fits  # one more layer would not fit: auto took the most that do
+    # the CPU keeps the rest: their KV cache and the runtime
+    assert plan.cpu.kv_bytes == sum(kv_per_layer(h, 4096, GPU_SETTINGS)[:first])
+    assert "of 17 layers on the GPU" in plan.describe()
+
+
+def test_nothing_fits_then_cpu_and_explicit_counts():
+    h = llama_header()
+    assert plan_offload(h, 4096, GPU_SETTINGS, [100 * MiB]).n_gpu_layers == 0
+    assert plan_offload(h, 4096, GPU_SETTINGS, []).describe() == "all 17 layers on the CPU (no GPU)"
+    assert plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB], can_offload=False).n_gpu_layers == 0
+    assert plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB], -1).n_gpu_layers == 17
+    assert plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB], 99).n_gpu_layers == 17
+    assert plan_offload(h, 4096, GPU_SETTINGS, [20 * GiB], 0).n_gpu_layers == 0
+    # without offload the CPU estimate is the plain one
+    cpu = plan_offload(h, 4096, EngineSettings(), [], "auto").cpu
+    assert cpu == estimate_memory(h, 4096, EngineSettings())
+
+
+def test_two_gpus_split_like_llama_cpp():
+    """Layer il goes to the first GPU whose cumulative share exceeds (il - first) / offloaded."""
+    assert layers_per_gpu(16, 17, [1, 1]) == [(0, 8), (9, 16)]
+    assert layers_per_gpu(16, 17, [3, 1]) == [(0, 12), (13, 16)]
+    assert layers_per_gpu(16, 5, [1, 1]) == [(12, 14), (15, 16)]
+    h = llama_header()
+    plan = plan_offload(h, 4096, GPU_SETTINGS, [10 * GiB, 10 * GiB])
+    assert plan.full and plan.tensor_split == (0.5, 0.5)
+    one, two = plan.gpus
+    assert one.compute_bytes < two.compute_bytes  # the logits are on the GPU with the output layer
+    assert one.runtime_bytes == two.runtime_bytes == CUDA_CONTEXT_BYTES  # a CUDA context on each
+    assert estimate_gpu(h, 4096, GPU_SETTINGS, 9, 16).total_bytes == two.total_bytes
+
+
+# ---------------------------------------------------------------- the manager
+
+
+def test_manager_counts_vram_apart_from_ram():
+    from orion_cli.manager import ModelDoesNotFit, ModelManager, Request
+
+    class Model:
+        def close(self):
+            pass
+
+    m = ModelManager(max_models=4, budget_bytes=10 * GiB, keep_alive_s=None, gpu_budget_bytes=8 * GiB)
+
+    def request(key, ram, vram):
+        return Request(key, key, ram, lambda cancel: Model(), gpu_bytes=vram)
+
+    m.load(request("a", 1 * GiB, 5 * GiB))
+    m.load(request("b", 1 * GiB, 2 * GiB))
+    assert [s.gpu_bytes for s in m.status()] == [2 * GiB, 5 * GiB]
+    m.load(request("c", 1 * GiB, 3 * GiB))  # 10 GB of VRAM asked: the least recently used goes
+    assert [s.name for s in m.status()] == ["c", "b"]
+    with pytest.raises(ModelDoesNotFit, match="of VRAM, the GPU budget is 8.0 GiB"):
+        m.load(request("d", 1 * GiB, 9 * GiB))
