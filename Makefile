@@ -39,6 +39,7 @@ engine: | $(BIN)/python
 # wheel has a wheel-house folder of its own (the CMake flags are part of the key): pip's cache, keyed by
 # version alone, would hand back the CPU wheel. 'make install' keeps the CPU build.
 gpu: install
+	$(BIN)/python -m pip install -e '.[test,gpu]'
 	$(BIN)/python -m orion_cli.enginebuild install --cuda
 	$(BIN)/python -m orion_cli.enginebuild verify
 
