@@ -58,7 +58,7 @@ def orion():
         full_env = dict(os.environ)
         full_env.update(env or {})
         full_env.setdefault("NO_COLOR", "1")
-        full_env["COLUMNS"] = "200"
+        full_env.setdefault("COLUMNS", "200")
         return subprocess.run(
             [sys.executable, "-m", "orion_cli", *args],
             capture_output=True, text=True, env=full_env, input=input, timeout=timeout,

@@ -26,6 +26,9 @@ def test_import_list_inspect_rm(orion, gemma_q4, engine_verdict):
     settings = settings_for(engine_verdict)
     assert models[0]["estimate_bytes"] == estimate_memory(read_local_header(gemma_q4), listing["n_ctx"],
                                                           settings).total_bytes
+    # a pipe gets whole values: the full path on one line (Rich would cut it at 80 columns)
+    piped = orion("list", env={"COLUMNS": ""})
+    assert piped.returncode == 0 and any(line.rstrip().endswith(str(gemma_q4)) for line in piped.stdout.splitlines())
 
     data = json.loads(orion("inspect", "gemma3-270m", "--ctx", "2048", "--json").stdout)
     assert data["header"]["architecture"] == "gemma3"

@@ -158,6 +158,12 @@ def test_eval_is_stable_and_agrees_with_raw_logits(orion, gemma_q4, tmp_path):
     assert a["perplexity_err"] > 0 and a["prompt_tok_s"] > 0 and a["gen_tok_s"] > 0 and a["peak_rss_bytes"] > 0
     independent = _independent_perplexity(gemma_q4, SHORT_TEXT, 256)
     assert abs(a["perplexity"] - independent) <= 0.01 * independent, (a["perplexity"], independent)
+    # piped, the table keeps whole column names and each value on its row
+    table = orion("eval", str(gemma_q4), "--text", str(text), "--ctx", "256", env={"COLUMNS": ""}, timeout=600)
+    assert table.returncode == 0, table.stderr[-2000:]
+    header, row = table.stdout.splitlines()[:2]
+    assert "perplexity" in header.split() and "fits budget" in header
+    assert f"{a['perplexity']:.4f} ± {a['perplexity_err']:.4f}" in row
 
 
 def test_ladder_orders_and_exports(orion, gemma_ladder, tmp_path):

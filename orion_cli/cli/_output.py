@@ -13,18 +13,29 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-@lru_cache(maxsize=None)
-def console() -> "Console":
+# A pipe or a file gets whole values: Rich would cut lines and table cells at 80 columns there.
+PIPE_WIDTH = 10_000
+
+
+def _console(stderr: bool) -> "Console":
+    import os
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out = Console(stderr=stderr, highlight=False, width=PIPE_WIDTH)
+    return out
+
+
+@lru_cache(maxsize=None)
+def console() -> "Console":
+    return _console(False)
 
 
 @lru_cache(maxsize=None)
 def err_console() -> "Console":
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+    return _console(True)
 
 
 def print_json(data: Any) -> None:
