@@ -140,6 +140,10 @@ def test_repl_in_a_terminal(gemma_name, orion_home):
         assert "gemma3-270m" in out and "idle" in out and "1 of" in out
         term.send("/clear")
         term.expect(r"conversation cleared")
+        term.send("/load no-such-model")  # one error line; the REPL and its model stay
+        assert "still talking to the same model" in term.expect(r"error:[\s\S]*>>> ")
+        term.send("Six, seven,")
+        term.expect(r"eight[\s\S]*>>> ")
         term.send("/bye")
         assert term.proc.wait(timeout=60) == 0
     assert (orion_home / "history").exists()

@@ -133,9 +133,20 @@ def _print_answer(pieces) -> str:
 
 def _repl_command(text: str, conversation: list[dict], out, *, load, ps) -> None:
     """A REPL command (/load NAME, /ps, /clear, /help); ``load(name)`` and ``ps()`` do the model work."""
+    from ..errors import OrionError
+    from ..server.client import ServerGone
+
     cmd, _, arg = text.strip().partition(" ")
     if cmd == "/load" and arg:
-        load(arg.strip())
+        try:
+            load(arg.strip())
+        except ServerGone:
+            raise
+        except OrionError as exc:  # a wrong name costs one line, not the conversation
+            from rich.markup import escape
+
+            out.print(f"[red]error:[/] {escape(exc.one_line())}; still talking to the same model")
+            return
         conversation.clear()
         out.print(f"[dim]now talking to {arg.strip()}[/]")
     elif cmd == "/ps":
@@ -400,10 +411,11 @@ def _repl(manager, local, strategy, sampling: dict, system: str | None,
             if text.startswith("/"):
                 def load(name: str) -> None:
                     nonlocal local, request
-                    local = local_model(name, strategy)
-                    request = model_request(local, strategy)
-                    with manager.use(request):
+                    new_local = local_model(name, strategy)
+                    new_request = model_request(new_local, strategy)
+                    with manager.use(new_request):
                         pass
+                    local, request = new_local, new_request
 
                 def ps() -> None:
                     for st in manager.status():
