@@ -101,7 +101,7 @@ def cached_check(key: str) -> EngineCheck | None:
 
 
 def _store_check(check: EngineCheck) -> None:
-    from .strategy import write_text_atomic
+    from ._fs import write_text_atomic
 
     try:
         doc = json.loads(_cache_path().read_text())
@@ -152,7 +152,7 @@ def check_engine(
             return cached
     import tempfile
 
-    from .strategy import now_iso
+    from ._fs import now_iso
 
     with tempfile.TemporaryDirectory(prefix="orion-canary-") as tmp:
         model = Path(tmp) / "canary-q4_0.gguf"  # the first child writes it (gguf and numpy stay out of here)

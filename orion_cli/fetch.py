@@ -21,7 +21,8 @@ from .estimate import EngineSettings, Estimate, estimate_memory
 from .gguf_header import GGUFHeader, merge_parts, split_part_names
 from .models import LocalModel, ModelRef, Registry
 from .offload import OffloadPlan, plan_offload
-from .strategy import Strategy, now_iso
+from ._fs import now_iso
+from .strategy import Strategy
 from .units import format_bytes
 
 # Quality order of GGUF file types, best first; equal numbers are equal quality.

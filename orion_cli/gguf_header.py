@@ -477,7 +477,7 @@ def _cached_header(stamps: tuple) -> GGUFHeader:
         pass
     header = _read_local_header(Path(stamps[0][0]))
     try:
-        from .strategy import write_text_atomic
+        from ._fs import write_text_atomic
 
         write_text_atomic(cache, json.dumps(_header_to_json(header)))
     except OSError:

@@ -125,7 +125,7 @@ class Registry:
             fcntl.flock(lock, fcntl.LOCK_EX)
             models = self._read()
             yield models
-            from .strategy import write_text_atomic
+            from ._fs import write_text_atomic
 
             doc = {"schema_version": 1, "models": {n: asdict(m) for n, m in sorted(models.items())}}
             write_text_atomic(self.path, json.dumps(doc, indent=2) + "\n")

@@ -114,7 +114,7 @@ class EmbeddingStore:
         row = self.db.execute("SELECT id, name, model_id, dim, created FROM collections WHERE name=?",
                               (name,)).fetchone()
         if row is None and model_id is not None:
-            from .strategy import now_iso
+            from ._fs import now_iso
 
             self.db.execute("INSERT OR IGNORE INTO collections (name, model_id, dim, created) VALUES (?,?,?,?)",
                             (name, model_id, dim, now_iso()))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import __version__
+from ._fs import now_iso
 from .device import DeviceInfo, GPUInfo
 from .errors import ConfigError, InvalidValue
 from .paths import strategy_path
@@ -184,13 +185,6 @@ def gpu_budgets(gpus: Sequence[GPUInfo], fraction: float, total_cap: int | None 
     if total_cap is not None and sum(budgets) > total_cap:
         budgets = [int(b * total_cap / sum(budgets)) for b in budgets]
     return budgets
-
-
-def now_iso() -> str:
-    """The current UTC time, to the second, ISO 8601."""
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _device_record(device: DeviceInfo) -> dict:
@@ -401,17 +395,6 @@ def render_strategy_yaml(strategy: Strategy) -> str:
         yaml.safe_dump({"device": data["device"]}, sort_keys=False, allow_unicode=True).strip(),
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader never sees half of it (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- loading

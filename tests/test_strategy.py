@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
+from orion_cli._fs import write_text_atomic
 from orion_cli.device import DeviceInfo
 from orion_cli.errors import ConfigError, InvalidValue
 from orion_cli.strategy import (
@@ -12,7 +13,6 @@ from orion_cli.strategy import (
     pressure_level,
     read_strategy_file,
     render_strategy_yaml,
-    write_text_atomic,
 )
 
 GiB = 1024**3
@@ -211,3 +211,21 @@ def test_strategy_is_a_frozen_value():
     with pytest.raises(FrozenInstanceError):
         s.tier = "light"  # type: ignore[misc]
     assert replace(s, tier="light").tier == "light"
+
+
+def test_write_text_atomic_replaces_only_regular_files(tmp_path):
+    """A device, a FIFO or a folder at the path is refused, never replaced; a link is followed."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, "/dev/null"):
+        with pytest.raises(InvalidValue, match="only writes regular files"):
+            write_text_atomic(path, "x")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    target = tmp_path / "real.yaml"
+    target.write_text("old")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(target)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"

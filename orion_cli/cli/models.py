@@ -38,7 +38,7 @@ def import_(
     """
     from ..gguf_header import read_local_header
     from ..models import LocalModel, Registry, default_name_for, valid_name
-    from ..strategy import now_iso
+    from .._fs import now_iso
     from ..strategy import load_strategy
 
     path = path.expanduser().absolute()
@@ -83,7 +83,7 @@ def _import_folder(folder: Path, name: str | None, json_output: bool) -> None:
     from ..convert import _read_json
     from ..errors import InvalidValue
     from ..models import LocalModel, Registry, default_name_for, valid_name
-    from ..strategy import now_iso
+    from .._fs import now_iso
 
     config = _read_json(folder / "config.json")
     if config.get("model_type") != "bert" or not (folder / "model.safetensors").exists():

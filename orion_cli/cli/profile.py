@@ -19,7 +19,7 @@ def _bench(threads: int, gpu: bool = False) -> dict:
     from ..evaluate import speed_in_child
     from ..gguf_header import read_local_header
     from ..models import Registry
-    from ..strategy import now_iso
+    from .._fs import now_iso
     from ._output import err_console
 
     model = Registry().get("gemma3-270m")
@@ -124,7 +124,8 @@ def profile(
     """
     from ..device import detect_device, simulate
     from ..paths import strategy_path
-    from ..strategy import build_strategy, render_strategy_yaml, write_text_atomic
+    from .._fs import write_text_atomic
+    from ..strategy import build_strategy, render_strategy_yaml
     from ..tiers import builtin_tiers
     from ..units import parse_size
 

@@ -69,7 +69,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     """Run the server in this process until SIGINT or SIGTERM."""
     import uvicorn
 
-    from ..strategy import now_iso
+    from .._fs import now_iso
     from .app import create_app
     from .discovery import ServerInfo, live_server, remove_server_file, write_server_file
     from .state import ServerState
