@@ -66,7 +66,11 @@ COMMANDS = [
     ("ps", "serve", "ps", "PS_EXAMPLES", "Show the models the server has loaded (--watch: live)."),
     ("load", "serve", "load", "LOAD_EXAMPLES", "Load a model into the server (--pin, --keep-alive)."),
     ("stop", "serve", "stop", "STOP_EXAMPLES", "Unload a model from the server."),
+    ("completion", "completion", "completion", "EXAMPLES", "Print the shell completion script (bash, zsh, fish)."),
 ]
+
+# The variable a completion script sets when the shell asks orion to complete a word.
+COMPLETE_VAR = "_ORION_COMPLETE"
 
 
 def _register(names: set[str] | None = None) -> None:
@@ -115,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``orion`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args or os.environ.get("ORION_DEBUG") == "1"
+    if os.environ.get(COMPLETE_VAR):  # the shell asks for completions: only then is this path taken
+        from typer.completion import completion_init
+
+        completion_init()
+        if not app.registered_commands:
+            _register()
     if not app.registered_commands:
         command = _command_in(args)
         _register({command} if command else None)

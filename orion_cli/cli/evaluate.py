@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 EXAMPLES = examples(
@@ -18,7 +20,7 @@ EXAMPLES = examples(
 
 
 def evaluate(
-    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.")],
+    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.", autocompletion=model_names)],
     text: Annotated[Optional[Path], typer.Option(help="The text to score (default: Python's own docs, shipped with orion).", metavar="FILE")] = None,
     ctx: Annotated[int, typer.Option(help="Window size in tokens; the second half of each window is scored.", metavar="N")] = 512,
     ladder: Annotated[Optional[str], typer.Option(help="Comma-separated types or levels to quantize to and compare.", metavar="T1,T2")] = None,

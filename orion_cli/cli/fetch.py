@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 EXAMPLES = examples(
@@ -18,7 +20,7 @@ EXAMPLES = examples(
 
 
 def fetch(
-    model: Annotated[str, typer.Argument(help="A catalog name (mistral, llava, bakllava, gemma3-270m, minilm), org/repo or org/repo/file.gguf.")],
+    model: Annotated[str, typer.Argument(help="A catalog name (mistral, llava, bakllava, gemma3-270m, minilm), org/repo or org/repo/file.gguf.", autocompletion=model_names)],
     quant: Annotated[Optional[str], typer.Option(help="A level (q4, q8, q16, q32) or an exact GGUF type (Q5_K_M, Q8_0, F16).", metavar="Q")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="Pick by the strategy: the best file at or below the tier's level that fits the budget and the disk (the default).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every candidate with size, estimate and verdict; download nothing.")] = False,

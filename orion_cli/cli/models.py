@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 IMPORT_EXAMPLES = examples(
@@ -168,7 +170,7 @@ def list_(
 
 
 def rm(
-    name: Annotated[str, typer.Argument(help="A model name from 'orion list'.")],
+    name: Annotated[str, typer.Argument(help="A model name from 'orion list'.", autocompletion=model_names)],
     json_output: Annotated[bool, typer.Option("--json", help="Print what was removed as JSON.")] = False,
 ) -> None:
     """Remove a model: a fetched one's files leave the HF cache; an imported one is only forgotten."""
@@ -218,7 +220,7 @@ def rm(
 
 
 def inspect(
-    model: Annotated[str, typer.Argument(help="A .gguf path, a model name, org/repo or org/repo/file.gguf.")],
+    model: Annotated[str, typer.Argument(help="A .gguf path, a model name, org/repo or org/repo/file.gguf.", autocompletion=model_names)],
     ctx: Annotated[Optional[int], typer.Option(help="Context size for the estimate (default: the strategy's).", metavar="N")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the header summary and estimate as JSON.")] = False,
 ) -> None:

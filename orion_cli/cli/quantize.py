@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 EXAMPLES = examples(
@@ -17,7 +19,7 @@ EXAMPLES = examples(
 
 
 def quantize(
-    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.")],
+    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.", autocompletion=model_names)],
     to: Annotated[str, typer.Option("--to", help="A level (q4 q8 q16 q32) or a type (Q4_K_M, Q5_K_M, Q8_0, F16, IQ4_XS...).", metavar="TYPE")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF to write.", metavar="OUT.gguf")],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,

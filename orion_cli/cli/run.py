@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 EXAMPLES = examples(
@@ -24,7 +26,7 @@ REPL_HELP = """Commands: /load NAME (switch model), /ps (loaded models), /clear 
 
 
 def run(
-    model: Annotated[str, typer.Argument(help="A model name (orion list), a catalog name, org/repo, or a .gguf path.")],
+    model: Annotated[str, typer.Argument(help="A model name (orion list), a catalog name, org/repo, or a .gguf path.", autocompletion=model_names)],
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; without it: stdin when piped, else a REPL.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", metavar="N")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", metavar="T")] = 0.8,

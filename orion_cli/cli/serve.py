@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .completion import model_names
+
 from ._output import examples
 
 SERVE_EXAMPLES = examples(
@@ -136,7 +138,7 @@ def _ps_view(doc: dict):
 
 
 def load(
-    model: Annotated[str, typer.Argument(help="A model name, org/repo or .gguf path; encoders too (minilm).")],
+    model: Annotated[str, typer.Argument(help="A model name, org/repo or .gguf path; encoders too (minilm).", autocompletion=model_names)],
     pin: Annotated[Optional[bool], typer.Option("--pin/--unpin", help="Keep it loaded whatever the keep-alive and the LRU order.")] = None,
     keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", help="This model's keep-alive: 10m, 1h, 30s or never.", metavar="TIME")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
@@ -161,7 +163,7 @@ def load(
     console().print(f"loaded {doc['model']} ({doc['kind']})" + (" [pinned]" if pin else ""))
 
 
-def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).")]) -> None:
+def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).", autocompletion=model_names)]) -> None:
     """Unload a model from the running server."""
     from ._output import console
 
