@@ -243,6 +243,7 @@ def test_embed_stdin_jsonl(orion, minilm):
 
 def test_bad_input(orion, minilm, tmp_path):
     assert_clean_error(orion("embed", str(tmp_path / "missing"), "-c", "x"), "no such file or folder", code=4)
+    assert_clean_error(orion("embed", "", "-c", "x"), "an empty path", code=2)  # not the current folder
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_clean_error(orion("embed", str(empty), "-c", "x"), "no text file to embed", code=4)

@@ -229,3 +229,14 @@ def test_write_text_atomic_replaces_only_regular_files(tmp_path):
     link.symlink_to(target)
     write_text_atomic(link, "new")
     assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_bad_flag_values_name_the_flags_that_exist(tmp_path):
+    """Errors name the command line's flags (--ctx, --quant...), not the settings' keys (--n-ctx)."""
+    from orion_cli.strategy import load_strategy
+
+    for key, flag in (("n_ctx", "--ctx"), ("quantization", "--quant"), ("keep_alive_s", "--keep-alive"),
+                      ("n_gpu_layers", "--gpu-layers"), ("threads", "--threads")):
+        with pytest.raises(InvalidValue) as info:
+            load_strategy({key: "nonsense"}, path=tmp_path / "none.yaml", env={}, device_probe=lambda: device())
+        assert info.value.message.startswith(f"{flag} 'nonsense'"), info.value.message

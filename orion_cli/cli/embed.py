@@ -169,6 +169,8 @@ def embed(
         raise InvalidValue("--jsonl goes with '-' (texts from stdin)", hint="orion embed - --jsonl < lines.txt")
     if not collection:
         raise InvalidValue("which collection?", hint="add --collection NAME")
+    if any(not p.strip() for p in paths):  # Path("") is the current folder: never embed it by accident
+        raise InvalidValue("an empty path was given", hint="name the files or folders to embed ('.' for this folder)")
     targets = [Path(p).expanduser() for p in paths]
     missing = [str(p) for p in targets if not p.exists()]
     if missing:
