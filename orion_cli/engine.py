@@ -892,17 +892,6 @@ def load(
 
 # ---------------------------------------------------------------- quantization
 
-# llama_ftype of every type llama.cpp's quantizer makes without an importance matrix.
-QUANT_FTYPES = {
-    "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q5_1": 9, "Q5_0": 8,
-    "Q4_K_M": 15, "Q4_K_S": 14, "Q4_1": 3, "Q4_0": 2, "IQ4_NL": 25, "IQ4_XS": 30, "Q3_K_L": 13, "Q3_K_M": 12,
-    "Q3_K_S": 11, "IQ3_S": 26, "IQ3_M": 27, "Q2_K": 10,
-}
-# Types llama.cpp refuses to make without an importance matrix (not exposed by llama-cpp-python).
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_XS", "Q2_K_S")
-LEVEL_TYPES = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
-
-
 def quantize_command(src: Path, dst: Path, type_name: str, threads: int, allow_requantize: bool) -> list[str]:
     return [sys.executable, "-m", "orion_cli.engine", "quantize", str(src), str(dst), type_name, str(threads),
             "1" if allow_requantize else "0"]
@@ -913,7 +902,9 @@ def _quantize_child(src: str, dst: str, type_name: str, threads: str, allow: str
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[type_name]
+    from .quant_types import FILE_TYPE_IDS
+
+    params.ftype = FILE_TYPE_IDS[type_name]
     params.nthread = int(threads)
     params.allow_requantize = allow == "1"
     sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params))

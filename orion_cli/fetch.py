@@ -21,21 +21,10 @@ from .estimate import EngineSettings, Estimate, estimate_memory
 from .gguf_header import GGUFHeader, merge_parts, split_part_names
 from .models import LocalModel, ModelRef, Registry
 from .offload import OffloadPlan, plan_offload
+from .quant_types import ALIASES, LEVEL_PREFERRED, LEVEL_TYPE, QUALITY, quality_rank
 from ._fs import now_iso
 from .strategy import Strategy
 from .units import format_bytes
-
-# Quality order of GGUF file types, best first; equal numbers are equal quality.
-QUALITY = {
-    "F32": 0, "BF16": 1, "F16": 1, "Q8_0": 2, "Q6_K": 3, "Q5_K_M": 4, "Q5_K_S": 5, "Q5_1": 6, "Q5_0": 7,
-    "Q4_K_M": 8, "Q4_K_S": 9, "IQ4_NL": 10, "IQ4_XS": 11, "Q4_1": 12, "Q4_0": 13, "Q3_K_L": 14,
-    "Q3_K_M": 15, "IQ3_M": 16, "IQ3_S": 17, "Q3_K_S": 18, "IQ3_XS": 19, "IQ3_XXS": 20, "Q2_K": 21,
-    "Q2_K_S": 22, "IQ2_M": 23, "IQ2_S": 24, "IQ2_XS": 25, "IQ2_XXS": 26, "IQ1_M": 27, "IQ1_S": 28,
-}
-# The best type each strategy level allows, and what --quant LEVEL asks for (first that exists).
-LEVEL_CAP = {"q4": "Q4_K_M", "q8": "Q8_0", "q16": "F16", "q32": "F32"}
-LEVEL_PREFERRED = {"q4": ("Q4_K_M", "Q4_0"), "q8": ("Q8_0",), "q16": ("F16", "BF16"), "q32": ("F32",)}
-
 
 def expected_tok_s(bench: dict, size_bytes: int, gpu_share: float = 0.0) -> float | None:
     """Generation speed expected for a file of ``size_bytes``, scaled from a measured model.
@@ -56,10 +45,6 @@ def expected_tok_s(bench: dict, size_bytes: int, gpu_share: float = 0.0) -> floa
         return None
     gpu_rate = gpu["gen_tok_s"] * bench["size_bytes"]
     return 1.0 / (size_bytes * (1 - gpu_share) / cpu_rate + size_bytes * gpu_share / gpu_rate)
-
-
-def quality_rank(file_type: str) -> int:
-    return QUALITY.get(file_type.upper(), len(QUALITY))
 
 
 @dataclass(frozen=True)
@@ -159,11 +144,11 @@ def group_gguf_files(names: list[str], pattern: str = "*.gguf") -> list[tuple[st
 
 def _normalise_quant(quant: str) -> str:
     q = quant.strip()
-    if q.lower() in LEVEL_CAP:
+    if q.lower() in LEVEL_TYPE:
         return q.lower()
     upper = q.upper()
-    if upper in QUALITY or upper in ("Q4_K", "Q5_K", "Q3_K"):
-        return {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}.get(upper, upper)
+    if upper in QUALITY or upper in ALIASES:
+        return ALIASES.get(upper, upper)
     raise InvalidValue(f"--quant {quant!r} is not a quantization",
                        hint="use a level (q4, q8, q16, q32) or a GGUF type such as Q4_K_M, Q5_K_M, Q8_0, F16")
 
@@ -240,7 +225,7 @@ def plan_fetch(
     candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
 
     wanted = _normalise_quant(quant) if quant else None
-    level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_CAP else None)
+    level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_TYPE else None)
     budget = strategy.memory_budget_bytes
     projector_size = listing.get(projector).size or 0 if projector else 0
 
@@ -248,13 +233,13 @@ def plan_fetch(
     for c in candidates:
         disk_needed = c.size_bytes + projector_size
         reasons = []
-        if wanted and wanted not in LEVEL_CAP:
+        if wanted and wanted not in LEVEL_TYPE:
             if c.file_type.upper() != wanted:
                 reasons.append(f"not {wanted}")
-        elif wanted in LEVEL_CAP:
+        elif wanted in LEVEL_TYPE:
             if c.file_type.upper() not in LEVEL_PREFERRED[wanted]:
                 reasons.append(f"not {'/'.join(LEVEL_PREFERRED[wanted])}")
-        elif quality_rank(c.file_type) < quality_rank(LEVEL_CAP[level]):
+        elif quality_rank(c.file_type) < quality_rank(LEVEL_TYPE[level]):
             reasons.append(f"above the tier's level {level}")
         if c.estimate.total_bytes > budget:
             reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
@@ -263,7 +248,7 @@ def plan_fetch(
         judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons))
 
     chosen = None
-    if wanted in LEVEL_CAP:
+    if wanted in LEVEL_TYPE:
         # --quant q4: the level's preferred type in order (Q4_K_M, else Q4_0)
         for t in LEVEL_PREFERRED[wanted]:
             chosen = next((c for c in judged if c.file_type.upper() == t and c.fits), None)
@@ -297,10 +282,10 @@ def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,
                     settings: EngineSettings) -> str:
     """A sentence saying what would fit when nothing does."""
-    if wanted and wanted not in LEVEL_CAP and not any(c.file_type.upper() == wanted for c in cands):
+    if wanted and wanted not in LEVEL_TYPE and not any(c.file_type.upper() == wanted for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {wanted} file; it has {have}"
-    if wanted in LEVEL_CAP and not any(c.file_type.upper() in LEVEL_PREFERRED[wanted] for c in cands):
+    if wanted in LEVEL_TYPE and not any(c.file_type.upper() in LEVEL_PREFERRED[wanted] for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {'/'.join(LEVEL_PREFERRED[wanted])} file; it has {have}"
     smaller = [c for c in cands if c.estimate.total_bytes <= budget and c.size_bytes <= free_disk]

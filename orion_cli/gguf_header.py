@@ -297,16 +297,6 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
 }
 
-# llama_ftype (general.file_type) -> name, as llama.h / gguf.LlamaFileType define them.
-FILE_TYPES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
-    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
-    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
-}
-
-
 def ggml_type_name(type_id: int) -> str:
     entry = GGML_TYPES.get(type_id)
     return entry[0] if entry else f"type{type_id}"
@@ -314,8 +304,10 @@ def ggml_type_name(type_id: int) -> str:
 
 def file_type_name(file_type: Any, tensors: tuple[TensorInfo, ...] = ()) -> str:
     """``general.file_type`` (llama_ftype) as a name like Q4_K_M; else the commonest tensor type."""
-    if isinstance(file_type, int) and not isinstance(file_type, bool) and file_type in FILE_TYPES:
-        return FILE_TYPES[file_type]
+    from .quant_types import FILE_TYPE_NAMES
+
+    if isinstance(file_type, int) and not isinstance(file_type, bool) and file_type in FILE_TYPE_NAMES:
+        return FILE_TYPE_NAMES[file_type]
     # Older files lack general.file_type: name them by the type holding most weights.
     by_type: dict[int, int] = {}
     for t in tensors:

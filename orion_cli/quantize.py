@@ -40,23 +40,24 @@ class QuantizeResult:
 
 
 def resolve_type(name: str) -> str:
-    from .engine import LEVEL_TYPES, NEEDS_IMATRIX, QUANT_FTYPES
+    from .quant_types import LEVEL_TYPE, NEEDS_IMATRIX, QUANTIZABLE
 
     upper = name.strip().upper()
-    if name.strip().lower() in LEVEL_TYPES:
-        return LEVEL_TYPES[name.strip().lower()]
-    if upper in QUANT_FTYPES:
+    if name.strip().lower() in LEVEL_TYPE:
+        return LEVEL_TYPE[name.strip().lower()]
+    if upper in QUANTIZABLE:
         return upper
     if upper in NEEDS_IMATRIX:
         raise InvalidValue(f"{upper} needs an importance matrix, which llama-cpp-python does not let orion pass",
                            hint="choose IQ4_XS, Q3_K_S or Q2_K, or make it with llama.cpp's llama-quantize --imatrix")
     raise InvalidValue(f"--to {name!r} is not a quantization type",
-                       hint=f"use a level (q4, q8, q16, q32) or one of {', '.join(QUANT_FTYPES)}")
+                       hint=f"use a level (q4, q8, q16, q32) or one of {', '.join(QUANTIZABLE)}")
 
 
 def _bytes_per_weight(type_name: str) -> float:
-    base = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q3_K_L": "Q3_K",
-            "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "IQ3_M": "IQ3_S"}.get(type_name, type_name)
+    from .quant_types import MAIN_TENSOR_TYPE
+
+    base = MAIN_TENSOR_TYPE.get(type_name, type_name)
     for name, block, size in GGML_TYPES.values():
         if name == base:
             return size / block

@@ -18,7 +18,8 @@ from ._fs import now_iso
 from .device import DeviceInfo, GPUInfo
 from .errors import ConfigError, InvalidValue
 from .paths import strategy_path
-from .tiers import QUANT_LEVELS, Tier, TierTable, builtin_tiers
+from .quant_types import LEVELS as QUANT_LEVELS
+from .tiers import Tier, TierTable, builtin_tiers
 from .units import format_bytes, parse_keep_alive, parse_size
 
 SCHEMA_VERSION = 1

@@ -9,7 +9,6 @@ from .errors import InvalidValue
 from .units import format_bytes
 
 GB = 1024**3
-QUANT_LEVELS = ("q4", "q8", "q16", "q32")
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ def test_directory_and_missing_file(tmp_path):
 def test_type_tables_match_the_gguf_package():
     from gguf.constants import GGML_QUANT_SIZES, LlamaFileType
 
-    from orion_cli.gguf_header import FILE_TYPES, GGML_TYPES
+    from orion_cli.gguf_header import GGML_TYPES
+    from orion_cli.quant_types import FILE_TYPE_NAMES as FILE_TYPES
 
     ours = {tid: (name, block, size) for tid, (name, block, size) in GGML_TYPES.items()}
     theirs = {int(k): (k.name, v[0], v[1]) for k, v in GGML_QUANT_SIZES.items()}
