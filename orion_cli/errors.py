@@ -15,6 +15,7 @@ Exit codes:
 5     does not fit: not enough memory or disk for what was asked
 6     network or Hub error
 7     the model file is not a valid GGUF
+8     llama.cpp crashed (a native fault in a child process: SIGSEGV, SIGABRT...)
 70    internal error (a bug in orion: please report it with --debug)
 130   interrupted (Ctrl-C)
 ====  ==========================================================
@@ -30,6 +31,7 @@ EXIT_NOT_FOUND = 4
 EXIT_DOES_NOT_FIT = 5
 EXIT_NETWORK = 6
 EXIT_BAD_MODEL = 7
+EXIT_ENGINE_CRASH = 8
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -83,6 +85,83 @@ class Interrupted(OrionError):
     """Ctrl-C during work that keeps what it had (a download resumes)."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class EngineFault(OrionError):
+    """A child process running llama.cpp died by a signal (not out of memory)."""
+
+    exit_code = EXIT_ENGINE_CRASH
+
+
+# ---------------------------------------------------------------- across processes and from the OS
+
+
+def error_payload(exc: OrionError) -> dict:
+    """What a child process prints (as JSON) so that its parent raises the same error."""
+    return {"error": exc.message, "hint": exc.hint or "", "class": type(exc).__name__}
+
+
+def error_from_payload(doc: dict) -> OrionError:
+    """The error a child reported, as its own class (OrionError for a class this module lacks)."""
+    cls = _classes().get(str(doc.get("class", "")), OrionError)
+    return cls(str(doc.get("error") or "the child process failed"), hint=doc.get("hint") or None)
+
+
+def _classes() -> dict[str, type[OrionError]]:
+    found: dict[str, type[OrionError]] = {}
+    todo: list[type[OrionError]] = [OrionError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def child_failure(returncode: int, what: str, last_line: str = "") -> OrionError:
+    """The error for a child process that ended without reporting one: killed by SIGKILL (the
+    kernel's out-of-memory killer, most often), by another signal (a native crash), or an exit code."""
+    import signal
+
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        if name == "SIGKILL":
+            return DoesNotFit(f"{what} was killed (SIGKILL): the system most likely ran out of memory",
+                              hint="free memory, or use a smaller model or --ctx")
+        return EngineFault(f"{what} crashed in llama.cpp ({name})",
+                           hint="run with --debug to see llama.cpp's log; 'orion profile --recheck-engine' "
+                                "checks the engine on this CPU")
+    return OrionError(f"{what} failed (exit {returncode})" + (f": {last_line}" if last_line else ""),
+                      hint="run with --debug to see llama.cpp's log")
+
+
+def from_os_error(exc: OSError) -> OrionError:
+    """A file-system error as one line a user can act on: a full disk, a permission, a missing file."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC or exc.errno == getattr(errno, "EDQUOT", -1):
+        return DoesNotFit(f"no space left on the device{where}", hint="free some space, then run again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OrionError(f"{reason}{where}", hint="check the permissions, or set ORION_HOME to a folder you can write")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"{reason}{where}", hint="check the path")
+    return OrionError(f"{reason}{where}", hint="check the file and the disk, then run again")
+
+
+def from_sqlite_error(exc: Exception) -> OrionError:
+    """SQLite's errors for the store: a lock held by another process, a full disk, a damaged file."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return OrionError("the store is locked by another orion process",
+                          hint="wait for it to finish (or stop it), then run again; nothing was written")
+    if "full" in text:
+        return DoesNotFit("no space left on the device for the store", hint="free some space, then run again")
+    return OrionError(f"the store cannot be used: {exc}",
+                      hint="if the file is damaged, delete the collection ('orion collections rm NAME')")
 
 
 def internal_error_line(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .device import process_memory_bytes
-from .errors import InvalidValue, NotAGGUF
+from .errors import InvalidValue
 
 GEN_TOKENS = 32
 GEN_PROMPT = "The history of the city of Paris"
@@ -112,13 +112,16 @@ def speed(path: Path, threads: int, prompt_tokens: int = 256, n_gpu_layers: int 
 
 def _run_child(args: list[str], what: str) -> dict:
     """Run ``python -m orion_cli.evaluate ARGS``; its last JSON line, or its error as an OrionError."""
+    from .errors import child_failure, error_from_payload
+
     proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", *args], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     doc = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not lines:
         if doc.get("error"):
-            raise InvalidValue(doc["error"], hint=doc.get("hint") or "")
-        raise NotAGGUF(f"{what} failed (exit {proc.returncode})", hint="run with --debug to see llama.cpp's log")
+            raise error_from_payload(doc)  # the child's own error, its class kept
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+        raise child_failure(proc.returncode, what, last)
     return doc
 
 
@@ -141,7 +144,14 @@ def _child_main(argv: list[str]) -> None:
             path, text_file, n_ctx, threads = argv
             doc = evaluate(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads)).to_dict()
     except OrionError as exc:
-        print(json.dumps({"error": exc.message, "hint": exc.hint}))
+        from .errors import error_payload
+
+        print(json.dumps(error_payload(exc)))
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a permission: the parent says which
+        from .errors import error_payload, from_os_error
+
+        print(json.dumps(error_payload(from_os_error(exc))))
         sys.exit(1)
     print(json.dumps(doc))
 

@@ -117,9 +117,14 @@ def quantize(
                     on_tick(time.perf_counter() - start)
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
+            from .errors import child_failure
+
             last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
+            if shutil.disk_usage(dst.parent).free < (16 << 20) or "No space left" in err:
+                raise DoesNotFit(f"the disk filled up while writing {type_name} of {src.name} at {dst.parent}",
+                                 hint="free some space or write elsewhere with -o; nothing was kept")
             if proc.returncode < 0:
-                last = f"killed by {signal.Signals(-proc.returncode).name}"
+                raise child_failure(proc.returncode, f"quantizing {src.name} to {type_name}")
             raise NotAGGUF(f"llama.cpp could not quantize {src.name} to {type_name}: {last or 'no reason given'}",
                            hint="run with --debug to see llama.cpp's log")
         got = read_local_header(tmp).file_type

@@ -115,6 +115,18 @@ def _usage_error_class() -> type[Exception]:
     return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+def _environment_error(exc: BaseException) -> OrionError | None:
+    """An error of the machine rather than of orion: OSError (disk, permissions) and SQLite's
+    "database is locked" get their own line and code, not "internal error"."""
+    from ..errors import from_os_error, from_sqlite_error
+
+    if isinstance(exc, OSError):
+        return from_os_error(exc)
+    if type(exc).__module__ == "sqlite3" and type(exc).__name__ in ("OperationalError", "DatabaseError"):
+        return from_sqlite_error(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``orion`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -143,11 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     except _usage_error_class() as exc:  # unknown option, missing argument: usage and exit 2
         exc.show()
         sys.exit(exc.exit_code)
-    except Exception as exc:  # a bug: one line, the traceback only with --debug
+    except Exception as exc:  # the environment (a full disk, a permission, a locked store), else a bug
         if debug:
             import traceback
 
             traceback.print_exc()
+        known = _environment_error(exc)
+        if known is not None:
+            _print_error(known.one_line())
+            sys.exit(known.exit_code)
         _print_error(internal_error_line(exc))
         sys.exit(EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else 0)
