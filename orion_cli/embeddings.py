@@ -298,58 +298,31 @@ class WalkReport:
     loops: int = 0
 
 
-def _gitignore_regex(pattern: str) -> tuple[re.Pattern, bool, bool]:
-    """(regex on the path relative to the .gitignore's folder, negated, directories only)."""
-    negated = pattern.startswith("!")
-    if negated:
-        pattern = pattern[1:]
-    dir_only = pattern.endswith("/")
-    pattern = pattern.strip("/") if dir_only else pattern
-    anchored = "/" in pattern.rstrip("/")
-    pattern = pattern.lstrip("/")
-    out = ""
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out += "(?:.*/)?"
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out += ".*"
-            i += 2
-            continue
-        out += {"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c))
-        i += 1
-    prefix = "" if anchored else "(?:.*/)?"
-    return re.compile(f"^{prefix}{out}$"), negated, dir_only
-
-
-def _read_gitignore(folder: Path) -> list[tuple[re.Pattern, bool, bool]]:
+def _read_gitignore(folder: Path):
+    """The folder's .gitignore as git matches it (pathspec's GitIgnoreSpec: git's wildmatch rules),
+    or None."""
     try:
         text = (folder / ".gitignore").read_text(errors="replace")
     except OSError:
-        return []
-    rules = []
-    for line in text.splitlines():
-        line = line.rstrip()
-        if line and not line.startswith("#"):
-            rules.append(_gitignore_regex(line))
-    return rules
+        return None
+    import pathspec
+
+    spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines())
+    return spec if spec.patterns else None
 
 
-def _ignored(is_dir: bool, stack: list[tuple[Path, list]], path: Path) -> bool:
+def _ignored(is_dir: bool, stack: list[tuple[Path, object]], path: Path) -> bool:
+    """Whether the .gitignore files from the walk's root down to ``path``'s folder ignore it: a
+    deeper file's matching rule (a ``!`` one too) overrides the ones above, as in git."""
     ignored = False
-    for base, rules in stack:
+    for base, spec in stack:
         try:
             sub = path.relative_to(base).as_posix()
         except ValueError:
             continue
-        for regex, negated, dir_only in rules:
-            if dir_only and not is_dir:
-                continue
-            if regex.match(sub):
-                ignored = not negated
+        result = spec.check_file(sub + "/" if is_dir else sub)
+        if result.include is not None:
+            ignored = result.include
     return ignored
 
 

@@ -107,6 +107,19 @@ def test_walk_honours_gitignore_hidden_binary_and_loops(tmp_path):
     assert len(walk([tmp_path], hidden=True).files) == 5
 
 
+def test_walk_matches_gitignore_as_git_does(tmp_path):
+    """git's wildmatch rules (through pathspec): character classes, '**', escapes, and a deeper
+    .gitignore overriding the one above."""
+    root = tmp_path / "tree"
+    (root / "deep" / "cache").mkdir(parents=True)
+    (root / ".gitignore").write_text("[ab].txt\n**/cache/\n\\#hash.txt\n*.tmp\n")
+    (root / "deep" / ".gitignore").write_text("!*.tmp\n")
+    for name in ("a.txt", "b.txt", "c.txt", "#hash.txt", "x.tmp", "deep/y.tmp", "deep/cache/z.txt", "deep/w.txt"):
+        (root / name).write_text("text")
+    report = walk([root])
+    assert sorted(str(p.relative_to(root)) for p in report.files) == ["c.txt", "deep/w.txt", "deep/y.tmp"]
+
+
 # ---------------------------------------------------------------- the CLI on a real corpus
 
 
