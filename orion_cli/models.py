@@ -187,3 +187,38 @@ def catalog_entry_for_repo(repo: str) -> CatalogEntry | None:
 
 
 
+
+
+def projector_shared(registry: Registry, model: LocalModel) -> bool:
+    """Whether another registered model uses ``model``'s projector file (then it stays)."""
+    return any(m.projector_path == model.projector_path and m.name != model.name
+               for m in registry.all().values())
+
+
+def remove_model(name: str, registry: Registry | None = None) -> tuple[LocalModel, int]:
+    """Forget a model, and delete a fetched one's files from the Hugging Face cache (its projector
+    too, unless another model shares it); an imported model's own file is never touched.
+    Returns the model and the bytes freed."""
+    registry = registry or Registry()
+    model = registry.get(name)
+    if model is None:
+        close = difflib.get_close_matches(name, list(registry.all()), n=1)
+        raise NotFound(f"no model named {name!r} here",
+                       hint=(f"did you mean {close[0]!r}? " if close else "") + "see 'orion list'")
+    freed = 0
+    if model.source == "hub" and model.repo:
+        from . import hub
+
+        if model.file_type == "safetensors":
+            folder = Path(model.path)
+            for f in [p for p in folder.rglob("*") if p.is_symlink() or p.is_file()]:
+                freed += hub.delete_cached(model.repo, str(f.relative_to(folder)))
+        else:
+            from .fetch import split_group
+
+            for part in split_group(model.filename or Path(model.path).name):
+                freed += hub.delete_cached(model.repo, part)
+            if model.projector_filename and not projector_shared(registry, model):
+                freed += hub.delete_cached(model.repo, model.projector_filename)
+    registry.remove(name)
+    return model, freed

@@ -142,3 +142,26 @@ def quantize(
         tmp.unlink(missing_ok=True)
     return QuantizeResult(src, dst, type_name, header.file_size or src.stat().st_size, dst.stat().st_size,
                           time.perf_counter() - start, requant)
+
+
+def quant_cache_path(src: Path, type_name: str) -> Path:
+    """Where ``eval --ladder`` keeps ``src`` quantized to ``type_name``: ``$ORION_HOME/cache/quant``,
+    keyed by the source's path, size and modification time (a changed source is quantized again)."""
+    import hashlib
+
+    from .paths import orion_home
+
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return orion_home() / "cache" / "quant" / f"{src.stem}-{key}-{type_name}.gguf"
+
+
+def ladder_file(src: Path, type_name: str, make: Callable[[Path], None]) -> Path:
+    """``src`` itself when it is ``type_name``, else its cached quantization, made by ``make(out)``
+    when it is not there yet (quantize writes atomically: a file there is complete)."""
+    if read_local_header(src).file_type == type_name:
+        return src
+    out = quant_cache_path(src, type_name)
+    if not out.exists():
+        make(out)
+    return out

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import LADDER_REPO, assert_clean_error
 
 from orion_cli.models import Registry, resolve
@@ -168,3 +169,24 @@ def test_minilm_encoder_is_fetched_as_its_safetensors_files(orion, hub):
     proc = orion("rm", "minilm", "--json")
     assert json.loads(proc.stdout)["freed_bytes"] >= (folder / "model.safetensors").stat().st_size
     assert not (snap / "model.safetensors").exists()
+
+
+def test_remove_model_and_shared_projectors(tmp_path, gemma_q4):
+    """The removal logic, without the CLI: an imported file is never touched; a projector stays
+    while another model uses it."""
+    from orion_cli.errors import NotFound
+    from orion_cli.models import LocalModel, Registry, projector_shared, remove_model
+
+    registry = Registry(tmp_path / "models.json")
+    proj = str(tmp_path / "mmproj.gguf")
+    a = LocalModel("a", "llm", str(gemma_q4), "import", projector_path=proj)
+    b = LocalModel("b", "llm", str(gemma_q4), "import", projector_path=proj)
+    registry.add(a)
+    registry.add(b)
+    assert projector_shared(registry, a) and projector_shared(registry, b)
+    model, freed = remove_model("a", registry)
+    assert model.name == "a" and freed == 0 and gemma_q4.exists()
+    assert not projector_shared(registry, b)
+    with pytest.raises(NotFound) as info:
+        remove_model("bb", registry)
+    assert "did you mean 'b'" in info.value.hint

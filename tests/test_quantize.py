@@ -203,3 +203,26 @@ def test_profile_bench_records_speed_and_fetch_shows_it(orion, gemma_q4, hub):
     speeds = {c["file_type"]: c["expected_tok_s"] for c in plan["candidates"]}
     assert speeds["Q4_K_M"] > speeds["Q8_0"] > speeds["F16"] > 0
     assert "~tok/s" in orion("fetch", LADDER_REPO, "--dry-run").stdout
+
+
+def test_ladder_cache_policy(gemma_q4, tmp_path, orion_home):
+    """eval --ladder's cache: the source itself at its own type; else one file per source version
+    and type, made once."""
+    import shutil
+
+    from orion_cli.quantize import ladder_file, quant_cache_path
+
+    made = []
+
+    def make(out):
+        made.append(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"quantized")
+
+    assert ladder_file(gemma_q4, "Q4_K_M", make) == gemma_q4 and made == []
+    first = ladder_file(gemma_q4, "Q8_0", make)
+    assert ladder_file(gemma_q4, "Q8_0", make) == first and made == [first]  # made once
+    assert first.parent == orion_home / "cache" / "quant"
+    copy = tmp_path / gemma_q4.name
+    shutil.copy(gemma_q4, copy)
+    assert quant_cache_path(copy, "Q8_0") != first  # another source (path, size or time): another file

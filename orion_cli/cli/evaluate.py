@@ -93,24 +93,17 @@ def _parse_ladder(text: str) -> list[str]:
 
 
 def _ladder_file(src: Path, type_name: str, threads: int) -> Path:
-    """The model at ``type_name``: the file itself if it is that type, else a cached quantization."""
-    import hashlib
+    """The model at ``type_name``: the file itself, or a cached quantization (made now if needed)."""
+    from ..quantize import ladder_file
+    from ._output import err_console
 
-    from ..gguf_header import read_local_header
-    from ..paths import orion_home
-    from ..quantize import quantize
-
-    if read_local_header(src).file_type == type_name:
-        return src
-    st = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
-    out = orion_home() / "cache" / "quant" / f"{src.stem}-{key}-{type_name}.gguf"
-    if not out.exists():
-        from ._output import err_console
+    def make(out: Path) -> None:
+        from ..quantize import quantize
 
         with err_console().status(f"Quantizing {src.name} to {type_name} (cached for next time)…"):
             quantize(src, out, type_name, threads=threads, allow_requantize=True)
-    return out
+
+    return ladder_file(src, type_name, make)
 
 
 def _rows(results, strategy) -> list[dict]:

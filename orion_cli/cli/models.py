@@ -174,38 +174,10 @@ def rm(
     json_output: Annotated[bool, typer.Option("--json", help="Print what was removed as JSON.")] = False,
 ) -> None:
     """Remove a model: a fetched one's files leave the HF cache; an imported one is only forgotten."""
-    import difflib
-
-    from ..errors import NotFound
-    from ..models import Registry
+    from ..models import remove_model
     from ..units import format_bytes
 
-    registry = Registry()
-    model = registry.get(name)
-    if model is None:
-        names = list(registry.all())
-        close = difflib.get_close_matches(name, names, n=1)
-        raise NotFound(f"no model named {name!r} here",
-                       hint=(f"did you mean {close[0]!r}? " if close else "") + "see 'orion list'")
-    freed = 0
-    if model.source == "hub" and model.repo:
-        from .. import hub
-
-        if model.file_type == "safetensors":
-            folder = Path(model.path)
-            for f in [p for p in folder.rglob("*") if p.is_symlink() or p.is_file()]:
-                freed += hub.delete_cached(model.repo, str(f.relative_to(folder)))
-        else:
-            from ..fetch import split_group
-
-            for part in split_group(model.filename or Path(model.path).name):
-                freed += hub.delete_cached(model.repo, part)
-            if model.projector_filename:
-                still_used = any(m.projector_path == model.projector_path and m.name != name
-                                 for m in registry.all().values())
-                if not still_used:
-                    freed += hub.delete_cached(model.repo, model.projector_filename)
-    registry.remove(name)
+    model, freed = remove_model(name)
     if json_output:
         from ._output import print_json
 
