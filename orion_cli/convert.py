@@ -98,6 +98,9 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target]
     out = Path(out)
+    from ._proc import remove_stale_partials
+
+    remove_stale_partials(out.parent, out.name)  # what a killed run left behind
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
     tensors = load_file(str(weights))

@@ -114,7 +114,10 @@ def _run_child(args: list[str], what: str) -> dict:
     """Run ``python -m orion_cli.evaluate ARGS``; its last JSON line, or its error as an OrionError."""
     from .errors import child_failure, error_from_payload
 
-    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", *args], capture_output=True, text=True)
+    from ._proc import die_with_parent
+
+    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", *args], capture_output=True, text=True,
+                          preexec_fn=die_with_parent)  # a killed eval leaves no child running
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     doc = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not lines:

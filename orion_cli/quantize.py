@@ -101,12 +101,15 @@ def quantize(
                          f"at {dst.parent}", hint="free some space or write elsewhere with -o")
     if requant and on_requantize:
         on_requantize(header.file_type)  # every check passed: it really happens
+    from ._proc import die_with_parent, remove_stale_partials
+
+    remove_stale_partials(dst.parent, dst.name)  # what a killed run left behind
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     debug = os.environ.get("ORION_DEBUG") == "1"
     start = time.perf_counter()
     proc = subprocess.Popen(quantize_command(src, tmp, type_name, threads, allow_requantize),
                             stdout=None if debug else subprocess.DEVNULL, stderr=None if debug else subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=die_with_parent)
     try:
         while True:
             try:
