@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidValue, NotFound
+from .errors import InvalidValue, NotAGGUF, NotFound
 
 TARGETS = ("f32", "f16", "q8_0")
 MAX_SEQ_KEY = "sentence_transformers.max_seq_length"
@@ -103,7 +103,11 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
     remove_stale_partials(out.parent, out.name)  # what a killed run left behind
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors' own error types: a damaged or foreign file
+        raise NotAGGUF(f"{weights} is not a valid safetensors file ({exc})",
+                       hint="download the model again") from exc
     try:
         w = gguf.GGUFWriter(str(tmp), "bert")
         name = folder.name

@@ -142,7 +142,7 @@ def group_gguf_files(names: list[str], pattern: str = "*.gguf") -> list[tuple[st
     return groups
 
 
-def _normalise_quant(quant: str) -> str:
+def normalise_quant(quant: str) -> str:
     q = quant.strip()
     if q.lower() in LEVEL_TYPE:
         return q.lower()
@@ -224,7 +224,7 @@ def plan_fetch(
         candidates = list(pool.map(build, groups))
     candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
 
-    wanted = _normalise_quant(quant) if quant else None
+    wanted = normalise_quant(quant) if quant else None
     level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_TYPE else None)
     budget = strategy.memory_budget_bytes
     projector_size = listing.get(projector).size or 0 if projector else 0

@@ -57,6 +57,8 @@ class LocalFile:
             raise NotFound(f"no such file: {path}", hint="check the path")
         if self.path.is_dir():
             raise NotAGGUF(f"{path} is a directory, not a GGUF file", hint="pass the .gguf file inside it")
+        if not self.path.is_file():  # a FIFO would block the read forever, a device never end
+            raise NotAGGUF(f"{path} is not a regular file (a FIFO, socket or device)", hint="pass a .gguf model file")
         self.size = self.path.stat().st_size
         self._f = self.path.open("rb")
 

@@ -23,6 +23,8 @@ from .tiers import Tier, TierTable, builtin_tiers
 from .units import format_bytes, parse_keep_alive, parse_size
 
 SCHEMA_VERSION = 1
+# More threads than this only crash llama.cpp's thread pool (OpenMP: "unable to allocate").
+MAX_THREADS = max(8, 4 * (os.cpu_count() or 1))
 
 # Settings that follow the tier: switching tiers (flag or environment) brings
 # the new tier's defaults unless a setting is given at the same or higher level.
@@ -224,6 +226,9 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
         n = _as_int(value, minimum)
         if n is None:
             raise ValueError(f"a whole number ≥ {minimum}")
+        if key == "threads" and n > MAX_THREADS:
+            raise ValueError(f"at most {MAX_THREADS} (4 × this machine's {os.cpu_count() or 1} CPUs; "
+                             f"llama.cpp cannot start more)")
         return n
     if key == "n_gpu_layers":
         if isinstance(value, str) and value.strip().lower() == "auto":
@@ -273,6 +278,8 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
 
     table = table or builtin_tiers()
     hint = f"fix it, or run 'orion profile' to write a new one ({path})"
+    if not path.is_file():  # a FIFO would block the read forever
+        raise ConfigError(f"the strategy file {path} is not a regular file", hint=hint)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -46,6 +46,10 @@ def fetch(
 
     if auto and quant:
         raise InvalidValue("--auto and --quant ask for different things", hint="give one of them")
+    if quant:
+        from ..fetch import normalise_quant
+
+        normalise_quant(quant)  # a bad --quant is said before any network
     if name:
         valid_name(name)
     strategy = load_strategy({"n_ctx": ctx})

@@ -70,7 +70,7 @@ def _previous_bench(output: str | None) -> dict:
 
     path = Path(output).expanduser() if output else strategy_path()
     try:
-        return read_strategy_file(path).get("bench", {}) if path.exists() else {}
+        return read_strategy_file(path).get("bench", {}) if path.is_file() else {}
     except ConfigError:
         return {}
 
