@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .errors import InvalidValue, NotFound
 
@@ -47,6 +47,19 @@ MIGRATIONS = {
 }
 
 
+def sql_statements(script: str) -> list[str]:
+    """The statements of an SQL script, cut at the ';' where SQLite says a statement is complete
+    (a ';' inside a string or a trigger's body does not end one)."""
+    out, start = [], 0
+    for end, char in enumerate(script):
+        if char == ";" and sqlite3.complete_statement(script[start: end + 1]):
+            out.append(script[start: end + 1].strip())
+            start = end + 1
+    if script[start:].strip():
+        out.append(script[start:].strip())
+    return [s for s in out if s.strip(" ;\n")]
+
+
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -72,13 +85,14 @@ class ChunkRow:
 
 
 class EmbeddingStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+                                  check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=60000")
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         self._migrate()
         self._matrix_cache: dict[int, tuple[int, object, list[int]]] = {}
 
@@ -87,9 +101,28 @@ class EmbeddingStore:
 
     # ------------------------------------------------------------ schema
 
-    def _migrate(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, the only way the store writes several statements: ``BEGIN
+        IMMEDIATE`` (waiting up to the busy timeout for another writer; past it, an error saying
+        the store is locked, and nothing written), ``COMMIT``, or ``ROLLBACK`` on any exception,
+        Ctrl-C included."""
         try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            from .errors import from_sqlite_error
+
+            raise from_sqlite_error(exc) from exc
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             version = int(row[0]) if row else 0
@@ -98,14 +131,9 @@ class EmbeddingStore:
                                    hint="upgrade orion, or use another ORION_HOME")
             for v in range(version + 1, SCHEMA_VERSION + 1):
                 # executescript would commit the open transaction: run the statements one by one
-                for statement in MIGRATIONS[v].split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
+                for statement in sql_statements(MIGRATIONS[v]):
+                    self.db.execute(statement)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     # ------------------------------------------------------------ collections
 
@@ -142,11 +170,10 @@ class EmbeddingStore:
 
     def drop(self, name: str) -> None:
         c = self.collection(name)
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("DELETE FROM chunks WHERE collection_id=?", (c.id,))
-        self.db.execute("DELETE FROM files WHERE collection_id=?", (c.id,))
-        self.db.execute("DELETE FROM collections WHERE id=?", (c.id,))
-        self.db.execute("COMMIT")
+        with self._write():
+            self.db.execute("DELETE FROM chunks WHERE collection_id=?", (c.id,))
+            self.db.execute("DELETE FROM files WHERE collection_id=?", (c.id,))
+            self.db.execute("DELETE FROM collections WHERE id=?", (c.id,))
 
     # ------------------------------------------------------------ files
 
@@ -175,13 +202,7 @@ class EmbeddingStore:
                      rows: Sequence[tuple], vectors: Sequence[bytes]) -> None:
         """One file's chunks, all at once: ``rows`` are (content_hash, start_byte, end_byte,
         start_line, end_line, text); ``vectors`` float16 blobs in the same order."""
-        for attempt in range(50):
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError:  # busy beyond the timeout: another writer holds it long
-                time.sleep(0.1 * (attempt + 1))
-        try:
+        with self._write():
             self.db.execute("INSERT INTO files (collection_id, path, size, mtime_ns, content_hash) VALUES (?,?,?,?,?) "
                             "ON CONFLICT (collection_id, path) DO UPDATE SET size=excluded.size, "
                             "mtime_ns=excluded.mtime_ns, content_hash=excluded.content_hash",
@@ -194,10 +215,6 @@ class EmbeddingStore:
                 "end_line, text, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
                 [(c.id, file_id, *row, blob) for row, blob in zip(rows, vectors)],
             )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def drop_missing(self, c: Collection, keep: set[str], under: Sequence[str]) -> int:
         """Forget files under ``under`` (path prefixes) that are not in ``keep``; returns how many."""
@@ -205,9 +222,8 @@ class EmbeddingStore:
         gone = [fid for fid, p in rows if p not in keep and any(p == u or p.startswith(u.rstrip("/") + "/")
                                                                  for u in under)]
         if gone:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("DELETE FROM files WHERE id=?", [(g,) for g in gone])
-            self.db.execute("COMMIT")
+            with self._write():
+                self.db.executemany("DELETE FROM files WHERE id=?", [(g,) for g in gone])
         return len(gone)
 
     # ------------------------------------------------------------ search
