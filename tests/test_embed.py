@@ -388,3 +388,14 @@ def test_profile_bench_measures_the_encoder_and_embed_follows_it(orion, minilm, 
     (tmp_path / "a.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
     out = orion("embed", str(tmp_path / "a.txt"), "-c", "measured", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["model"].endswith("@" + encoder["type"])
+
+
+def test_search_output_is_safe_for_a_terminal(orion, minilm, tmp_path):
+    """Escape sequences in a file's text (clear screen, cursor moves) never reach the terminal."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "evil.txt").write_text("an embedded database \x1b[2J\x1b[H\x07 hidden \x9b31m here\n")
+    assert orion("embed", str(folder), "-c", "evil").returncode == 0
+    out = orion("search", "an embedded database", "-c", "evil").stdout
+    assert "evil.txt" in out and "embedded database" in out
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out and "\ufffd" in out

@@ -38,6 +38,12 @@ def err_console() -> "Console":
     return _console(True)
 
 
+def printable(text: str) -> str:
+    """Text from files, safe for a terminal: control characters (the ESC of an escape sequence that
+    would clear the screen or move the cursor, C1 controls) become U+FFFD; tabs and newlines stay."""
+    return "".join(c if c in "\t\n" or not (ord(c) < 32 or 0x7F <= ord(c) < 0xA0) else "\ufffd" for c in text)
+
+
 def print_json(data: Any) -> None:
     """Stable JSON on stdout, one document, for scripts."""
     import json

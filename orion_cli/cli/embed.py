@@ -289,15 +289,15 @@ def search(
         return
     from rich.markup import escape
 
-    from ._output import console
+    from ._output import console, printable
 
     out = console()
     if not results:
         out.print(f"{collection} is empty: 'orion embed PATH --collection {collection}'")
     for score, r in results:
-        out.print(f"[bold]{score:.3f}[/]  {escape(r.path or '?')}:{r.start_line}-{r.end_line}")
+        out.print(f"[bold]{score:.3f}[/]  {escape(printable(r.path or '?'))}:{r.start_line}-{r.end_line}")
         snippet = " ".join(r.text.split())[:200]
-        out.print(f"       [dim]{escape(snippet)}[/]")
+        out.print(f"       [dim]{escape(printable(snippet))}[/]")
 
 
 def collections(
