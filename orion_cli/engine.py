@@ -193,7 +193,7 @@ class LoadSpec:
     whole_window: bool = False  # batch = context: evaluate a whole window at once (perplexity)
     parallel: int = 1  # sequences decoded together (orion serve): llama.cpp's n_seq_max, one unified KV cache
     tensor_split: tuple[float, ...] = ()  # the share of offloaded layers of each GPU (several GPUs)
-    contexts: int = 1  # an encoder's contexts on the one model, decoding side by side (a GPU pool)
+    contexts: int = 1  # an encoder's contexts on the one model, decoding side by side (one a thread on a CPU)
 
     @property
     def key(self) -> str:

@@ -64,18 +64,18 @@ def check_image(path: Path) -> Path:
 _GPU_BUDGETS: dict[int | None, list[int]] = {}
 
 
-def gpu_budgets_now(strategy: Strategy, detect=None) -> list[int]:
+def gpu_budgets_now(strategy: Strategy) -> list[int]:
     """Each GPU's budget for this process's loads: measured once (before it loads anything, so
     that only other processes' VRAM is taken off), capped by the strategy's gpu_budget_bytes.
-    None when the strategy has no GPU or keeps models on the CPU."""
+    Empty when the strategy has no GPU or keeps models on the CPU."""
     if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
         return []
-    if strategy.gpu_budget_bytes not in _GPU_BUDGETS or detect is not None:
+    if strategy.gpu_budget_bytes not in _GPU_BUDGETS:
         from .device import detect_gpus
         from .strategy import gpu_budgets
 
-        gpus = (detect or detect_gpus)()
-        _GPU_BUDGETS[strategy.gpu_budget_bytes] = gpu_budgets(gpus, strategy.pressure_high, strategy.gpu_budget_bytes)
+        _GPU_BUDGETS[strategy.gpu_budget_bytes] = gpu_budgets(detect_gpus(), strategy.pressure_high,
+                                                              strategy.gpu_budget_bytes)
     return _GPU_BUDGETS[strategy.gpu_budget_bytes]
 
 
