@@ -257,8 +257,7 @@ def download(
     already on disk; ``on_bytes(n)`` for each chunk written.
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_download
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers, disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars
 
     cache = hf_cache_dir()
     existing = cached_file(repo_id, file.path, revision)
@@ -280,6 +279,42 @@ def download(
     blob = blobs / meta.etag
     partial = blobs / (meta.etag + PARTIAL_SUFFIX)
 
+    with _download_lock(cache, blob):  # another orion fetching the same file: wait, then reuse its blob
+        _download_blob(repo_id, file, url, meta, total, blob, partial, on_start, on_bytes)
+
+    # The blob is in place: hf_hub_download only links it into snapshots/ and refs/.
+    with disable_progress_bars(), hub_errors(repo_id, file.path):
+        path = hf_hub_download(repo_id, file.path, revision=revision, cache_dir=str(cache),
+                               endpoint=endpoint(), token=_token())
+    return Path(path)
+
+
+@contextmanager
+def _download_lock(cache: Path, blob: Path) -> Iterator[None]:
+    """An exclusive lock per blob, beside huggingface_hub's own (``.locks/<repo>/``), so that two
+    processes never write one partial file; a no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = cache / ".locks" / blob.parent.parent.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{blob.name}.orion.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_blob(repo_id: str, file: RepoFile, url: str, meta, total: int | None, blob: Path, partial: Path,
+                   on_start: Callable[[int, int], None] | None, on_bytes: Callable[[int], None] | None) -> None:
+    """The blob, downloaded (resumed from ``partial``) and verified, unless it is already there."""
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers, disable_progress_bars
+
+    blobs = blob.parent
     if not blob.exists():
         blobs.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -313,12 +348,6 @@ def download(
         os.replace(partial, blob)
     elif on_start:
         on_start(total or 0, total or 0)
-
-    # The blob is in place: hf_hub_download only links it into snapshots/ and refs/.
-    with disable_progress_bars(), hub_errors(repo_id, file.path):
-        path = hf_hub_download(repo_id, file.path, revision=revision, cache_dir=str(cache),
-                               endpoint=endpoint(), token=_token())
-    return Path(path)
 
 
 def delete_cached(repo_id: str, filename: str) -> int:
