@@ -27,9 +27,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         path = path.resolve()
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError:
+    except OSError:  # not there (or unreadable): a new file
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"

@@ -190,8 +190,7 @@ def _amx_copies(header: GGUFHeader) -> dict[str, int]:
     The token embedding is read by row lookups, not matrix products, unless the model
     ties its output layer to it (no ``output.weight``): then the output's copy is it.
     """
-    tied = header.architecture not in ENCODER_ARCHITECTURES and not any(
-        t.name == "output.weight" for t in header.tensors)
+    tied = _tied_output(header)
     out = {}
     for t in header.tensors:
         layout = AMX_LAYOUT.get(ggml_type_name(t.ggml_type))

@@ -270,13 +270,15 @@ def plan_fetch(
 
 def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
     """This machine's GPU budgets, where the engine's cached verdict says it can offload."""
-    if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
-        return []
-    from .engine import machine_check
     from .session import gpu_budgets_now
 
+    budgets = gpu_budgets_now(strategy)  # empty, at no cost, without a GPU in the strategy
+    if not budgets:
+        return []
+    from .engine import machine_check
+
     check = machine_check()
-    return gpu_budgets_now(strategy) if check is not None and check.gpu_offload else []
+    return budgets if check is not None and check.gpu_offload else []
 
 
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,
