@@ -93,25 +93,36 @@ def child_llm(args) -> None:
 
 
 def child_embed(args) -> None:
-    """In a child: orion's Encoder on the converted MiniLM, ``--contexts`` contexts."""
+    """In a child: orion's Encoder on the converted MiniLM; ``--contexts``/``--pack`` 0: orion's choice
+    (the offload plan, :func:`orion_cli.session.encoder_contexts`, ``settings_for``)."""
+    import dataclasses
+
     from orion_cli import engine
     from orion_cli.embeddings import Encoder
+    from orion_cli.session import encoder_contexts, offload_plan, pool_extra_bytes
+    from orion_cli.strategy import load_strategy
 
-    engine.EMBED_PACK = args.pack
+    before = nvml_used()
     check = engine.current_check()
     texts = json.loads(Path(args.chunks_file).read_text())
-    settings = engine.settings_for(check, embedding=True, offload=args.layers != 0)
+    header = engine.validate(Path(args.model))
+    layers = args.layers if args.layers == "auto" else int(args.layers)
+    plan, settings = offload_plan(header, 256, load_strategy(), check, embedding=True, gpu_layers=layers)
+    contexts = args.contexts or encoder_contexts(plan, args.threads)
     if args.fa >= 0:
-        import dataclasses
-
         settings = dataclasses.replace(settings, flash_attn=bool(args.fa))
-    spec = engine.LoadSpec(Path(args.model), 256, args.threads, args.layers, embedding=True, settings=settings,
-                           contexts=args.contexts)
+    if args.pack:
+        settings = dataclasses.replace(settings, embed_pack=args.pack)
+    spec = engine.LoadSpec(Path(args.model), 256, args.threads, plan.n_gpu_layers, embedding=True,
+                           settings=settings, contexts=contexts)
     print("loading", flush=True, file=sys.stderr)
     model = engine.load(spec, check=check)
     print("loaded", flush=True, file=sys.stderr)
     enc = Encoder(model, model_id="minilm", max_tokens=256)
     enc.encode(texts[:256])
+    after = nvml_used()
+    # what orion's manager counts for it (session.model_request): the plan plus each further context
+    estimate = plan.gpu_bytes + pool_extra_bytes(plan, model.n_contexts)[1] if plan.n_gpu_layers else 0
     print("warm", flush=True, file=sys.stderr)
     import numpy as np
 
@@ -120,8 +131,11 @@ def child_embed(args) -> None:
     vectors = enc.encode(texts)
     rate = len(texts) / (time.perf_counter() - start)
     np.save(args.vectors, vectors)
-    print(json.dumps({"chunks_s": round(rate, 1), "contexts": model.n_contexts, "pack": args.pack,
-                      "layers": args.layers}), flush=True)
+    print(json.dumps({"chunks_s": round(rate, 1), "contexts": model.n_contexts, "pack": settings.embed_pack,
+                      "fa": int(settings.flash_attn), "layers": plan.n_gpu_layers, "threads": args.threads,
+                      "chosen": not args.contexts and not args.pack and args.fa < 0,
+                      "estimate_gpu_bytes": estimate,
+                      "measured_gpu_bytes": None if before is None or after is None else after - before}), flush=True)
     model.close()
 
 
@@ -198,8 +212,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--fill", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--contexts", type=int, default=1)
-    p.add_argument("--pack", type=int, default=1)
+    p.add_argument("--contexts", type=int, default=0, help="an encoder's contexts (0: orion's choice)")
+    p.add_argument("--pack", type=int, default=0, help="sequences an encoder decodes together (0: orion's choice)")
     p.add_argument("--fa", type=int, default=-1, help="encoder flash attention: 0 off, 1 on, -1 orion's choice")
     p.add_argument("--fas", default="-1", help="flash-attention settings to measure the encoder with")
     p.add_argument("--chunks-file")
@@ -209,8 +223,9 @@ def main() -> None:
     p.add_argument("--work", help="where models and vectors go (default: OUT/work)")
     p.add_argument("--chunks", type=int, default=4000)
     p.add_argument("--stages", default="vram,speed,embed")
-    p.add_argument("--pools", default="1,4,8,16,32", help="encoder contexts to measure")
-    p.add_argument("--packs", default="1", help="sequences a decode to measure")
+    p.add_argument("--pools", default="0", help="encoder contexts to measure (0: orion's choice)")
+    p.add_argument("--types", default="f16", help="the encoder's GGUF types to measure (f16, q8_0)")
+    p.add_argument("--packs", default="0", help="sequences a decode to measure (0: orion's choice)")
     p.add_argument("--deadline", type=float, default=0, help="stop starting stages after this many seconds")
     args = p.parse_args()
     if args.child == "llm":
@@ -306,9 +321,11 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
         if f16.exists():
             save_file({k: v.astype(np.float32) for k, v in load_file(str(f16)).items()}, str(folder / "model.safetensors"))
             f16.unlink()
-    gguf = work / "minilm-f16.gguf"
-    if not gguf.exists():
-        convert_bert(folder, gguf, "f16")
+    ggufs = {}
+    for kind in args.types.split(","):
+        ggufs[kind] = work / f"minilm-{kind}.gguf"
+        if not ggufs[kind].exists():
+            convert_bert(folder, ggufs[kind], kind)
     chunks_file = work / "chunks.json"
     make_chunks(chunks_file, args.chunks)
     res: dict = {"chunks": args.chunks, "chunk_chars": 700, "orion": []}
@@ -325,26 +342,30 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
                                 "fp16"], capture_output=True, text=True)
     if peer_fp16.returncode == 0:
         res["sentence_transformers_fp16"] = json.loads(peer_fp16.stdout.strip().splitlines()[-1])
-    configs = [(fa, pack, n) for fa in args.fas.split(",") for pack in args.packs.split(",")
+    configs = [(kind, fa, pack, n) for kind in ggufs for fa in args.fas.split(",") for pack in args.packs.split(",")
                for n in args.pools.split(",")]
-    for fa, pack, n in configs:
+    for kind, fa, pack, n in configs:
         if late():
             break
-        if True:
-            vec = work / f"orion-{n}-{pack}.npy"
-            r = run_child(me + ["--child", "embed", "--model", str(gguf), "--layers", "-1", "--contexts", str(n),
-                                "--pack", str(pack), "--threads", "2", "--chunks-file", str(chunks_file),
-                                "--vectors", str(vec), "--fa", fa], log)
-            if not r:
-                continue
-            v = np.load(vec)
-            r["min_cosine"] = round(float(np.min(np.sum(v * st, axis=1))), 6)
-            r["ratio"] = round(r["chunks_s"] / res["sentence_transformers"]["chunks_s"], 3)
-            res["orion"].append(r)
-            r["fa"] = int(fa)
-            print(f"embed orion contexts {r['contexts']:2d} pack {pack} fa {fa}: {r['chunks_s']:8.1f} chunks/s "
-                  f"({r['ratio']:.2f}x)  min cosine {r['min_cosine']}", flush=True)
-            (out / "gpu-embed.json").write_text(json.dumps(res, indent=1))
+        chosen = n == "0" and pack == "0" and fa == "-1"
+        vec = work / f"orion-{kind}-{n}-{pack}-{fa}.npy"
+        # orion's choice runs with the machine's threads (shared out between the contexts), as orion
+        # would; a fixed grid point with 2 (one thread a context from 2 contexts on)
+        r = run_child(me + ["--child", "embed", "--model", str(ggufs[kind]), "--layers", "-1", "--contexts", n,
+                            "--pack", pack, "--threads", str(args.threads if chosen else 2),
+                            "--chunks-file", str(chunks_file), "--vectors", str(vec), "--fa", fa], log)
+        if not r:
+            continue
+        v = np.load(vec)
+        r["min_cosine"] = round(float(np.min(np.sum(v * st, axis=1))), 6)
+        r["ratio"] = round(r["chunks_s"] / res["sentence_transformers"]["chunks_s"], 3)
+        r["type"] = kind
+        res["orion"].append(r)
+        print(f"embed orion {kind.upper()}{' (its choice)' if chosen else ''} contexts {r['contexts']:2d} pack {r['pack']} "
+              f"fa {r['fa']}: {r['chunks_s']:8.1f} chunks/s ({r['ratio']:.2f}x)  min cosine {r['min_cosine']}"
+              f"  VRAM est {r['estimate_gpu_bytes'] / MiB:.0f} MiB, measured "
+              f"{(r['measured_gpu_bytes'] or 0) / MiB:.0f} MiB", flush=True)
+        (out / "gpu-embed.json").write_text(json.dumps(res, indent=1))
     return res
 
 

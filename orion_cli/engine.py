@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -121,10 +122,19 @@ def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool =
     """The llama.cpp settings orion loads with (and estimates for) under an engine verdict.
 
     Encoders run with flash attention on the CPU (measured faster for all-MiniLM-L6-v2), but not on a
-    GPU: CUDA's kernels have no head size 32 (MiniLM's), so the op would fall back to the CPU
-    between GPU layers. An LLM offloaded to a GPU runs with it (llama.cpp's own choice there: no
-    attention-score matrix in VRAM)."""
-    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload)
+    GPU: CUDA's kernels have no head size 32 (MiniLM's), so the op falls back to the CPU between
+    GPU layers (measured on an H200: 74 chunks/s with it, 519 without). An encoder on a GPU packs
+    ENCODER_GPU_PACK sequences into each decode (fewer launches a chunk; on a CPU one sequence a
+    decode is fastest). An LLM offloaded to a GPU runs with flash attention (llama.cpp's own choice
+    there: no attention-score matrix in VRAM)."""
+    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload,
+                          embed_pack=ENCODER_GPU_PACK if embedding and offload else 1)
+
+
+# Sequences an encoder on a GPU decodes together. Measured on an H200 (all-MiniLM-L6-v2 F16, 4,000
+# chunks of 700 characters, 8 contexts): 1 → 2,031 chunks/s, 2 → 2,472, 4 → 1,167, 8 → 824 (the
+# non-causal mask spans the whole micro-batch: its cost grows with the square of the packed length).
+ENCODER_GPU_PACK = 2
 
 
 def machine_check() -> EngineCheck | None:
@@ -248,10 +258,6 @@ def _decode_alone(ctx, batch, tokens: Sequence[int], output: Callable[[int], boo
         raise RuntimeError("llama_decode failed")
 
 
-# Sequences an encoder decodes together (one llama_decode): 1, measured fastest on CPUs.
-EMBED_PACK = 1
-
-
 class _TokenBatch:
     """A ``llama_batch`` whose arrays are numpy's: filled by array copies, one sequence id a token."""
 
@@ -373,12 +379,18 @@ class LoadedModel:
                                                  top_p=top_p, seed=seed, stream=True)
             pieces = (c["choices"][0]["text"] for c in stream)
         n = 0
-        for piece in pieces:
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-            if piece:
-                yield piece
+        try:
+            for piece in pieces:
+                if first is None:
+                    first = time.perf_counter()
+                n += 1
+                if piece:
+                    yield piece
+        except ValueError as exc:  # llama-cpp-python's check, before it evaluates anything
+            found = _LLAMA_CPP_TOO_LONG.match(str(exc))
+            if not found:
+                raise
+            raise prompt_too_long(int(found[1]), int(found[2])) from exc
         end = time.perf_counter()
         t.prompt_tokens = max(0, self._llm.n_tokens - n) if use_chat else self.count_tokens(prompt)
         t.prompt_s = (first or end) - start
@@ -426,7 +438,7 @@ class LoadedModel:
         decode on them side by side."""
         import llama_cpp
 
-        capacity = self.spec.n_ctx * EMBED_PACK
+        capacity = self.spec.n_ctx * self.spec.settings.embed_pack
         threads = max(1, self.spec.threads // n) if n > 1 else self.spec.threads
         self._pool = queue.Queue()
         contexts = [self._llm._ctx.ctx]
@@ -446,11 +458,11 @@ class LoadedModel:
     def embed_tokens(self, sequences: Sequence[Sequence[int]]):
         """Pooled embeddings (float32 matrix, one row per sequence, not normalised) of token-id lists.
 
-        One sequence per decode, the whole sequence in one micro-batch: measured on
-        all-MiniLM-L6-v2 (F16, ~200-token chunks, 2 threads) this beat packing 2, 4 or
-        8 sequences per batch (17.6 / 16.7 / 13.4 chunks/s against 17.8). The batch is
-        filled from numpy arrays (no per-token Python). With several contexts (a GPU pool),
-        the sequences are shared out between threads, one context each.
+        ``settings.embed_pack`` sequences per decode, whole, in one micro-batch. On a CPU one: measured
+        on all-MiniLM-L6-v2 (F16, ~200-token chunks, 2 threads) this beat packing 2, 4 or 8 sequences
+        per batch (17.6 / 16.7 / 13.4 chunks/s against 17.8); on a GPU two (ENCODER_GPU_PACK). The
+        batch is filled from numpy arrays (no per-token Python). With several contexts (a pool), the
+        sequences are shared out between threads, one context each.
         """
         import numpy as np
 
@@ -458,11 +470,15 @@ class LoadedModel:
         if longest > self.spec.n_ctx:
             raise ValueError(f"a sequence of {longest} tokens exceeds n_ctx {self.spec.n_ctx}")
         out = np.empty((len(sequences), self._llm.n_embd()), dtype=np.float32)
-        if self.n_contexts == 1 or len(sequences) < 2:
+        if len(sequences) < 2 or (self.n_contexts == 1 and self.spec.settings.embed_pack == 1):
             self._embed_rows(sequences, range(len(sequences)), out)
             return out
-        # longest first, dealt round-robin: every thread gets a like share of the work
+        # longest first (sequences packed together are alike in length), dealt round-robin:
+        # every thread gets a like share of the work
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        if self.n_contexts == 1:
+            self._embed_rows(sequences, order, out)
+            return out
         shares = [order[k::self.n_contexts] for k in range(self.n_contexts)]
         errors: list[BaseException] = []
 
@@ -490,9 +506,9 @@ class LoadedModel:
         try:
             n_embd = out.shape[1]
             memory = llama_cpp.llama_get_memory(ctx)
-            rows = list(rows)
-            for start in range(0, len(rows), EMBED_PACK):
-                part = rows[start: start + EMBED_PACK]
+            rows, pack = list(rows), self.spec.settings.embed_pack
+            for start in range(0, len(rows), pack):
+                part = rows[start: start + pack]
                 batch.fill([sequences[i] for i in part])
                 if memory:
                     llama_cpp.llama_memory_clear(memory, True)
@@ -569,6 +585,19 @@ class _Sequence:
     first_token_at: float = 0.0
 
 
+# llama-cpp-python's words for a prompt longer than the context (Llama._create_completion, 0.3.x;
+# tests/test_run.py fails if they change)
+_LLAMA_CPP_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+def prompt_too_long(n_tokens: int, n_ctx: int):
+    """The error for a prompt that does not fit the context (nothing was evaluated)."""
+    from .errors import InvalidValue
+
+    return InvalidValue(f"the prompt is {n_tokens:,} tokens; the context holds {n_ctx:,}",
+                        hint="give a shorter prompt, or a larger context (--ctx, ORION_CTX)")
+
+
 class ParallelDecoder:
     """Decodes the sequences of every request on one model together: each step is one
     ``llama_decode`` with the next token of every running sequence, each sequence with its own
@@ -607,10 +636,7 @@ class ParallelDecoder:
             raise ValueError("an empty prompt")
         room = self.n_ctx - len(tokens)
         if room < 1:
-            from .errors import InvalidValue
-
-            raise InvalidValue(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}",
-                               hint="a shorter prompt, or a larger context (ORION_CTX)")
+            raise prompt_too_long(len(tokens), self.n_ctx)
         seq = _Sequence(list(tokens), min(max_tokens, room), self._sampler(temperature, top_p, seed),
                         queue.Queue(), threading.Event(), started=time.perf_counter())
         with self._cond:
@@ -806,14 +832,28 @@ _NULL_LOG = None
 
 def _silence_mtmd() -> None:
     """The vision library (mtmd) logs every image it encodes to stderr; quiet unless --debug."""
-    global _NULL_LOG
-    import llama_cpp.llama_cpp as C
     import llama_cpp.mtmd_cpp as M
 
-    if _NULL_LOG is None:
-        _NULL_LOG = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
+    _route_llama_log(False)
     M.mtmd_log_set(_NULL_LOG, None)
     M.mtmd_helper_log_set(_NULL_LOG, None)
+
+
+def _route_llama_log(verbose: bool) -> None:
+    """llama.cpp's log: llama-cpp-python's printer with --debug, else nothing. (0.3.36's printer maps
+    ggml's levels one off: every warning reaches stderr even with verbose=False, and its errors
+    never do; orion reports failures in its own words.)"""
+    global _NULL_LOG
+    import llama_cpp.llama_cpp as C
+
+    if verbose:
+        from llama_cpp._logger import llama_log_callback
+
+        C.llama_log_set(llama_log_callback, None)
+        return
+    if _NULL_LOG is None:
+        _NULL_LOG = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
+    C.llama_log_set(_NULL_LOG, None)
 
 
 def validate(path: Path) -> GGUFHeader:
@@ -844,10 +884,11 @@ def load(
 
     start = time.perf_counter()
     verbose = debug_enabled()
+    _route_llama_log(verbose)
     s = spec.settings
     parallel = {"n_seq_max": spec.parallel, "kv_unified": True} if spec.parallel > 1 else {}
-    if spec.embedding and EMBED_PACK > 1:
-        parallel = {"n_seq_max": EMBED_PACK}
+    if spec.embedding and s.embed_pack > 1:
+        parallel = {"n_seq_max": s.embed_pack}
     with _model_params(progress=on_progress, use_extra_bufts=check.use_extra_bufts and s.repack), \
             _context_params(**parallel):
         from llama_cpp import Llama
@@ -864,8 +905,8 @@ def load(
             # an encoder or a scored window is evaluated whole, in one batch
             n_batch = max(s.n_ubatch, spec.n_ctx) if (spec.embedding or spec.whole_window) else s.n_ubatch
             n_ctx = spec.n_ctx
-            if spec.embedding:  # EMBED_PACK sequences a decode
-                n_ctx = n_batch = spec.n_ctx * EMBED_PACK
+            if spec.embedding:  # embed_pack sequences a decode
+                n_ctx = n_batch = spec.n_ctx * s.embed_pack
             llm = Llama(
                 str(spec.path), n_ctx=n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,
                 n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=spec.n_gpu_layers,

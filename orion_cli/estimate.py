@@ -64,6 +64,7 @@ class EngineSettings:
     repack: bool = True  # llama.cpp's extra buffer types (weight repacking)
     amx: bool = False  # ggml's AMX buffer among them (the engine check says whether it is active)
     kv_bytes_per_value: int = 2  # f16 KV cache
+    embed_pack: int = 1  # sequences an encoder decodes together (one llama_decode; its window × this)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None
     """KV cache bytes (of the layers below ``first_gpu``: those on the CPU), how, and the most KV
     cells one layer attends to."""
     if header.architecture in ENCODER_ARCHITECTURES:
-        return 0, "encoder: no KV cache", n_ctx
+        return 0, "encoder: no KV cache", n_ctx * s.embed_pack
     cells_full = _pad(n_ctx)
     window = header.sliding_window
     swa = swa_layers(header)
@@ -246,7 +247,8 @@ def estimate_memory(
             types = sorted({ggml_type_name(t.ggml_type) for t in header.tensors if t.name in amx})
             repack_how = f"{', '.join(types)} matrices copied into AMX tile layout"
 
-    n_ubatch = min(s.n_ubatch, n_ctx)
+    # an encoder evaluates its packed window whole, in one micro-batch
+    n_ubatch = n_ctx * s.embed_pack if header.architecture in ENCODER_ARCHITECTURES else min(s.n_ubatch, n_ctx)
     heads = max(header.n_head or [1])
     n_ff = _n_ff(header)
     kv_heads = max(header.n_head_kv or [heads])
@@ -292,6 +294,10 @@ def _n_ff(header: GGUFHeader) -> int:
 # staging buffers); measured on an H200 (docs/benchmarks.md, bench/gpu.py).
 CUDA_CONTEXT_BYTES = 608 * MiB
 CUDA_HOST_BYTES = 300 * MiB  # peak RSS growth 1,203 MiB for a 907 MiB model, all offloaded
+# Each further llama context on a GPU (an encoder's pool) beyond its compute buffer: its own CUDA
+# streams, cuBLAS handles and ggml-cuda memory pool. Calibrated on an H200 (all-MiniLM-L6-v2 F16,
+# 8 and 12 contexts: 1,493 and 1,961 MiB measured by NVML, 100 and 99 MiB a context beyond the rest).
+CUDA_CONTEXT_EXTRA_BYTES = 100 * MiB
 
 
 def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, *, with_output: bool,
@@ -304,8 +310,8 @@ def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, 
     Fitted to llama.cpp's own report (``compute buffer size``) for gemma3-270m and a random
     1024-wide llama at 512 to 16,384 cells, with and without flash attention."""
     s = settings
-    n_ubatch = min(s.n_ubatch, n_ctx) if not embedding else n_ctx
-    cells = _pad(n_ctx) if header.architecture not in ENCODER_ARCHITECTURES else n_ctx
+    n_ubatch = min(s.n_ubatch, n_ctx) if not embedding else n_ctx * s.embed_pack
+    cells = _pad(n_ctx) if header.architecture not in ENCODER_ARCHITECTURES else n_ubatch
     heads = max(header.n_head or [1])
     kv_heads = max(header.n_head_kv or [heads])
     ffn = n_ubatch * 4 * 4 * _n_ff(header)

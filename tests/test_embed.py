@@ -163,6 +163,8 @@ def test_encoder_type_follows_measurements_and_the_quality_floor():
     assert choose_encoder_type(True, {"f16": f16, "q8_0": {"chunks_s": 14.0, "min_cosine": 0.9995}}).name == "f16"
     # faster but below the quality floor: not chosen
     assert choose_encoder_type(True, {"f16": f16, "q8_0": {"chunks_s": 40.0, "min_cosine": 0.98}}).name == "f16"
+    # on a GPU, F16 whatever the CPU measured (the measurement is the CPU's)
+    assert choose_encoder_type(True, fast_q8, gpu=True).name == "f16"
 
 
 def test_a_collection_keeps_its_encoder_type(orion, minilm, tmp_path, engine_verdict):
@@ -399,3 +401,43 @@ def test_search_output_is_safe_for_a_terminal(orion, minilm, tmp_path):
     out = orion("search", "an embedded database", "-c", "evil").stdout
     assert "evil.txt" in out and "embedded database" in out
     assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out and "\ufffd" in out
+
+
+def test_pooled_and_packed_encoders_give_the_same_vectors(minilm, corpus, engine_verdict):
+    """An encoder's pool (several contexts on one model) and packing (several sequences a decode, what
+    orion does on a GPU) change the speed, never the vectors. Runs on the CPU with the engine's settings."""
+    from dataclasses import replace
+
+    from orion_cli import engine
+    from orion_cli.embeddings import Encoder
+    from orion_cli.session import encoder_model
+    from orion_cli.strategy import load_strategy
+
+    local, _, window = encoder_model("minilm@f16", load_strategy())
+    source = "".join((corpus / name).read_text() for name in CORPUS[:3])
+    texts = [source[i: i + 700] for i in range(0, 40 * 700, 700)]
+    texts += ["a", "short one", texts[0] * 3]  # lengths far apart, one cut to the window
+    base = engine.settings_for(engine_verdict, embedding=True)
+    vectors = []
+    for contexts, pack in [(1, 1), (1, 2), (2, 3)]:
+        spec = engine.LoadSpec(Path(local.path), window, 2, embedding=True, contexts=contexts,
+                               settings=replace(base, embed_pack=pack))
+        model = engine.load(spec, check=engine_verdict)
+        try:
+            assert model.n_contexts == contexts
+            vectors.append(Encoder(model, model_id="minilm", max_tokens=window).encode(texts))
+        finally:
+            model.close()
+    for other in vectors[1:]:
+        assert other.shape == vectors[0].shape
+        assert float(np.min(np.sum(other * vectors[0], axis=1))) > 0.9999
+
+
+def test_an_encoder_on_a_gpu_packs_and_drops_flash_attention(engine_verdict):
+    from orion_cli.engine import ENCODER_GPU_PACK, settings_for
+
+    cpu, gpu = settings_for(engine_verdict, embedding=True), settings_for(engine_verdict, embedding=True, offload=True)
+    assert (cpu.embed_pack, cpu.flash_attn) == (1, True)
+    assert (gpu.embed_pack, gpu.flash_attn) == (ENCODER_GPU_PACK, False) and ENCODER_GPU_PACK > 1
+    llm = settings_for(engine_verdict, offload=True)
+    assert (llm.embed_pack, llm.flash_attn) == (1, True)

@@ -222,3 +222,32 @@ def test_manager_counts_vram_apart_from_ram():
     assert [s.name for s in m.status()] == ["c", "b"]
     with pytest.raises(ModelDoesNotFit, match="of VRAM, the GPU budget is 8.0 GiB"):
         m.load(request("d", 1 * GiB, 9 * GiB))
+
+
+def test_an_encoders_pool_on_a_gpu_counts_each_context():
+    """all-MiniLM-L6-v2 F16 (its recorded header), every layer offloaded as orion loads an encoder on
+    a GPU (2 sequences a decode, no flash attention): the pool's VRAM against what NVML measured on
+    an H200 (bench/gpu.py: 8 contexts 1,493 MiB, 12 contexts 1,961 MiB)."""
+    import json
+
+    from orion_cli.gguf_header import _header_from_json
+    from orion_cli.session import ENCODER_GPU_CONTEXTS, encoder_contexts, pool_extra_bytes
+
+    h = _header_from_json(json.loads((FIXTURES / "minilm-f16-header.json").read_text()))
+    settings = EngineSettings(repack=False, flash_attn=False, embed_pack=2)
+    plan = plan_offload(h, 256, settings, [100 * GiB], -1, embedding=True)
+    assert plan.n_gpu_layers == plan.n_total
+    for contexts, measured in [(8, 1493 * MiB), (12, 1961 * MiB)]:
+        estimate = plan.gpu_bytes + pool_extra_bytes(plan, contexts)[1]
+        assert abs(estimate - measured) / measured < 0.02, (contexts, estimate / MiB)
+    # packing two sequences doubles the micro-batch the compute buffer holds
+    single = plan_offload(h, 256, EngineSettings(repack=False, flash_attn=False), [100 * GiB], -1, embedding=True)
+    assert plan.gpus[0].compute_bytes > single.gpus[0].compute_bytes
+    # the pool is sized from the budget: room for the model and each further context, at most the cap
+    assert encoder_contexts(plan, 16) == ENCODER_GPU_CONTEXTS
+    per_context = pool_extra_bytes(plan, 2)[1]
+    tight = plan_offload(h, 256, settings, [plan.gpu_bytes + 2 * per_context + MiB], -1, embedding=True)
+    assert encoder_contexts(tight, 16) == 3
+    # on the CPU a context costs its compute buffer in RAM and nothing on a GPU
+    cpu = plan_offload(h, 256, EngineSettings(flash_attn=True), [], 0, embedding=True)
+    assert pool_extra_bytes(cpu, 4) == (3 * cpu.cpu.compute_bytes, 0) and encoder_contexts(cpu, 2) == 2
