@@ -60,6 +60,37 @@ def pooling_of(folder: Path) -> str:
     return "mean"
 
 
+def check_bert_config(config: dict, shapes: dict[str, tuple[int, ...]], where: Path) -> int:
+    """The number of layers, once config.json agrees with the weights: every size a positive
+    integer, the layer count and the widths those of the tensors (a hostile config must not make
+    orion build a billion-layer name table, nor write a GGUF llama.cpp would read past)."""
+    hint = "the config does not match model.safetensors: download the model again"
+    sizes = {}
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 20:
+            raise InvalidValue(f"{where}: {key} must be a whole number from 1 to 1,048,576, not {value!r}",
+                               hint=hint)
+        sizes[key] = value
+    names = {k[5:] if k.startswith("bert.") else k: shape for k, shape in shapes.items()}
+    layers = {int(k.split(".")[2]) for k in names if k.startswith("encoder.layer.") and k.split(".")[2].isdigit()}
+    if layers != set(range(sizes["num_hidden_layers"])):
+        raise InvalidValue(f"{where}: num_hidden_layers is {sizes['num_hidden_layers']}, the weights have "
+                           f"{len(layers)} layers", hint=hint)
+    word = names.get("embeddings.word_embeddings.weight")
+    if word is None or len(word) != 2 or word[1] != sizes["hidden_size"]:
+        raise InvalidValue(f"{where}: hidden_size {sizes['hidden_size']} does not match the word embeddings "
+                           f"{word}", hint=hint)
+    up = names.get("encoder.layer.0.intermediate.dense.weight")
+    if up is not None and up[0] != sizes["intermediate_size"]:
+        raise InvalidValue(f"{where}: intermediate_size {sizes['intermediate_size']} does not match the weights "
+                           f"({up[0]})", hint=hint)
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise InvalidValue(f"{where}: hidden_size {sizes['hidden_size']} is not a multiple of num_attention_heads "
+                           f"{sizes['num_attention_heads']}", hint=hint)
+    return sizes["num_hidden_layers"]
+
+
 def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
     """Write ``out`` from the BERT model in ``folder``; a temporary name until complete."""
     import gguf
@@ -84,8 +115,10 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
     if not vocab_file.exists():
         raise NotFound(f"{folder} has no vocab.txt", hint="a BERT WordPiece vocabulary is needed")
 
-    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
-    n_layers = int(config["num_hidden_layers"])
+    try:
+        tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidValue(f"{vocab_file} is not UTF-8 text", hint="download the model again") from exc
     specials = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
     toktypes = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
 
@@ -102,12 +135,13 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
 
     remove_stale_partials(out.parent, out.name)  # what a killed run left behind
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors' own error types: a damaged or foreign file
         raise NotAGGUF(f"{weights} is not a valid safetensors file ({exc})",
                        hint="download the model again") from exc
+    n_layers = check_bert_config(config, {k: tuple(v.shape) for k, v in tensors.items()}, folder / "config.json")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
     try:
         w = gguf.GGUFWriter(str(tmp), "bert")
         name = folder.name

@@ -160,8 +160,13 @@ def from_sqlite_error(exc: Exception) -> OrionError:
                           hint="wait for it to finish (or stop it), then run again; nothing was written")
     if "full" in text:
         return DoesNotFit("no space left on the device for the store", hint="free some space, then run again")
-    return OrionError(f"the store cannot be used: {exc}",
-                      hint="if the file is damaged, delete the collection ('orion collections rm NAME')")
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        from .paths import orion_home
+
+        return OrionError(f"the embeddings store {orion_home() / 'embeddings.db'} is damaged ({exc})",
+                          hint="move it away (orion starts a new one; 'sqlite3 FILE .recover' may save its rows), "
+                               "then embed again")
+    return OrionError(f"the store cannot be used: {exc}", hint="run again with --debug to see why")
 
 
 def internal_error_line(exc: BaseException) -> str:

@@ -130,8 +130,16 @@ class Registry:
             doc = {"schema_version": 1, "models": {n: asdict(m) for n, m in sorted(models.items())}}
             write_text_atomic(self.path, json.dumps(doc, indent=2) + "\n")
 
-    def add(self, model: LocalModel) -> None:
+    def add(self, model: LocalModel, *, replace: bool = True) -> None:
+        """Register ``model`` under its name. ``replace=False``: a name that already stands for
+        another file or folder is refused (the same one is registered again, refreshed)."""
         with self._locked() as models:
+            old = models.get(model.name)
+            if not replace and old is not None and old.path != model.path:
+                from .errors import InvalidValue
+
+                raise InvalidValue(f"a model named {model.name!r} already exists ({old.path})",
+                                   hint="choose another --name, 'orion rm' it first, or pass --force to replace it")
             models[model.name] = model
 
     def remove(self, name: str) -> LocalModel | None:

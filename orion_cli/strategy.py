@@ -284,6 +284,8 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read strategy file {path}: {exc.strerror or exc}", hint=hint) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"strategy file {path} is not UTF-8 text (byte {exc.start})", hint=hint) from exc
     try:
         doc = load_yaml(text)
     except yaml.YAMLError as exc:

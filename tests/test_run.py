@@ -131,7 +131,7 @@ def test_repl_in_a_terminal(gemma_name, orion_home):
     """The REPL, driven through a pseudo-terminal as a person would type."""
     from conftest import Terminal
 
-    with Terminal(["run", gemma_name, "--temperature", "0", "--max-tokens", "4"]) as term:
+    with Terminal(["run", gemma_name, "--temperature", "0", "--max-tokens", "4", "--ctx", "256"]) as term:
         term.expect(r">>> ")
         term.send("One, two, three, four,")
         term.expect(r"five[\s\S]*>>> ")
@@ -142,8 +142,21 @@ def test_repl_in_a_terminal(gemma_name, orion_home):
         term.expect(r"conversation cleared")
         term.send("/load no-such-model")  # one error line; the REPL and its model stay
         assert "still talking to the same model" in term.expect(r"error:[\s\S]*>>> ")
+        term.send("word " * 300)  # past the context: one error line, the REPL goes on
+        assert "the context holds 256" in term.expect(r"error:[\s\S]*>>> ")
         term.send("Six, seven,")
         term.expect(r"eight[\s\S]*>>> ")
         term.send("/bye")
         assert term.proc.wait(timeout=60) == 0
     assert (orion_home / "history").exists()
+
+
+def test_a_prompt_longer_than_the_context(orion, gemma_name, tmp_path):
+    """`orion run MODEL < big.txt`: one line naming the sizes, exit 2, nothing evaluated. The words
+    come from llama-cpp-python's own check (engine._LLAMA_CPP_TOO_LONG): this fails if they change."""
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 200_000)
+    for extra in ([], ["--system", "be brief"]):
+        proc = orion("run", gemma_name, "--local", "--ctx", "512", *extra, input=big.read_text())
+        assert_clean_error(proc, "the context holds 512", code=2)
+        assert "200,0" in proc.stderr  # the prompt's size in tokens

@@ -217,6 +217,16 @@ def test_each_error_class_is_an_openai_error(server):
         ("POST", "/api/chunk", json.dumps({"model": "minilm"}).encode(), 400, None),
         ("POST", "/api/load", json.dumps({"model": "gemma3-270m", "pin": "yes"}).encode(), 400, None),
     ]
+    # a prompt past the context (2,048 here) on every generating route, streamed or not: a 400
+    # before any stream begins
+    long = "word " * 5000
+    for stream in (False, True):
+        cases += [
+            ("POST", "/v1/completions", json.dumps({"model": "gemma3-270m", "prompt": long, "stream": stream}).encode(),
+             400, None),
+            ("POST", "/v1/chat/completions", json.dumps({"model": "gemma3-270m", "stream": stream, "messages": [
+                {"role": "system", "content": "be brief"}, {"role": "user", "content": long}]}).encode(), 400, None),
+        ]
     for method, path, raw, status, code in cases:
         got, headers, payload = server.request(method, path, raw=raw, headers={"Content-Type": "application/json"})
         err = json.loads(payload)["error"]
@@ -224,6 +234,7 @@ def test_each_error_class_is_an_openai_error(server):
         assert set(err) >= {"message", "type", "param", "code"} and "Traceback" not in err["message"]
         if code:
             assert err["code"] == code, (path, err)
+    assert "the context holds 2,048" in err["message"]  # the last case: the sizes, named
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):

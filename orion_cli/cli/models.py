@@ -32,6 +32,7 @@ def import_(
     path: Annotated[Path, typer.Argument(help="A local .gguf file (the first part of a split file), or a BERT encoder folder.")],
     name: Annotated[Optional[str], typer.Option(help="Register under this name (default: the file name).", metavar="NAME")] = None,
     projector: Annotated[Optional[Path], typer.Option(help="The vision projector (mmproj) GGUF that goes with it.", metavar="PATH")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a model already registered under NAME.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the registered entry as JSON.")] = False,
 ) -> None:
     """Register a local GGUF under a short name, for models got elsewhere and offline machines.
@@ -45,7 +46,7 @@ def import_(
 
     path = path.expanduser().absolute()
     if path.is_dir() and (path / "config.json").exists():
-        return _import_folder(path, name, json_output)
+        return _import_folder(path, name, json_output, force)
     header = read_local_header(path)  # a missing, non-GGUF or damaged file fails here, clearly
     proj_path = None
     if projector is not None:
@@ -59,7 +60,7 @@ def import_(
     size = header.file_size or path.stat().st_size
     model = LocalModel(name=name, kind=kind, path=str(path), source="import", file_type=header.file_type,
                        size_bytes=size, projector_path=proj_path, added=now_iso())
-    Registry().add(model)
+    Registry().add(model, replace=force)
     strategy = load_strategy()
     if json_output:
         from dataclasses import asdict
@@ -80,7 +81,7 @@ def import_(
                     f"{format_bytes(strategy.memory_budget_bytes)}")
 
 
-def _import_folder(folder: Path, name: str | None, json_output: bool) -> None:
+def _import_folder(folder: Path, name: str | None, json_output: bool, force: bool) -> None:
     """A Hugging Face encoder folder: registered as is, converted to GGUF on first use (orion embed)."""
     from ..convert import _read_json
     from ..errors import InvalidValue
@@ -95,7 +96,7 @@ def _import_folder(folder: Path, name: str | None, json_output: bool) -> None:
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     model = LocalModel(name=name, kind="encoder", path=str(folder), source="import", file_type="safetensors",
                        size_bytes=size, added=now_iso())
-    Registry().add(model)
+    Registry().add(model, replace=force)
     if json_output:
         from dataclasses import asdict
 

@@ -395,9 +395,10 @@ def _line_history():
 def _repl(manager, local, strategy, sampling: dict, system: str | None,
           conversation: list[dict] | None = None, pending: str | None = None) -> None:
     from ..engine import Timings
+    from ..errors import OrionError
     from ..session import local_model, model_request
     from ..units import format_bytes
-    from ._output import console
+    from ._output import console, err_console
 
     out = console()
     out.print(f"[dim]{local.name} · {REPL_HELP}[/]", highlight=False)
@@ -429,11 +430,19 @@ def _repl(manager, local, strategy, sampling: dict, system: str | None,
                 _repl_command(text, conversation, out, load=load, ps=ps)
                 continue
             timings = Timings()
-            with manager.use(request) as model:
-                chat = model.has_chat_template
-                pieces = model.generate(text, system=system, history=conversation if chat else (),
-                                        timings=timings, **sampling)
-                answer = _print_answer(pieces)
+            try:
+                with manager.use(request) as model:
+                    chat = model.has_chat_template
+                    pieces = model.generate(text, system=system, history=conversation if chat else (),
+                                            timings=timings, **sampling)
+                    answer = _print_answer(pieces)
+            except OrionError as exc:  # a message (or a conversation) past the context...: say so, go on
+                from rich.markup import escape
+
+                err_console().print(f"[bold red]error:[/] {escape(exc.one_line())}"
+                                    + ("; /clear starts the conversation afresh" if conversation else ""),
+                                    highlight=False)
+                continue
             if chat:
                 conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 

@@ -184,6 +184,14 @@ class Generation:
         self.finish_reason = "stop"
         self.completion_tokens = 0
 
+    def check_fits(self) -> None:
+        """Raise the prompt-too-long error now (before a stream's first byte) rather than mid-stream."""
+        from ..engine import prompt_too_long, prompt_tokens
+
+        tokens, _ = prompt_tokens(self.model, self.prompt, system=self.system, history=self.history, chat=self.chat)
+        if len(tokens) >= self.model.spec.n_ctx:
+            raise prompt_too_long(len(tokens), self.model.spec.n_ctx)
+
     def pieces(self, cancel: threading.Event) -> Any:
         """Yield text as it is generated (stop strings cut, held back while they may be starting)."""
         if self.model.spec.parallel > 1:  # decoded together with the model's other requests
@@ -363,6 +371,11 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         # or a model that does not fit is a real HTTP error, not a broken stream.
         holder = state.sharing(served)
         model = await in_thread(holder.__enter__)
+        try:
+            await in_thread(make(model).check_fits)
+        except BaseException:
+            holder.__exit__(None, None, None)
+            raise
 
         def chunk(delta_or_text, finish_reason=None) -> dict:
             if chat_route:
