@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidValue, NotAGGUF, NotFound
+from .errors import DoesNotFit, InvalidValue, NotAGGUF, NotFound
 
 TARGETS = ("f32", "f16", "q8_0")
 MAX_SEQ_KEY = "sentence_transformers.max_seq_length"
@@ -192,10 +193,17 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
             else:
                 w.add_tensor(new, quantize(data, gguf.GGMLQuantizationType.Q8_0),
                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+        except OSError as exc:
+            # numpy's tofile reports a short write without an errno ("N requested and M written")
+            if exc.errno is None and shutil.disk_usage(tmp.parent).free < (1 << 20):
+                raise DoesNotFit(f"no space left on the device for {out}", hint="free some space, then run again") \
+                    from exc
+            raise
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

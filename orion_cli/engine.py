@@ -308,6 +308,10 @@ class LoadedModel:
         self.load_s = load_s
         self._pool: queue.Queue | None = None  # (context, batch) pairs of an encoder
         self._extra_contexts: list = []
+        # embeddings in progress (any thread): close() stops them and waits before freeing the contexts
+        self._embeds = 0
+        self._embeds_done = threading.Condition()
+        self._closing = threading.Event()
         self.n_contexts = 1
         if spec.embedding:
             self._open_pool(max(1, spec.contexts))
@@ -456,6 +460,15 @@ class LoadedModel:
         self.n_contexts = len(contexts)
 
     def embed_tokens(self, sequences: Sequence[Sequence[int]]):
+        """Pooled embeddings (see :meth:`_embed_tokens`); an error once :meth:`close` has begun."""
+        if self._closing.is_set():
+            raise RuntimeError("the model is closed")
+        out = self._embed_tokens(sequences)
+        if self._closing.is_set():  # rows the closing stopped are not filled
+            raise RuntimeError("the model was closed while embedding")
+        return out
+
+    def _embed_tokens(self, sequences: Sequence[Sequence[int]]):
         """Pooled embeddings (float32 matrix, one row per sequence, not normalised) of token-id lists.
 
         ``settings.embed_pack`` sequences per decode, whole, in one micro-batch. On a CPU one: measured
@@ -481,33 +494,51 @@ class LoadedModel:
             return out
         shares = [order[k::self.n_contexts] for k in range(self.n_contexts)]
         errors: list[BaseException] = []
+        stop = threading.Event()
 
         def work(share: list[int]) -> None:
             try:
-                self._embed_rows(sequences, share, out)
+                self._embed_rows(sequences, share, out, stop)
             except BaseException as exc:  # raised again in the caller's thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(share,), daemon=True) for share in shares if share]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Ctrl-C in the caller: the threads end after their current decode, before anyone can
+            # free the contexts under them (that crashed the process with SIGSEGV)
+            stop.set()
+            for t in threads:
+                t.join()
+            raise
         if errors:
             raise errors[0]
         return out
 
-    def _embed_rows(self, sequences: Sequence[Sequence[int]], rows, out) -> None:
-        """Embed ``sequences[i]`` into ``out[i]`` for i in ``rows``, on a context of the pool."""
+    def _embed_rows(self, sequences: Sequence[Sequence[int]], rows, out, stop: threading.Event | None = None) -> None:
+        """Embed ``sequences[i]`` into ``out[i]`` for i in ``rows``, on a context of the pool (until
+        ``stop`` is set)."""
         import llama_cpp
         import numpy as np
 
+        # counted while it decodes: close(), from any thread (Ctrl-C in the main thread while a worker
+        # embeds), waits for it before freeing the contexts (that crashed the process with SIGSEGV)
+        with self._embeds_done:
+            if self._closing.is_set():
+                return
+            self._embeds += 1
         ctx, batch = self._pool.get()
         try:
             n_embd = out.shape[1]
             memory = llama_cpp.llama_get_memory(ctx)
             rows, pack = list(rows), self.spec.settings.embed_pack
             for start in range(0, len(rows), pack):
+                if self._closing.is_set() or (stop is not None and stop.is_set()):
+                    return
                 part = rows[start: start + pack]
                 batch.fill([sequences[i] for i in part])
                 if memory:
@@ -518,8 +549,14 @@ class LoadedModel:
                     out[i] = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, seq), shape=(n_embd,))
         finally:
             self._pool.put((ctx, batch))
+            with self._embeds_done:
+                self._embeds -= 1
+                self._embeds_done.notify_all()
 
     def close(self) -> None:
+        self._closing.set()
+        with self._embeds_done:  # each embedding stops after its current decode
+            self._embeds_done.wait_for(lambda: self._embeds == 0)
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None

@@ -164,13 +164,16 @@ def plan_fetch(
     listing=None,
     settings: EngineSettings | None = None,
     gpu_budgets: Sequence[int] | None = None,
+    on_disk: Callable[[str], int] | None = None,
 ) -> FetchPlan:
     """Every candidate file of the model's repo with its estimate and verdict, and the choice.
 
     ``settings``: the engine settings the estimates assume (default: this machine's).
     ``gpu_budgets``: each GPU's budget (default: this machine's GPUs, where the engine can offload).
     With a GPU, each candidate gets an offload plan; its RAM part is what the budget must hold, and
-    a file that fits wholly on the GPU is preferred to a larger one that spills onto the CPU."""
+    a file that fits wholly on the GPU is preferred to a larger one that spills onto the CPU.
+    ``on_disk(name)``: the bytes of a file the cache already holds (cached, or a partial download
+    to resume); only the rest must fit the free disk."""
     from . import hub
     from .engine import machine_settings
 
@@ -185,6 +188,7 @@ def plan_fetch(
     n_ctx = n_ctx or strategy.n_ctx
     listing = listing or hub.list_files(ref.repo)
     read_header = read_header or (lambda repo, name, size: hub.read_remote_header(repo, name, size, listing.commit))
+    on_disk = on_disk or (lambda name: hub.bytes_on_disk(ref.repo, listing.get(name), listing.commit))
     if free_disk_bytes is None:
         import shutil
 
@@ -227,11 +231,11 @@ def plan_fetch(
     wanted = normalise_quant(quant) if quant else None
     level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_TYPE else None)
     budget = strategy.memory_budget_bytes
-    projector_size = listing.get(projector).size or 0 if projector else 0
+    projector_size = max(0, (listing.get(projector).size or 0) - on_disk(projector)) if projector else 0
 
     judged: list[Candidate] = []
     for c in candidates:
-        disk_needed = c.size_bytes + projector_size
+        disk_needed = max(0, c.size_bytes - sum(on_disk(n) for n in c.parts)) + projector_size
         reasons = []
         if wanted and wanted not in LEVEL_TYPE:
             if c.file_type.upper() != wanted:

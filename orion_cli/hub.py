@@ -186,6 +186,23 @@ def cached_file(repo_id: str, filename: str, revision: str | None = None) -> Pat
     return Path(found) if isinstance(found, str) and os.path.exists(found) else None
 
 
+def bytes_on_disk(repo_id: str, file: RepoFile | None, revision: str | None = None) -> int:
+    """What of ``file`` the cache already holds: all of it when it is cached, else the bytes of the
+    partial download a fetch will resume (no network)."""
+    if file is None:
+        return 0
+    found = cached_file(repo_id, file.path, revision)
+    if found is not None:
+        return found.stat().st_size
+    if file.sha256:  # an LFS file's partial download is named by its sha256 (the Hub's ETag for it)
+        partial = storage_folder(repo_id) / "blobs" / (file.sha256 + PARTIAL_SUFFIX)
+        try:
+            return partial.stat().st_size
+        except OSError:
+            return 0
+    return 0
+
+
 class _HashingWriter:
     """A file opened for append that hashes what is written, on a second thread.
 

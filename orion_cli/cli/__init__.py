@@ -166,4 +166,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(known.exit_code)
         _print_error(internal_error_line(exc))
         sys.exit(EXIT_INTERNAL)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C: typer turns it into this code without a word
+        _print_error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
