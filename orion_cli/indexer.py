@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +33,17 @@ class EmbedSummary:
                 "skipped": {"hidden": w.hidden, "ignored": w.ignored, "binary": w.binary,
                             "unreadable": w.unreadable, "symlink_loops": w.loops},
                 "failures": self.failures}
+
+
+def path_key(path: Path) -> str:
+    """How the store names a file: its absolute path as text. A name that is not UTF-8 (Linux allows
+    any bytes) keeps its odd bytes as ``\\xNN`` escapes: the same key on every run, and printable."""
+    text = str(path.resolve())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = os.fsencode(text).decode("utf-8", errors="backslashreplace")
+    return text
 
 
 def embed_paths(
@@ -66,7 +78,7 @@ def embed_paths(
     summary.walk = report
     seen: set[str] = set()
     for path in report.files:
-        key = str(path.resolve())
+        key = path_key(path)
         seen.add(key)
         summary.files_seen += 1
         try:
@@ -103,6 +115,6 @@ def embed_paths(
         except OSError as exc:
             summary.files_failed += 1
             summary.failures.append(f"{path}: {exc.strerror or exc}")
-    roots = [str(Path(p).resolve()) for p in paths]
+    roots = [path_key(Path(p)) for p in paths]
     summary.files_dropped = store.drop_missing(c, seen, roots)
     return summary

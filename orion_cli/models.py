@@ -162,8 +162,21 @@ def default_name_for(repo: str, filename: str | None = None) -> str:
     return re.sub(r"[^a-z0-9._\-]+", "-", base).strip("-") or "model"
 
 
+def local_path(text: str) -> Path | None:
+    """The file a MODEL argument names on this machine: the path itself when it exists, else a
+    registered model's file; None for a model that is not here (a catalog name, org/repo)."""
+    path = Path(text).expanduser()
+    if text.strip() and path.exists():
+        return path
+    return resolve(text).path  # an empty name is refused there
+
+
 def resolve(text: str, registry: Registry | None = None) -> ModelRef:
     """What a MODEL argument names; raises NotFound with suggestions."""
+    if not text.strip():  # Path("") is the current folder: never take it for a model
+        from .errors import InvalidValue
+
+        raise InvalidValue("an empty model name was given", hint="give a model name ('orion list'), org/repo or a .gguf path")
     registry = registry or Registry()
     local = registry.all()
     if text in local:

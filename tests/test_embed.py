@@ -471,3 +471,19 @@ def test_an_encoder_on_a_gpu_packs_and_drops_flash_attention(engine_verdict):
     assert (gpu.embed_pack, gpu.flash_attn) == (ENCODER_GPU_PACK, False) and ENCODER_GPU_PACK > 1
     llm = settings_for(engine_verdict, offload=True)
     assert (llm.embed_pack, llm.flash_attn) == (1, True)
+
+
+def test_a_file_name_that_is_not_utf8(orion, minilm, tmp_path):
+    """Linux names may hold any bytes: such a file is embedded (its odd bytes kept as \\xNN in the
+    store, the same on every run), not the end of the whole run."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_text("the espresso machine hisses every morning\n")
+    (folder / "plain.txt").write_text("a quiet library with tall shelves\n")
+    first = orion("embed", str(folder), "-c", "names", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["files_embedded"] == 2
+    again = json.loads(orion("embed", str(folder), "-c", "names", "--json").stdout)
+    assert again["files_unchanged"] == 2 and again["files_dropped"] == 0
+    hits = json.loads(orion("search", "coffee", "-c", "names", "-n", "1", "--json").stdout)["results"]
+    assert hits[0]["path"].endswith("caf\\xe9.txt")

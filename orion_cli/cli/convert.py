@@ -32,6 +32,8 @@ def convert(
     from ..errors import InvalidValue
     from ..units import format_bytes
 
+    if not source.strip():  # Path("") is the current folder
+        raise InvalidValue("an empty source was given", hint="give a model folder, a catalog name or org/repo")
     output = output.expanduser()
     if output.exists() and not force:
         raise InvalidValue(f"{output} already exists", hint="choose another -o, or add --force")

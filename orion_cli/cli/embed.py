@@ -266,6 +266,8 @@ def search(
 
     if n < 1:
         raise InvalidValue(f"-n {n} must be at least 1", hint="for example -n 5")
+    if not query.strip():
+        raise InvalidValue("an empty query was given", hint="say in words what to look for")
     store = _store()
     try:
         c = store.collection(collection)

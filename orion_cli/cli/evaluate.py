@@ -39,19 +39,16 @@ def evaluate(
 
     from ..errors import InvalidValue, NotFound
     from ..evaluate import default_text, evaluate_in_child
-    from ..models import resolve
+    from ..models import local_path
     from ..strategy import load_strategy
     from ._output import err_console
 
     if ctx < 64:
         raise InvalidValue(f"--ctx {ctx} is too small", hint="use 256 or more")
     strategy = load_strategy()
-    path = Path(model).expanduser()
-    if not path.exists():
-        ref = resolve(model)
-        if ref.path is None:
-            raise NotFound(f"{model} is not on this machine", hint=f"fetch it first: orion fetch {model}")
-        path = ref.path
+    path = local_path(model)
+    if path is None:
+        raise NotFound(f"{model} is not on this machine", hint=f"fetch it first: orion fetch {model}")
     if text is not None and not text.is_file():
         raise NotFound(f"no such text file: {text}", hint="check --text")
     body = text.read_text(encoding="utf-8", errors="replace") if text else default_text()

@@ -29,7 +29,7 @@ INSPECT_EXAMPLES = examples(
 
 
 def import_(
-    path: Annotated[Path, typer.Argument(help="A local .gguf file (the first part of a split file), or a BERT encoder folder.")],
+    path: Annotated[str, typer.Argument(help="A local .gguf file (the first part of a split file), or a BERT encoder folder.")],
     name: Annotated[Optional[str], typer.Option(help="Register under this name (default: the file name).", metavar="NAME")] = None,
     projector: Annotated[Optional[Path], typer.Option(help="The vision projector (mmproj) GGUF that goes with it.", metavar="PATH")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a model already registered under NAME.")] = False,
@@ -44,7 +44,11 @@ def import_(
     from .._fs import now_iso
     from ..strategy import load_strategy
 
-    path = path.expanduser().absolute()
+    from ..errors import InvalidValue
+
+    if not path.strip():  # Path("") is the current folder
+        raise InvalidValue("an empty path was given", hint="give the .gguf file or the encoder folder to import")
+    path = Path(path).expanduser().absolute()
     if path.is_dir() and (path / "config.json").exists():
         return _import_folder(path, name, json_output, force)
     header = read_local_header(path)  # a missing, non-GGUF or damaged file fails here, clearly

@@ -31,18 +31,14 @@ def quantize(
     The output appears only when complete and of the type asked for; Ctrl-C or a
     failure leaves nothing under its name.
     """
-    from ..models import resolve
+    from ..models import local_path
     from ..quantize import quantize as do_quantize
     from ..strategy import load_strategy
     from ..units import format_bytes
     from ._output import console, err_console
 
     strategy = load_strategy()
-    path = Path(model).expanduser()
-    if not path.exists():
-        ref = resolve(model)
-        if ref.path is not None:
-            path = ref.path
+    path = local_path(model) or Path(model).expanduser()
 
     def warn(current: str) -> None:
         err_console().print(f"[yellow]warning:[/] {path.name} is already {current}: quality drops twice "
