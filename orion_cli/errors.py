@@ -137,6 +137,9 @@ def child_failure(returncode: int, what: str, last_line: str = "") -> OrionError
                       hint="run with --debug to see llama.cpp's log")
 
 
+READ_ONLY_HINT = "that file system is mounted read-only: set ORION_HOME (or -o) to a folder on a writable one"
+
+
 def from_os_error(exc: OSError) -> OrionError:
     """A file-system error as one line a user can act on: a full disk, a permission, a missing file."""
     import errno
@@ -145,7 +148,9 @@ def from_os_error(exc: OSError) -> OrionError:
     reason = exc.strerror or str(exc)
     if exc.errno == errno.ENOSPC or exc.errno == getattr(errno, "EDQUOT", -1):
         return DoesNotFit(f"no space left on the device{where}", hint="free some space, then run again")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return OrionError(f"{reason}{where}", hint=READ_ONLY_HINT)
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return OrionError(f"{reason}{where}", hint="check the permissions, or set ORION_HOME to a folder you can write")
     if exc.errno == errno.ENOENT:
         return NotFound(f"{reason}{where}", hint="check the path")
@@ -166,6 +171,20 @@ def from_sqlite_error(exc: Exception) -> OrionError:
         return OrionError(f"the embeddings store {orion_home() / 'embeddings.db'} is damaged ({exc})",
                           hint="move it away (orion starts a new one; 'sqlite3 FILE .recover' may save its rows), "
                                "then embed again")
+    if "unable to open" in text or "readonly" in text:
+        import os
+
+        from .paths import existing_parent, orion_home
+
+        path = orion_home() / "embeddings.db"
+        try:
+            read_only = bool(os.statvfs(existing_parent(path)).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            return OrionError(f"Read-only file system ({path})", hint=READ_ONLY_HINT)
+        return OrionError(f"cannot write the embeddings store {path} ({exc})",
+                          hint="check the permissions, or set ORION_HOME to a folder you can write")
     return OrionError(f"the store cannot be used: {exc}", hint="run again with --debug to see why")
 
 

@@ -210,3 +210,23 @@ def test_quantize_meets_a_disk_that_fills_while_it_writes(orion, small_fs, gemma
     assert not out.exists()
     (small_fs.root / "filler").unlink()
     assert small_fs.leftovers() == []
+
+
+def test_a_read_only_home(orion, small_fs, home_on, gemma_q4, tmp_path):
+    """$ORION_HOME on a file system remounted read-only (root ignores file modes; a mount does not):
+    every command that writes says so in one line, nothing is lost."""
+    assert orion("import", str(gemma_q4), "--name", "g").returncode == 0
+    assert orion("import", str(_minilm()), "--name", "minilm").returncode == 0
+    registry = (home_on / "models.json").read_bytes()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs.root)], check=True)
+    try:
+        corpus = _corpus(tmp_path / "c", 1)
+        for args in (["import", str(gemma_q4), "--name", "g2"], ["rm", "g"], ["embed", str(corpus), "-c", "c"],
+                     ["profile"], ["convert", str(_minilm()), "-o", str(small_fs.root / "x.gguf")]):
+            proc = orion(*args)
+            assert_clean_error(proc, "Read-only file system")
+            assert proc.returncode not in (0, 70), (args, proc.stderr)
+        assert orion("list").returncode == 0  # reading still works
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_fs.root)], check=True)
+    assert (home_on / "models.json").read_bytes() == registry
