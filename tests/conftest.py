@@ -67,6 +67,25 @@ def orion():
     return run
 
 
+def wait_for_stored_files(db_path: Path, proc, at_least: int, timeout: float = 300) -> int:
+    """Poll the store at ``db_path`` until ``at_least`` files are stored while ``proc`` (a running
+    ``orion embed``) still works: the state is read, not slept on. Returns the count seen."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + timeout
+    stored = 0
+    while stored < at_least:
+        assert time.monotonic() < deadline and proc.poll() is None, "embed finished or stalled too early"
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path, timeout=1) as db:
+                    stored = db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+            except sqlite3.Error:
+                stored = 0
+    return stored
+
+
 class Terminal:
     """`orion ARGS...` in a pseudo-terminal, typed into as a person would (for the REPL)."""
 

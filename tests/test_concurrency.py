@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LADDER_REPO
+from conftest import LADDER_REPO, wait_for_stored_files
 
 STDLIB = Path(os.__file__).parent
 
@@ -112,14 +112,7 @@ def test_deleting_a_collection_while_it_is_embedded(orion, orion_home, tmp_path)
         (folder / name).write_text((STDLIB / name).read_text())
     db_path = orion_home / "embeddings.db"
     embed = _popen("embed", str(folder), "-c", "doomed", "--local")
-    stored = 0
-    while stored < 1:  # its first file is stored: it is in the middle of the corpus
-        assert embed.poll() is None, embed.communicate()
-        if db_path.exists():
-            try:
-                stored = sqlite3.connect(db_path, timeout=5).execute("SELECT COUNT(*) FROM files").fetchone()[0]
-            except sqlite3.Error:
-                stored = 0
+    wait_for_stored_files(db_path, embed, 1)  # its first file is stored: it is in the middle of the corpus
     assert orion("collections", "doomed", "--rm").returncode == 0
     _, err = embed.communicate(timeout=300)
     if embed.returncode != 0:  # it had files left to write (it may have finished first on a fast machine)

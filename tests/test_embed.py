@@ -8,12 +8,11 @@ import sqlite3
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, wait_for_stored_files
 
 from orion_cli.embeddings import HotCache, chunk_text, walk
 
@@ -306,17 +305,8 @@ def test_kill_during_embed_resumes(orion, minilm, corpus, orion_home):
     child = subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(corpus), "-c", "k"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db_path = orion_home / "embeddings.db"
-    deadline = time.monotonic() + 300
-    committed = 0
     try:
-        while committed < 2:  # wait for two files to be committed (a condition, not a fixed delay)
-            assert time.monotonic() < deadline and child.poll() is None, "embed finished or stalled too early"
-            if db_path.exists():
-                try:
-                    committed = sqlite3.connect(db_path, timeout=1).execute("SELECT COUNT(*) FROM files").fetchone()[0]
-                except sqlite3.Error:
-                    committed = 0
-            time.sleep(0.05)
+        committed = wait_for_stored_files(db_path, child, 2)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
     finally:
@@ -341,17 +331,10 @@ def test_ctrl_c_during_embed_keeps_what_was_done(orion, minilm, corpus, orion_ho
         child = subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(corpus), "-c", "i"],
                                  env=dict(os.environ, NO_COLOR="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
-        deadline, committed = time.monotonic() + 300, 0
         start = 0
         if db_path.exists():
             start = sqlite3.connect(db_path, timeout=5).execute("SELECT COUNT(*) FROM files").fetchone()[0]
-        while committed <= start:  # one more file stored: it is in the middle of the corpus
-            assert time.monotonic() < deadline and child.poll() is None, "embed finished or stalled too early"
-            if db_path.exists():
-                try:
-                    committed = sqlite3.connect(db_path, timeout=1).execute("SELECT COUNT(*) FROM files").fetchone()[0]
-                except sqlite3.Error:
-                    committed = 0
+        wait_for_stored_files(db_path, child, start + 1)  # one more file stored: in the middle of the corpus
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=120)
         assert child.returncode == 130, (attempt, err)

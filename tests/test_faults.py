@@ -104,3 +104,27 @@ def test_kill_9_during_convert(tmp_path, orion_home):
     assert done.returncode == 0, done.stderr
     assert read_local_header(out).architecture == "bert"
     assert partials() == []  # the killed run's partial file is gone too
+
+
+def test_kill_9_during_eval_ladder(gemma_ladder, tmp_path, orion_home):
+    """`eval --ladder` quantizes into its cache first: killed there, its quantize child dies with it,
+    nothing half-made is cached, and the next run makes the file and removes the partial."""
+    src = gemma_ladder["F16"]
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(3000)))
+    marker = f"orion_cli.engine quantize {src}"
+    cache = orion_home / "cache" / "quant"
+    args = [sys.executable, "-m", "orion_cli", "eval", str(src), "--text", str(text), "--ctx", "256", "--ladder",
+            "Q8_0", "--json"]
+    env = dict(os.environ, NO_COLOR="1", ORION_DEBUG="1")  # the child's log on orion's stderr, not a pipe
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partials = lambda: list(cache.glob(".*.partial")) if cache.exists() else []  # noqa: E731
+    assert _wait_for(lambda: bool(_children_running(marker)) and bool(partials()), timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _wait_for(lambda: not _children_running(marker), timeout=3), "the quantize child outlived orion"
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".")]  # nothing taken as complete
+    done = subprocess.run(args, env=dict(env, ORION_DEBUG="0"), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert [read_local_header(p).file_type for p in cache.glob("*.gguf")] == ["Q8_0"]
+    assert partials() == []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_clean_error
+from conftest import assert_clean_error, wait_for_stored_files
 
 openai = pytest.importorskip("openai")
 
@@ -508,16 +508,7 @@ def test_kill_9_of_the_server_during_embed_finishes_locally(tmp_path_factory, ge
     embed = subprocess.Popen([sys.executable, "-m", "orion_cli", "embed", str(corpus), "-c", "k", "--json"],
                              env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db_path = home / "embeddings.db"
-    deadline = time.monotonic() + 300
-    while True:  # the first file is stored: the server is in the middle of the work
-        assert time.monotonic() < deadline and embed.poll() is None
-        if db_path.exists():
-            try:
-                with sqlite3.connect(db_path, timeout=5) as db:
-                    if db.execute("SELECT COUNT(*) FROM files").fetchone()[0] >= 1:
-                        break
-            except sqlite3.OperationalError:
-                pass
+    wait_for_stored_files(db_path, embed, 1)  # the first file is stored: the server is in the middle of the work
     assert s.stop(signal.SIGKILL) == -signal.SIGKILL
     out, err = embed.communicate(timeout=600)
     assert embed.returncode == 0, err[-2000:]
