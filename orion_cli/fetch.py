@@ -56,6 +56,7 @@ class Candidate:
     estimate: Estimate  # what stays in RAM (all of it without a GPU)
     verdict: str = ""
     fits: bool = False
+    disk_bytes: int = 0  # what fetching it still writes to disk (less what the cache holds), projector included
     offload: OffloadPlan | None = None  # with a GPU: where its layers go
 
     @property
@@ -106,7 +107,7 @@ class FetchPlan:
             "candidates": [
                 {
                     "file": c.filename, "parts": list(c.parts), "file_type": c.file_type, "size_bytes": c.size_bytes,
-                    "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
+                    "disk_bytes": c.disk_bytes, "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
                     "fits": c.fits, "verdict": c.verdict,
                     "expected_tok_s": expected_tok_s(self.bench, c.size_bytes, c.gpu_share),
                     "offload": c.offload.to_dict() if c.offload is not None else None,
@@ -249,7 +250,7 @@ def plan_fetch(
             reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
         if disk_needed > free_disk_bytes:
             reasons.append(f"needs {format_bytes(disk_needed)} of disk, {format_bytes(free_disk_bytes)} free")
-        judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons))
+        judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons, disk_bytes=disk_needed))
 
     chosen = None
     if wanted in LEVEL_TYPE:
@@ -294,14 +295,14 @@ def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_
     if wanted in LEVEL_TYPE and not any(c.file_type.upper() in LEVEL_PREFERRED[wanted] for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {'/'.join(LEVEL_PREFERRED[wanted])} file; it has {have}"
-    smaller = [c for c in cands if c.estimate.total_bytes <= budget and c.size_bytes <= free_disk]
+    smaller = [c for c in cands if c.estimate.total_bytes <= budget and c.disk_bytes <= free_disk]
     if smaller:
         best = smaller[0]
         return (f"{best.file_type} ({best.filename}) fits: ask for it with --quant {best.file_type}"
                 if wanted or level else f"{best.file_type} fits")
     smallest = min(cands, key=lambda c: c.estimate.total_bytes)
-    if smallest.size_bytes > free_disk:
-        return f"even {smallest.file_type} needs {format_bytes(smallest.size_bytes)} of disk, {format_bytes(free_disk)} is free"
+    if smallest.disk_bytes > free_disk:
+        return f"even {smallest.file_type} needs {format_bytes(smallest.disk_bytes)} of disk, {format_bytes(free_disk)} is free"
     ctx = n_ctx
     while ctx > 256:
         ctx //= 2

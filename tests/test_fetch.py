@@ -206,6 +206,7 @@ def test_disk_too_small(hub, monkeypatch, gemma_ladder, orion_home):
     resumed = fetch_mod.plan_fetch(resolve(LADDER_REPO), strategy, free_disk_bytes=100 * 1024**2,
                                    on_disk=lambda name: max(0, sizes.get(name, 0) - 90 * 1024**2))
     assert all("of disk" not in c.verdict for c in resumed.candidates) and resumed.chosen is not None
+    assert all(c.disk_bytes == min(c.size_bytes, 90 * 1024**2) for c in resumed.candidates)
 
     # the same check inside the download, when the disk filled up after planning
     plan = fetch_mod.plan_fetch(resolve(LADDER_REPO), strategy)
