@@ -494,34 +494,26 @@ class LoadedModel:
             return out
         shares = [order[k::self.n_contexts] for k in range(self.n_contexts)]
         errors: list[BaseException] = []
-        stop = threading.Event()
 
         def work(share: list[int]) -> None:
             try:
-                self._embed_rows(sequences, share, out, stop)
+                self._embed_rows(sequences, share, out)
             except BaseException as exc:  # raised again in the caller's thread
                 errors.append(exc)
 
+        # Ctrl-C in the caller leaves these running: close() stops them (see _embed_rows)
         threads = [threading.Thread(target=work, args=(share,), daemon=True) for share in shares if share]
         for t in threads:
             t.start()
-        try:
-            for t in threads:
-                t.join()
-        except BaseException:
-            # Ctrl-C in the caller: the threads end after their current decode, before anyone can
-            # free the contexts under them (that crashed the process with SIGSEGV)
-            stop.set()
-            for t in threads:
-                t.join()
-            raise
+        for t in threads:
+            t.join()
         if errors:
             raise errors[0]
         return out
 
-    def _embed_rows(self, sequences: Sequence[Sequence[int]], rows, out, stop: threading.Event | None = None) -> None:
+    def _embed_rows(self, sequences: Sequence[Sequence[int]], rows, out) -> None:
         """Embed ``sequences[i]`` into ``out[i]`` for i in ``rows``, on a context of the pool (until
-        ``stop`` is set)."""
+        :meth:`close` begins)."""
         import llama_cpp
         import numpy as np
 
@@ -537,7 +529,7 @@ class LoadedModel:
             memory = llama_cpp.llama_get_memory(ctx)
             rows, pack = list(rows), self.spec.settings.embed_pack
             for start in range(0, len(rows), pack):
-                if self._closing.is_set() or (stop is not None and stop.is_set()):
+                if self._closing.is_set():
                     return
                 part = rows[start: start + pack]
                 batch.fill([sequences[i] for i in part])

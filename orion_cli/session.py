@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InvalidValue, NotFound
-from .estimate import ENCODER_ARCHITECTURES, estimate_memory
+from .estimate import CUDA_CONTEXT_EXTRA_BYTES, ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
 from .models import LocalModel, Registry, resolve
@@ -164,8 +164,6 @@ ENCODER_GPU_CONTEXTS = 8
 def pool_extra_bytes(plan, contexts: int) -> tuple[int, int]:
     """(RAM, VRAM) that an encoder's contexts beyond the first hold: each its compute buffer, and on
     a GPU its own CUDA streams, cuBLAS handles and ggml-cuda memory pool."""
-    from .estimate import CUDA_CONTEXT_EXTRA_BYTES
-
     if not plan.n_gpu_layers:
         return (contexts - 1) * plan.cpu.compute_bytes, 0
     return 0, (contexts - 1) * (plan.gpus[0].compute_bytes + CUDA_CONTEXT_EXTRA_BYTES)

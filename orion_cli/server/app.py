@@ -183,22 +183,29 @@ class Generation:
         self.text = ""
         self.finish_reason = "stop"
         self.completion_tokens = 0
+        self._tokens: tuple[list[int], list[str]] | None = None
+
+    def _prompt_tokens(self) -> tuple[list[int], list[str]]:
+        """The prompt's tokens and the template's stop strings (computed once)."""
+        if self._tokens is None:
+            from ..engine import prompt_tokens
+
+            self._tokens = prompt_tokens(self.model, self.prompt, system=self.system, history=self.history,
+                                         chat=self.chat)
+        return self._tokens
 
     def check_fits(self) -> None:
         """Raise the prompt-too-long error now (before a stream's first byte) rather than mid-stream."""
-        from ..engine import prompt_too_long, prompt_tokens
+        from ..engine import prompt_too_long
 
-        tokens, _ = prompt_tokens(self.model, self.prompt, system=self.system, history=self.history, chat=self.chat)
-        if len(tokens) >= self.model.spec.n_ctx:
-            raise prompt_too_long(len(tokens), self.model.spec.n_ctx)
+        n_tokens = len(self._prompt_tokens()[0])
+        if n_tokens >= self.model.spec.n_ctx:
+            raise prompt_too_long(n_tokens, self.model.spec.n_ctx)
 
     def pieces(self, cancel: threading.Event) -> Any:
         """Yield text as it is generated (stop strings cut, held back while they may be starting)."""
         if self.model.spec.parallel > 1:  # decoded together with the model's other requests
-            from ..engine import prompt_tokens
-
-            tokens, template_stops = prompt_tokens(self.model, self.prompt, system=self.system,
-                                                   history=self.history, chat=self.chat)
+            tokens, template_stops = self._prompt_tokens()
             self.stops = self.stops + [s for s in template_stops if s not in self.stops]
             stream = self.model.decoder().generate(tokens, timings=self.timings, **self.options)
         else:
@@ -371,8 +378,9 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         # or a model that does not fit is a real HTTP error, not a broken stream.
         holder = state.sharing(served)
         model = await in_thread(holder.__enter__)
+        gen = make(model)
         try:
-            await in_thread(make(model).check_fits)
+            await in_thread(gen.check_fits)
         except BaseException:
             holder.__exit__(None, None, None)
             raise
@@ -387,7 +395,6 @@ def create_app(state: ServerState, *, api_key: str | None = None,
 
         def work(emit, cancel):
             try:
-                gen = make(model)
                 if chat_route:
                     emit(chunk({"role": "assistant", "content": ""}))
                 for piece in gen.pieces(cancel):
