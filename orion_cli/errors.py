@@ -165,18 +165,16 @@ def from_sqlite_error(exc: Exception) -> OrionError:
                           hint="wait for it to finish (or stop it), then run again; nothing was written")
     if "full" in text:
         return DoesNotFit("no space left on the device for the store", hint="free some space, then run again")
-    if "not a database" in text or "malformed" in text or "corrupt" in text:
-        from .paths import orion_home
+    from .paths import existing_parent, orion_home
 
-        return OrionError(f"the embeddings store {orion_home() / 'embeddings.db'} is damaged ({exc})",
+    path = orion_home() / "embeddings.db"
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return OrionError(f"the embeddings store {path} is damaged ({exc})",
                           hint="move it away (orion starts a new one; 'sqlite3 FILE .recover' may save its rows), "
                                "then embed again")
     if "unable to open" in text or "readonly" in text:
         import os
 
-        from .paths import existing_parent, orion_home
-
-        path = orion_home() / "embeddings.db"
         try:
             read_only = bool(os.statvfs(existing_parent(path)).f_flag & os.ST_RDONLY)
         except OSError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import DoesNotFit, Interrupted, InvalidValue, NotAGGUF
+from .errors import DoesNotFit, Interrupted, InvalidValue, NotAGGUF, child_failure
 from .gguf_header import GGML_TYPES, read_local_header
 from .units import format_bytes
 
@@ -120,8 +120,6 @@ def quantize(
                     on_tick(time.perf_counter() - start)
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
-            from .errors import child_failure
-
             last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
             if shutil.disk_usage(dst.parent).free < (16 << 20) or "No space left" in err:
                 raise DoesNotFit(f"the disk filled up while writing {type_name} of {src.name} at {dst.parent}",

@@ -204,8 +204,6 @@ class EmbeddingStore:
         start_line, end_line, text); ``vectors`` float16 blobs in the same order."""
         with self._write():
             if self.db.execute("SELECT 1 FROM collections WHERE id=?", (c.id,)).fetchone() is None:
-                from .errors import NotFound
-
                 raise NotFound(f"collection {c.name!r} was deleted while it was being embedded",
                                hint="nothing more was written to it; run the same 'orion embed' to make it anew")
             self.db.execute("INSERT INTO files (collection_id, path, size, mtime_ns, content_hash) VALUES (?,?,?,?,?) "
