@@ -90,11 +90,17 @@ def has_amx(cpu_flags: Sequence[str]) -> bool:
 
 
 CUDA_CMAKE_ARGS = "-DGGML_CUDA=on"
+# llama.cpp's RPC backend (orion rpc-server, run --rpc): always built. pip's wheel cache ignores
+# CMAKE_ARGS and would hand back a wheel built without it; the wheel-house key includes the flags.
+RPC_CMAKE_ARGS = "-DGGML_RPC=ON"
 
 
 def plan_build(cpu_flags: Sequence[str], *, cmake_args: str = "", version: str = LLAMA_CPP_VERSION,
                cuda: bool = False) -> BuildPlan:
-    """The compiler and flags for this CPU (``cuda``: with llama.cpp's CUDA backend as well)."""
+    """The compiler and flags for this CPU (``cuda``: with llama.cpp's CUDA backend as well); the RPC
+    backend always."""
+    if RPC_CMAKE_ARGS not in cmake_args:
+        cmake_args = f"{RPC_CMAKE_ARGS} {cmake_args}".strip()
     if cuda and CUDA_CMAKE_ARGS not in cmake_args:
         cmake_args = f"{cmake_args} {CUDA_CMAKE_ARGS}".strip()
     gpu = " (+ CUDA)" if cuda else ""
@@ -352,6 +358,8 @@ def verify(say: Callable[[str], None]) -> int:
     say(f"engine check on {model}: {check.verdict()}")
     say("GPU offload: " + ("yes (llama_supports_gpu_offload)" if check.gpu_offload else
                            "no (a CPU build; 'make gpu' builds it with CUDA)"))
+    say("RPC backend: " + ("yes (orion rpc-server, --rpc)" if check.rpc else
+                           f"no: '{rebuild_command()}' builds it with {RPC_CMAKE_ARGS}"))
     if not check.default_ok and has_amx(flags):
         say(f"warning: the fast AMX path is off; '{rebuild_command()}' rebuilds it with {AMX_CC}")
     return 0

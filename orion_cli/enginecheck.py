@@ -53,6 +53,11 @@ class EngineCheck:
         """Whether this build can put layers on a GPU (llama_supports_gpu_offload)."""
         return "GPU_OFFLOAD" in self.features
 
+    @property
+    def rpc(self) -> bool:
+        """Whether this build has llama.cpp's RPC backend (llama_supports_rpc)."""
+        return "RPC" in self.features
+
     def verdict(self) -> str:
         if self.default_ok:
             return "llama.cpp's default settings work"

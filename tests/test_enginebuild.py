@@ -21,11 +21,19 @@ def test_amx_cpus_get_clang_and_others_the_default_compiler():
     amx = eb.plan_build(XEON_AMX)
     assert (amx.cc, amx.cxx) == ("clang-19", "clang++-19") and "libomp-19-dev" in amx.apt_packages
     env = amx.env({"CC": "gcc", "PATH": "/bin"})
-    assert env["CC"] == "clang-19" and env["CXX"] == "clang++-19" and env["CMAKE_ARGS"] == ""
+    assert env["CC"] == "clang-19" and env["CXX"] == "clang++-19" and env["CMAKE_ARGS"] == "-DGGML_RPC=ON"
     plain = eb.plan_build(EPYC)
     assert plain.cc is None and plain.apt_packages == ()
     assert "CC" not in plain.env({"CC": "gcc", "PATH": "/bin"})  # pip's default, whatever the shell set
     assert eb.has_amx(["amx_tile"]) and not eb.has_amx(EPYC)
+
+
+def test_every_build_has_the_rpc_backend_and_cuda_adds_to_it():
+    """orion rpc-server and --rpc need -DGGML_RPC=ON; a CMAKE_ARGS of one's own keeps it."""
+    assert eb.plan_build(EPYC).cmake_args == "-DGGML_RPC=ON"
+    assert eb.plan_build(EPYC, cmake_args="-DGGML_RPC=ON").cmake_args == "-DGGML_RPC=ON"
+    assert eb.plan_build(EPYC, cmake_args="-DGGML_NATIVE=OFF").cmake_args == "-DGGML_RPC=ON -DGGML_NATIVE=OFF"
+    assert eb.plan_build(XEON_AMX, cuda=True).cmake_args == "-DGGML_RPC=ON -DGGML_CUDA=on"
 
 
 def test_each_configuration_has_its_own_wheel_folder():
@@ -35,7 +43,7 @@ def test_each_configuration_has_its_own_wheel_folder():
         amx.key("Debian clang version 19.1.7", "xeon|AMX"),
         plain.key("gcc (Debian 12.2.0-14) 12.2.0", "xeon|AMX"),
         plain.key("gcc (Debian 12.2.0-14) 12.2.0", "epyc|AVX2"),
-        eb.plan_build(EPYC, cmake_args="-DGGML_RPC=ON").key("gcc (Debian 12.2.0-14) 12.2.0", "epyc|AVX2"),
+        eb.plan_build(EPYC, cmake_args="-DGGML_NATIVE=OFF").key("gcc (Debian 12.2.0-14) 12.2.0", "epyc|AVX2"),
     }
     assert len(keys) == 4
     assert all(k.startswith(f"llama-cpp-python-{eb.LLAMA_CPP_VERSION}-") for k in keys)

@@ -86,7 +86,7 @@ def _engine_check(force: bool) -> dict:
     check = check_engine(engine_key(model, flags), force=force)
     compiler = installed_compiler()
     out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler,
-                             "gpu_offload": check.gpu_offload}
+                             "gpu_offload": check.gpu_offload, "rpc": check.rpc}
     if not check.default_ok:
         out["fix"] = crash_advice(model, flags, compiler)
     return out
@@ -227,6 +227,10 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         rows.append(("Engine", engine))
         if e.get("fix"):
             rows.append(("Fix", f"[yellow]{escape(e['fix'])}[/]"))
+        if e.get("rpc") is False:
+            from ..rpc import rpc_unsupported
+
+            rows.append(("RPC fix", f"[yellow]{escape(rpc_unsupported().one_line())} (for rpc-server and --rpc)[/]"))
     if strategy.gpu_budget_bytes is not None:
         used = sum(g.used_bytes for g in device.gpus)
         rows.append(("GPU budget", f"{format_bytes(strategy.gpu_budget_bytes)} ({strategy.pressure_high:g} of the VRAM, "
