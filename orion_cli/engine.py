@@ -17,6 +17,7 @@ build and CPU, and every load uses it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -80,6 +81,8 @@ def build_features() -> list[str]:
                 for name in [name.split(":")[-1]]]
     if llama_cpp.llama_supports_gpu_offload():  # a CUDA (or other GPU) backend is built in
         features.append("GPU_OFFLOAD")
+    if llama_cpp.llama_supports_rpc():  # the RPC backend (orion rpc-server, --rpc)
+        features.append("RPC")
     return features
 
 
@@ -204,11 +207,13 @@ class LoadSpec:
     parallel: int = 1  # sequences decoded together (orion serve): llama.cpp's n_seq_max, one unified KV cache
     tensor_split: tuple[float, ...] = ()  # the share of offloaded layers of each GPU (several GPUs)
     contexts: int = 1  # an encoder's contexts on the one model, decoding side by side (one a thread on a CPU)
+    rpc_servers: tuple[str, ...] = ()  # host:port of RPC servers whose devices take layers (before local GPUs)
 
     @property
     def key(self) -> str:
         return (f"{self.path}|ctx={self.n_ctx}|emb={self.embedding}" + (f"|seq={self.parallel}" if self.parallel > 1 else "")
-                + (f"|gpu={self.n_gpu_layers}" if self.n_gpu_layers else ""))
+                + (f"|gpu={self.n_gpu_layers}" if self.n_gpu_layers else "")
+                + (f"|rpc={','.join(self.rpc_servers)}" if self.rpc_servers else ""))
 
 
 @dataclass(frozen=True)
@@ -918,7 +923,12 @@ def load(
     parallel = {"n_seq_max": spec.parallel, "kv_unified": True} if spec.parallel > 1 else {}
     if spec.embedding and s.embed_pack > 1:
         parallel = {"n_seq_max": s.embed_pack}
-    with _model_params(progress=on_progress, use_extra_bufts=check.use_extra_bufts and s.repack), \
+    devices = {}
+    if spec.rpc_servers:  # the devices, in llama.cpp's order: the servers', then this machine's GPUs
+        chosen = rpc_devices(spec.rpc_servers) + local_gpu_devices()
+        array = (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)  # NULL-terminated; alive through the load
+        devices = {"devices": ctypes.addressof(array)}
+    with _model_params(progress=on_progress, use_extra_bufts=check.use_extra_bufts and s.repack, **devices), \
             _context_params(**parallel):
         from llama_cpp import Llama
 
@@ -960,6 +970,152 @@ def load(
     return LoadedModel(spec, header, llm, chat_handler, time.perf_counter() - start)
 
 
+# ---------------------------------------------------------------- RPC: other machines' devices
+
+_GGML = None
+_DEV_CPU, _DEV_GPU = 0, 1  # enum ggml_backend_dev_type
+
+
+def _ggml():
+    """ggml's backend registry, in the very copy libllama uses: ``lib/libggml.so.0``, its soname.
+    The wheel holds libggml.so, .so.0 and .so.0.25.3 as three copies of one file; opening another
+    loads a second registry, and devices found there are silently ignored (measured: every layer
+    stayed on the CPU)."""
+    global _GGML
+    if _GGML is None:
+        import llama_cpp
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so.0"))
+        p, c = ctypes.c_void_p, ctypes.c_char_p
+        for name, res, args in (("ggml_backend_reg_by_name", p, [c]), ("ggml_backend_reg_get_proc_address", p, [p, c]),
+                                ("ggml_backend_reg_dev_count", ctypes.c_size_t, [p]),
+                                ("ggml_backend_reg_dev_get", p, [p, ctypes.c_size_t]),
+                                ("ggml_backend_dev_count", ctypes.c_size_t, []),
+                                ("ggml_backend_dev_get", p, [ctypes.c_size_t]),
+                                ("ggml_backend_dev_type", ctypes.c_int, [p]),
+                                ("ggml_backend_dev_by_type", p, [ctypes.c_int]),
+                                ("ggml_backend_dev_backend_reg", p, [p]),
+                                ("ggml_backend_reg_name", c, [p]),
+                                ("ggml_set_abort_callback", p, [p])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        _GGML = lib
+    return _GGML
+
+
+def rpc_supported() -> bool:
+    """Whether this llama.cpp was built with its RPC backend (-DGGML_RPC=ON)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_rpc())
+
+
+def _rpc_proc(name: bytes, prototype):
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    address = lib.ggml_backend_reg_get_proc_address(reg, name) if reg else None
+    if not address:
+        from .rpc import rpc_unsupported
+
+        raise rpc_unsupported()
+    return prototype(address)
+
+
+def rpc_devices(endpoints: Sequence[str]) -> list[int]:
+    """The devices of RPC servers (``host:port``), as llama.cpp's ``--rpc`` finds them. Probe the
+    servers first (:func:`orion_cli.rpc.probe`): llama.cpp aborts the process on one it cannot reach."""
+    add = _rpc_proc(b"ggml_backend_rpc_add_server", ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p))
+    lib = _ggml()
+    _catch_rpc_aborts()
+    _RPC_ENDPOINTS.update(endpoints)
+    found = []
+    for endpoint in endpoints:
+        reg = add(endpoint.encode())
+        found += [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg) if reg else 0)]
+    return found
+
+
+def local_gpu_devices() -> list[int]:
+    """This machine's GPUs (not RPC servers' devices), in llama.cpp's order."""
+    lib = _ggml()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) == _DEV_GPU and \
+                lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) != b"RPC":
+            out.append(dev)
+    return out
+
+
+_ABORT_HANDLER = None
+_RPC_ENDPOINTS: set[str] = set()
+RPC_LOST_EXIT = 6  # errors.EXIT_NETWORK
+
+
+def _unreachable(endpoints) -> list[str]:
+    """The servers that no longer accept a connection (one still serving this process accepts it)."""
+    import socket
+
+    gone = []
+    for endpoint in sorted(endpoints):
+        host, _, port = endpoint.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except OSError:
+            gone.append(endpoint)
+    return gone
+
+
+def _catch_rpc_aborts() -> None:
+    """llama.cpp's RPC client aborts the process when a server stops answering mid-run
+    (``RPC_STATUS_ASSERT``: SIGABRT, a core dump). ggml calls its abort callback first: there,
+    orion says so in one line and ends the process with the network exit code. Any other abort
+    keeps ggml's own report."""
+    global _ABORT_HANDLER
+    if _ABORT_HANDLER is not None:
+        return
+
+    def on_abort(message: bytes) -> None:
+        text = (message or b"").decode(errors="replace").strip()
+        if "rpc" not in text.lower():  # "ggml-rpc.cpp:354: Remote RPC server crashed or ..."
+            sys.stderr.write(text + "\n")
+            return
+        try:
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - the process ends either way
+            pass
+        reason = text.split(": ", 1)[-1].strip()
+        gone = _unreachable(_RPC_ENDPOINTS)
+        which = f"the RPC server {', '.join(gone)}" if gone else "an RPC server"
+        os.write(2, (f"\nerror: {which} stopped answering mid-run (llama.cpp: {reason}): check that "
+                     f"'orion rpc-server' still runs there and is reachable, then run this again\n").encode())
+        os._exit(RPC_LOST_EXIT)
+
+    _ABORT_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(on_abort)
+    _ggml().ggml_set_abort_callback(ctypes.cast(_ABORT_HANDLER, ctypes.c_void_p))
+
+
+def rpc_server_command(host: str, port: int, threads: int) -> list[str]:
+    return [sys.executable, "-m", "orion_cli.engine", "rpc-server", host, str(port), str(threads)]
+
+
+def _rpc_server_child(host: str, port: str, threads: str) -> None:
+    """In the rpc-server child: llama.cpp's RPC server for this machine's GPUs, or its CPU where it
+    has none, on host:port; blocks while it serves. Exit 3: it could not start (see its stderr)."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_rpc():
+        sys.exit(4)
+    llama_cpp.llama_backend_init()
+    _route_llama_log(debug_enabled())
+    start = _rpc_proc(b"ggml_backend_rpc_start_server", ctypes.CFUNCTYPE(
+        None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)))
+    devices = local_gpu_devices() or [_ggml().ggml_backend_dev_by_type(_DEV_CPU)]
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    start(f"{host}:{port}".encode(), None, int(threads), len(devices), array)
+    sys.exit(3)
+
+
 # ---------------------------------------------------------------- quantization
 
 def quantize_command(src: Path, dst: Path, type_name: str, threads: int, allow_requantize: bool) -> list[str]:
@@ -985,6 +1141,9 @@ if __name__ == "__main__":  # python -m orion_cli.engine canary MODEL default|sa
         _canary_child(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 7 and sys.argv[1] == "quantize":
         _quantize_child(*sys.argv[2:])
+    elif len(sys.argv) == 5 and sys.argv[1] == "rpc-server":
+        _rpc_server_child(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m orion_cli.engine canary MODEL default|safe | quantize IN OUT TYPE THREADS 0|1")
+        sys.exit("usage: python -m orion_cli.engine canary MODEL default|safe | quantize IN OUT TYPE THREADS 0|1"
+                 " | rpc-server HOST PORT THREADS")
 

@@ -13,7 +13,7 @@ Exit codes:
 3     configuration: the strategy file or an ORION_* variable is wrong
 4     not found: a model, file or repository that does not exist
 5     does not fit: not enough memory or disk for what was asked
-6     network or Hub error
+6     network or Hub error (an RPC server unreachable, busy, or gone mid-run included)
 7     the model file is not a valid GGUF
 8     llama.cpp crashed (a native fault in a child process: SIGSEGV, SIGABRT...)
 70    internal error (a bug in orion: please report it with --debug)

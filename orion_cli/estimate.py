@@ -217,12 +217,16 @@ def estimate_memory(
     projector: GGUFHeader | None = None,
     repack_supported: bool = True,
     n_gpu_layers: int = 0,
+    remote: bool = False,
 ) -> Estimate:
     """Resident memory (RAM) of the model loaded with ``n_ctx`` and a full context, by part.
 
     With ``n_gpu_layers`` > 0, the part that stays on the CPU: the input layer, the layers below
     the first offloaded one, their KV cache, and the runtime (CUDA's host side included);
-    :func:`estimate_gpu` counts the rest."""
+    :func:`estimate_gpu` counts the rest. ``remote``: the offloaded layers go to RPC servers (other
+    machines): no CUDA runtime here, and their weights are not counted here either — llama.cpp reads
+    them from the mapped file once, sends them and unmaps them (file pages the kernel drops, not
+    memory this machine must keep)."""
     s = settings or EngineSettings()
     first_gpu = first_gpu_layer(header.n_layers, n_gpu_layers) if n_gpu_layers else header.n_layers + 1
     offloaded = first_gpu <= header.n_layers
@@ -262,12 +266,13 @@ def estimate_memory(
         compute_how += f" + attention scores {n_ubatch} × {max_cells} × {heads} heads (f32, ×2)"
 
     overhead = OVERHEAD_BASE_BYTES + OVERHEAD_PER_VOCAB_TOKEN_BYTES * header.n_vocab
-    if offloaded:
+    if offloaded and not remote:
         overhead += CUDA_HOST_BYTES
     # Loading maps the whole file and reads every tensor, the offloaded ones on their way to the GPU
     # (llama.cpp unmaps those afterwards): the peak holds them all. Measured on an H200's host:
     # peak RSS growth within 4 % of this with every layer offloaded (bench/gpu.py).
-    weights = header.tensor_bytes if offloaded else sum(t.n_bytes for t in header.tensors if on_cpu(t.name))
+    weights = header.tensor_bytes if offloaded and not remote else sum(
+        t.n_bytes for t in header.tensors if on_cpu(t.name))
     return Estimate(
         n_ctx=n_ctx,
         weights_bytes=weights,
@@ -359,8 +364,11 @@ class GPUEstimate:
 
 
 def estimate_gpu(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first: int, last: int, *,
-                 projector: GGUFHeader | None = None, embedding: bool = False) -> GPUEstimate:
-    """One GPU's memory for layers ``first``..``last`` (``header.n_layers`` is the output layer)."""
+                 projector: GGUFHeader | None = None, embedding: bool = False,
+                 runtime_bytes: int = CUDA_CONTEXT_BYTES) -> GPUEstimate:
+    """One GPU's memory for layers ``first``..``last`` (``header.n_layers`` is the output layer).
+    ``runtime_bytes``: what the device holds beyond llama.cpp's buffers (a CUDA context; nothing for
+    an RPC server's device, whose process set up its backend before it reported its free memory)."""
     n = header.n_layers
     weights = sum(t.n_bytes for t in header.tensors
                   if (layer := tensor_layer(t.name, n)) is not None and first <= layer <= last)
@@ -373,6 +381,6 @@ def estimate_gpu(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first
         weights_bytes=weights,
         kv_bytes=kv,
         compute_bytes=gpu_compute_bytes(header, n_ctx, settings, with_output=with_output, embedding=embedding),
-        runtime_bytes=CUDA_CONTEXT_BYTES,
+        runtime_bytes=runtime_bytes,
         projector_bytes=projector.tensor_bytes if projector is not None and with_output else 0,
     )

@@ -109,7 +109,8 @@ class FetchPlan:
                     "file": c.filename, "parts": list(c.parts), "file_type": c.file_type, "size_bytes": c.size_bytes,
                     "disk_bytes": c.disk_bytes, "estimate_bytes": c.estimate.total_bytes, "estimate": c.estimate.to_dict(),
                     "fits": c.fits, "verdict": c.verdict,
-                    "expected_tok_s": expected_tok_s(self.bench, c.size_bytes, c.gpu_share),
+                    "expected_tok_s": None if c.offload is not None and c.offload.devices else
+                    expected_tok_s(self.bench, c.size_bytes, c.gpu_share),
                     "offload": c.offload.to_dict() if c.offload is not None else None,
                 }
                 for c in self.candidates
@@ -166,6 +167,7 @@ def plan_fetch(
     settings: EngineSettings | None = None,
     gpu_budgets: Sequence[int] | None = None,
     on_disk: Callable[[str], int] | None = None,
+    remote=None,
 ) -> FetchPlan:
     """Every candidate file of the model's repo with its estimate and verdict, and the choice.
 
@@ -174,7 +176,9 @@ def plan_fetch(
     With a GPU, each candidate gets an offload plan; its RAM part is what the budget must hold, and
     a file that fits wholly on the GPU is preferred to a larger one that spills onto the CPU.
     ``on_disk(name)``: the bytes of a file the cache already holds (cached, or a partial download
-    to resume); only the rest must fit the free disk."""
+    to resume); only the rest must fit the free disk. With RPC servers in the strategy (``remote``:
+    their devices, default: asked now), each candidate gets a split plan instead: its part here is
+    what the budget must hold, and the servers' parts must fit theirs."""
     from . import hub
     from .engine import machine_settings
 
@@ -213,10 +217,21 @@ def plan_fetch(
         raise NotFound(f"{ref.repo} has no projector file {ref.projector}", hint="the repo changed: report it")
     projector_header = read_header(ref.repo, projector, listing.get(projector).size) if projector else None
 
+    if strategy.rpc_servers and remote is None:
+        from .rpc import parse_rpc_servers, remote_devices_now
+
+        remote = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
+
     def build(group: tuple[str, ...]) -> Candidate:
         headers = [read_header(ref.repo, n, listing.get(n).size) for n in group]
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
         size = sum(listing.get(n).size or 0 for n in group)
+        if remote:  # split across this machine and the RPC servers
+            from .session import rpc_settings, split_plan
+
+            plan = split_plan(header, n_ctx, strategy, rpc_settings(gpu_settings if gpu_budgets else settings),
+                              gpu_budgets=gpu_budgets, remote=remote)
+            return Candidate(group[0], group, size, header, plan.cpu, offload=plan)
         if gpu_budgets:
             plan = plan_offload(header, n_ctx, gpu_settings, gpu_budgets, strategy.n_gpu_layers,
                                 projector=projector_header)
@@ -248,6 +263,8 @@ def plan_fetch(
             reasons.append(f"above the tier's level {level}")
         if c.estimate.total_bytes > budget:
             reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
+        if c.offload is not None and c.offload.devices and not c.offload.gpu_fits:
+            reasons.append(f"the RPC servers' part does not fit ({c.offload.refusal()})")
         if disk_needed > free_disk_bytes:
             reasons.append(f"needs {format_bytes(disk_needed)} of disk, {format_bytes(free_disk_bytes)} free")
         judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons, disk_bytes=disk_needed))

@@ -51,6 +51,7 @@ class Entry:
     users: int = 0
     keep_alive_s: int | None = None  # this model's; the manager's default unless set
     gpu_bytes: int = 0  # its VRAM estimate (layers offloaded to GPUs)
+    remote: tuple[tuple[str, int, int], ...] = ()  # (RPC server, bytes there, its budget) of each part sent away
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Request:
     hint: str = ""  # what would fit instead, for a refusal
     gpu_bytes: int = 0  # VRAM estimate, counted against the GPU budget apart from RAM
     placement: str = ""  # where its layers go ("all 19 layers on the GPU ..."), shown on loading
+    remote: tuple[tuple[str, int, int], ...] = ()  # (RPC server, bytes, that server's budget) of each part
 
 
 @dataclass
@@ -79,6 +81,7 @@ class ManagerStatus:
     keep_alive_s: int | None = None
     expires_in_s: float | None = None  # None: never unloaded for inactivity (pinned, in use, or no keep-alive)
     gpu_bytes: int = 0
+    remote_bytes: int = 0  # on RPC servers
 
 
 class ModelManager:
@@ -150,7 +153,9 @@ class ModelManager:
             cancel = threading.Event()
             self._loading[request.key] = cancel
             detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
-            if request.gpu_bytes:
+            if request.remote:
+                detail += f" here ({request.placement})"
+            elif request.gpu_bytes:
                 detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
             self._emit("loading", request.key, detail)
         try:
@@ -165,7 +170,7 @@ class ModelManager:
             self._loading.pop(request.key, None)
             now = self._clock()
             entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
-                          keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes)
+                          keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes, remote=request.remote)
             self._entries[request.key] = entry
             self._emit("loaded", request.key, request.name)
             self._cond.notify_all()
@@ -176,6 +181,21 @@ class ModelManager:
 
     def _used_gpu_bytes(self) -> int:
         return sum(e.gpu_bytes for e in self._entries.values())
+
+    def _used_remote_bytes(self, endpoint: str) -> int:
+        return sum(b for e in self._entries.values() for where, b, _ in e.remote if where == endpoint)
+
+    def _remote_over(self, request: Request) -> tuple[str, str]:
+        """The first RPC server the request's part does not fit beside what is loaded there, and why
+        (('', '') if none)."""
+        needs: dict[str, list[int]] = {}
+        for where, b, budget in request.remote:
+            needs.setdefault(where, [0, budget])[0] += b
+        for where, (b, budget) in needs.items():
+            if self._used_remote_bytes(where) + b > budget:
+                return where, (f"{format_bytes(self._used_remote_bytes(where))} of {format_bytes(budget)} in use "
+                               f"on RPC server {where}")
+        return "", ""
 
     def _make_room(self, request: Request) -> None:
         """Evict idle models, least recently used first, until the request fits; else refuse."""
@@ -196,16 +216,30 @@ class ModelManager:
                 return False
             if need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
                 return False
+            if request.remote and self._remote_over(request)[0]:
+                return False
             return self._available is None or need <= self._available()
 
+        def helps(e: Entry) -> bool:
+            """Whether unloading ``e`` frees something the request lacks (a model on another RPC
+            server, say, frees nothing it needs)."""
+            over = self._remote_over(request)[0] if request.remote else ""
+            if over and not (len(self._entries) + len(self._loading) >= self.max_models
+                             or self._used_bytes() + need > self.budget_bytes
+                             or (need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget)):
+                return any(where == over for where, _, _ in e.remote)
+            return True
+
         while not fits():
-            victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0), None)
+            victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0 and helps(e)), None)
             if victim is None:
                 busy = ", ".join(e.name for e in self._entries.values()) or "none"
                 if len(self._entries) + len(self._loading) >= self.max_models:
                     why = f"{len(self._entries)} of {self.max_models} models loaded"
                 elif need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
                     why = f"{format_bytes(self._used_gpu_bytes())} of {format_bytes(gpu_budget)} VRAM in use"
+                elif request.remote and self._remote_over(request)[0]:
+                    why = self._remote_over(request)[1]
                 else:
                     why = f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use"
                 self._refuse(request, f"{request.name} needs {format_bytes(need)}; {why}, none of them idle "
@@ -288,7 +322,8 @@ class ModelManager:
                 if not e.pinned and e.users == 0 and e.keep_alive_s is not None:
                     expires = max(0.0, e.last_used + e.keep_alive_s - now)
                 out.append(ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0,
-                                         now - e.loaded_at, e.users, e.keep_alive_s, expires, e.gpu_bytes))
+                                         now - e.loaded_at, e.users, e.keep_alive_s, expires, e.gpu_bytes,
+                                         sum(b for _, b, _ in e.remote)))
             return out
 
     def _timer_loop(self) -> None:

@@ -15,7 +15,7 @@ the same k) is what the RAM budget must hold.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .estimate import EngineSettings, Estimate, GPUEstimate, estimate_gpu, estimate_memory, first_gpu_layer
@@ -35,6 +35,9 @@ class OffloadPlan:
     tensor_split: tuple[float, ...]  # what llama.cpp is given (empty: one GPU or none)
     requested: str  # "auto", or the number asked for
     reason: str
+    devices: tuple[str, ...] = ()  # each device's name where some are other machines' (RPC); else GPUs
+    endpoints: tuple[str, ...] = ()  # beside devices: each one's RPC server (host:port), "" for a local GPU
+    local_budget: int | None = None  # this machine's RAM budget, where the plan was made against it
 
     @property
     def gpu_bytes(self) -> int:
@@ -48,8 +51,25 @@ class OffloadPlan:
     def gpu_fits(self) -> bool:
         return all(g.total_bytes <= b for g, b in zip(self.gpus, self.gpu_budgets))
 
+    @property
+    def remote_parts(self) -> tuple[tuple[str, int, int], ...]:
+        """(endpoint, bytes, budget) of each RPC server's device."""
+        return tuple((e, g.total_bytes, b) for e, g, b in zip(self.endpoints, self.gpus, self.gpu_budgets) if e)
+
+    @property
+    def local_gpu_bytes(self) -> int:
+        """VRAM on this machine's GPUs (not the RPC servers')."""
+        return sum(g.total_bytes for i, g in enumerate(self.gpus)
+                   if not (i < len(self.endpoints) and self.endpoints[i]))
+
+    @property
+    def local_fits(self) -> bool:
+        return self.local_budget is None or self.cpu.total_bytes <= self.local_budget
+
     def describe(self) -> str:
         """One line: where the layers go."""
+        if self.devices:
+            return self._describe_split()
         if not self.gpus or self.n_gpu_layers == 0:
             return f"all {self.n_total} layers on the CPU" + (f" ({self.reason})" if self.reason else "")
         where = "all" if self.full else f"{self.n_gpu_layers} of"
@@ -57,12 +77,47 @@ class OffloadPlan:
         budgets = " + ".join(format_bytes(b) for b in self.gpu_budgets)
         return f"{where} {self.n_total} layers on the GPU ({vram} VRAM of {budgets}); {format_bytes(self.cpu.total_bytes)} RAM"
 
+    def _describe_split(self) -> str:
+        n = self.n_total - 1
+        here = first_gpu_layer(n, self.n_gpu_layers)
+        local = ("every layer" if here > n else "the input layer" + (
+            f" and layers 0-{here - 1}" if here > 0 else ""))
+        budget = f" of {format_bytes(self.local_budget)}" if self.local_budget is not None else ""
+        parts = [f"{local} here ({format_bytes(self.cpu.total_bytes)}{budget})"]
+        for name, g, b in zip(self.devices, self.gpus, self.gpu_budgets):
+            if g.n_layers:
+                first, last = g.layers
+                if last < n:
+                    what = f"layer {first}" if first == last else f"layers {first}-{last}"
+                else:  # the output layer is llama.cpp's layer n
+                    what = "the output layer" if first == n else (
+                        f"layer {first} + output" if first == n - 1 else f"layers {first}-{n - 1} + output")
+                parts.append(f"{what} on {name} ({format_bytes(g.total_bytes)} of {format_bytes(b)})")
+        return "; ".join(parts)
+
+    def refusal(self) -> str:
+        """Why the plan does not fit, with the arithmetic of each machine."""
+        rows = [f"this machine {format_bytes(self.cpu.total_bytes)} (budget {format_bytes(self.local_budget or 0)})"]
+        rows += [f"{name} {format_bytes(g.total_bytes)} (budget {format_bytes(b)})"
+                 for name, g, b in zip(self.devices, self.gpus, self.gpu_budgets)]
+        over = [r for r, g_fit in zip(rows, [self.local_fits] + [g.total_bytes <= b for g, b in
+                                                                   zip(self.gpus, self.gpu_budgets)]) if not g_fit]
+        total = self.cpu.total_bytes + self.gpu_bytes
+        budgets = (self.local_budget or 0) + sum(self.gpu_budgets)
+        return (f"it needs {format_bytes(total)} where the budgets total {format_bytes(budgets)} ({self.reason}): "
+                + " + ".join(rows) + (f"; over: {', '.join(over)}" if over else ""))
+
     def to_dict(self) -> dict:
-        return {"n_gpu_layers": self.n_gpu_layers, "n_total": self.n_total, "full": self.full,
-                "requested": self.requested, "reason": self.reason,
-                "gpu_bytes": self.gpu_bytes, "gpus": [g.to_dict() for g in self.gpus],
-                "gpu_budgets": list(self.gpu_budgets), "tensor_split": list(self.tensor_split),
-                "cpu_bytes": self.cpu.total_bytes}
+        out = {"n_gpu_layers": self.n_gpu_layers, "n_total": self.n_total, "full": self.full,
+               "requested": self.requested, "reason": self.reason,
+               "gpu_bytes": self.gpu_bytes, "gpus": [g.to_dict() for g in self.gpus],
+               "gpu_budgets": list(self.gpu_budgets), "tensor_split": list(self.tensor_split),
+               "cpu_bytes": self.cpu.total_bytes}
+        if self.devices:
+            out["devices"] = list(self.devices)
+            out["local_budget"] = self.local_budget
+            out["fits"] = self.local_fits and self.gpu_fits
+        return out
 
 
 def _split_points(budgets: Sequence[int]) -> list[float]:
@@ -130,3 +185,80 @@ def plan_offload(header: GGUFHeader, n_ctx: int, settings: EngineSettings, gpu_b
     cpu = estimate_memory(header, n_ctx, settings, projector=projector, n_gpu_layers=k)
     return OffloadPlan(k, n_total, cpu, gpus, budgets, split if k else (),
                        str(requested), reason)
+
+
+# ---------------------------------------------------------------- across machines (RPC)
+
+
+def _counts_fit(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int, counts: Sequence[int],
+                budgets: Sequence[int], runtimes: Sequence[int]) -> tuple[GPUEstimate, ...]:
+    parts, at = [], first_gpu_layer(header.n_layers, k)
+    for c, runtime in zip(counts, runtimes):
+        if c == 0:
+            parts.append(GPUEstimate((at, at - 1), 0, 0, 0, 0))
+        else:
+            parts.append(estimate_gpu(header, n_ctx, settings, at, at + c - 1, runtime_bytes=runtime))
+        at += c
+    return tuple(parts)
+
+
+def _fits(parts: Sequence[GPUEstimate], budgets: Sequence[int]) -> bool:
+    return all(p.total_bytes <= b for p, b in zip(parts, budgets))
+
+
+def split_counts(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int, budgets: Sequence[int],
+                 runtimes: Sequence[int]) -> tuple[list[int], tuple[GPUEstimate, ...]]:
+    """How many of the top ``k`` layers each device takes, in device order: in proportion to the
+    budgets where every part then fits, else each device in turn as many as fit its budget. (The
+    counts are what orion passes as ``tensor_split``: llama.cpp's cut then falls exactly there.)"""
+    total = sum(budgets) or 1
+    shares = [k * b / total for b in budgets]
+    counts = [int(x) for x in shares]
+    for i in sorted(range(len(budgets)), key=lambda i: shares[i] - counts[i], reverse=True)[: k - sum(counts)]:
+        counts[i] += 1
+    parts = _counts_fit(header, n_ctx, settings, k, counts, budgets, runtimes)
+    if _fits(parts, budgets):
+        return counts, parts
+    greedy, at, left = [], first_gpu_layer(header.n_layers, k), k
+    for b, runtime in zip(budgets, runtimes):
+        c = 0
+        while c < left and estimate_gpu(header, n_ctx, settings, at, at + c, runtime_bytes=runtime).total_bytes <= b:
+            c += 1
+        greedy.append(c)
+        at, left = at + c, left - c
+    greedy[-1] += left  # what no device could take lands on the last one (and does not fit there)
+    return greedy, _counts_fit(header, n_ctx, settings, k, greedy, budgets, runtimes)
+
+
+def plan_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, local_budget: int,
+               budgets: Sequence[int], names: Sequence[str], runtimes: Sequence[int],
+               requested: int | str = AUTO, endpoints: Sequence[str] = ()) -> OffloadPlan:
+    """Where the layers go across this machine and others (RPC servers; local GPUs after them, as
+    llama.cpp orders its devices), from each one's budget. ``auto``: the fewest layers sent away
+    that let this machine's part fit its budget (what stays here costs no network), cut between the
+    devices so that each part fits; a number is taken as given. The plan says whether it fits
+    (``local_fits``, ``gpu_fits``); with ``auto`` and no fit it is the closest one: everything sent
+    away, for the arithmetic of the refusal."""
+    n_total = header.n_layers + 1
+
+    def local(k: int):
+        return estimate_memory(header, n_ctx, settings, n_gpu_layers=k, remote=True)
+
+    def plan(k: int, reason: str) -> OffloadPlan:
+        counts, parts = split_counts(header, n_ctx, settings, k, budgets, runtimes) if k else (
+            [0] * len(budgets), tuple(GPUEstimate((1, 0), 0, 0, 0, 0) for _ in budgets))
+        return OffloadPlan(k, n_total, local(k), parts, tuple(budgets),
+                           tuple(float(c) for c in counts) if k else (), str(requested), reason,
+                           devices=tuple(names), endpoints=tuple(endpoints), local_budget=local_budget)
+
+    if requested != AUTO:
+        asked = int(requested)
+        return plan(n_total if asked < 0 else min(asked, n_total), "--gpu-layers / n_gpu_layers")
+    for k in range(0, n_total + 1):
+        if local(k).total_bytes <= local_budget:
+            candidate = plan(k, "the fewest layers away that let this machine's part fit" if k else
+                             "it fits this machine: no layer sent away")
+            if candidate.gpu_fits or k == 0:
+                return candidate
+            return replace(candidate, reason=f"{k} of {n_total} layers sent away")
+    return plan(n_total, "every layer sent away")

@@ -5,10 +5,11 @@ Shared by ``orion run`` (and later ``embed`` and ``serve``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from .errors import InvalidValue, NotFound
+from .errors import DoesNotFit, InvalidValue, NotFound
 from .estimate import CUDA_CONTEXT_EXTRA_BYTES, ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
@@ -80,12 +81,70 @@ def gpu_budgets_now(strategy: Strategy) -> list[int]:
     return _GPU_BUDGETS[strategy.gpu_budget_bytes]
 
 
+def rpc_requested(strategy: Strategy, gpu_layers=None):
+    """The layers to send away: --gpu-layers as given; else auto, unless the strategy names a count
+    (its 0, written for a machine without a GPU, means no GPU, not 'nothing to the servers')."""
+    from .offload import AUTO
+
+    if gpu_layers is not None:
+        return gpu_layers
+    if strategy.sources.get("n_gpu_layers") == "flag" or strategy.n_gpu_layers not in (0, AUTO):
+        return strategy.n_gpu_layers
+    return AUTO
+
+
+def split_plan(header, n_ctx: int, strategy: Strategy, settings, *, gpu_budgets: Sequence[int] = (),
+               remote=None, gpu_layers=None):
+    """Where a model's layers go across this machine (RAM, then its GPUs) and the strategy's RPC
+    servers (``remote``: their devices; default: asked now, once a process)."""
+    from .estimate import CUDA_CONTEXT_BYTES
+    from .offload import plan_split
+    from .rpc import parse_rpc_servers, remote_devices_now
+
+    if remote is None:
+        remote = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
+    budgets = [d.budget_bytes for d in remote] + list(gpu_budgets)
+    names = [d.name for d in remote] + [f"GPU {i}" for i in range(len(gpu_budgets))]
+    runtimes = [0] * len(remote) + [CUDA_CONTEXT_BYTES] * len(gpu_budgets)
+    endpoints = [d.server.endpoint for d in remote] + [""] * len(gpu_budgets)
+    return plan_split(header, n_ctx, settings, strategy.memory_budget_bytes, budgets, names, runtimes,
+                      rpc_requested(strategy, gpu_layers), endpoints)
+
+
+def rpc_settings(settings):
+    """The settings of a model split over RPC: no repacked weights here either, since an RPC server's
+    layers run ggml's plain kernels. Every layer then computes the same wherever it lives, and the
+    answer does not depend on the split."""
+    return replace(settings, repack=False, amx=False)
+
+
 def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bool = False,
                  projector=None, gpu_budgets: list[int] | None = None, gpu_layers=None):
-    """Where a model's layers go on this machine, and the settings it loads with."""
+    """Where a model's layers go on this machine (and the strategy's RPC servers, for an LLM), and
+    the settings it loads with."""
     from . import engine
     from .offload import plan_offload
 
+    if strategy.rpc_servers and not embedding:
+        if not engine.rpc_supported():
+            from .rpc import rpc_unsupported
+
+            raise rpc_unsupported()
+        if projector is not None:
+            raise InvalidValue("orion does not split a vision model over RPC servers yet",
+                               hint="run it on this machine (without --rpc / ORION_RPC)")
+        gpus = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
+        gpus = gpus if check.gpu_offload else []
+        settings = rpc_settings(engine.settings_for(check, offload=bool(gpus)))
+        plan = split_plan(header, n_ctx, strategy, settings, gpu_budgets=gpus, gpu_layers=gpu_layers)
+        if plan.n_gpu_layers or not plan.local_fits:
+            return plan, settings
+        # nothing goes away: this machine's own settings (repacking, AMX), where they fit too
+        here, own = offload_plan(header, n_ctx, replace(strategy, rpc_servers=()), check, gpu_budgets=gpu_budgets,
+                                 gpu_layers=gpu_layers)
+        if here.cpu.total_bytes <= strategy.memory_budget_bytes and here.gpu_fits:
+            return here, own
+        return plan, settings
     budgets = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
     requested = strategy.n_gpu_layers if gpu_layers is None else gpu_layers
     if budgets and check.gpu_offload and requested != 0:
@@ -124,12 +183,17 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     projector = Path(model.projector_path) if model.projector_path else None
     proj_header = read_local_header(projector) if projector else None
     plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=proj_header)
+    name = model.path if model.source == "path" else model.name
+    if plan.devices and not (plan.local_fits and plan.gpu_fits):
+        raise DoesNotFit(f"{name} does not fit these machines together: {plan.refusal()}",
+                         hint="add an RPC server or memory (host:port=SIZE), or a smaller quantization or --ctx")
     if contexts is None:
         contexts = encoder_contexts(plan, threads) if embedding else 1
     extra_ram, extra_vram = pool_extra_bytes(plan, contexts)
+    endpoints = tuple(dict.fromkeys(e for e in plan.endpoints if e)) if plan.n_gpu_layers else ()
     spec = engine.LoadSpec(Path(model.path), n_ctx, threads, plan.n_gpu_layers,
                            projector, embedding=embedding, settings=settings, parallel=parallel,
-                           tensor_split=plan.tensor_split, contexts=contexts)
+                           tensor_split=plan.tensor_split, contexts=contexts, rpc_servers=endpoints)
     hint = ""
     ctx = n_ctx
     while ctx > 256:
@@ -147,6 +211,9 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     def load(cancel):
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
+    if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
+        return Request(spec.key, model.name, plan.cpu.total_bytes, load, hint, gpu_bytes=plan.local_gpu_bytes,
+                       placement=plan.describe(), remote=plan.remote_parts if endpoints else ())
     return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram, load, hint,
                    gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "")
 

@@ -30,7 +30,7 @@ MAX_THREADS = max(8, 4 * (os.cpu_count() or 1))
 # the new tier's defaults unless a setting is given at the same or higher level.
 TIER_KEYS = ("quantization", "max_models", "keep_alive_s", "n_ctx")
 # Settings that follow the device.
-DEVICE_KEYS = ("threads", "n_gpu_layers", "memory_budget_bytes", "gpu_budget_bytes")
+DEVICE_KEYS = ("threads", "n_gpu_layers", "memory_budget_bytes", "gpu_budget_bytes", "rpc_servers")
 SETTING_KEYS = ("tier",) + TIER_KEYS + DEVICE_KEYS
 
 ENV_VARS = {
@@ -43,10 +43,12 @@ ENV_VARS = {
     "n_gpu_layers": "ORION_GPU_LAYERS",
     "memory_budget_bytes": "ORION_MEMORY_BUDGET",
     "gpu_budget_bytes": "ORION_GPU_BUDGET",
+    "rpc_servers": "ORION_RPC",
 }
 # The command-line flag of each setting, as error messages name it.
 FLAG_NAMES = {"n_ctx": "--ctx", "n_gpu_layers": "--gpu-layers", "keep_alive_s": "--keep-alive",
-              "quantization": "--quant", "memory_budget_bytes": "--memory-budget", "gpu_budget_bytes": "--gpu-budget"}
+              "quantization": "--quant", "memory_budget_bytes": "--memory-budget", "gpu_budget_bytes": "--gpu-budget",
+              "rpc_servers": "--rpc"}
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
                    "engine", "bench")
 
@@ -96,6 +98,8 @@ class Strategy:
     engine: dict = field(default_factory=dict)
     # Measured speed of the default small model (orion profile --bench), for expected tok/s.
     bench: dict = field(default_factory=dict)
+    # Other machines' RPC servers that take layers ("host:port" or "host:port=BYTES"; orion rpc-server).
+    rpc_servers: tuple[str, ...] = ()
     # Where each setting came from: "flag", "env ORION_X", "file", "tier", "device".
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -114,6 +118,7 @@ class Strategy:
             "n_gpu_layers": self.n_gpu_layers,
             "memory_budget_bytes": self.memory_budget_bytes,
             "gpu_budget_bytes": self.gpu_budget_bytes,
+            "rpc_servers": list(self.rpc_servers),
             "budget": self.budget_arithmetic,
             "pressure": {"high": self.pressure_high, "critical": self.pressure_critical},
             "device": self.device,
@@ -258,6 +263,14 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
             except InvalidValue:
                 pass
         raise ValueError("a byte count or a size like 6GB")
+    if key == "rpc_servers":
+        from .rpc import format_rpc_servers, parse_rpc_servers
+
+        if value is None:
+            return ()
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
+        return tuple(format_rpc_servers(parse_rpc_servers(value)))
     raise KeyError(key)
 
 
@@ -354,6 +367,7 @@ _COMMENTS = {
     "n_gpu_layers": "Layers offloaded to the GPU: auto = as many as fit the GPU budget, -1 = all, 0 = CPU only.",
     "memory_budget_bytes": "Memory that loaded models may take, in bytes.",
     "gpu_budget_bytes": "GPU memory that offloaded models may take (all GPUs together), in bytes; null = no GPU.",
+    "rpc_servers": "Other machines' 'orion rpc-server's that take layers: host:port, or host:port=SIZE to cap it.",
 }
 
 

@@ -63,6 +63,7 @@ COMMANDS = [
     ("quantize", "quantize", "quantize", "EXAMPLES", "Quantize a GGUF to any level (Q4_K_M, Q8_0, F16...)."),
     ("eval", "evaluate", "evaluate", "EXAMPLES", "Perplexity, speed and memory of a model or a quantization ladder."),
     ("serve", "serve", "serve", "SERVE_EXAMPLES", "Serve the models and the shared encoder to every client (OpenAI API)."),
+    ("rpc-server", "rpc", "rpc_server", "EXAMPLES", "Lend this machine's memory to orion on another machine (RPC)."),
     ("ps", "serve", "ps", "PS_EXAMPLES", "Show the models the server has loaded (--watch: live)."),
     ("load", "serve", "load", "LOAD_EXAMPLES", "Load a model into the server (--pin, --keep-alive)."),
     ("stop", "serve", "stop", "STOP_EXAMPLES", "Unload a model from the server."),

@@ -57,11 +57,15 @@ def candidates_table(plan) -> Table:
     t.add_column("file")
     t.add_column("type")
     t.add_column("size", justify="right")
-    t.add_column("RAM" if plan.gpu_budgets else "estimate", justify="right")
-    if plan.gpu_budgets:
+    split = any(c.offload is not None and c.offload.devices for c in plan.candidates)
+    t.add_column("here" if split else "RAM" if plan.gpu_budgets else "estimate", justify="right")
+    if split:
+        t.add_column("RPC servers", justify="right")
+        t.add_column("layers away", justify="right")
+    elif plan.gpu_budgets:
         t.add_column("VRAM", justify="right")
         t.add_column("GPU layers", justify="right")
-    if plan.bench:
+    if plan.bench and not split:
         t.add_column("~tok/s", justify="right")
     t.add_column("verdict")
     from ..fetch import expected_tok_s
@@ -70,10 +74,12 @@ def candidates_table(plan) -> Table:
         style = "bold green" if c.verdict == "chosen" else ("" if c.fits else "dim")
         name = c.filename + (f" (+{len(c.parts) - 1} parts)" if len(c.parts) > 1 else "")
         cells = [escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes)]
-        if plan.gpu_budgets:
+        if split:
+            cells += [format_bytes(sum(b for _, b, _ in c.offload.remote_parts)), c.gpu_layers]
+        elif plan.gpu_budgets:
             cells += [format_bytes(c.offload.gpu_bytes) if c.offload else "-",
                       c.gpu_layers or f"0/{c.header.n_layers + 1}"]
-        if plan.bench:
+        if plan.bench and not split:
             speed = expected_tok_s(plan.bench, c.size_bytes, c.gpu_share)
             cells.append(f"{speed:.0f}" if speed else "-")
         t.add_row(*cells, escape(c.verdict), style=style)

@@ -16,6 +16,7 @@ EXAMPLES = examples(
     ("orion fetch llava --quant q4", "a level (q4 q8 q16 q32) or a type (Q5_K_M)"),
     ("orion fetch org/repo --ctx 16384", "any Hub repo; estimate at a larger context"),
     ("orion fetch org/repo/file.gguf", "one file of a repo"),
+    ("orion fetch big --auto --rpc box:50052", "the best file this machine and box hold together"),
 )
 
 
@@ -27,6 +28,7 @@ def fetch(
     ctx: Annotated[Optional[int], typer.Option(help="Context size the estimate assumes (default: the strategy's).", metavar="N")] = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan and the result as JSON.")] = False,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Count the memory of other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
 ) -> None:
     """Pick the quantization that fits this device and download it from the Hugging Face Hub.
 
@@ -52,7 +54,7 @@ def fetch(
         normalise_quant(quant)  # a bad --quant is said before any network
     if name:
         valid_name(name)
-    strategy = load_strategy({"n_ctx": ctx})
+    strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
     ref = resolve(model)
     if ref.source == "path":
         raise InvalidValue(f"{model} is a local file, there is nothing to fetch",

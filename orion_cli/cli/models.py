@@ -200,6 +200,7 @@ def inspect(
     model: Annotated[str, typer.Argument(help="A .gguf path, a model name, org/repo or org/repo/file.gguf.", autocompletion=model_names)],
     ctx: Annotated[Optional[int], typer.Option(help="Context size for the estimate (default: the strategy's).", metavar="N")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the header summary and estimate as JSON.")] = False,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Plan the split with other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
 ) -> None:
     """Show a GGUF's header (architecture, type, layers, heads, context) and its memory estimate.
 
@@ -211,7 +212,7 @@ def inspect(
     from ..models import resolve
     from ..strategy import load_strategy
 
-    strategy = load_strategy({"n_ctx": ctx})
+    strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
     ref = resolve(model)
     projector = None
     if ref.path is not None:
@@ -239,6 +240,8 @@ def inspect(
 
     from ..engine import machine_settings
 
+    if strategy.rpc_servers:
+        return _inspect_split(header, where, strategy, json_output)
     est = estimate_memory(header, strategy.n_ctx, machine_settings(), projector=projector)
     if json_output:
         from ._output import print_json
@@ -253,6 +256,36 @@ def inspect(
     out.print(header_table(header.summary(), title=where))
     out.print()
     out.print(estimate_table(est, strategy.memory_budget_bytes))
+
+
+def _inspect_split(header, where: str, strategy, json_output: bool) -> None:
+    """inspect --rpc: the split across this machine and the RPC servers, each part's arithmetic."""
+    from ..engine import machine_settings
+    from ..session import rpc_settings, split_plan
+    from ..units import format_bytes
+
+    plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings()))
+    fits = plan.local_fits and plan.gpu_fits
+    if json_output:
+        from ._output import print_json
+
+        print_json({"source": where, "header": header.summary(), "estimate": plan.cpu.to_dict(),
+                    "budget_bytes": strategy.memory_budget_bytes, "split": plan.to_dict(), "fits": fits})
+        return
+    from ._output import console
+    from ._render import estimate_table, header_table
+
+    out = console()
+    out.print(header_table(header.summary(), title=where))
+    out.print()
+    out.print(estimate_table(plan.cpu, strategy.memory_budget_bytes))
+    out.print()
+    out.print(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({plan.reason}): {plan.describe()}", highlight=False)
+    for name, g, b in zip(plan.devices, plan.gpus, plan.gpu_budgets):
+        if g.n_layers:
+            out.print(f"  {name}: {g.arithmetic()} (budget {format_bytes(b)})", highlight=False)
+    if not fits:
+        out.print(f"[bold red]does not fit:[/] {plan.refusal()}", highlight=False)
 
 
 def _inspect_repo(ref, strategy, ctx, json_output: bool) -> None:

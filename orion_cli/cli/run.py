@@ -19,6 +19,7 @@ EXAMPLES = examples(
     ("echo 'Hello' | orion run gemma3-270m", "the prompt from stdin"),
     ("orion run llava 'What is this?' --image cat.png", "a vision model"),
     ("orion run model.gguf 'Hi' --json --temperature 0", "one JSON object with text and timings"),
+    ("orion run big --rpc 192.168.1.20:50052", "split with another machine's 'orion rpc-server'"),
 )
 
 REPL_HELP = """Commands: /load NAME (switch model), /ps (loaded models), /clear (forget the conversation),
@@ -40,6 +41,7 @@ def run(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: text and timings.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print load time and prompt/generation tokens per second.")] = False,
     local_only: Annotated[bool, typer.Option("--local", help="Load the model in this process even when 'orion serve' is running.")] = False,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Split the model with other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
 ) -> None:
     """Run a model: stream its answer to PROMPT, or chat with it in a REPL.
 
@@ -47,7 +49,12 @@ def run(
     as 'orion fetch --auto'). Models load through the model manager, which
     keeps the strategy's cap, memory budget and keep-alive. With 'orion serve'
     running, the server answers, the REPL's too (the model stays loaded there);
-    --image, --ctx, --threads and --gpu-layers work in this process.
+    --image, --ctx, --threads, --gpu-layers and --rpc work in this process.
+
+    With --rpc, a model too big for this machine is split with other machines
+    running 'orion rpc-server': orion sizes each part from each machine's
+    budget, prints the split, and refuses with the arithmetic when the machines
+    together cannot hold it.
     """
     from ..errors import InvalidValue
     from ..session import check_image, local_model, manager_for
@@ -56,7 +63,7 @@ def run(
 
     if max_tokens < 1:
         raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
-    strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers})
+    strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers, "rpc_servers": rpc})
     images = [check_image(p) for p in image or []]
 
     debug = _debug()
@@ -65,7 +72,7 @@ def run(
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if not local_only and not images and ctx is None and threads is None and gpu_layers is None:
+    if not local_only and not images and ctx is None and threads is None and gpu_layers is None and rpc is None:
         from ..server.discovery import live_server
 
         info = live_server()
@@ -290,6 +297,7 @@ def _once(manager, local, strategy, prompt, *, system, images, json_output, verb
     from ._output import err_console
 
     request = model_request(local, strategy, progress=_load_progress(local.name))
+    _say_split(request, strategy)
     timings = Timings()
     with manager.use(request) as model:
         timings.load_s = model.load_s
@@ -313,6 +321,17 @@ def _once(manager, local, strategy, prompt, *, system, images, json_output, verb
         print_json({"model": local.name, "text": text, "timings": timings.to_dict()})
     elif verbose:
         _print_timings(timings)
+
+
+def _say_split(request, strategy) -> None:
+    """Where the layers of a model split over RPC servers go (stderr: the answer stays clean)."""
+    from ._output import err_console
+
+    if request.remote:
+        err_console().print(f"[dim]split: {request.placement}[/]", highlight=False)
+    elif strategy.rpc_servers:
+        err_console().print("[dim]split: none, it fits this machine (no layer sent to the RPC servers)[/]",
+                            highlight=False)
 
 
 def _load_progress(name: str):
@@ -403,6 +422,7 @@ def _repl(manager, local, strategy, sampling: dict, system: str | None,
     out = console()
     out.print(f"[dim]{local.name} · {REPL_HELP}[/]", highlight=False)
     request = model_request(local, strategy)
+    _say_split(request, strategy)
     conversation = conversation if conversation is not None else []
     with _line_history():
         while True:

@@ -36,6 +36,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
     parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
     gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", help="Layers on the GPU: auto (as many as fit its budget), N, -1 (all) or 0 (CPU only). Default: the strategy's.", metavar="N|auto")] = None,
+    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Split models that do not fit here with other machines' 'orion rpc-server's: host:port[=SIZE],... Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
 ) -> None:
     """Serve the models and the shared encoder to every client (OpenAI-compatible API).
 
@@ -55,7 +56,7 @@ def serve(
         raise InvalidValue(f"--max-queue {max_queue} must be at least 1", hint="for example 8")
     if not 1 <= parallel <= 64:
         raise InvalidValue(f"--parallel {parallel} must be from 1 to 64", hint="for example 4")
-    run_server(load_strategy({"n_gpu_layers": gpu_layers}), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+    run_server(load_strategy({"n_gpu_layers": gpu_layers, "rpc_servers": rpc}), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
                parallel=parallel)
 
 

@@ -698,6 +698,7 @@ def ps_document(state: ServerState) -> dict:
             "model_id": served.model_id if served else "",
             "estimate_bytes": s.estimate_bytes, "measured_bytes": served.measured_bytes if served else None,
             "gpu_bytes": s.gpu_bytes,
+            "remote_bytes": s.remote_bytes,
             "loaded_for_s": round(s.loaded_for_s, 1), "idle_s": round(s.idle_s, 1),
             "keep_alive_s": s.keep_alive_s,
             "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
