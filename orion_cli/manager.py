@@ -209,36 +209,30 @@ class ModelManager:
             self._refuse(request, f"{request.name} needs {format_bytes(need_gpu)} of VRAM, the GPU budget is "
                                   f"{format_bytes(gpu_budget)} even with nothing else loaded")
 
-        def fits() -> bool:
+        def lack() -> str:
+            """What the request lacks now: 'count', 'ram', 'gpu', 'remote', 'available' ('' if nothing)."""
             if len(self._entries) + len(self._loading) >= self.max_models:
-                return False
+                return "count"
             if self._used_bytes() + need > self.budget_bytes:
-                return False
+                return "ram"
             if need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
-                return False
+                return "gpu"
             if request.remote and self._remote_over(request)[0]:
-                return False
-            return self._available is None or need <= self._available()
+                return "remote"
+            return "" if self._available is None or need <= self._available() else "available"
 
-        def helps(e: Entry) -> bool:
-            """Whether unloading ``e`` frees something the request lacks (a model on another RPC
-            server, say, frees nothing it needs)."""
-            over = self._remote_over(request)[0] if request.remote else ""
-            if over and not (len(self._entries) + len(self._loading) >= self.max_models
-                             or self._used_bytes() + need > self.budget_bytes
-                             or (need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget)):
-                return any(where == over for where, _, _ in e.remote)
-            return True
-
-        while not fits():
-            victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0 and helps(e)), None)
+        while what := lack():
+            # a model on another RPC server frees nothing the request lacks there
+            over = self._remote_over(request)[0] if what == "remote" else ""
+            victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0
+                           and (not over or any(where == over for where, _, _ in e.remote))), None)
             if victim is None:
                 busy = ", ".join(e.name for e in self._entries.values()) or "none"
-                if len(self._entries) + len(self._loading) >= self.max_models:
+                if what == "count":
                     why = f"{len(self._entries)} of {self.max_models} models loaded"
-                elif need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
+                elif what == "gpu":
                     why = f"{format_bytes(self._used_gpu_bytes())} of {format_bytes(gpu_budget)} VRAM in use"
-                elif request.remote and self._remote_over(request)[0]:
+                elif what == "remote":
                     why = self._remote_over(request)[1]
                 else:
                     why = f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use"
