@@ -264,10 +264,10 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
                 pass
         raise ValueError("a byte count or a size like 6GB")
     if key == "rpc_servers":
+        if value is None or value == [] or value == "":  # the usual case: no import (start-up time)
+            return ()
         from .rpc import format_rpc_servers, parse_rpc_servers
 
-        if value is None:
-            return ()
         if not isinstance(value, (str, list, tuple)):
             raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
         return tuple(format_rpc_servers(parse_rpc_servers(value)))
