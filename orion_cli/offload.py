@@ -49,7 +49,7 @@ class OffloadPlan:
 
     @property
     def gpu_fits(self) -> bool:
-        return all(g.total_bytes <= b for g, b in zip(self.gpus, self.gpu_budgets))
+        return _fits(self.gpus, self.gpu_budgets)
 
     @property
     def remote_parts(self) -> tuple[tuple[str, int, int], ...]:
@@ -173,7 +173,7 @@ def plan_offload(header: GGUFHeader, n_ctx: int, settings: EngineSettings, gpu_b
         k = 0
         for candidate in range(n_total, 0, -1):
             parts = _gpu_parts(header, n_ctx, settings, candidate, budgets, projector, embedding)
-            if all(p.total_bytes <= b for p, b in zip(parts, budgets)):
+            if _fits(parts, budgets):
                 k = candidate
                 break
         reason = "chosen to fit the GPU budget" if k else "not one layer fits the GPU budget"
@@ -203,6 +203,7 @@ def _counts_fit(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int
 
 
 def _fits(parts: Sequence[GPUEstimate], budgets: Sequence[int]) -> bool:
+    """Whether each device's part fits its budget."""
     return all(p.total_bytes <= b for p, b in zip(parts, budgets))
 
 
@@ -244,10 +245,10 @@ def plan_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, local_b
     def local(k: int):
         return estimate_memory(header, n_ctx, settings, n_gpu_layers=k, remote=True)
 
-    def plan(k: int, reason: str) -> OffloadPlan:
+    def plan(k: int, reason: str, here=None) -> OffloadPlan:
         counts, parts = split_counts(header, n_ctx, settings, k, budgets, runtimes) if k else (
             [0] * len(budgets), tuple(GPUEstimate((1, 0), 0, 0, 0, 0) for _ in budgets))
-        return OffloadPlan(k, n_total, local(k), parts, tuple(budgets),
+        return OffloadPlan(k, n_total, here or local(k), parts, tuple(budgets),
                            tuple(float(c) for c in counts) if k else (), str(requested), reason,
                            devices=tuple(names), endpoints=tuple(endpoints), local_budget=local_budget)
 
@@ -255,9 +256,10 @@ def plan_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, local_b
         asked = int(requested)
         return plan(n_total if asked < 0 else min(asked, n_total), "--gpu-layers / n_gpu_layers")
     for k in range(0, n_total + 1):
-        if local(k).total_bytes <= local_budget:
+        here = local(k)
+        if here.total_bytes <= local_budget:
             candidate = plan(k, "the fewest layers away that let this machine's part fit" if k else
-                             "it fits this machine: no layer sent away")
+                             "it fits this machine: no layer sent away", here)
             if candidate.gpu_fits or k == 0:
                 return candidate
             return replace(candidate, reason=f"{k} of {n_total} layers sent away")

@@ -55,7 +55,7 @@ class RpcServer:
 
 def parse_rpc_servers(value: str | Iterable[str] | None) -> tuple[RpcServer, ...]:
     """``host:port[=SIZE],…`` (or a list of those) as servers; ValueError saying what is expected."""
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return ()
     items = value.split(",") if isinstance(value, str) else list(value)
     servers: list[RpcServer] = []
@@ -64,8 +64,6 @@ def parse_rpc_servers(value: str | Iterable[str] | None) -> tuple[RpcServer, ...
             raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
         text = item.strip()
         if not text:
-            if isinstance(value, str) and value.strip() == "":
-                return ()
             raise ValueError("host:port[=SIZE] entries, comma-separated, none empty")
         address, eq, size = text.partition("=")
         host, colon, port_text = address.strip().rpartition(":")

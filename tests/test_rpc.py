@@ -215,6 +215,8 @@ def test_split_over_two_servers_answers_like_the_local_run(orion, gemma_q4, serv
     assert shown.returncode == 0, shown.stderr
     doc = json.loads(shown.stdout)
     assert doc["fits"] and doc["split"]["devices"] == [f"RPC {a.endpoint}", f"RPC {b.endpoint}"]
+    assert [(d["endpoint"], d["budget_bytes"]) for d in doc["servers"]] == [(a.endpoint, 150 * MiB),
+                                                                         (b.endpoint, 700 * MiB)]
     alone = orion("inspect", str(gemma_q4), "--ctx", "512", "--json", env={"ORION_MEMORY_BUDGET": LOCAL_BUDGET})
     assert not json.loads(alone.stdout)["fits"]
 

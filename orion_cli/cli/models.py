@@ -261,16 +261,19 @@ def inspect(
 def _inspect_split(header, where: str, strategy, json_output: bool) -> None:
     """inspect --rpc: the split across this machine and the RPC servers, each part's arithmetic."""
     from ..engine import machine_settings
+    from ..rpc import parse_rpc_servers, remote_devices_now
     from ..session import rpc_settings, split_plan
     from ..units import format_bytes
 
-    plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings()))
+    servers = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
+    plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings()), remote=servers)
     fits = plan.local_fits and plan.gpu_fits
     if json_output:
         from ._output import print_json
 
         print_json({"source": where, "header": header.summary(), "estimate": plan.cpu.to_dict(),
-                    "budget_bytes": strategy.memory_budget_bytes, "split": plan.to_dict(), "fits": fits})
+                    "budget_bytes": strategy.memory_budget_bytes, "servers": [d.to_dict() for d in servers],
+                    "split": plan.to_dict(), "fits": fits})
         return
     from ._output import console
     from ._render import estimate_table, header_table
@@ -280,6 +283,8 @@ def _inspect_split(header, where: str, strategy, json_output: bool) -> None:
     out.print()
     out.print(estimate_table(plan.cpu, strategy.memory_budget_bytes))
     out.print()
+    for d in servers:  # how each budget was found (a CPU server's RAM is reported all free)
+        out.print(f"[bold]{d.name}[/] budget: {d.budget_how}", highlight=False)
     out.print(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({plan.reason}): {plan.describe()}", highlight=False)
     for name, g, b in zip(plan.devices, plan.gpus, plan.gpu_budgets):
         if g.n_layers:
