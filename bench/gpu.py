@@ -53,7 +53,7 @@ def child_llm(args) -> None:
     before = nvml_used()
     from orion_cli import engine
     from orion_cli.device import process_memory_bytes
-    from orion_cli.session import offload_plan
+    from orion_cli.placement import offload_plan
     from orion_cli.strategy import load_strategy
 
     rss0 = process_memory_bytes()
@@ -94,12 +94,12 @@ def child_llm(args) -> None:
 
 def child_embed(args) -> None:
     """In a child: orion's Encoder on the converted MiniLM; ``--contexts``/``--pack`` 0: orion's choice
-    (the offload plan, :func:`orion_cli.session.encoder_contexts`, ``settings_for``)."""
+    (the offload plan, :func:`orion_cli.placement.encoder_contexts`, ``settings_for``)."""
     import dataclasses
 
     from orion_cli import engine
     from orion_cli.embeddings import Encoder
-    from orion_cli.session import encoder_contexts, offload_plan, pool_extra_bytes
+    from orion_cli.placement import encoder_contexts, offload_plan, pool_extra_bytes
     from orion_cli.strategy import load_strategy
 
     before = nvml_used()
@@ -121,7 +121,7 @@ def child_embed(args) -> None:
     enc = Encoder(model, model_id="minilm", max_tokens=256)
     enc.encode(texts[:256])
     after = nvml_used()
-    # what orion's manager counts for it (session.model_request): the plan plus each further context
+    # what orion's manager counts for it (loading.model_request): the plan plus each further context
     estimate = plan.gpu_bytes + pool_extra_bytes(plan, model.n_contexts)[1] if plan.n_gpu_layers else 0
     print("warm", flush=True, file=sys.stderr)
     import numpy as np

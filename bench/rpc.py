@@ -52,7 +52,7 @@ import json, sys
 from pathlib import Path
 from orion_cli import engine
 from orion_cli.engine import LoadSpec, Timings, current_check, settings_for
-from orion_cli.session import rpc_settings
+from orion_cli.placement import rpc_settings
 path, ctx, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 check = current_check()
 model = engine.load(LoadSpec(Path(path), ctx, threads, settings=rpc_settings(settings_for(check))), check=check)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
 
-    from orion_cli.device import _cpu_info
+    from orion_cli.device import cpu_info
     from orion_cli.gguf_header import read_local_header
 
     n_layers = read_local_header(args.model).n_layers
@@ -118,7 +118,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
 
-    cpu, _, _ = _cpu_info(Path("/proc/cpuinfo"))
+    cpu, _, _ = cpu_info()
     print(f"{args.model.name}, n_ctx {args.ctx}, {args.tokens} tokens greedy, {args.threads} threads, "
           f"{args.rounds} rounds (medians); {cpu}, {os.cpu_count()} CPUs; servers on 127.0.0.1")
     med = {name: {k: statistics.median(x[k] for x in rows) for k in ("load_s", "prompt_tok_s", "generation_tok_s")}

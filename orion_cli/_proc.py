@@ -56,3 +56,70 @@ def remove_stale_partials(folder: Path, name: str) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+# ---------------------------------------------------------------- typed errors across processes
+
+ERROR_FD_VAR = "ORION_ERROR_FD"
+
+
+def report_error(exc) -> None:
+    """In a child: the error (an OrionError) as class, message and hint, on the parent's channel
+    (:class:`ErrorChannel`); without one, one line on stderr."""
+    import json
+
+    from .errors import error_payload
+
+    fd = os.environ.get(ERROR_FD_VAR, "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), json.dumps(error_payload(exc)).encode())
+            return
+        except OSError:
+            pass
+    sys.stderr.write(f"error: {exc.one_line()}\n")
+
+
+class ErrorChannel:
+    """The parent's end of a child's typed errors: a pipe whose write end the child inherits (its
+    number in ``ORION_ERROR_FD``). Give :meth:`popen_kwargs` to ``subprocess.Popen``, call
+    :meth:`started` once it runs, and :meth:`error` once it has exited."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+
+    def popen_kwargs(self, env: dict | None = None) -> dict:
+        return {"pass_fds": (self._w,), "env": dict(env if env is not None else os.environ, **{ERROR_FD_VAR: str(self._w)})}
+
+    def started(self) -> None:
+        """Close this process's copy of the write end (the child has its own)."""
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+
+    def error(self):
+        """The error the child reported (its own class), or None; call after the child has exited."""
+        import json
+
+        from .errors import error_from_payload
+
+        self.started()
+        chunks = []
+        while True:
+            data = os.read(self._r, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(self._r)
+        self._r = -1
+        try:
+            doc = json.loads(b"".join(chunks))
+        except ValueError:
+            return None
+        return error_from_payload(doc) if isinstance(doc, dict) else None
+
+    def close(self) -> None:
+        self.started()
+        if self._r >= 0:
+            os.close(self._r)
+            self._r = -1

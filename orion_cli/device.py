@@ -200,7 +200,7 @@ def parse_cpuinfo(text: str) -> tuple[str, tuple[str, ...], int | None]:
     return model, tuple(f for f in _FLAG_ORDER if f in flags), len(cores) or None
 
 
-def _cpu_info(cpuinfo: Path) -> tuple[str, tuple[str, ...], int | None]:
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...], int | None]:
     try:
         model, flags, physical = parse_cpuinfo(cpuinfo.read_text(errors="replace"))
     except OSError:
@@ -233,7 +233,8 @@ def parse_meminfo(text: str) -> tuple[int, int] | None:
     return values["MemTotal"], values["MemAvailable"]
 
 
-def _ram(meminfo: Path) -> tuple[int, int]:
+def ram(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM."""
     # /proc/meminfo on Linux is what psutil reads too; reading it directly keeps
     # psutil's import (~20 ms) out of `orion profile`. Elsewhere, psutil.
     try:
@@ -246,6 +247,37 @@ def _ram(meminfo: Path) -> tuple[int, int]:
 
     vm = psutil.virtual_memory()
     return vm.total, vm.available
+
+
+@dataclass(frozen=True)
+class MemoryNow:
+    """The memory models must fit in, now: the cgroup's limit where it is below the RAM, else the RAM."""
+
+    limit_bytes: int
+    in_use_bytes: int
+    source: str  # "physical RAM" or "cgroup v2 limit"
+    cgroup: CgroupMemory | None = None
+
+    @property
+    def available_bytes(self) -> int:
+        return max(0, self.limit_bytes - self.in_use_bytes)
+
+    @property
+    def ratio(self) -> float:
+        """In use over the limit (what the pressure lines compare with)."""
+        return self.in_use_bytes / self.limit_bytes if self.limit_bytes else 1.0
+
+
+def memory_now(*, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+               meminfo: Path = Path("/proc/meminfo"), _ram_now: tuple[int, int] | None = None) -> MemoryNow:
+    """The limit and use that ``orion profile``, the model manager and the server's pressure all read:
+    in a container with a memory limit, the cgroup's figures (``/proc/meminfo`` shows the host's)."""
+    ram_total, ram_available = _ram_now or ram(meminfo)
+    cgroup = read_cgroup_memory(cgroup_root, proc_cgroup)
+    if cgroup and cgroup.limit_bytes is not None and cgroup.limit_bytes < ram_total:
+        in_use = cgroup.usage_bytes if cgroup.usage_bytes is not None else ram_total - ram_available
+        return MemoryNow(cgroup.limit_bytes, min(in_use, cgroup.limit_bytes), f"cgroup v{cgroup.version} limit", cgroup)
+    return MemoryNow(ram_total, ram_total - ram_available, "physical RAM", cgroup)
 
 
 def process_memory_bytes(key: str = "VmRSS", status: Path = Path("/proc/self/status")) -> int:
@@ -385,19 +417,12 @@ def detect_device(
     meminfo: Path = Path("/proc/meminfo"),
     gpu_probe: Callable[[], tuple[GPUInfo, ...]] = detect_gpus,
 ) -> DeviceInfo:
-    ram_total, ram_available = _ram(meminfo)
-    cgroup = read_cgroup_memory(cgroup_root, proc_cgroup)
-    if cgroup and cgroup.limit_bytes is not None and cgroup.limit_bytes < ram_total:
-        limit = cgroup.limit_bytes
-        source = f"cgroup v{cgroup.version} limit"
-        in_use = cgroup.usage_bytes if cgroup.usage_bytes is not None else ram_total - ram_available
-    else:
-        limit = ram_total
-        source = "physical RAM"
-        in_use = ram_total - ram_available
+    ram_total, ram_available = ram(meminfo)
+    now = memory_now(cgroup_root=cgroup_root, proc_cgroup=proc_cgroup, meminfo=meminfo, _ram_now=(ram_total, ram_available))
+    cgroup, limit, source, in_use = now.cgroup, now.limit_bytes, now.source, now.in_use_bytes
 
     logical = os.cpu_count() or 1
-    model, flags, physical = _cpu_info(cpuinfo)
+    model, flags, physical = cpu_info(cpuinfo)
     if physical is None:
         import psutil
 

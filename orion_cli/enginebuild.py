@@ -143,9 +143,9 @@ def wheel_house(env: Mapping[str, str] | None = None) -> Path:
 
 
 def _cpu_identity() -> tuple[str, tuple[str, ...]]:
-    from .device import _cpu_info
+    from .device import cpu_info
 
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    model, flags, _ = cpu_info()
     return model, flags
 
 
@@ -350,10 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def verify(say: Callable[[str], None]) -> int:
     """Say which compiler built the installed engine and run the engine check on it (afresh)."""
     from .enginecheck import check_engine, engine_key
-    from .device import _cpu_info
+    from .device import cpu_info
 
     say(f"{PACKAGE} built by {installed_compiler() or 'an unknown compiler'}")
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    model, flags, _ = cpu_info()
     check = check_engine(engine_key(model, flags), force=True)
     say(f"engine check on {model}: {check.verdict()}")
     say("GPU offload: " + ("yes (llama_supports_gpu_offload)" if check.gpu_offload else

@@ -3,7 +3,7 @@
 On Intel Xeons with AMX inside a VM, llama.cpp's extra buffer types (weight
 repacking, the AMX path among them) kill the process with SIGSEGV at the first
 decode of a quantized model (llama.cpp issue #20824, PR #26954; ollama #17249).
-A canary child process (``python -m orion_cli.engine canary``) loads a tiny
+A canary child process (``python -m orion_cli.engine.children canary``) loads a tiny
 random-weight Q4_0 model and decodes a few tokens with the default settings; if
 it dies by a signal, a second child tries the safe settings
 (``use_extra_bufts = False``). The verdict is cached per engine build and CPU.
@@ -117,7 +117,7 @@ def _store_check(check: EngineCheck) -> None:
 
 
 def canary_command(model: Path, safe: bool) -> list[str]:
-    return [sys.executable, "-m", "orion_cli.engine", "canary", str(model), "safe" if safe else "default"]
+    return [sys.executable, "-m", "orion_cli.engine.children", "canary", str(model), "safe" if safe else "default"]
 
 
 def _run_canary(cmd: list[str]) -> tuple[bool, str | None, float | None, tuple[str, ...]]:
@@ -177,7 +177,7 @@ def check_engine(
 
 def current_check() -> EngineCheck:
     """The verdict for this machine: cached, or found now (first use with no profile)."""
-    from .device import _cpu_info
+    from .device import cpu_info
 
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    model, flags, _ = cpu_info()
     return check_engine(engine_key(model, flags))

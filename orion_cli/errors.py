@@ -81,6 +81,14 @@ class NotAGGUF(OrionError):
     exit_code = EXIT_BAD_MODEL
 
 
+class WrongModelKind(InvalidValue):
+    """An encoder asked to write text, or a text model asked for embeddings."""
+
+
+class ModelInUse(OrionError):
+    """A model that requests are using cannot be unloaded now."""
+
+
 class Interrupted(OrionError):
     """Ctrl-C during work that keeps what it had (a download resumes)."""
 
@@ -157,17 +165,16 @@ def from_os_error(exc: OSError) -> OrionError:
     return OrionError(f"{reason}{where}", hint="check the file and the disk, then run again")
 
 
-def from_sqlite_error(exc: Exception) -> OrionError:
-    """SQLite's errors for the store: a lock held by another process, a full disk, a damaged file."""
+def from_sqlite_error(exc: Exception, path=None) -> OrionError:
+    """SQLite's errors for the store at ``path`` (a ``Path``; the caller knows which store): a lock held
+    by another process, a full disk, a damaged file."""
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
         return OrionError("the store is locked by another orion process",
                           hint="wait for it to finish (or stop it), then run again; nothing was written")
     if "full" in text:
         return DoesNotFit("no space left on the device for the store", hint="free some space, then run again")
-    from .paths import existing_parent, orion_home
-
-    path = orion_home() / "embeddings.db"
+    path = path if path is not None else "(the embeddings store)"
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return OrionError(f"the embeddings store {path} is damaged ({exc})",
                           hint="move it away (orion starts a new one; 'sqlite3 FILE .recover' may save its rows), "
@@ -175,8 +182,13 @@ def from_sqlite_error(exc: Exception) -> OrionError:
     if "unable to open" in text or "readonly" in text:
         import os
 
+        from pathlib import Path
+
+        folder = Path(path).absolute()
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
         try:
-            read_only = bool(os.statvfs(existing_parent(path)).f_flag & os.ST_RDONLY)
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
         except OSError:
             read_only = False
         if read_only:

@@ -10,7 +10,6 @@ projector) into the Hugging Face cache and registers it under a short name.
 
 from __future__ import annotations
 
-import fnmatch
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Callable, Sequence
 
 from .errors import DoesNotFit, InvalidValue, NotFound
 from .estimate import EngineSettings, Estimate, estimate_memory
-from .gguf_header import GGUFHeader, merge_parts, split_part_names
+from .gguf_files import group_gguf_files, split_group
+from .gguf_header import GGUFHeader, merge_parts
 from .models import LocalModel, ModelRef, Registry
 from .offload import OffloadPlan, plan_offload
 from .quant_types import ALIASES, LEVEL_PREFERRED, LEVEL_TYPE, QUALITY, quality_rank
@@ -119,31 +119,6 @@ class FetchPlan:
         }
 
 
-def _is_projector(name: str) -> bool:
-    return "mmproj" in Path(name).name.lower()
-
-
-def split_group(name: str) -> tuple[str, ...]:
-    """All parts of a split GGUF (``x-00001-of-00003.gguf``), in the same folder; else just the name."""
-    parts = split_part_names(Path(name).name)
-    if not parts:
-        return (name,)
-    folder = str(Path(name).parent)
-    return tuple(p if folder == "." else f"{folder}/{p}" for p in parts)
-
-
-def group_gguf_files(names: list[str], pattern: str = "*.gguf") -> list[tuple[str, ...]]:
-    """GGUF files of a repo grouped as models: a split file's parts together, projectors left out."""
-    groups: list[tuple[str, ...]] = []
-    for name in sorted(names):
-        if not name.endswith(".gguf") or _is_projector(name) or not fnmatch.fnmatch(Path(name).name, pattern):
-            continue
-        group = split_group(name)
-        if name == group[0]:  # a split file is listed once, through its first part
-            groups.append(group)
-    return groups
-
-
 def normalise_quant(quant: str) -> str:
     q = quant.strip()
     if q.lower() in LEVEL_TYPE:
@@ -218,7 +193,8 @@ def plan_fetch(
     projector_header = read_header(ref.repo, projector, listing.get(projector).size) if projector else None
 
     if strategy.rpc_servers and remote is None:
-        from .rpc import parse_rpc_servers, remote_devices_now
+        from .rpc import remote_devices_now
+        from .rpc_endpoints import parse_rpc_servers
 
         remote = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
 
@@ -227,7 +203,7 @@ def plan_fetch(
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
         size = sum(listing.get(n).size or 0 for n in group)
         if remote:  # split across this machine and the RPC servers
-            from .session import rpc_settings, split_plan
+            from .placement import rpc_settings, split_plan
 
             plan = split_plan(header, n_ctx, strategy, rpc_settings(gpu_settings if gpu_budgets else settings),
                               gpu_budgets=gpu_budgets, remote=remote)
@@ -292,7 +268,7 @@ def plan_fetch(
 
 def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
     """This machine's GPU budgets, where the engine's cached verdict says it can offload."""
-    from .session import gpu_budgets_now
+    from .placement import gpu_budgets_now
 
     budgets = gpu_budgets_now(strategy)  # empty, at no cost, without a GPU in the strategy
     if not budgets:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import NotAGGUF, NotFound
+from .gguf_files import split_part_names
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -37,7 +38,6 @@ _SCALARS = {  # GGUF value type -> struct format
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
 
-SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class ByteSource(Protocol):
@@ -426,15 +426,6 @@ def merge_parts(parts: list[GGUFHeader]) -> GGUFHeader:
     sizes = [p.file_size for p in parts]
     total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
     return GGUFHeader(first.name, first.version, first.metadata, tensors, total, len(parts), first.data_offset)
-
-
-def split_part_names(filename: str) -> list[str] | None:
-    """For ``x-00001-of-00003.gguf``, the names of all three parts; None if not split."""
-    m = SPLIT_RE.match(filename)
-    if not m:
-        return None
-    count = int(m.group("count"))
-    return [f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
 def read_local_header(path: Path) -> GGUFHeader:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .errors import DoesNotFit
+from .errors import DoesNotFit, ModelInUse
 from .units import format_bytes
 
 
@@ -282,7 +282,8 @@ class ModelManager:
             if entry is None:
                 return False
             if entry.users:
-                raise RuntimeError(f"{entry.name} is in use")
+                raise ModelInUse(f"{entry.name} is in use",
+                                 hint="it is unloaded once its requests finish (keep-alive), or try again")
             self._unload(entry, "unloaded", "on request")
             return True
 

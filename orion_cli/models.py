@@ -239,7 +239,7 @@ def remove_model(name: str, registry: Registry | None = None) -> tuple[LocalMode
             for f in [p for p in folder.rglob("*") if p.is_symlink() or p.is_file()]:
                 freed += hub.delete_cached(model.repo, str(f.relative_to(folder)))
         else:
-            from .fetch import split_group
+            from .gguf_files import split_group
 
             for part in split_group(model.filename or Path(model.path).name):
                 freed += hub.delete_cached(model.repo, part)

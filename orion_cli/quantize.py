@@ -1,6 +1,6 @@
 """Quantize a GGUF to any type llama.cpp makes without an importance matrix.
 
-The quantizer runs in a child process (``python -m orion_cli.engine quantize``):
+The quantizer runs in a child process (``python -m orion_cli.engine.children quantize``):
 llama.cpp's logs stay out of the terminal, Ctrl-C stops it at once, and a
 crash cannot take orion down. The output is written under a temporary name and
 renamed only once its header says the type that was asked for: no half file
@@ -101,15 +101,18 @@ def quantize(
                          f"at {dst.parent}", hint="free some space or write elsewhere with -o")
     if requant and on_requantize:
         on_requantize(header.file_type)  # every check passed: it really happens
-    from ._proc import die_with_parent, remove_stale_partials
+    from ._debug import debug_enabled
+    from ._proc import ErrorChannel, die_with_parent, remove_stale_partials
 
     remove_stale_partials(dst.parent, dst.name)  # what a killed run left behind
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    debug = os.environ.get("ORION_DEBUG") == "1"
+    debug = debug_enabled()
     start = time.perf_counter()
+    channel = ErrorChannel()
     proc = subprocess.Popen(quantize_command(src, tmp, type_name, threads, allow_requantize),
                             stdout=None if debug else subprocess.DEVNULL, stderr=None if debug else subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=die_with_parent)
+                            text=True, start_new_session=True, preexec_fn=die_with_parent, **channel.popen_kwargs())
+    channel.started()
     try:
         while True:
             try:
@@ -126,8 +129,12 @@ def quantize(
                                  hint="free some space or write elsewhere with -o; nothing was kept")
             if proc.returncode < 0:
                 raise child_failure(proc.returncode, f"quantizing {src.name} to {type_name}")
-            raise NotAGGUF(f"llama.cpp could not quantize {src.name} to {type_name}: {last or 'no reason given'}",
-                           hint="run with --debug to see llama.cpp's log")
+            reported = channel.error()  # the child's own error, its class kept
+            if reported is None:
+                raise child_failure(proc.returncode, f"quantizing {src.name} to {type_name}", last)
+            if last and isinstance(reported, NotAGGUF):
+                reported.message += f": {last}"
+            raise reported
         got = read_local_header(tmp).file_type
         if got != type_name:
             raise NotAGGUF(f"llama.cpp wrote {got}, not {type_name}", hint="this model's tensors may not allow it")
@@ -140,6 +147,7 @@ def quantize(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        channel.close()
         tmp.unlink(missing_ok=True)
     return QuantizeResult(src, dst, type_name, header.file_size or src.stat().st_size, dst.stat().st_size,
                           time.perf_counter() - start, requant)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from .errors import NetworkError, OrionError
-from .units import format_bytes, parse_size
+from .rpc_endpoints import DEFAULT_PORT, RpcServer, RpcServerFailed  # noqa: F401 (the CLI's names)
+from .units import format_bytes
 
-DEFAULT_PORT = 50052
 # The protocol orion speaks to probe a server, and the one llama.cpp 0.3.36's RPC backend speaks
 # (ggml-rpc.h: RPC_PROTO_MAJOR_VERSION; a test fails loudly when the engine's changes).
 RPC_PROTO_MAJOR = 7
@@ -35,62 +35,6 @@ PROBE_TIMEOUT_S = 5.0
 
 class RpcError(NetworkError):
     """An RPC server cannot be reached, or does not answer as one."""
-
-
-@dataclass(frozen=True)
-class RpcServer:
-    """One ``host:port[=SIZE]`` of ``--rpc``."""
-
-    host: str
-    port: int
-    budget_bytes: int | None = None  # =SIZE: what orion may put there (else from its free memory)
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def __str__(self) -> str:
-        return self.endpoint + (f"={format_bytes(self.budget_bytes)}" if self.budget_bytes is not None else "")
-
-
-def parse_rpc_servers(value: str | Iterable[str] | None) -> tuple[RpcServer, ...]:
-    """``host:port[=SIZE],…`` (or a list of those) as servers; ValueError saying what is expected."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    servers: list[RpcServer] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
-        text = item.strip()
-        if not text:
-            raise ValueError("host:port[=SIZE] entries, comma-separated, none empty")
-        address, eq, size = text.partition("=")
-        host, colon, port_text = address.strip().rpartition(":")
-        host = host.strip().strip("[]")
-        if not colon or not host or not port_text.strip().isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"host:port[=SIZE] entries (127.0.0.1:50052,box:50052=6GB); {text!r} has no valid "
-                             f"host and port")
-        budget = None
-        if eq:
-            try:
-                budget = parse_size(size.strip())
-            except OrionError:
-                raise ValueError(f"host:port=SIZE with a size like 6GB; {text!r} has {size.strip()!r}") from None
-        server = RpcServer(host, int(port_text), budget)
-        if any(s.endpoint == server.endpoint for s in servers):
-            raise ValueError(f"each server once; {server.endpoint} is given twice")
-        servers.append(server)
-    return tuple(servers)
-
-
-def format_rpc_servers(servers: Sequence[RpcServer]) -> list[str]:
-    """The strategy's form of a server list (``host:port`` or ``host:port=BYTES``), parsed back alike."""
-    return [s.endpoint + (f"={s.budget_bytes}" if s.budget_bytes is not None else "") for s in servers]
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 # ---------------------------------------------------------------- the probe
@@ -187,7 +131,7 @@ def remote_devices(servers: Sequence[RpcServer], pressure_high: float,
     in the order given; their devices in the servers' order). ``=SIZE`` is shared evenly between a
     server's devices; without it, a device's budget is its total × the high-pressure line minus
     what is in use there now, like this machine's."""
-    from .strategy import Budget
+    from .budget import Budget
 
     out = []
     for server in servers:
@@ -220,17 +164,6 @@ def remote_devices_now(servers: Sequence[RpcServer], pressure_high: float) -> tu
     return _MEASURED[key]
 
 
-class RpcUnsupported(OrionError):
-    """This llama.cpp was built without the RPC backend."""
-
-
-def rpc_unsupported() -> RpcUnsupported:
-    from .enginebuild import rebuild_command
-
-    return RpcUnsupported("this llama.cpp was built without its RPC backend (-DGGML_RPC=ON)",
-                          hint=f"'{rebuild_command()}' (or 'make engine') rebuilds it with RPC")
-
-
 # ---------------------------------------------------------------- orion rpc-server
 
 # What llama.cpp's RPC server prints (ggml-rpc.cpp, ggml_backend_rpc_start_server) that orion reports.
@@ -243,20 +176,20 @@ def start_server(host: str, port: int, threads: int, *, debug: bool = False):
     import subprocess
 
     from ._proc import die_with_parent
-    from .engine import rpc_server_command
+    from .engine.children import rpc_server_command
 
-    env = None
-    if debug:
-        import os
+    import os
 
-        env = dict(os.environ, ORION_DEBUG="1")
-    return subprocess.Popen(rpc_server_command(host, port, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    from ._proc import ErrorChannel
+
+    env = dict(os.environ, ORION_DEBUG="1") if debug else None
+    channel = ErrorChannel()
+    proc = subprocess.Popen(rpc_server_command(host, port, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-                            preexec_fn=die_with_parent, env=env)
-
-
-class RpcServerFailed(OrionError):
-    """``orion rpc-server`` could not start or stopped on its own."""
+                            preexec_fn=die_with_parent, **channel.popen_kwargs(env))
+    channel.started()
+    proc.orion_errors = channel  # what the child reports when it fails (wait_ready, the CLI)
+    return proc
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -283,9 +216,12 @@ def wait_ready(server: RpcServer, proc, timeout: float = 60.0, clock: Callable[[
         if proc.poll() is not None:
             said = (proc.stdout.read() or "").strip().splitlines() if proc.stdout else []
             last = next((line for line in reversed(said) if line.strip()), "")
-            why = {4: "this llama.cpp was built without its RPC backend"}.get(proc.returncode, last or
-                                                                          f"exit status {proc.returncode}")
-            raise RpcServerFailed(f"llama.cpp's RPC server did not start on {server.endpoint}: {why}",
+            channel = getattr(proc, "orion_errors", None)
+            reported = channel.error() if channel is not None else None
+            if reported is not None:  # the child's own error (RpcUnsupported, ...), its class kept
+                raise reported
+            raise RpcServerFailed(f"llama.cpp's RPC server did not start on {server.endpoint}: "
+                                  f"{last or f'exit status {proc.returncode}'}",
                                   hint="run with --debug for llama.cpp's log")
         try:
             return probe(server, timeout=2.0)

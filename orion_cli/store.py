@@ -112,7 +112,7 @@ class EmbeddingStore:
         except sqlite3.OperationalError as exc:
             from .errors import from_sqlite_error
 
-            raise from_sqlite_error(exc) from exc
+            raise from_sqlite_error(exc, self.path) from exc
         try:
             yield
         except BaseException:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import __version__
 from ._fs import now_iso
-from .device import DeviceInfo, GPUInfo
+from .budget import Budget, gpu_budgets
+from .device import DeviceInfo
 from .errors import ConfigError, InvalidValue
 from .paths import strategy_path
 from .quant_types import LEVELS as QUANT_LEVELS
@@ -51,30 +52,6 @@ FLAG_NAMES = {"n_ctx": "--ctx", "n_gpu_layers": "--gpu-layers", "keep_alive_s": 
               "rpc_servers": "--rpc"}
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
                    "engine", "bench")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much memory loaded models may take, and the arithmetic behind it.
-
-    Models may fill memory up to the high-pressure line: the budget is the
-    limit times the high-pressure fraction, minus what is in use now.
-    """
-
-    limit_bytes: int
-    in_use_bytes: int
-    fraction: float
-    budget_bytes: int
-
-    @classmethod
-    def compute(cls, limit_bytes: int, in_use_bytes: int, fraction: float) -> "Budget":
-        return cls(limit_bytes, in_use_bytes, fraction, max(0, int(limit_bytes * fraction) - in_use_bytes))
-
-    def arithmetic(self) -> str:
-        return (
-            f"{format_bytes(self.limit_bytes)} limit × {self.fraction:g} (high-pressure line)"
-            f" − {format_bytes(self.in_use_bytes)} in use now = {format_bytes(self.budget_bytes)}"
-        )
 
 
 @dataclass(frozen=True)
@@ -127,16 +104,6 @@ class Strategy:
         }
 
 
-def pressure_level(used_bytes: int, limit_bytes: int, high: float, critical: float) -> str:
-    """``normal``, ``high`` (used/limit > high) or ``critical`` (> critical)."""
-    ratio = used_bytes / limit_bytes if limit_bytes else 1.0
-    if ratio > critical:
-        return "critical"
-    if ratio > high:
-        return "high"
-    return "normal"
-
-
 def _default_threads(device: DeviceInfo) -> int:
     # llama.cpp generates fastest with one thread per physical core it may use.
     return max(1, min(device.physical_cores, device.usable_cores))
@@ -183,16 +150,6 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         sources={k: ("tier" if k in TIER_KEYS else "device") for k in SETTING_KEYS}
         | {"tier": "flag" if tier_name else "device"},
     )
-
-
-def gpu_budgets(gpus: Sequence[GPUInfo], fraction: float, total_cap: int | None = None) -> list[int]:
-    """Each GPU's budget, like the RAM budget: its VRAM × the high-pressure line, minus what
-    other processes hold there now; scaled down together to ``total_cap`` (the strategy's
-    gpu_budget_bytes) where that is lower."""
-    budgets = [Budget.compute(g.total_bytes, g.used_bytes, fraction).budget_bytes for g in gpus]
-    if total_cap is not None and sum(budgets) > total_cap:
-        budgets = [int(b * total_cap / sum(budgets)) for b in budgets]
-    return budgets
 
 
 def _device_record(device: DeviceInfo) -> dict:
@@ -266,7 +223,7 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
     if key == "rpc_servers":
         if value is None or value == [] or value == "":  # the usual case: no import (start-up time)
             return ()
-        from .rpc import format_rpc_servers, parse_rpc_servers
+        from .rpc_endpoints import format_rpc_servers, parse_rpc_servers
 
         if not isinstance(value, (str, list, tuple)):
             raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")

@@ -12,6 +12,7 @@ import pytest
 from conftest import assert_clean_error
 
 from orion_cli.convert import convert_bert
+from orion_cli.embeddings import Encoder
 from orion_cli.engine import LoadSpec, load
 from orion_cli.gguf_header import read_local_header
 
@@ -35,7 +36,7 @@ def cosines(path: Path) -> list[float]:
     rows = [r for r in REFERENCE["sentences"] if len(r["token_ids"]) < REFERENCE["max_seq_length"]]
     model = load(LoadSpec(path, 512, 2, embedding=True))
     try:
-        ours = np.array(model.embed([r["text"] for r in rows]))
+        ours = Encoder(model, model_id="minilm", max_tokens=512).encode([r["text"] for r in rows])
     finally:
         model.close()
     ref = np.array([r["embedding"] for r in rows])

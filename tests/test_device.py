@@ -160,7 +160,7 @@ def test_simulate_replaces_memory_and_gpu():
 def test_ram_falls_back_to_psutil_without_proc_meminfo(tmp_path):
     import psutil
 
-    from orion_cli.device import _ram
+    from orion_cli.device import ram as _ram
 
     total, available = _ram(tmp_path / "no-meminfo")
     assert total == psutil.virtual_memory().total and 0 < available <= total

@@ -423,7 +423,7 @@ def test_pooled_and_packed_encoders_give_the_same_vectors(minilm, corpus, engine
 
     from orion_cli import engine
     from orion_cli.embeddings import Encoder
-    from orion_cli.session import encoder_model
+    from orion_cli.loading import encoder_model
     from orion_cli.strategy import load_strategy
 
     local, _, window = encoder_model("minilm@f16", load_strategy())

@@ -39,7 +39,7 @@ def _wait_for(condition, timeout: float = 60.0) -> bool:
 
 def test_kill_9_during_quantize(gemma_ladder, tmp_path, orion_home):
     src, out = gemma_ladder["F16"], tmp_path / "out-Q8_0.gguf"
-    marker = f"orion_cli.engine quantize {src}"
+    marker = f"orion_cli.engine.children quantize {src}"
     assert not _children_running(marker)
     # --debug: the child writes llama.cpp's log to orion's own stderr, not a pipe that would break when
     # orion dies, so only the kernel's parent-death signal stops it
@@ -112,7 +112,7 @@ def test_kill_9_during_eval_ladder(gemma_ladder, tmp_path, orion_home):
     src = gemma_ladder["F16"]
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"word{i}" for i in range(3000)))
-    marker = f"orion_cli.engine quantize {src}"
+    marker = f"orion_cli.engine.children quantize {src}"
     cache = orion_home / "cache" / "quant"
     args = [sys.executable, "-m", "orion_cli", "eval", str(src), "--text", str(text), "--ctx", "256", "--ladder",
             "Q8_0", "--json"]

@@ -7,8 +7,9 @@ import pytest
 from conftest import LADDER_REPO
 
 from orion_cli.errors import NotAGGUF, NotFound
-from orion_cli.fetch import group_gguf_files
-from orion_cli.gguf_header import read_local_header, split_part_names
+from orion_cli.gguf_files import group_gguf_files
+from orion_cli.gguf_files import split_part_names
+from orion_cli.gguf_header import read_local_header
 
 
 def test_real_header(gemma_q4):

@@ -119,7 +119,8 @@ def test_tier_rule_counts_vram_when_the_build_can_offload():
 
 
 def test_two_recorded_gpus_budgets():
-    from orion_cli.strategy import build_strategy, gpu_budgets
+    from orion_cli.budget import gpu_budgets
+    from orion_cli.strategy import build_strategy
 
     gpus = parse_nvidia_smi((FIXTURES / "nvidia-smi-2xA100.csv").read_text())
     s = build_strategy(_device(64 * GiB, gpus))
@@ -231,7 +232,7 @@ def test_an_encoders_pool_on_a_gpu_counts_each_context():
     import json
 
     from orion_cli.gguf_header import _header_from_json
-    from orion_cli.session import ENCODER_GPU_CONTEXTS, encoder_contexts, pool_extra_bytes
+    from orion_cli.placement import ENCODER_GPU_CONTEXTS, encoder_contexts, pool_extra_bytes
 
     h = _header_from_json(json.loads((FIXTURES / "minilm-f16-header.json").read_text()))
     settings = EngineSettings(repack=False, flash_attn=False, embed_pack=2)

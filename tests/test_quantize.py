@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_error
 
+from orion_cli.embeddings import Encoder
 from orion_cli.engine import LoadSpec, load
 from orion_cli.gguf_header import read_local_header
 
@@ -57,7 +58,7 @@ def test_minilm_f16_to_q8_0_still_embeds(orion, tmp_path):
     for path in (f16, q8):
         model = load(LoadSpec(path, 256, 2, embedding=True))
         try:
-            vecs.append(np.array(model.embed(["A cat sits on the mat."]))[0])
+            vecs.append(Encoder(model, model_id="minilm", max_tokens=256).encode(["A cat sits on the mat."])[0])
         finally:
             model.close()
     assert float(vecs[0] @ vecs[1]) > 0.99

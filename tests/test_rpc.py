@@ -22,7 +22,8 @@ from conftest import assert_clean_error
 from orion_cli.estimate import EngineSettings, estimate_memory
 from orion_cli.gguf_header import read_local_header
 from orion_cli.offload import layers_per_gpu, plan_split
-from orion_cli.rpc import RpcServer, format_rpc_servers, is_loopback, parse_rpc_servers
+from orion_cli._net import is_loopback
+from orion_cli.rpc_endpoints import RpcServer, format_rpc_servers, parse_rpc_servers
 
 MiB = 1024**2
 PROMPT = "The capital of France is"
@@ -192,7 +193,7 @@ def test_the_engine_is_built_with_rpc_and_speaks_the_protocol_orion_probes(serve
 
 def test_split_over_two_servers_answers_like_the_local_run(orion, gemma_q4, servers, engine_verdict):
     from orion_cli import engine
-    from orion_cli.session import rpc_settings
+    from orion_cli.placement import rpc_settings
 
     spec = engine.LoadSpec(gemma_q4, 512, 2, settings=rpc_settings(engine.settings_for(engine_verdict)))
     model = engine.load(spec, check=engine_verdict)
@@ -232,7 +233,7 @@ def test_a_split_that_does_not_fit_is_refused_before_any_load(orion, gemma_q4, s
     done = orion("run", str(gemma_q4), PROMPT, "--ctx", "512", "--rpc", rpc, env={"ORION_MEMORY_BUDGET": "200MB"})
     assert_clean_error(done, "does not fit these machines together", f"RPC {a.endpoint}", "budget", code=5)
 
-    from orion_cli import engine, session
+    from orion_cli import engine, loading
     from orion_cli.errors import DoesNotFit
     from orion_cli.models import LocalModel
     from orion_cli.strategy import load_strategy
@@ -243,7 +244,7 @@ def test_a_split_that_does_not_fit_is_refused_before_any_load(orion, gemma_q4, s
     model = LocalModel(name="gemma", kind="llm", path=str(gemma_q4), source="path", file_type="Q4_K_M",
                        size_bytes=gemma_q4.stat().st_size)
     with pytest.raises(DoesNotFit, match="this machine .* RPC"):
-        session.model_request(model, strategy)
+        loading.model_request(model, strategy)
 
 
 def test_a_server_killed_mid_run_ends_the_run_cleanly(gemma_q4, servers):

@@ -112,7 +112,7 @@ def test_truncated_model(orion, gemma_q4, tmp_path):
 def test_second_request_pays_no_load_time(gemma_q4):
     from orion_cli.manager import ModelManager
     from orion_cli.models import LocalModel
-    from orion_cli.session import model_request
+    from orion_cli.loading import model_request
     from orion_cli.strategy import load_strategy
 
     strategy = load_strategy({"n_ctx": 1024})

@@ -450,7 +450,7 @@ def test_keep_alive_lru_and_pin_through_the_api(tmp_path_factory, gemma_q4, engi
 
 
 def test_api_key_and_loopback(tmp_path, gemma_q4):
-    from orion_cli.server import is_loopback
+    from orion_cli._net import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")

@@ -6,14 +6,8 @@ import yaml
 from orion_cli._fs import write_text_atomic
 from orion_cli.device import DeviceInfo
 from orion_cli.errors import ConfigError, InvalidValue
-from orion_cli.strategy import (
-    Budget,
-    build_strategy,
-    load_strategy,
-    pressure_level,
-    read_strategy_file,
-    render_strategy_yaml,
-)
+from orion_cli.budget import Budget, pressure_level
+from orion_cli.strategy import build_strategy, load_strategy, read_strategy_file, render_strategy_yaml
 
 GiB = 1024**3
 

@@ -124,7 +124,9 @@ def _environment_error(exc: BaseException) -> OrionError | None:
     if isinstance(exc, OSError):
         return from_os_error(exc)
     if type(exc).__module__ == "sqlite3" and type(exc).__name__ in ("OperationalError", "DatabaseError"):
-        return from_sqlite_error(exc)
+        from ..paths import orion_home
+
+        return from_sqlite_error(exc, orion_home() / "embeddings.db")
     return None
 
 

@@ -92,7 +92,7 @@ class _EncoderSource:
 
     def _setup_local(self, prefer_id: str | None) -> None:
         from ..gguf_header import read_local_header
-        from ..session import encoder_model, manager_for, model_request
+        from ..loading import encoder_model, manager_for, model_request
         from ..strategy import load_strategy
 
         strategy = load_strategy()

@@ -222,7 +222,7 @@ def inspect(
         where = str(ref.path)
     elif ref.filename:
         from .. import hub
-        from ..fetch import split_group
+        from ..gguf_files import split_group
         from ..gguf_header import merge_parts
 
         listing = hub.list_files(ref.repo)
@@ -261,8 +261,9 @@ def inspect(
 def _inspect_split(header, where: str, strategy, json_output: bool) -> None:
     """inspect --rpc: the split across this machine and the RPC servers, each part's arithmetic."""
     from ..engine import machine_settings
-    from ..rpc import parse_rpc_servers, remote_devices_now
-    from ..session import rpc_settings, split_plan
+    from ..rpc import remote_devices_now
+    from ..rpc_endpoints import parse_rpc_servers
+    from ..placement import rpc_settings, split_plan
     from ..units import format_bytes
 
     servers = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)

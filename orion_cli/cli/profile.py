@@ -77,12 +77,12 @@ def _previous_bench(output: str | None) -> dict:
 
 def _engine_check(force: bool) -> dict:
     """The engine canary's verdict for this llama.cpp build and CPU (cached after the first run)."""
-    from ..device import _cpu_info
+    from ..device import cpu_info
     from ..enginecheck import check_engine, engine_key
 
     from ..enginebuild import crash_advice, installed_compiler
 
-    model, flags, _ = _cpu_info(Path("/proc/cpuinfo"))
+    model, flags, _ = cpu_info()
     check = check_engine(engine_key(model, flags), force=force)
     compiler = installed_compiler()
     out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler,
@@ -163,7 +163,7 @@ def profile(
             hint="choose another place with --output, or set ORION_HOME",
         ) from exc
 
-    from ..strategy import pressure_level
+    from ..budget import pressure_level
 
     level = pressure_level(device.memory_in_use_bytes, device.memory_limit_bytes, strategy.pressure_high, strategy.pressure_critical)
     if json_output:
@@ -228,7 +228,7 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
         if e.get("fix"):
             rows.append(("Fix", f"[yellow]{escape(e['fix'])}[/]"))
         if e.get("rpc") is False:
-            from ..rpc import rpc_unsupported
+            from ..rpc_endpoints import rpc_unsupported
 
             rows.append(("RPC fix", f"[yellow]{escape(rpc_unsupported().one_line())} (for rpc-server and --rpc)[/]"))
     if strategy.gpu_budget_bytes is not None:

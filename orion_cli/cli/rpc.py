@@ -34,10 +34,12 @@ def rpc_server(
     import sys
     import time
 
-    from ..engine import debug_enabled, rpc_supported
+    from .._debug import debug_enabled
+    from .._net import is_loopback
+    from ..engine import rpc_supported
     from ..errors import InvalidValue
-    from ..rpc import (RpcServer, RpcServerFailed, check_port_free, is_loopback, rpc_unsupported, server_events,
-                       start_server, wait_ready)
+    from ..rpc import RpcServerFailed, check_port_free, server_events, start_server, wait_ready
+    from ..rpc_endpoints import RpcServer, rpc_unsupported
     from ..strategy import load_strategy
     from ..units import format_bytes
     from ._output import console, err_console
@@ -74,6 +76,9 @@ def rpc_server(
                 else:
                     console().print(f"[dim]{stamp}[/] {event}", highlight=False)
         code = proc.wait()
+        reported = proc.orion_errors.error()
+        if reported is not None:
+            raise reported
         raise RpcServerFailed(f"llama.cpp's RPC server stopped on its own (exit status {code})",
                               hint="run with --debug for llama.cpp's log")
     except KeyboardInterrupt:

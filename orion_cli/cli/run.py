@@ -57,7 +57,7 @@ def run(
     together cannot hold it.
     """
     from ..errors import InvalidValue
-    from ..session import check_image, local_model, manager_for
+    from ..loading import check_image, local_model, manager_for
     from ..strategy import load_strategy
     from ._output import err_console
 
@@ -214,7 +214,7 @@ def _repl_remote(info, model: str, strategy, sampling: dict, system: str | None)
                 conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
             except ServerGone as exc:
                 _notice(f"{exc.message}; the conversation goes on in this process")
-                from ..session import local_model, manager_for
+                from ..loading import local_model, manager_for
 
                 manager = manager_for(strategy, timer=True)
                 try:
@@ -293,7 +293,7 @@ def _fetch_progress():
 
 def _once(manager, local, strategy, prompt, *, system, images, json_output, verbose, debug, **sampling) -> None:
     from ..engine import Timings
-    from ..session import model_request
+    from ..loading import model_request
     from ._output import err_console
 
     request = model_request(local, strategy, progress=_load_progress(local.name))
@@ -415,7 +415,7 @@ def _repl(manager, local, strategy, sampling: dict, system: str | None,
           conversation: list[dict] | None = None, pending: str | None = None) -> None:
     from ..engine import Timings
     from ..errors import OrionError
-    from ..session import local_model, model_request
+    from ..loading import local_model, model_request
     from ..units import format_bytes
     from ._output import console, err_console
 

@@ -11,26 +11,17 @@ accepting, finishes in-flight requests within ``grace_s``, unloads, removes the 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import sys
 from typing import Callable
 
+from .._net import is_loopback
 from ..errors import OrionError
 
 
 class ServerAlreadyRunning(OrionError):
     exit_code = 1
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:

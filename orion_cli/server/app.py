@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import DoesNotFit, InvalidValue, NotAGGUF, NotFound, OrionError
+from ..errors import DoesNotFit, InvalidValue, ModelInUse, NotAGGUF, NotFound, OrionError, WrongModelKind
 from .state import QueueFull, ServerState
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -533,7 +533,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
                            hint="'orion ps' lists the loaded models")
         try:
             await in_thread(state.manager.unload, key)
-        except RuntimeError as exc:
+        except ModelInUse as exc:
             raise APIError(409, f"{name} is in use", code="model_in_use",
                            hint="it is unloaded once its requests finish (keep-alive), or try again") from exc
         return JSONResponse({"model": name, "unloaded": True})
@@ -665,10 +665,8 @@ def resolve_any(state: ServerState, name: str, embedding: bool):
         return state.encoder(name)
     try:
         return state.llm(name)
-    except InvalidValue as exc:
-        if "is an encoder" in exc.message:
-            return state.encoder(name)
-        raise
+    except WrongModelKind:
+        return state.encoder(name)
 
 
 def _loaded_key(state: ServerState, name: str) -> str | None:
@@ -685,7 +683,8 @@ def ps_document(state: ServerState) -> dict:
     """What ``GET /api/ps`` answers: each loaded model, memory against the budget, pressure, events."""
     from pathlib import Path
 
-    from ..device import _ram
+    from ..budget import pressure_of
+    from ..device import memory_now
 
     depths = state.queue_depths()
     models, used = [], 0
@@ -704,12 +703,10 @@ def ps_document(state: ServerState) -> dict:
             "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
             "pinned": s.pinned, "in_use": s.in_use, "users": s.users, "queue_depth": depths.get(s.key, 0),
         })
-    total, available = _ram(Path("/proc/meminfo"))
-    ratio = (total - available) / total if total else 0.0
     strategy = state.strategy
-    level = "critical" if ratio > strategy.pressure_critical else "high" if ratio > strategy.pressure_high else "normal"
+    pressure = pressure_of(memory_now(), strategy.pressure_high, strategy.pressure_critical)
     return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": used,
             "gpu_budget_bytes": state.manager.gpu_budget_bytes,
             "gpu_used_bytes": sum(s.gpu_bytes for s in state.manager.status()),
-            "max_models": strategy.max_models, "pressure": {"level": level, "ratio": round(ratio, 3)},
+            "max_models": strategy.max_models, "pressure": pressure,
             "events": list(state.events.latest)[-10:]}

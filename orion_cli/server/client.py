@@ -31,17 +31,6 @@ class ServerError(OrionError):
 _BY_STATUS = {400: InvalidValue, 404: NotFound, 413: InvalidValue, 422: InvalidValue, 503: ServerBusy, 507: DoesNotFit}
 
 
-def healthy(info: ServerInfo, timeout: float = 2.0) -> bool:
-    try:
-        conn = http.client.HTTPConnection(info.host, info.port, timeout=timeout)
-        conn.request("GET", "/health")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
 class ServerClient:
     def __init__(self, info: ServerInfo, api_key: str | None = None, timeout: float = 600.0) -> None:
         self.info = info

@@ -6,12 +6,14 @@ whether to work in-process, so it must cost nothing at start-up.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .._proc import alive
 from ..paths import orion_home
 
 SERVER_FILE = "server.json"
@@ -64,16 +66,15 @@ def read_server_file() -> ServerInfo | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def healthy(info: ServerInfo, timeout: float = 2.0) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        conn = http.client.HTTPConnection(info.host, info.port, timeout=timeout)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
         return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def parse_host(text: str) -> ServerInfo:
@@ -97,14 +98,14 @@ def live_server(env: Mapping[str, str] | None = None, *, health=None) -> ServerI
     """
     env = os.environ if env is None else env
     if health is None:
-        from .client import healthy as health
+        health = healthy
     if env.get("ORION_HOST"):
         info = parse_host(env["ORION_HOST"])
         return info if health(info) else None
     info = read_server_file()
     if info is None:
         return None
-    if not pid_alive(info.pid):
+    if info.pid <= 0 or not alive(info.pid):
         server_file(env).unlink(missing_ok=True)
         return None
     return info if health(info) else None

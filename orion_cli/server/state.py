@@ -284,7 +284,7 @@ class ServerState:
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4,
                  on_line: Callable[[str], None] | None = None) -> None:
-        from ..session import manager_for
+        from ..loading import manager_for
 
         self.strategy = strategy
         self.max_queue = max_queue
@@ -313,13 +313,13 @@ class ServerState:
             return self._names.get(f"llm:{name}") or self._resolve_llm(name)
 
     def _resolve_llm(self, name: str) -> Served:
-        from ..session import local_model, model_request
+        from ..loading import local_model, model_request
 
         local = local_model(name, self.strategy)
         if local.kind == "encoder":
-            from ..errors import InvalidValue
+            from ..errors import WrongModelKind
 
-            raise InvalidValue(f"{name} is an encoder", hint="use it with /v1/embeddings")
+            raise WrongModelKind(f"{name} is an encoder", hint="use it with /v1/embeddings")
         request = self._measured(model_request(local, self.strategy, parallel=self.parallel))
         return self._remember(f"llm:{name}", Served(name, request, Path(local.path), local.file_type, "llm",
                                                      self.strategy.n_ctx))
@@ -334,7 +334,7 @@ class ServerState:
             return self._names.get(cache_key) or self._resolve_encoder(name, prefer_id, cache_key)
 
     def _resolve_encoder(self, name: str | None, prefer_id: str | None, cache_key: str) -> Served:
-        from ..session import encoder_model, model_request
+        from ..loading import encoder_model, model_request
 
         local, model_id, max_tokens = encoder_model(name, self.strategy, prefer_id=prefer_id)
         request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True))

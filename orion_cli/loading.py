@@ -1,6 +1,8 @@
-"""From a MODEL argument to a model in the manager: resolve, fetch if absent, estimate, load.
+"""From a MODEL argument to a model in the manager: resolve, fetch if absent, estimate, build the load.
 
-Shared by ``orion run`` (and later ``embed`` and ``serve``).
+Shared by ``orion run``, ``embed``, ``eval`` and ``serve``: :func:`local_model` (a name, repo or path
+to a file here), :func:`model_request` (its estimate and load, for the manager), :func:`encoder_model`
+(an encoder's GGUF, converted on first use) and :func:`manager_for` (the manager a strategy sizes).
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import DoesNotFit, InvalidValue, NotFound
-from .estimate import CUDA_CONTEXT_EXTRA_BYTES, ENCODER_ARCHITECTURES, estimate_memory
+from .errors import DoesNotFit, InvalidValue, NotFound, WrongModelKind
+from .estimate import ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
+from .placement import encoder_contexts, gpu_budgets_now, offload_plan, pool_extra_bytes
 from .models import LocalModel, Registry, resolve
 from .strategy import Strategy
 from .units import format_bytes
@@ -44,7 +47,7 @@ def local_model(text: str, strategy: Strategy, *, fetch_progress: Callable | Non
         return LocalModel(name=ref.path.stem, kind=kind, path=str(ref.path.absolute()), source="path",
                           file_type=header.file_type, size_bytes=ref.path.stat().st_size)
     if ref.format != "gguf":
-        raise InvalidValue(f"{text} is an encoder published as safetensors", hint="orion run needs a GGUF LLM")
+        raise WrongModelKind(f"{text} is an encoder published as safetensors", hint="orion run needs a GGUF LLM")
     from .fetch import fetch, plan_fetch
 
     plan = plan_fetch(ref, strategy)
@@ -63,107 +66,13 @@ def check_image(path: Path) -> Path:
     return path
 
 
-_GPU_BUDGETS: dict[int | None, list[int]] = {}
-
-
-def gpu_budgets_now(strategy: Strategy) -> list[int]:
-    """Each GPU's budget for this process's loads: measured once (before it loads anything, so
-    that only other processes' VRAM is taken off), capped by the strategy's gpu_budget_bytes.
-    Empty when the strategy has no GPU or keeps models on the CPU."""
-    if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
-        return []
-    if strategy.gpu_budget_bytes not in _GPU_BUDGETS:
-        from .device import detect_gpus
-        from .strategy import gpu_budgets
-
-        _GPU_BUDGETS[strategy.gpu_budget_bytes] = gpu_budgets(detect_gpus(), strategy.pressure_high,
-                                                              strategy.gpu_budget_bytes)
-    return _GPU_BUDGETS[strategy.gpu_budget_bytes]
-
-
-def rpc_requested(strategy: Strategy, gpu_layers=None):
-    """The layers to send away: --gpu-layers as given; else auto, unless the strategy names a count
-    (its 0, written for a machine without a GPU, means no GPU, not 'nothing to the servers')."""
-    from .offload import AUTO
-
-    if gpu_layers is not None:
-        return gpu_layers
-    if strategy.sources.get("n_gpu_layers") == "flag" or strategy.n_gpu_layers not in (0, AUTO):
-        return strategy.n_gpu_layers
-    return AUTO
-
-
-def split_plan(header, n_ctx: int, strategy: Strategy, settings, *, gpu_budgets: Sequence[int] = (),
-               remote=None, gpu_layers=None):
-    """Where a model's layers go across this machine (RAM, then its GPUs) and the strategy's RPC
-    servers (``remote``: their devices; default: asked now, once a process)."""
-    from .estimate import CUDA_CONTEXT_BYTES
-    from .offload import plan_split
-    from .rpc import parse_rpc_servers, remote_devices_now
-
-    if remote is None:
-        remote = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
-    budgets = [d.budget_bytes for d in remote] + list(gpu_budgets)
-    names = [d.name for d in remote] + [f"GPU {i}" for i in range(len(gpu_budgets))]
-    runtimes = [0] * len(remote) + [CUDA_CONTEXT_BYTES] * len(gpu_budgets)
-    endpoints = [d.server.endpoint for d in remote] + [""] * len(gpu_budgets)
-    return plan_split(header, n_ctx, settings, strategy.memory_budget_bytes, budgets, names, runtimes,
-                      rpc_requested(strategy, gpu_layers), endpoints)
-
-
-def rpc_settings(settings):
-    """The settings of a model split over RPC: no repacked weights here either, since an RPC server's
-    layers run ggml's plain kernels. Every layer then computes the same wherever it lives, and the
-    answer does not depend on the split."""
-    return replace(settings, repack=False, amx=False)
-
-
-def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bool = False,
-                 projector=None, gpu_budgets: list[int] | None = None, gpu_layers=None):
-    """Where a model's layers go on this machine (and the strategy's RPC servers, for an LLM), and
-    the settings it loads with."""
-    from . import engine
-    from .offload import plan_offload
-
-    if strategy.rpc_servers and not embedding:
-        if not engine.rpc_supported():
-            from .rpc import rpc_unsupported
-
-            raise rpc_unsupported()
-        if projector is not None:
-            raise InvalidValue("orion does not split a vision model over RPC servers yet",
-                               hint="run it on this machine (without --rpc / ORION_RPC)")
-        gpus = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
-        gpus = gpus if check.gpu_offload else []
-        settings = rpc_settings(engine.settings_for(check, offload=bool(gpus)))
-        plan = split_plan(header, n_ctx, strategy, settings, gpu_budgets=gpus, gpu_layers=gpu_layers)
-        if plan.n_gpu_layers or not plan.local_fits:
-            return plan, settings
-        # nothing goes away: this machine's own settings (repacking, AMX), where they fit too
-        here, own = offload_plan(header, n_ctx, replace(strategy, rpc_servers=()), check, gpu_budgets=gpu_budgets,
-                                 gpu_layers=gpu_layers)
-        if here.cpu.total_bytes <= strategy.memory_budget_bytes and here.gpu_fits:
-            return here, own
-        return plan, settings
-    budgets = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
-    requested = strategy.n_gpu_layers if gpu_layers is None else gpu_layers
-    if budgets and check.gpu_offload and requested != 0:
-        settings = engine.settings_for(check, embedding=embedding, offload=True)
-        plan = plan_offload(header, n_ctx, settings, budgets, requested, projector=projector, embedding=embedding)
-        if plan.n_gpu_layers:
-            return plan, settings
-    settings = engine.settings_for(check, embedding=embedding)
-    return plan_offload(header, n_ctx, settings, budgets, 0 if budgets else requested, projector=projector,
-                        embedding=embedding, can_offload=check.gpu_offload), settings
-
-
 def check_model_kind(name: str, header, *, embedding: bool) -> None:
     """An encoder asked to write text, or a text model asked for embeddings: one clear error."""
     if embedding and header.architecture not in ENCODER_ARCHITECTURES:
-        raise InvalidValue(f"{name} is not an encoder ({header.architecture} writes text)",
+        raise WrongModelKind(f"{name} is not an encoder ({header.architecture} writes text)",
                            hint="embeddings need an encoder: minilm, a BERT repo, folder or GGUF")
     if not embedding and header.architecture in ENCODER_ARCHITECTURES:
-        raise InvalidValue(f"{name} is an encoder ({header.architecture}): it makes embeddings, not text",
+        raise WrongModelKind(f"{name} is an encoder ({header.architecture}): it makes embeddings, not text",
                            hint=f"use it with 'orion embed --model {name}' or /v1/embeddings")
 
 
@@ -218,38 +127,11 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
                    gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "")
 
 
-# An encoder's contexts decoding side by side. On a CPU, one a thread: measured on 2 cores
-# (all-MiniLM-L6-v2 F16, 700-character chunks), 2 contexts of 1 thread 35.5 chunks/s against
-# 24.5-30.5 for 1 context of 2 threads (llama.cpp's threads meet at a barrier after every op of
-# a small model). On a GPU each context has its own stream: measured on an H200 (4,000 chunks,
-# 2 sequences a decode) 1 → 942 chunks/s, 4 → 1,633, 6 → 2,095, 8 → 2,142-2,472, 12 → 2,152-2,254,
-# 16 → 1,606; each further context holds about 120 MiB of VRAM there.
-ENCODER_CPU_CONTEXTS_MAX = 8
-ENCODER_GPU_CONTEXTS = 8
-
-
-def pool_extra_bytes(plan, contexts: int) -> tuple[int, int]:
-    """(RAM, VRAM) that an encoder's contexts beyond the first hold: each its compute buffer, and on
-    a GPU its own CUDA streams, cuBLAS handles and ggml-cuda memory pool."""
-    if not plan.n_gpu_layers:
-        return (contexts - 1) * plan.cpu.compute_bytes, 0
-    return 0, (contexts - 1) * (plan.gpus[0].compute_bytes + CUDA_CONTEXT_EXTRA_BYTES)
-
-
-def encoder_contexts(plan, threads: int) -> int:
-    """How many contexts an encoder's pool has, from where it runs and the GPU budget."""
-    if not plan.n_gpu_layers:
-        return max(1, min(threads, ENCODER_CPU_CONTEXTS_MAX))
-    g, budget = plan.gpus[0], plan.gpu_budgets[0]
-    room = (budget - g.total_bytes) // pool_extra_bytes(plan, 2)[1]
-    return max(1, min(ENCODER_GPU_CONTEXTS, 1 + room))
-
-
 def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> ModelManager:
-    from .device import _ram
+    from .device import memory_now
 
     def available() -> int:
-        return _ram(Path("/proc/meminfo"))[1]
+        return memory_now().available_bytes
 
     budgets = gpu_budgets_now(strategy)
     return ModelManager(max_models=strategy.max_models, budget_bytes=strategy.memory_budget_bytes,
@@ -303,7 +185,7 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
             from .fetch import fetch_snapshot
 
             if ref.format != "safetensors":
-                raise InvalidValue(f"{text} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
+                raise WrongModelKind(f"{text} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
             folder = Path(fetch_snapshot(ref).path)
             model_id = ref.repo
     target = asked or encoder_type(model_id, strategy, prefer_id)

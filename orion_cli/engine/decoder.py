@@ -1,0 +1,306 @@
+"""Token generation: the prompt's tokens (chat template or plain text), and one decode loop for
+every request on a model, several sequences a step (:class:`ParallelDecoder`), each with the one
+sampler chain of :mod:`.sampling`.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from ._binding import raw_context, raw_model
+from .spec import Timings
+from .sampling import Sampling, sampler_chain
+
+
+def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = None,
+                  history: Sequence[dict] = (), chat: bool | None = None) -> tuple[list[int], list[str]]:
+    """The tokens a prompt is evaluated as, and the template's stop strings: the model's chat
+    template as llama-cpp-python's create_chat_completion builds it (the rules of
+    :meth:`LoadedModel.chat_mode` for when it applies), else the plain text with BOS."""
+    llm = model._llm
+    prompt, system, use_chat = model.chat_mode(prompt, system, history, chat)
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history) + [
+        {"role": "user", "content": prompt}]
+    if not use_chat:  # plain text
+        text = f"{system}\n\n{prompt}" if system else prompt
+        return llm.tokenize(text.encode(), add_bos=True, special=True), []
+    from llama_cpp import llama_chat_format
+
+    if not model.has_chat_template:
+        # llama-cpp-python's create_chat_completion formats a file without a template as "llama-2"
+        # (Llama.__init__'s fallback): the same prompt, so a conversation keeps its turns here too
+        result = llama_chat_format.format_llama2(messages=messages)
+        return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True), \
+            _stop_list(result.stop)
+
+    eos_id, bos_id = llm.token_eos(), llm.token_bos()
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+        bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+        stop_token_ids=[eos_id])
+    result = formatter(messages=messages)
+    return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True), _stop_list(result.stop)
+
+
+def _stop_list(stop) -> list[str]:
+    return stop if isinstance(stop, list) else [stop] if stop else []
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    max_tokens: int
+    sampler: object
+    out: queue.Queue
+    cancel: threading.Event
+    seq_id: int = -1
+    fed: int = 0  # prompt tokens already in the KV cache
+    generated: int = 0
+    next_token: int = -1
+    logits_at: int = -1
+    started: float = 0.0
+    first_token_at: float = 0.0
+
+
+# llama-cpp-python's words for a prompt longer than the context (Llama._create_completion, 0.3.x;
+# tests/test_run.py fails if they change)
+LLAMA_CPP_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+
+
+def prompt_too_long(n_tokens: int, n_ctx: int):
+    """The error for a prompt that does not fit the context (nothing was evaluated)."""
+    from ..errors import InvalidValue
+
+    return InvalidValue(f"the prompt is {n_tokens:,} tokens; the context holds {n_ctx:,}",
+                        hint="give a shorter prompt, or a larger context (--ctx, ORION_CTX)")
+
+
+class ParallelDecoder:
+    """Decodes the sequences of every request on one model together: each step is one
+    ``llama_decode`` with the next token of every running sequence, each sequence with its own
+    sampler; a new request's prompt is evaluated in a step of its own. The model must be loaded with
+    ``LoadSpec(parallel=N)``: N sequences share one unified KV cache of ``n_ctx`` cells, and a
+    request waits until its prompt and ``max_tokens`` fit beside the others.
+
+    :meth:`generate` yields text pieces like :meth:`LoadedModel.generate`; closing the iterator
+    ends the sequence (its cells are freed at the next step)."""
+
+    def __init__(self, model: "LoadedModel") -> None:
+        import llama_cpp
+
+        self.model = model
+        self.n_seq = max(1, model.spec.parallel)
+        self.n_ctx = model.spec.n_ctx
+        self.capacity = max(model.spec.settings.n_ubatch, self.n_seq)
+        self._ctx = raw_context(model._llm)
+        self._vocab = llama_cpp.llama_model_get_vocab(raw_model(model._llm))
+        self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+        self._waiting: list[_Sequence] = []
+        self._running: dict[int, _Sequence] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="orion-decoder", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ requests
+
+    def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
+                 top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None) -> Iterator[str]:
+        import codecs
+
+        if not tokens:
+            raise ValueError("an empty prompt")
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise prompt_too_long(len(tokens), self.n_ctx)
+        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
+                        queue.Queue(), threading.Event(), started=time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the decoder is closed")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        t = timings if timings is not None else Timings()
+        t.prompt_tokens = len(tokens)
+        try:
+            while True:
+                item = seq.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    break
+                text = decode.decode(item)
+                if text:
+                    yield text
+            tail = decode.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            seq.cancel.set()
+            end = time.perf_counter()
+            first = seq.first_token_at or end
+            t.prompt_s = first - seq.started
+            t.gen_tokens = max(0, seq.generated - 1)
+            t.gen_s = end - first
+
+    # ------------------------------------------------------------ the decode loop
+
+    def _admit(self) -> None:
+        """Waiting requests take free sequences while their prompt and max_tokens fit the cache."""
+        free = [i for i in range(self.n_seq) if i not in self._running]
+        reserved = sum(len(q.tokens) + q.max_tokens for q in self._running.values())
+        while self._waiting and free:
+            seq = self._waiting[0]
+            if seq.cancel.is_set():  # its client went away while it waited
+                import llama_cpp
+
+                llama_cpp.llama_sampler_free(self._waiting.pop(0).sampler)
+                continue
+            if self._running and reserved + len(seq.tokens) + seq.max_tokens > self.n_ctx:
+                break  # it waits for room
+            self._waiting.pop(0)
+            seq.seq_id = free.pop(0)
+            self._forget(seq.seq_id)  # whatever another user of the context left there
+            reserved += len(seq.tokens) + seq.max_tokens
+            self._running[seq.seq_id] = seq
+
+    def _forget(self, seq_id: int) -> None:
+        import llama_cpp
+
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        if memory:
+            llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+
+    def _finish(self, seq: _Sequence, error: BaseException | None = None) -> None:
+        import llama_cpp
+
+        self._forget(seq.seq_id)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        self._running.pop(seq.seq_id, None)
+        seq.out.put(error if error is not None else None)
+
+    def _loop(self) -> None:
+        import llama_cpp
+
+        batch = self._batch
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    for seq in list(self._running.values()) + self._waiting:
+                        seq.out.put(RuntimeError("the model was unloaded"))
+                    return
+                for seq in [q for q in self._running.values() if q.cancel.is_set()]:
+                    self._finish(seq)
+                self._admit()
+                running = list(self._running.values())
+            if not running:
+                continue
+            n = 0
+            # A prompt is evaluated in a decode of its own, as it would be alone (batch shapes change
+            # llama.cpp's arithmetic in the last bits); the next tokens of every generating sequence
+            # share the other decodes.
+            prefill = next((q for q in running if q.fed < len(q.tokens)), None)
+            if prefill is not None:
+                while prefill.fed < len(prefill.tokens) and n < self.capacity:
+                    last = prefill.fed == len(prefill.tokens) - 1
+                    n = self._add(batch, n, prefill.tokens[prefill.fed], prefill.fed, prefill, last)
+                    prefill.fed += 1
+                running = [prefill]
+            else:
+                for seq in running:
+                    n = self._add(batch, n, seq.next_token, seq.fed + seq.generated - 1, seq, True)
+            batch.n_tokens = n
+            if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                with self._cond:
+                    for seq in running:
+                        self._finish(seq, RuntimeError("llama_decode failed"))
+                continue
+            self.steps += 1
+            with self._cond:
+                for seq in running:
+                    if seq.logits_at < 0:
+                        continue  # its prompt is not all in yet
+                    token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+                    seq.logits_at = -1
+                    seq.generated += 1
+                    if seq.generated == 1:
+                        seq.first_token_at = time.perf_counter()
+                    if llama_cpp.llama_vocab_is_eog(self._vocab, token) or seq.cancel.is_set():
+                        self._finish(seq)
+                        continue
+                    seq.out.put(self._piece(token))
+                    if seq.generated >= seq.max_tokens:
+                        self._finish(seq)
+                    else:
+                        seq.next_token = token
+
+    @staticmethod
+    def _add(batch, n: int, token: int, pos: int, seq: _Sequence, logits: bool) -> int:
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq.seq_id
+        batch.logits[n] = logits
+        if logits:
+            seq.logits_at = n
+        return n + 1
+
+    def _piece(self, token: int) -> bytes:
+        import ctypes
+
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def close(self) -> None:
+        import llama_cpp
+
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+
+def cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
+    """``pieces`` up to the first stop string (not included); text that may be the start of one is
+    held back until it is known not to be. Closing the result closes ``pieces``."""
+    if not stops:
+        yield from pieces
+        return
+    hold = max(len(s) for s in stops) - 1
+    pending = ""
+    try:
+        for piece in pieces:
+            pending += piece
+            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
+            if cut >= 0:
+                if pending[:cut]:
+                    yield pending[:cut]
+                return
+            if len(pending) > hold:
+                out, pending = pending[: len(pending) - hold], pending[len(pending) - hold:]
+                yield out
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    if pending:
+        yield pending

@@ -1,0 +1,180 @@
+"""A model loaded in llama.cpp: :class:`LoadedModel` (generation, tokens, perplexity, an encoder's pool)."""
+
+from __future__ import annotations
+
+import time
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..gguf_header import GGUFHeader
+from ._binding import decode_alone, raw_context, return_freed_memory
+from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long, prompt_tokens
+from .encoder_pool import EncoderPool
+from .sampling import Sampling, llama_cpp_sampling_kwargs
+from .spec import LoadSpec, Timings
+
+
+class LoadedModel:
+    """One model loaded in llama.cpp."""
+
+    def __init__(self, spec: LoadSpec, header: GGUFHeader, llm, chat_handler, load_s: float) -> None:
+        self.spec = spec
+        self.header = header
+        self._llm = llm
+        self._chat_handler = chat_handler
+        self.load_s = load_s
+        self._encoder = EncoderPool(llm, spec) if spec.embedding else None
+        self.has_chat_template = bool(header.get("tokenizer.chat_template"))
+        self._decoder: ParallelDecoder | None = None
+        self._decoder_lock = threading.Lock()
+
+    @property
+    def n_contexts(self) -> int:
+        """An encoder's contexts decoding side by side (1 for an LLM)."""
+        return self._encoder.n_contexts if self._encoder is not None else 1
+
+    def embed_tokens(self, sequences: Sequence[Sequence[int]]):
+        """Pooled embeddings of token-id lists (float32, one row each, not normalised): an encoder's."""
+        if self._encoder is None:
+            raise RuntimeError("the model is not loaded as an encoder")
+        return self._encoder.embed_tokens(sequences)
+
+    def decoder(self) -> "ParallelDecoder":
+        """The decoder that runs this model's text requests (together, when loaded with parallel > 1)."""
+        with self._decoder_lock:
+            if self._decoder is None:
+                self._decoder = ParallelDecoder(self)
+            return self._decoder
+
+    @property
+    def is_vision(self) -> bool:
+        return self._chat_handler is not None
+
+    def chat_mode(self, prompt: str, system: str | None, history: Sequence[dict],
+                  chat: bool | None) -> tuple[str, str | None, bool]:
+        """(prompt, system, whether the chat template applies): a model without a template gets
+        the system text ahead of the prompt; ``chat`` forces the choice (False: a plain completion)."""
+        if system and not self.has_chat_template and not self.is_vision and not chat:
+            prompt, system = f"{system}\n\n{prompt}", None  # no template to put it in: it leads the text
+        use_chat = self.has_chat_template or self.is_vision or system is not None or bool(history)
+        return prompt, system, use_chat if chat is None else chat
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode(), add_bos=True, special=True))
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        images: Sequence[Path] = (),
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        timings: Timings | None = None,
+        history: Sequence[dict] = (),
+        chat: bool | None = None,
+    ) -> Iterator[str]:
+        """Stream the model's continuation of ``prompt`` (its chat template when it has one;
+        ``chat=False``: a plain completion of the text, as /v1/completions asks), cut at the
+        template's stop strings. Text runs through the same decoder and sampler chain as the
+        server's requests; a vision model through llama-cpp-python's chat handler (the images)."""
+        if self.is_vision:
+            yield from self._generate_vision(prompt, system, images, history, max_tokens,
+                                             Sampling(temperature, top_p, seed), timings)
+            return
+        tokens, stops = prompt_tokens(self, prompt, system=system, history=history, chat=chat)
+        pieces = self.decoder().generate(tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                         seed=seed, timings=timings)
+        yield from cut_at_stops(pieces, stops)
+
+    def _generate_vision(self, prompt: str, system: str | None, images: Sequence[Path], history: Sequence[dict],
+                         max_tokens: int, sampling: Sampling, timings: Timings | None) -> Iterator[str]:
+        t = timings if timings is not None else Timings()
+        # Evaluate every prompt from position 0: llama-cpp-python would reuse the KV cache of a
+        # matching prefix, which evaluates in other batch shapes and changes the low bits of the
+        # logits, so the same prompt and seed would not give the same text twice.
+        self._llm.reset()
+        start = time.perf_counter()
+        first = None
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+        if images:
+            content = [{"type": "text", "text": prompt}] + [
+                {"type": "image_url", "image_url": {"url": Path(p).absolute().as_uri()}} for p in images
+            ]
+            messages.append({"role": "user", "content": content})
+        else:
+            messages.append({"role": "user", "content": prompt})
+        stream = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=True,
+                                                  **llama_cpp_sampling_kwargs(sampling))
+        n = 0
+        try:
+            for chunk in stream:
+                piece = chunk["choices"][0]["delta"].get("content") or ""
+                if first is None:
+                    first = time.perf_counter()
+                n += 1
+                if piece:
+                    yield piece
+        except ValueError as exc:  # llama-cpp-python's check, before it evaluates anything
+            found = LLAMA_CPP_TOO_LONG.match(str(exc))
+            if not found:
+                raise
+            raise prompt_too_long(int(found[1]), int(found[2])) from exc
+        end = time.perf_counter()
+        t.prompt_tokens = max(0, self._llm.n_tokens - n)
+        t.prompt_s = (first or end) - start
+        t.gen_tokens = max(0, n - 1)
+        t.gen_s = end - (first or end)
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids as the model sees them (with BOS/[CLS] and, for encoders, [SEP])."""
+        return self._llm.tokenize(text.encode(), add_bos=special, special=special)
+
+    def perplexity_window(self, tokens: Sequence[int], first_scored: int):
+        """Negative log-likelihoods of ``tokens[j + 1]`` given ``tokens[: j + 1]`` for j from
+        ``first_scored`` to the end, from one evaluation of the window (llama.cpp's perplexity)."""
+        import llama_cpp
+        import numpy as np
+
+        ctx = raw_context(self._llm)
+        n_vocab = self._llm.n_vocab()
+        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+        try:
+            decode_alone(ctx, batch, tokens, lambda pos: first_scored <= pos < len(tokens) - 1)
+            nll = []
+            for j in range(first_scored, len(tokens) - 1):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
+                top = float(logits.max())
+                log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+                nll.append(log_z - float(logits[tokens[j + 1]]))
+            return nll
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            self._llm.reset()
+
+    @property
+    def n_embd(self) -> int:
+        return self._llm.n_embd()
+
+    def close(self) -> None:
+        if self._encoder is not None:  # its embeddings stop after their current decode; its contexts go
+            self._encoder.close()
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        if self._chat_handler is not None and hasattr(self._chat_handler, "close"):
+            try:
+                self._chat_handler.close()
+            except Exception:  # the handler's own cleanup; the model closes regardless
+                pass
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+            return_freed_memory()
+            if self.spec.rpc_servers:
+                from . import ggml_rpc
+
+                ggml_rpc.untrack(self.spec.rpc_servers)

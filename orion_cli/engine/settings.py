@@ -1,0 +1,59 @@
+"""The llama.cpp settings orion loads with on this machine, from the engine check's verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..enginecheck import EngineCheck, current_check, engine_key
+from ..estimate import EngineSettings
+from ._binding import model_params
+
+
+def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool = False) -> EngineSettings:
+    """The llama.cpp settings orion loads with (and estimates for) under an engine verdict.
+
+    Encoders run with flash attention on the CPU (measured faster for all-MiniLM-L6-v2), but not on a
+    GPU: CUDA's kernels have no head size 32 (MiniLM's), so the op falls back to the CPU between
+    GPU layers (measured on an H200: 74 chunks/s with it, 519 without). An encoder on a GPU packs
+    ENCODER_GPU_PACK sequences into each decode (fewer launches a chunk; on a CPU one sequence a
+    decode is fastest). An LLM offloaded to a GPU runs with flash attention (llama.cpp's own choice
+    there: no attention-score matrix in VRAM)."""
+    return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload,
+                          embed_pack=ENCODER_GPU_PACK if embedding and offload else 1)
+
+
+# Sequences an encoder on a GPU decodes together. Measured on an H200 (all-MiniLM-L6-v2 F16, 4,000
+# chunks of 700 characters, 8 contexts): 1 → 2,031 chunks/s, 2 → 2,472, 4 → 1,167, 8 → 824 (the
+# non-causal mask spans the whole micro-batch: its cost grows with the square of the packed length).
+ENCODER_GPU_PACK = 2
+
+
+def machine_check() -> EngineCheck | None:
+    """The engine check's cached verdict for this machine (None before any check has run)."""
+    from ..device import cpu_info
+    from ..enginecheck import cached_check
+
+    model, flags, _ = cpu_info()
+    return cached_check(engine_key(model, flags))
+
+
+def machine_settings(*, embedding: bool = False) -> EngineSettings:
+    """The settings loads use on this machine, for estimates made without loading (list, inspect,
+    fetch, eval): from the engine check's cached verdict; llama.cpp's defaults before any check
+    has run (``orion profile`` runs it). Never runs the canary itself."""
+    check = machine_check()
+    return settings_for(check, embedding=embedding) if check else EngineSettings(flash_attn=embedding)
+
+
+def peer_llama(path: Path | str, *, check: EngineCheck | None = None, **kwargs):
+    """llama-cpp-python's own ``Llama``, loaded with the engine check's settings.
+
+    For peers in benchmarks and independent checks in tests: where llama.cpp's
+    defaults crash (GCC-built AMX kernels on Intel Xeons), a plain ``Llama()``
+    would crash too, so nothing loads a model outside these settings.
+    """
+    check = check or current_check()
+    with model_params(use_extra_bufts=check.use_extra_bufts):
+        from llama_cpp import Llama
+
+        return Llama(str(path), **kwargs)

@@ -1,0 +1,140 @@
+"""Where a model's layers go: this machine's RAM, its GPUs and the strategy's RPC servers, and the
+settings the load uses there; an encoder's pool of contexts, sized for where it runs.
+
+The budgets it reads are measured once a process (:func:`gpu_budgets_now`, RPC servers through
+:func:`orion_cli.rpc.remote_devices_now`): after this process has loaded a model, a GPU's free
+memory no longer counts it (the manager does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+from .errors import InvalidValue
+from .estimate import CUDA_CONTEXT_EXTRA_BYTES
+from .strategy import Strategy
+
+
+_GPU_BUDGETS: dict[int | None, list[int]] = {}
+
+
+def gpu_budgets_now(strategy: Strategy) -> list[int]:
+    """Each GPU's budget for this process's loads: measured once (before it loads anything, so
+    that only other processes' VRAM is taken off), capped by the strategy's gpu_budget_bytes.
+    Empty when the strategy has no GPU or keeps models on the CPU."""
+    if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
+        return []
+    if strategy.gpu_budget_bytes not in _GPU_BUDGETS:
+        from .budget import gpu_budgets
+        from .device import detect_gpus
+
+        _GPU_BUDGETS[strategy.gpu_budget_bytes] = gpu_budgets(detect_gpus(), strategy.pressure_high,
+                                                              strategy.gpu_budget_bytes)
+    return _GPU_BUDGETS[strategy.gpu_budget_bytes]
+
+
+def rpc_requested(strategy: Strategy, gpu_layers=None):
+    """The layers to send away: --gpu-layers as given; else auto, unless the strategy names a count
+    (its 0, written for a machine without a GPU, means no GPU, not 'nothing to the servers')."""
+    from .offload import AUTO
+
+    if gpu_layers is not None:
+        return gpu_layers
+    if strategy.sources.get("n_gpu_layers") == "flag" or strategy.n_gpu_layers not in (0, AUTO):
+        return strategy.n_gpu_layers
+    return AUTO
+
+
+def split_plan(header, n_ctx: int, strategy: Strategy, settings, *, gpu_budgets: Sequence[int] = (),
+               remote=None, gpu_layers=None):
+    """Where a model's layers go across this machine (RAM, then its GPUs) and the strategy's RPC
+    servers (``remote``: their devices; default: asked now, once a process)."""
+    from .estimate import CUDA_CONTEXT_BYTES
+    from .offload import plan_split
+    from .rpc import remote_devices_now
+    from .rpc_endpoints import parse_rpc_servers
+
+    if remote is None:
+        remote = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
+    budgets = [d.budget_bytes for d in remote] + list(gpu_budgets)
+    names = [d.name for d in remote] + [f"GPU {i}" for i in range(len(gpu_budgets))]
+    runtimes = [0] * len(remote) + [CUDA_CONTEXT_BYTES] * len(gpu_budgets)
+    endpoints = [d.server.endpoint for d in remote] + [""] * len(gpu_budgets)
+    return plan_split(header, n_ctx, settings, strategy.memory_budget_bytes, budgets, names, runtimes,
+                      rpc_requested(strategy, gpu_layers), endpoints)
+
+
+def rpc_settings(settings):
+    """The settings of a model split over RPC: no repacked weights here either, since an RPC server's
+    layers run ggml's plain kernels. Every layer then computes the same wherever it lives, and the
+    answer does not depend on the split."""
+    return replace(settings, repack=False, amx=False)
+
+
+def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bool = False,
+                 projector=None, gpu_budgets: list[int] | None = None, gpu_layers=None):
+    """Where a model's layers go on this machine (and the strategy's RPC servers, for an LLM), and
+    the settings it loads with."""
+    from . import engine
+    from .offload import plan_offload
+
+    if strategy.rpc_servers and not embedding:
+        if not engine.rpc_supported():
+            from .rpc_endpoints import rpc_unsupported
+
+            raise rpc_unsupported()
+        if projector is not None:
+            raise InvalidValue("orion does not split a vision model over RPC servers yet",
+                               hint="run it on this machine (without --rpc / ORION_RPC)")
+        gpus = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
+        gpus = gpus if check.gpu_offload else []
+        settings = rpc_settings(engine.settings_for(check, offload=bool(gpus)))
+        plan = split_plan(header, n_ctx, strategy, settings, gpu_budgets=gpus, gpu_layers=gpu_layers)
+        if plan.n_gpu_layers or not plan.local_fits:
+            return plan, settings
+        # nothing goes away: this machine's own settings (repacking, AMX), where they fit too
+        here, own = offload_plan(header, n_ctx, replace(strategy, rpc_servers=()), check, gpu_budgets=gpu_budgets,
+                                 gpu_layers=gpu_layers)
+        if here.cpu.total_bytes <= strategy.memory_budget_bytes and here.gpu_fits:
+            return here, own
+        return plan, settings
+    budgets = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
+    requested = strategy.n_gpu_layers if gpu_layers is None else gpu_layers
+    if budgets and check.gpu_offload and requested != 0:
+        settings = engine.settings_for(check, embedding=embedding, offload=True)
+        plan = plan_offload(header, n_ctx, settings, budgets, requested, projector=projector, embedding=embedding)
+        if plan.n_gpu_layers:
+            return plan, settings
+    settings = engine.settings_for(check, embedding=embedding)
+    return plan_offload(header, n_ctx, settings, budgets, 0 if budgets else requested, projector=projector,
+                        embedding=embedding, can_offload=check.gpu_offload), settings
+
+
+# An encoder's contexts decoding side by side. On a CPU, one a thread: measured on 2 cores
+# (all-MiniLM-L6-v2 F16, 700-character chunks), 2 contexts of 1 thread 35.5 chunks/s against
+# 24.5-30.5 for 1 context of 2 threads (llama.cpp's threads meet at a barrier after every op of
+# a small model). On a GPU each context has its own stream: measured on an H200 (4,000 chunks,
+# 2 sequences a decode) 1 → 942 chunks/s, 4 → 1,633, 6 → 2,095, 8 → 2,142-2,472, 12 → 2,152-2,254,
+# 16 → 1,606; each further context holds about 120 MiB of VRAM there.
+ENCODER_CPU_CONTEXTS_MAX = 8
+ENCODER_GPU_CONTEXTS = 8
+
+
+def pool_extra_bytes(plan, contexts: int) -> tuple[int, int]:
+    """(RAM, VRAM) that an encoder's contexts beyond the first hold: each its compute buffer, and on
+    a GPU its own CUDA streams, cuBLAS handles and ggml-cuda memory pool."""
+    if not plan.n_gpu_layers:
+        return (contexts - 1) * plan.cpu.compute_bytes, 0
+    return 0, (contexts - 1) * (plan.gpus[0].compute_bytes + CUDA_CONTEXT_EXTRA_BYTES)
+
+
+def encoder_contexts(plan, threads: int) -> int:
+    """How many contexts an encoder's pool has, from where it runs and the GPU budget."""
+    if not plan.n_gpu_layers:
+        return max(1, min(threads, ENCODER_CPU_CONTEXTS_MAX))
+    g, budget = plan.gpus[0], plan.gpu_budgets[0]
+    room = (budget - g.total_bytes) // pool_extra_bytes(plan, 2)[1]
+    return max(1, min(ENCODER_GPU_CONTEXTS, 1 + room))
+
+
