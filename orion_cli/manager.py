@@ -13,12 +13,18 @@ One object used by ``run`` (and later ``embed`` and ``serve``):
 
 The clock, the memory probe and the loader are injected, so the policy is
 tested without sleeping and without loading real models.
+
+A model is closed outside the manager's lock (as ollama's scheduler unloads a runner outside the
+lock that admits requests): closing may wait for a decoder thread, and requests for the other
+loaded models go on meanwhile. A model being closed still counts against the budget until it is
+gone; a load that needs room waits for it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -96,6 +102,7 @@ class ModelManager:
         on_event: Callable[[Event], None] | None = None,
         timer: bool = False,
         gpu_budget_bytes: int | None = None,
+        events_kept: int = 1000,
     ) -> None:
         self.max_models = max_models
         self.budget_bytes = budget_bytes
@@ -106,8 +113,9 @@ class ModelManager:
         self._on_event = on_event
         self._entries: dict[str, Entry] = {}  # insertion order = LRU order (oldest first)
         self._loading: dict[str, threading.Event] = {}  # key -> cancel event
+        self._closing: dict[str, Entry] = {}  # taken out of use, being closed outside the lock
         self._cond = threading.Condition(threading.RLock())
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=events_kept)  # the latest (a long-lived server keeps no more)
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         if timer:
@@ -146,19 +154,22 @@ class ModelManager:
                     entry.users += 1
                     entry.last_used = self._clock()
                     return entry
-                if request.key not in self._loading:
+                if request.key not in self._loading and not self._closing:
                     break
-                self._cond.wait()  # another thread is loading it: share that load
-            self._make_room(request)
+                # another thread is loading it (share that load), or models are being closed (their
+                # memory is not free yet)
+                self._cond.wait()
+            victims = self._make_room(request)
             cancel = threading.Event()
             self._loading[request.key] = cancel
-            detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
-            if request.remote:
-                detail += f" here ({request.placement})"
-            elif request.gpu_bytes:
-                detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
-            self._emit("loading", request.key, detail)
+        detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
+        if request.remote:
+            detail += f" here ({request.placement})"
+        elif request.gpu_bytes:
+            detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
         try:
+            self._close(victims)
+            self._emit("loading", request.key, detail)
             model = request.load(cancel)
         except BaseException as exc:
             with self._cond:
@@ -185,6 +196,9 @@ class ModelManager:
     def _used_remote_bytes(self, endpoint: str) -> int:
         return sum(b for e in self._entries.values() for where, b, _ in e.remote if where == endpoint)
 
+    # (models in self._closing are not counted: a load waits until none is left, and the victims a
+    # load chose itself are the room it makes)
+
     def _remote_over(self, request: Request) -> tuple[str, str]:
         """The first RPC server the request's part does not fit beside what is loaded there, and why
         (('', '') if none)."""
@@ -197,8 +211,9 @@ class ModelManager:
                                f"on RPC server {where}")
         return "", ""
 
-    def _make_room(self, request: Request) -> None:
-        """Evict idle models, least recently used first, until the request fits; else refuse."""
+    def _make_room(self, request: Request) -> list[tuple[Entry, str, str]]:
+        """Take idle models out of use, least recently used first, until the request fits (the
+        caller closes them, outside the lock); else refuse."""
         need = request.estimate_bytes
         need_gpu = request.gpu_bytes
         gpu_budget = self.gpu_budget_bytes or 0
@@ -208,6 +223,8 @@ class ModelManager:
         if need_gpu > gpu_budget:
             self._refuse(request, f"{request.name} needs {format_bytes(need_gpu)} of VRAM, the GPU budget is "
                                   f"{format_bytes(gpu_budget)} even with nothing else loaded")
+
+        victims: list[tuple[Entry, str, str]] = []
 
         def lack() -> str:
             """What the request lacks now: 'count', 'ram', 'gpu', 'remote', 'available' ('' if nothing)."""
@@ -219,7 +236,10 @@ class ModelManager:
                 return "gpu"
             if request.remote and self._remote_over(request)[0]:
                 return "remote"
-            return "" if self._available is None or need <= self._available() else "available"
+            if self._available is None:
+                return ""
+            # the victims taken so far are not closed yet: what they hold is as good as free
+            return "" if need <= self._available() + sum(v.estimate_bytes for v, _, _ in victims) else "available"
 
         while what := lack():
             # a model on another RPC server frees nothing the request lacks there
@@ -236,20 +256,39 @@ class ModelManager:
                     why = self._remote_over(request)[1]
                 else:
                     why = f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use"
+                self._put_back(victims)
                 self._refuse(request, f"{request.name} needs {format_bytes(need)}; {why}, none of them idle "
                                       f"and unpinned ({busy})")
-            self._unload(victim, "evicted", f"to make room for {request.name}")
+            victims.append(self._take(victim, "evicted", f"to make room for {request.name}"))
+        return victims
+
+    def _take(self, entry: Entry, kind: str, detail: str) -> tuple[Entry, str, str]:
+        """Out of use, to be closed by :meth:`_close` (under the lock)."""
+        self._entries.pop(entry.key, None)
+        self._closing[entry.key] = entry
+        return entry, kind, detail
+
+    def _put_back(self, taken: list[tuple[Entry, str, str]]) -> None:
+        """A refused request gives back the models it had taken out (nothing was closed yet)."""
+        for entry, _, _ in taken:
+            self._closing.pop(entry.key, None)
+        # they were the least recently used: back at the front, in their order
+        self._entries = {e.key: e for e, _, _ in taken} | self._entries
+
+    def _close(self, taken: list[tuple[Entry, str, str]]) -> None:
+        """Close models taken out of use, outside the lock; then their memory is free."""
+        for entry, kind, detail in taken:
+            try:
+                entry.model.close()
+            finally:
+                with self._cond:
+                    self._closing.pop(entry.key, None)
+                    self._cond.notify_all()
+                self._emit(kind, entry.key, f"{entry.name}: {detail}")
 
     def _refuse(self, request: Request, message: str) -> None:
         self._emit("refused", request.key, message)
         raise ModelDoesNotFit(message, hint=request.hint or "use a smaller quantization or --ctx")
-
-    def _unload(self, entry: Entry, kind: str, detail: str) -> None:
-        self._entries.pop(entry.key, None)
-        try:
-            entry.model.close()
-        finally:
-            self._emit(kind, entry.key, f"{entry.name}: {detail}")
 
     # ------------------------------------------------------------ control
 
@@ -284,8 +323,9 @@ class ModelManager:
             if entry.users:
                 raise ModelInUse(f"{entry.name} is in use",
                                  hint="it is unloaded once its requests finish (keep-alive), or try again")
-            self._unload(entry, "unloaded", "on request")
-            return True
+            taken = [self._take(entry, "unloaded", "on request")]
+        self._close(taken)
+        return True
 
     def cancel(self, key: str) -> bool:
         """Cancel a load in progress (the loader sees its cancel event set)."""
@@ -303,9 +343,10 @@ class ModelManager:
             idle = [e for e in self._entries.values()
                     if not e.pinned and e.users == 0 and e.keep_alive_s is not None
                     and now - e.last_used >= e.keep_alive_s]
-            for e in idle:
-                self._unload(e, "unloaded", f"idle for {now - e.last_used:.0f} s (keep-alive {e.keep_alive_s} s)")
-            return [e.key for e in idle]
+            taken = [self._take(e, "unloaded", f"idle for {now - e.last_used:.0f} s (keep-alive {e.keep_alive_s} s)")
+                     for e in idle]
+        self._close(taken)
+        return [e.key for e in idle]
 
     def status(self) -> list[ManagerStatus]:
         """The loaded models, most recently used first."""
@@ -333,6 +374,6 @@ class ModelManager:
     def close(self) -> None:
         self._stop.set()
         with self._cond:
-            for entry in list(self._entries.values()):
-                self._unload(entry, "unloaded", "shutting down")
+            taken = [self._take(entry, "unloaded", "shutting down") for entry in list(self._entries.values())]
+        self._close(taken)
 

@@ -246,3 +246,140 @@ print(json.dumps(cycles))
     assert abs(second["after"] - second["before"]) <= 0.10 * second["before"], second
     # the one-time backend initialisation of the first cycle is small next to the model
     assert first["after"] - first["before"] <= 0.05 * (first["loaded"] - first["before"]), first
+
+
+# ---------------------------------------------------------------- closing outside the lock (house issue, fault 4)
+
+
+class SlowClose(FakeModel):
+    """A model whose close() waits for the test (a decoder thread finishing, as it may for 60 s)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.closing = threading.Event()
+        self.may_close = threading.Event()
+
+    def close(self):
+        self.closing.set()
+        assert self.may_close.wait(30)
+        self.closed = True
+
+
+def _slow(name, mib=100):
+    model = SlowClose(name)
+    return model, Request(key=name, name=name, estimate_bytes=mib * MiB, load=lambda cancel: model)
+
+
+@pytest.mark.parametrize("how", ["evict", "unload", "keep-alive"])
+def test_a_model_closing_does_not_stop_the_others(how):
+    """While one model closes (evicted, unloaded or idle), requests for another loaded model are served:
+    the manager closes models outside its lock. (Before: closing under the lock held every request.)"""
+    clock = Clock()
+    m = ModelManager(max_models=2, budget_bytes=1000 * MiB, keep_alive_s=60, clock=clock)
+    slow, slow_req = _slow("slow")
+    with m.use(slow_req):
+        pass
+    with m.use(req("other")):
+        pass
+    clock.now += 30  # 'slow' is the older: the eviction's victim, and idle past keep-alive below
+    m.pin("other")
+    if how == "evict":
+        closer = threading.Thread(target=lambda: m.use(req("new")).__enter__(), daemon=True)
+    elif how == "unload":
+        closer = threading.Thread(target=m.unload, args=("slow",), daemon=True)
+    else:
+        clock.now += 60
+        closer = threading.Thread(target=m.collect_idle, daemon=True)
+    closer.start()
+    assert slow.closing.wait(10)
+    served = threading.Event()
+
+    def use_other():
+        with m.use(req("other")):
+            served.set()
+
+    user = threading.Thread(target=use_other, daemon=True)
+    user.start()
+    try:
+        assert served.wait(10), "a request for another model waited for a close"
+        assert [s.key for s in m.status()] == ["other"] or how == "evict"
+    finally:
+        slow.may_close.set()
+    closer.join(10)
+    user.join(10)
+    assert slow.closed and m.peek("slow") is None
+    kinds = [e.kind for e in m.events if e.key == "slow"]
+    assert kinds[-1] == ("evicted" if how == "evict" else "unloaded")
+
+
+def test_a_load_waits_for_a_close_to_free_its_memory():
+    """The memory of a model being closed is not free yet: a load that needs it waits for the close."""
+    m = ModelManager(max_models=4, budget_bytes=250 * MiB, keep_alive_s=None)
+    slow, slow_req = _slow("slow", 200)
+    with m.use(slow_req):
+        pass
+    unloading = threading.Thread(target=m.unload, args=("slow",), daemon=True)
+    unloading.start()
+    assert slow.closing.wait(10)
+    loaded = []
+    loader = threading.Thread(target=lambda: m.load(req("big", 200, loads=loaded)), daemon=True)
+    loader.start()
+    loader.join(0.5)
+    assert loader.is_alive() and loaded == []  # waiting: 'slow' still holds its 200 MiB
+    slow.may_close.set()
+    loader.join(10)
+    assert loaded == ["big"] and [s.key for s in m.status()] == ["big"]
+
+
+def test_a_refused_load_keeps_what_it_would_have_evicted():
+    m = ModelManager(max_models=4, budget_bytes=300 * MiB, keep_alive_s=None)
+    for name in ("a", "b"):
+        with m.use(req(name)):
+            pass
+    m.pin("b")
+    with m.use(req("c")):
+        with pytest.raises(ModelDoesNotFit):
+            m.load(req("d", 250))  # 'a' alone would not make room: nothing is evicted
+    assert sorted(s.key for s in m.status()) == ["a", "b", "c"]
+    assert not any(e.kind == "evicted" for e in m.events)
+
+
+def test_the_event_log_is_bounded():
+    """A long-lived server's manager keeps the latest events, not every one since it started."""
+    clock = Clock()
+    m = ModelManager(max_models=1, budget_bytes=1000 * MiB, keep_alive_s=None, clock=clock, events_kept=50)
+    for i in range(200):
+        with m.use(req(f"m{i}")):
+            pass
+    assert len(m.events) == 50
+    assert m.events[-1].kind == "loaded" and m.events[-1].key == "m199"
+
+
+def test_manager_for_reads_the_containers_memory(monkeypatch):
+    """The manager's 'available memory' is the cgroup's when the process runs in a container with a
+    limit below the RAM (as orion profile's budget is), not /proc/meminfo's. (Before: /proc/meminfo.)"""
+    from orion_cli import device
+    from orion_cli.loading import manager_for
+    from orion_cli.strategy import load_strategy
+
+    GiB = 1024**3
+    root = _fake_cgroup_v2(limit=2 * GiB, current=int(1.8 * GiB))
+    real = device.memory_now
+    monkeypatch.setattr(device, "memory_now", lambda **kw: real(cgroup_root=root, proc_cgroup=root / "self-cgroup"))
+    m = manager_for(load_strategy({"memory_budget_bytes": 8 * GiB}))
+    assert m._available() == 2 * GiB - int(1.8 * GiB)
+    with pytest.raises(ModelDoesNotFit, match="needs"):
+        m.load(req("x", 400))  # 400 MiB: more than the container has left, whatever the host's RAM says
+
+
+def _fake_cgroup_v2(*, limit: int, current: int):
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="orion-cgroup-"))
+    (root / "cgroup.controllers").write_text("memory\n")
+    (root / "memory.max").write_text(f"{limit}\n")
+    (root / "memory.current").write_text(f"{current}\n")
+    (root / "memory.stat").write_text("inactive_file 0\n")
+    (root / "self-cgroup").write_text("0::/\n")
+    return root
