@@ -93,8 +93,9 @@ class EmbeddingStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        self._matrix_cache: dict[int, tuple[tuple[int, int], object, list[int]]] = {}
+        self._writes = 0  # this connection's committed writes (SQLite's data_version counts the others')
         self._migrate()
-        self._matrix_cache: dict[int, tuple[int, object, list[int]]] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -120,6 +121,7 @@ class EmbeddingStore:
                 self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        self._writes += 1
 
     def _migrate(self) -> None:
         with self._write():
@@ -232,13 +234,14 @@ class EmbeddingStore:
     # ------------------------------------------------------------ search
 
     def matrix(self, c: Collection):
-        """(float32 matrix of every vector, chunk ids), cached while the collection is unchanged."""
+        """(float32 matrix of every vector, chunk ids), cached while the store is unchanged: no write
+        committed since, by this connection or another process (SQLite's ``data_version``). Row counts
+        and ids do not tell: replacing the last file reuses its row ids."""
         import numpy as np
 
-        count, max_id = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM chunks WHERE collection_id=?",
-                                        (c.id,)).fetchone()
+        version = (self._writes, self.db.execute("PRAGMA data_version").fetchone()[0])
         cached = self._matrix_cache.get(c.id)
-        if cached and cached[0] == (count, max_id):
+        if cached and cached[0] == version:
             return cached[1], cached[2]
         ids, blobs = [], []
         for cid, blob in self.db.execute("SELECT id, embedding FROM chunks WHERE collection_id=? ORDER BY id",
@@ -249,7 +252,7 @@ class EmbeddingStore:
             m = np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), c.dim).astype(np.float32)
         else:
             m = np.zeros((0, c.dim), dtype=np.float32)
-        self._matrix_cache[c.id] = ((count, max_id), m, ids)
+        self._matrix_cache[c.id] = (version, m, ids)
         return m, ids
 
     def chunk_rows(self, ids: Sequence[int]) -> list[ChunkRow]:

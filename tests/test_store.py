@@ -52,3 +52,39 @@ def test_sql_statements_respect_strings_and_triggers():
     db = sqlite3.connect(":memory:")
     for part in parts:
         db.execute(part)
+
+
+def _vec(*values):
+    import numpy as np
+
+    return np.array(values, dtype=np.float16).tobytes()
+
+
+def test_search_sees_a_replaced_last_file(tmp_path):
+    """Replacing the last file reuses its row ids (same count, same max id): a long-lived process (the
+    server, a REPL) must still search the new vectors. (Before: the cache keyed on (count, max id)
+    answered with the old ones.)"""
+    from orion_cli.store import search
+
+    store = EmbeddingStore(tmp_path / "s.db")
+    c = store.collection("c", model_id="m@f16", dim=2)
+    store.replace_file(c, "a.txt", 1, 1, "ha", [("a1", 0, 1, 1, 1, "a")], [_vec(1, 0)])
+    store.replace_file(c, "b.txt", 1, 1, "hb", [("b1", 0, 1, 1, 1, "old b")], [_vec(0, 1)])
+    assert search(store, c, [0, 1], k=1)[0][1].text == "old b"
+    store.replace_file(c, "b.txt", 2, 2, "hb2", [("b2", 0, 1, 1, 1, "new b")], [_vec(-1, 0)])
+    assert store.db.execute("SELECT MAX(id), COUNT(*) FROM chunks").fetchone() == (2, 2)  # ids reused
+    (score, best), = search(store, c, [-1, 0], k=1)
+    assert best.text == "new b" and score > 0.99
+
+
+def test_search_sees_another_processs_write(tmp_path):
+    from orion_cli.store import search
+
+    store = EmbeddingStore(tmp_path / "s.db")
+    c = store.collection("c", model_id="m@f16", dim=2)
+    store.replace_file(c, "a.txt", 1, 1, "ha", [("a1", 0, 1, 1, 1, "a")], [_vec(1, 0)])
+    assert search(store, c, [1, 0], k=1)[0][1].text == "a"
+    other = EmbeddingStore(tmp_path / "s.db")  # another connection: another orion process
+    other.replace_file(other.collection("c"), "a.txt", 2, 2, "ha2", [("a2", 0, 1, 1, 1, "a again")], [_vec(0, 1)])
+    (score, best), = search(store, c, [0, 1], k=1)
+    assert best.text == "a again" and score > 0.99
