@@ -172,8 +172,8 @@ PARALLEL_PROMPTS = ["The capital of France is Paris. The capital of Germany is",
 
 
 def test_parallel_decoder_alone_matches_llama_cpp_python(gemma_q4):
-    """One sequence through orion's decoder (the server's path) gives exactly the text of
-    llama-cpp-python's own generation on the same model: the same chat template, the same greedy
+    """One sequence through orion's decoder (every text path's) gives exactly the text of
+    llama-cpp-python's own generation on the same model: the same prompt tokens, the same greedy
     choices; then four at once all finish, and the decoder frees every sequence's cells."""
     import threading
 
@@ -184,7 +184,9 @@ def test_parallel_decoder_alone_matches_llama_cpp_python(gemma_q4):
         assert isinstance(model.decoder(), ParallelDecoder) and model.decoder() is model.decoder()
         solo = {}
         for prompt in PARALLEL_PROMPTS:
-            reference = "".join(model.generate(prompt, max_tokens=12, temperature=0.0))
+            reference = model._llm.create_completion(prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+            model._llm.reset()
+            assert "".join(model.generate(prompt, max_tokens=12, temperature=0.0)) == reference, prompt
             tokens, _ = prompt_tokens(model, prompt)
             t = Timings()
             solo[prompt] = "".join(model.decoder().generate(tokens, max_tokens=12, temperature=0.0, timings=t))
@@ -216,6 +218,29 @@ def test_parallel_decoder_alone_matches_llama_cpp_python(gemma_q4):
         assert all(llama_cpp.llama_memory_seq_pos_max(memory, s) == -1 for s in range(4))  # every cell freed
     finally:
         model.close()
+
+
+def test_one_sampler_chain_in_process_and_in_the_server(gemma_q4):
+    """The same request with the same seed at a temperature above 0 gives the same text through
+    orion run's load and orion serve's (several sequences a decode): one sampler chain (top_p, temp,
+    a seeded draw) for every path. (Before: the in-process path sampled with llama-cpp-python's own
+    defaults, top_k 40 and min_p 0.05 on top, and the texts parted.)"""
+    from orion_cli.engine import prompt_tokens
+
+    prompt, options = "Write a short poem about the sea.", dict(max_tokens=32, temperature=1.0, top_p=0.95)
+    texts = {}
+    for parallel in (1, 4):  # orion run's load, then orion serve's
+        model = load(LoadSpec(gemma_q4, 1024, 2, parallel=parallel))
+        try:
+            if parallel == 1:
+                texts[parallel] = [("".join(model.generate(prompt, seed=seed, **options))) for seed in (7, 8)]
+            else:
+                tokens, _ = prompt_tokens(model, prompt)
+                texts[parallel] = ["".join(model.decoder().generate(tokens, seed=seed, **options)) for seed in (7, 8)]
+        finally:
+            model.close()
+    assert texts[1] == texts[4] and all(texts[1])
+    assert texts[1][0] != texts[1][1]  # the seed is what decides
 
 
 def test_llama_cpp_log_stays_quiet_without_debug(orion, gemma_q4):
