@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+from ._once import MeasuredOnce
 from .errors import InvalidValue
 from .estimate import CUDA_CONTEXT_EXTRA_BYTES
 from .strategy import Strategy
 
 
-_GPU_BUDGETS: dict[int | None, list[int]] = {}
+GPU_BUDGETS: MeasuredOnce[list[int]] = MeasuredOnce("each GPU's budget, before this process loaded anything")
 
 
 def gpu_budgets_now(strategy: Strategy) -> list[int]:
@@ -25,13 +26,11 @@ def gpu_budgets_now(strategy: Strategy) -> list[int]:
     Empty when the strategy has no GPU or keeps models on the CPU."""
     if strategy.gpu_budget_bytes is None or strategy.n_gpu_layers == 0:
         return []
-    if strategy.gpu_budget_bytes not in _GPU_BUDGETS:
-        from .budget import gpu_budgets
-        from .device import detect_gpus
+    from .budget import gpu_budgets
+    from .device import detect_gpus
 
-        _GPU_BUDGETS[strategy.gpu_budget_bytes] = gpu_budgets(detect_gpus(), strategy.pressure_high,
-                                                              strategy.gpu_budget_bytes)
-    return _GPU_BUDGETS[strategy.gpu_budget_bytes]
+    return GPU_BUDGETS.get(strategy.gpu_budget_bytes,
+                           lambda: gpu_budgets(detect_gpus(), strategy.pressure_high, strategy.gpu_budget_bytes))
 
 
 def rpc_requested(strategy: Strategy, gpu_layers=None):

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from ._once import MeasuredOnce
 from .errors import NetworkError, OrionError
 from .rpc_endpoints import DEFAULT_PORT, RpcServer, RpcServerFailed  # noqa: F401 (the CLI's names)
 from .units import format_bytes
@@ -151,7 +152,7 @@ def remote_devices(servers: Sequence[RpcServer], pressure_high: float,
     return tuple(out)
 
 
-_MEASURED: dict[tuple[str, float], tuple[RemoteDevice, ...]] = {}
+MEASURED: MeasuredOnce[tuple[RemoteDevice, ...]] = MeasuredOnce("each RPC server's devices and budgets")
 
 
 def remote_devices_now(servers: Sequence[RpcServer], pressure_high: float) -> tuple[RemoteDevice, ...]:
@@ -159,9 +160,7 @@ def remote_devices_now(servers: Sequence[RpcServer], pressure_high: float) -> tu
     server's free memory no longer counts it (the manager does), and the server, which serves one
     client at a time, is this process's until it exits."""
     key = (",".join(str(s) for s in servers), pressure_high)
-    if key not in _MEASURED:
-        _MEASURED[key] = remote_devices(servers, pressure_high)
-    return _MEASURED[key]
+    return MEASURED.get(key, lambda: remote_devices(servers, pressure_high))
 
 
 # ---------------------------------------------------------------- orion rpc-server
