@@ -74,3 +74,53 @@ def test_a_read_only_home_is_one_line(orion, gemma_q4, tmp_path):
         proc = orion("import", str(gemma_q4), "--name", "g", env={"ORION_HOME": str(home)})
     assert proc.returncode not in (0, 70), proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+# ---------------------------------------------------------------- children's typed errors (house issue, fault 6)
+
+
+def _run_child(argv):
+    import subprocess
+    import sys
+
+    from orion_cli._proc import ErrorChannel
+
+    channel = ErrorChannel()
+    proc = subprocess.Popen([sys.executable, "-m", "orion_cli.engine.children", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **channel.popen_kwargs())
+    channel.started()
+    proc.communicate(timeout=120)
+    return proc.returncode, channel.error()
+
+
+def test_the_quantize_child_reports_a_typed_error(tmp_path):
+    """A quantization llama.cpp refuses comes back from the child as NotAGGUF (exit 7), by its class
+    over the error channel, not guessed from an exit status."""
+    from orion_cli.errors import NotAGGUF
+
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    code, error = _run_child(["quantize", str(bad), str(tmp_path / "out.gguf"), "Q8_0", "1", "0"])
+    assert code == 1 and isinstance(error, NotAGGUF) and error.exit_code == 7
+    assert "could not quantize not-a-model.gguf to Q8_0" in error.message
+
+
+def test_the_rpc_server_child_reports_a_typed_error():
+    """llama.cpp's RPC server that cannot serve (here: a port that cannot be bound, a host that is not
+    an address) returns; the child says so as RpcServerFailed, which the parent raises as itself."""
+    from orion_cli.rpc_endpoints import RpcServerFailed
+
+    code, error = _run_child(["rpc-server", "256.256.256.256", "50052", "1"])
+    assert code == 1 and isinstance(error, RpcServerFailed), error
+    assert "256.256.256.256:50052" in error.message
+
+
+def test_a_child_without_a_channel_still_says_what_went_wrong(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    done = subprocess.run([sys.executable, "-m", "orion_cli.engine.children", "quantize", str(bad),
+                           str(tmp_path / "o.gguf"), "Q8_0", "1", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "error: llama.cpp could not quantize x.gguf" in done.stderr

@@ -17,6 +17,19 @@ from .spec import Timings
 from .sampling import Sampling, sampler_chain
 
 
+def chat_messages(system: str | None, history: Sequence[dict], prompt: str, images: Sequence = ()) -> list[dict]:
+    """OpenAI-shaped messages for a chat template: the system text, the earlier turns, then the user's
+    prompt (with its images as file URLs, for a vision model)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+    if images:
+        from pathlib import Path
+
+        content = [{"type": "text", "text": prompt}] + [
+            {"type": "image_url", "image_url": {"url": Path(p).absolute().as_uri()}} for p in images]
+        return messages + [{"role": "user", "content": content}]
+    return messages + [{"role": "user", "content": prompt}]
+
+
 def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = None,
                   history: Sequence[dict] = (), chat: bool | None = None) -> tuple[list[int], list[str]]:
     """The tokens a prompt is evaluated as, and the template's stop strings: the model's chat
@@ -24,8 +37,7 @@ def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = Non
     :meth:`LoadedModel.chat_mode` for when it applies), else the plain text with BOS."""
     llm = model._llm
     prompt, system, use_chat = model.chat_mode(prompt, system, history, chat)
-    messages = ([{"role": "system", "content": system}] if system else []) + list(history) + [
-        {"role": "user", "content": prompt}]
+    messages = chat_messages(system, history, prompt)
     if not use_chat:  # plain text
         text = f"{system}\n\n{prompt}" if system else prompt
         return llm.tokenize(text.encode(), add_bos=True, special=True), []

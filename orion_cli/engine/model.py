@@ -9,7 +9,8 @@ from typing import Iterator, Sequence
 
 from ..gguf_header import GGUFHeader
 from ._binding import decode_alone, raw_context, return_freed_memory
-from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long, prompt_tokens
+from .decoder import (LLAMA_CPP_TOO_LONG, ParallelDecoder, chat_messages, cut_at_stops, prompt_too_long,
+                      prompt_tokens)
 from .encoder_pool import EncoderPool
 from .sampling import Sampling, llama_cpp_sampling_kwargs
 from .spec import LoadSpec, Timings
@@ -99,15 +100,7 @@ class LoadedModel:
         self._llm.reset()
         start = time.perf_counter()
         first = None
-        messages = ([{"role": "system", "content": system}] if system else []) + list(history)
-        if images:
-            content = [{"type": "text", "text": prompt}] + [
-                {"type": "image_url", "image_url": {"url": Path(p).absolute().as_uri()}} for p in images
-            ]
-            messages.append({"role": "user", "content": content})
-        else:
-            messages.append({"role": "user", "content": prompt})
-        stream = self._llm.create_chat_completion(messages=messages, max_tokens=max_tokens, stream=True,
+        stream = self._llm.create_chat_completion(messages=chat_messages(system, history, prompt, images), max_tokens=max_tokens, stream=True,
                                                   **llama_cpp_sampling_kwargs(sampling))
         n = 0
         try:
