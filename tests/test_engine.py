@@ -255,3 +255,29 @@ def test_llama_cpp_log_stays_quiet_without_debug(orion, gemma_q4):
     assert quiet.returncode == 0 and "llama_" not in quiet.stderr and "n_ctx_train" not in quiet.stderr
     loud = orion("--debug", *args)
     assert loud.returncode == 0 and "n_ctx_train" in loud.stderr
+
+
+def test_the_reach_ins_hold_for_the_pinned_llama_cpp_python(gemma_q4):
+    """orion_cli.engine._binding (and the decoder) lean on llama-cpp-python's internals: this fails
+    loudly, naming the one that moved, the day an upgrade changes them. pyproject pins the version."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as C
+    from llama_cpp import llama_chat_format
+
+    from orion_cli.engine._binding import model_params, raw_context, raw_model
+
+    assert llama_cpp.__version__ == "0.3.36", "written against 0.3.36: check every reach-in of engine/_binding.py"
+    model_fields = {name for name, _ in C.llama_model_params._fields_}
+    assert {"use_extra_bufts", "progress_callback", "devices"} <= model_fields
+    assert {"n_seq_max", "kv_unified"} <= {name for name, _ in C.llama_context_params._fields_}
+    original = C.llama_model_default_params
+    with model_params(use_extra_bufts=False):
+        assert C.llama_model_default_params is not original and not C.llama_model_default_params().use_extra_bufts
+    assert C.llama_model_default_params is original
+    assert callable(llama_chat_format.format_llama2) and hasattr(llama_chat_format, "Jinja2ChatFormatter")
+    model = load(LoadSpec(gemma_q4, 256, 2))
+    try:
+        assert raw_context(model._llm) and raw_model(model._llm) and model._llm.context_params.n_ctx == 256
+        assert llama_cpp.llama_model_get_vocab(raw_model(model._llm))
+    finally:
+        model.close()
