@@ -1,16 +1,21 @@
-"""The encoder as a client of ``orion serve``: the same surface as :class:`orion_cli.embeddings.Encoder`.
+"""The work of ``orion serve`` seen from a client, and the policy "the server if one runs, else this
+process": :class:`EncoderSource` for ``orion embed`` and ``orion search``, :func:`chat_backend` for
+``orion run`` (the backend a :class:`orion_cli.chat.ChatSession` drives).
 
-``orion embed`` and ``orion search`` use it when a server is running, so the model is loaded
-once, in the server, for every client. If the server stops answering in the middle, the work
-goes on in this process from where it was: the file being embedded is embedded again
-locally (nothing of it was stored yet), with a one-line notice.
+With a server running, the model is loaded once, in the server, for every client. If the server
+stops answering in the middle, the work goes on in this process from where it was, with a
+one-line notice: the file being embedded is embedded again locally (nothing of it was stored
+yet); the answer being streamed is asked again here, the conversation kept.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 from .client import ServerClient, ServerGone
+
+Notice = Callable[[str], None]
 
 BATCH_TEXTS = 64  # texts per /v1/embeddings request (progress is reported between them)
 
@@ -98,3 +103,200 @@ class RemoteEncoder:
         if len(out) < len(texts):
             out += self.local.encode_f16(list(texts[len(out):]), on_done=on_done)
         return out
+
+
+class EncoderSource:
+    """Where encoding happens: a running 'orion serve' (one encoder for every client), or this
+    process through the model manager (``local=True``, no server, or one that did not answer);
+    loaded only when asked for (a re-run over an unchanged corpus loads nothing). If the server
+    stops answering, the work finishes here. ``notice`` gets the one line that says so."""
+
+    def __init__(self, model: str | None, collection_model: str | None = None, *, local: bool = False,
+                 notice: Notice | None = None) -> None:
+        import contextlib
+
+        self.model = model
+        self._notice = notice or (lambda line: None)
+        self._stack = contextlib.ExitStack()
+        self._manager = None
+        self.remote: RemoteEncoder | None = None if local else self._remote_encoder(collection_model)
+        if self.remote is not None:
+            self.model_id, self.dim, self.via = self.remote.model_id, self.remote.dim, self.remote.client.info.url
+        else:
+            self._setup_local(collection_model)
+            self.via = "this process"
+
+    def _remote_encoder(self, collection_model: str | None) -> RemoteEncoder | None:
+        """The running server's encoder, or None (no server, or it did not answer)."""
+        from .discovery import live_server
+
+        info = live_server()
+        if info is None:
+            return None
+        try:
+            return RemoteEncoder(ServerClient(info), self.model, prefer_id=collection_model,
+                                 fallback=self._local_encoder, notice=self._notice)
+        except ServerGone as exc:
+            self._notice(f"{exc.message}; working in this process")
+            return None
+
+    def _setup_local(self, prefer_id: str | None) -> None:
+        from ..gguf_header import read_local_header
+        from ..loading import encoder_model, manager_for, model_request
+        from ..strategy import load_strategy
+
+        strategy = load_strategy()
+        local, self.model_id, self.max_tokens = encoder_model(self.model, strategy, prefer_id=prefer_id)
+        self._manager = manager_for(strategy)
+        self._request = model_request(local, strategy, n_ctx=self.max_tokens, embedding=True)
+        self.dim = read_local_header(Path(local.path)).n_embd
+
+    def _local_encoder(self, model_id: str | None = None):
+        from ..embeddings import Encoder
+
+        if self._manager is None:  # the server went away: the same model and type, here
+            self._setup_local(model_id)
+        loaded = self._stack.enter_context(self._manager.use(self._request))
+        return Encoder(loaded, model_id=self.model_id, max_tokens=self.max_tokens)
+
+    def make(self):
+        """The encoder (the server's, or one loaded here now)."""
+        return self.remote if self.remote is not None else self._local_encoder()
+
+    def close(self) -> None:
+        self._stack.close()
+        if self._manager is not None:
+            self._manager.close()
+
+
+# ---------------------------------------------------------------- chat
+
+
+def server_name(model: str) -> str:
+    """The name to send to a server: a path made absolute (the server's folder is not ours)."""
+    path = Path(model).expanduser()
+    return str(path.absolute()) if path.exists() else model
+
+
+class RemoteChat:
+    """A chat backend (see :class:`orion_cli.chat.ChatSession`) answered by ``orion serve``."""
+
+    keeps_turns = True  # the server formats the conversation with the model's template
+
+    def __init__(self, client: ServerClient, model: str, sampling: dict) -> None:
+        self.client = client
+        self.name = server_name(model)
+        self.sampling = {k: v for k, v in sampling.items() if v is not None}
+        self.via: str | None = client.info.url
+
+    def reply(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
+              images: Sequence[Path] = (), timings=None) -> Iterator[str]:
+        """The server's answer, piece by piece (its timings into ``timings``)."""
+        from ..chat import chat_messages
+
+        body = {"model": self.name, "messages": chat_messages(prompt, system=system, history=history),
+                "stream": True, "stream_options": {"include_usage": True}, **self.sampling}
+        for doc in self.client.events("POST", "/v1/chat/completions", body):
+            if doc.get("timings") and timings is not None:
+                t = doc["timings"]
+                timings.load_s, timings.prompt_tokens, timings.gen_tokens = t["load_s"], t["prompt_tokens"], \
+                    t["generated_tokens"]
+                timings.prompt_s = t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
+                timings.gen_s = t["generated_tokens"] / t["generation_tok_s"] if t["generation_tok_s"] else 0.0
+            for choice in doc.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    yield piece
+
+    def load(self, name: str) -> None:
+        name = server_name(name)
+        self.client.post("/api/load", {"model": name})
+        self.name = name  # only once loaded: a wrong name keeps the model talked to
+
+    def loaded(self) -> dict:
+        """The server's ``/api/ps``: ``models`` (name, estimate_bytes, in_use, idle_s, pinned...),
+        ``max_models``, ``budget_bytes``."""
+        return self.client.get("/api/ps")
+
+    def close(self) -> None:
+        return None
+
+
+class ServedChat:
+    """A chat backend that is the server's while it answers, and this process's after: when the
+    server goes, ``notice`` says so once, ``make_local(name)`` makes the in-process backend, and the
+    call is made again there (an answer lost half-way raises :class:`orion_cli.chat.AnswerLost`,
+    so the session asks again)."""
+
+    def __init__(self, remote: RemoteChat, make_local: Callable[[str], object], notice: Notice | None = None) -> None:
+        self.remote = remote
+        self.local = None
+        self._make_local = make_local
+        self._notice = notice or (lambda line: None)
+
+    @property
+    def current(self):
+        return self.local if self.local is not None else self.remote
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    @property
+    def via(self) -> str | None:
+        return self.current.via
+
+    @property
+    def keeps_turns(self) -> bool:
+        return self.current.keeps_turns
+
+    def _go_local(self, exc: ServerGone):
+        self._notice(exc.message)
+        self.local = self._make_local(self.remote.name)
+        return self.local
+
+    def reply(self, prompt: str, **kwargs) -> Iterator[str]:
+        if self.local is not None:
+            yield from self.local.reply(prompt, **kwargs)
+            return
+        try:
+            yield from self.remote.reply(prompt, **kwargs)
+        except ServerGone as exc:
+            from ..chat import AnswerLost
+
+            self._go_local(exc)
+            raise AnswerLost(exc.message) from exc
+
+    def load(self, name: str) -> None:
+        if self.local is None:
+            try:
+                return self.remote.load(name)
+            except ServerGone as exc:
+                self._go_local(exc)
+        self.local.load(name)
+
+    def loaded(self) -> dict:
+        if self.local is None:
+            try:
+                return self.remote.loaded()
+            except ServerGone as exc:
+                self._go_local(exc)
+        return self.local.loaded()
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
+
+
+def chat_backend(model: str, sampling: dict, make_local: Callable[[str], object], *, local: bool = False,
+                 notice: Notice | None = None):
+    """The backend that answers ``model``: the running server's (falling back to
+    ``make_local(name)`` if it goes away), else ``make_local(model)``. ``notice(message)`` is
+    called once, with the server's last word, when the work moves here."""
+    if not local:
+        from .discovery import live_server
+
+        info = live_server()
+        if info is not None:
+            return ServedChat(RemoteChat(ServerClient(info), model, sampling), make_local, notice)
+    return make_local(model)
