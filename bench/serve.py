@@ -41,9 +41,10 @@ PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicy
 
 PEER = r"""
 import sys
-from orion_cli.engine import _model_params, current_check
+from orion_cli.engine import current_check
+from orion_cli.engine._binding import model_params
 check = current_check()
-with _model_params(use_extra_bufts=check.use_extra_bufts):  # the engine check's settings, as orion loads
+with model_params(use_extra_bufts=check.use_extra_bufts):  # the engine check's settings, as orion loads
     sys.argv = ["llama_cpp.server"] + sys.argv[1:]
     from llama_cpp.server.__main__ import main
     main()
