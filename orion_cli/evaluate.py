@@ -44,6 +44,23 @@ class EvalResult:
         return asdict(self)
 
 
+def compare(results: list[EvalResult], n_ctx: int, budget_bytes: int) -> list[dict]:
+    """Each result with its perplexity above the best one's, its memory estimate at ``n_ctx`` and
+    whether that fits ``budget_bytes``."""
+    from .engine import machine_settings
+    from .estimate import estimate_memory
+    from .gguf_header import read_local_header
+
+    settings = machine_settings()
+    best = min(r.perplexity for r in results)
+    rows = []
+    for r in results:
+        est = estimate_memory(read_local_header(Path(r.path)), n_ctx, settings).total_bytes
+        rows.append(r.to_dict() | {"delta_perplexity": r.perplexity - best, "estimate_bytes": est,
+                                   "fits_budget": est <= budget_bytes})
+    return rows
+
+
 def default_text() -> str:
     from importlib.resources import files
 

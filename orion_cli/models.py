@@ -210,6 +210,46 @@ def catalog_entry_for_repo(repo: str) -> CatalogEntry | None:
 
 
 
+def import_gguf(path: Path, *, name: str | None = None, projector: Path | None = None, replace: bool = False,
+                registry: Registry | None = None):
+    """Register a local GGUF (and the vision projector that goes with it) under ``name`` (default:
+    its file name); the file stays where it is. Returns the model and its header."""
+    from ._fs import now_iso
+    from .estimate import ENCODER_ARCHITECTURES
+    from .gguf_header import read_local_header
+
+    header = read_local_header(path)  # a missing, non-GGUF or damaged file fails here, clearly
+    proj_path = None
+    if projector is not None:
+        read_local_header(projector)
+        proj_path = str(projector)
+    name = valid_name(name or default_name_for("local", path.name))
+    kind = "vision" if proj_path else ("encoder" if header.architecture in ENCODER_ARCHITECTURES else "llm")
+    model = LocalModel(name=name, kind=kind, path=str(path), source="import", file_type=header.file_type,
+                       size_bytes=header.file_size or path.stat().st_size, projector_path=proj_path, added=now_iso())
+    (registry or Registry()).add(model, replace=replace)
+    return model, header
+
+
+def import_encoder_folder(folder: Path, *, name: str | None = None, replace: bool = False,
+                          registry: Registry | None = None) -> LocalModel:
+    """Register a Hugging Face BERT encoder folder as it is (orion embed converts it to GGUF on first use)."""
+    from ._fs import now_iso
+    from .convert import read_json
+    from .errors import InvalidValue
+
+    config = read_json(folder / "config.json")
+    if config.get("model_type") != "bert" or not (folder / "model.safetensors").exists():
+        raise InvalidValue(f"{folder} is not a BERT encoder with model.safetensors",
+                           hint="orion imports GGUF files and BERT encoder folders")
+    name = valid_name(name or default_name_for("local", folder.name))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    model = LocalModel(name=name, kind="encoder", path=str(folder), source="import", file_type="safetensors",
+                       size_bytes=size, added=now_iso())
+    (registry or Registry()).add(model, replace=replace)
+    return model
+
+
 def projector_shared(registry: Registry, model: LocalModel) -> bool:
     """Whether another registered model uses ``model``'s projector file (then it stays)."""
     return any(m.projector_path == model.projector_path and m.name != model.name

@@ -54,6 +54,14 @@ def resolve_type(name: str) -> str:
                        hint=f"use a level (q4, q8, q16, q32) or one of {', '.join(QUANTIZABLE)}")
 
 
+def parse_ladder(text: str) -> list[str]:
+    """The types of a comma-separated ladder (levels or types), each once, in the order given."""
+    types = [resolve_type(t) for t in text.split(",") if t.strip()]
+    if not types:
+        raise InvalidValue("--ladder is empty", hint="for example --ladder Q4_K_M,Q8_0,F16")
+    return list(dict.fromkeys(types))
+
+
 def _bytes_per_weight(type_name: str) -> float:
     from .quant_types import MAIN_TENSOR_TYPE
 
