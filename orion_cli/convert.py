@@ -33,7 +33,7 @@ class ConvertResult:
     pooling: str
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -47,12 +47,12 @@ def pooling_of(folder: Path) -> str:
     modules = folder / "modules.json"
     pooling_dir = None
     if modules.exists():
-        for m in _read_json(modules):
+        for m in read_json(modules):
             if m.get("type", "").endswith("Pooling"):
                 pooling_dir = folder / m.get("path", "1_Pooling")
     cfg = pooling_dir / "config.json" if pooling_dir else folder / "1_Pooling" / "config.json"
     if cfg.exists():
-        p = _read_json(cfg)
+        p = read_json(cfg)
         if p.get("pooling_mode_cls_token"):
             return "cls"
         if not p.get("pooling_mode_mean_tokens", True):
@@ -105,7 +105,7 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         raise InvalidValue(f"--to {target!r} is not a conversion target", hint=f"use one of {', '.join(TARGETS)}")
     if not folder.is_dir():
         raise NotFound(f"no model folder {folder}", hint="pass a folder with config.json and model.safetensors")
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config.get("model_type") != "bert":
         raise InvalidValue(f"{folder} holds a {config.get('model_type')!r} model; orion converts BERT encoders",
                            hint="for other models use llama.cpp's convert_hf_to_gguf.py")
@@ -157,9 +157,9 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         w.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
         w.add_causal_attention(False)
         st_config = folder / "sentence_bert_config.json"
-        if st_config.exists() and _read_json(st_config).get("max_seq_length"):
+        if st_config.exists() and read_json(st_config).get("max_seq_length"):
             # sentence-transformers truncates at this many word pieces; orion's encoder does the same
-            w.add_uint32(MAX_SEQ_KEY, int(_read_json(st_config)["max_seq_length"]))
+            w.add_uint32(MAX_SEQ_KEY, int(read_json(st_config)["max_seq_length"]))
         w.add_pooling_type(gguf.PoolingType.MEAN if pooling == "mean" else gguf.PoolingType.CLS)
         w.add_file_type(ftype)
         w.add_token_type_count(int(config.get("type_vocab_size", 2)))

@@ -43,7 +43,9 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     if debug:
-        os.environ["ORION_DEBUG"] = "1"
+        from .._debug import enable_debug
+
+        enable_debug()
 
 
 # (command, module, function, examples attribute, one-line help), in --help order.
@@ -82,11 +84,14 @@ def _register(names: set[str] | None = None) -> None:
     """
     from importlib import import_module
 
+    from ._options import command_class
+
     for name, module, func, examples, short in COMMANDS:
         if names is not None and name not in names:
             continue
         mod = import_module(f"{__name__}.{module}")
-        app.command(name, epilog=getattr(mod, examples), short_help=short)(getattr(mod, func))
+        command = getattr(mod, func)
+        app.command(name, epilog=getattr(mod, examples), short_help=short, cls=command_class(command))(command)
 
 
 def _command_in(args: list[str]) -> str | None:
@@ -99,15 +104,9 @@ def _command_in(args: list[str]) -> str | None:
 
 
 def _print_error(line: str) -> None:
-    from ._output import err_console
+    from ._output import out
 
-    err_console().print(f"[bold red]error:[/] {_escape(line)}", highlight=False, soft_wrap=True)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    out.error(line)
 
 
 def _usage_error_class() -> type[Exception]:
@@ -132,8 +131,9 @@ def _environment_error(exc: BaseException) -> OrionError | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``orion`` console script."""
+    from .._debug import debug_enabled
+
     args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args or os.environ.get("ORION_DEBUG") == "1"
     if os.environ.get(COMPLETE_VAR):  # the shell asks for completions: only then is this path taken
         from typer.completion import completion_init
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=args, prog_name="orion", standalone_mode=False)
     except OrionError as exc:
-        if debug:
+        if debug_enabled():
             import traceback
 
             traceback.print_exc()
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except Exception as exc:  # the environment (a full disk, a permission, a locked store), else a bug
-        if debug:
+        if debug_enabled():
             import traceback
 
             traceback.print_exc()

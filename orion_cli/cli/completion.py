@@ -1,6 +1,7 @@
 """``orion completion SHELL``: the script that lets bash, zsh or fish complete orion's commands,
 options and model names. The shell runs orion with ``_ORION_COMPLETE`` set to ask for completions;
-that path is taken only then, so it costs nothing to every other start."""
+that path is taken only then, so it costs nothing to every other start. Model names complete
+through ``_options.model_names``, the model arguments' completer."""
 
 from __future__ import annotations
 
@@ -34,15 +35,3 @@ def completion(
     from . import COMPLETE_VAR
 
     print(get_completion_script(prog_name="orion", complete_var=COMPLETE_VAR, shell=name))
-
-
-def model_names(incomplete: str) -> list[str]:
-    """Model names for a MODEL argument: the registry's, then the catalog's (no network)."""
-    from ..models import Registry, catalog
-
-    try:
-        names = list(Registry().all())
-    except Exception:  # a damaged registry must not break the shell's completion
-        names = []
-    names += [n for n in catalog() if n not in names]
-    return [n for n in names if n.startswith(incomplete)]

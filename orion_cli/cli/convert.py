@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ._output import examples
+from ._options import GgufOutOpt, ReplaceOutOpt, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion convert ./all-MiniLM-L6-v2 -o minilm-f16.gguf", "a local model folder"),
@@ -16,12 +17,12 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the result as JSON.")
 def convert(
     source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a catalog name (minilm) or org/repo.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF file to write.", metavar="OUT.gguf")],
+    output: GgufOutOpt,
     to: Annotated[str, typer.Option("--to", help="Weight type: f32, f16 or q8_0.", metavar="TYPE")] = "f16",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    force: ReplaceOutOpt = False,
 ) -> None:
     """Convert a BERT encoder (safetensors, config, WordPiece vocabulary) to a GGUF llama.cpp loads.
 
@@ -39,17 +40,11 @@ def convert(
         raise InvalidValue(f"{output} already exists", hint="choose another -o, or add --force")
     folder = _source_folder(source)
     result = convert_bert(folder, output, to)
-    if json_output:
-        from ._output import print_json
-
-        print_json({"path": str(result.path), "type": result.target, "tensors": result.tensors,
-                    "parameters": result.parameters, "size_bytes": result.size_bytes, "pooling": result.pooling})
-        return
-    from ._output import console
-
-    console().print(f"Wrote [bold]{result.path}[/]: {result.target}, {result.tensors} tensors, "
-                    f"{result.parameters / 1e6:.1f} M parameters, {format_bytes(result.size_bytes)}, "
-                    f"{result.pooling} pooling")
+    out.result({"path": str(result.path), "type": result.target, "tensors": result.tensors,
+                "parameters": result.parameters, "size_bytes": result.size_bytes, "pooling": result.pooling},
+               lambda: f"Wrote [bold]{result.path}[/]: {result.target}, {result.tensors} tensors, "
+                       f"{result.parameters / 1e6:.1f} M parameters, {format_bytes(result.size_bytes)}, "
+                       f"{result.pooling} pooling")
 
 
 def _source_folder(source: str) -> Path:

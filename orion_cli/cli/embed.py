@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._output import examples
+from ._options import LocalOpt, json_option
+from ._output import examples, out
 
 EMBED_EXAMPLES = examples(
     ("orion embed notes/ --collection notes", "embed every text file under notes/"),
@@ -70,90 +71,21 @@ def _collection_model(name: str) -> str | None:
         store.close()
 
 
-class _EncoderSource:
-    """Where encoding happens: a running 'orion serve' (one encoder for every client), or this
-    process through the model manager; loaded only when asked for (a re-run over an unchanged
-    corpus loads nothing). If the server stops answering, the work finishes here."""
+def _encoder_source(model: str | None, collection_model: str | None = None, *, local: bool = False):
+    """Who encodes: the running 'orion serve', else this process (the server layer decides)."""
+    from ..server.remote import EncoderSource
 
-    def __init__(self, model: str | None, collection_model: str | None = None, *, local: bool = False) -> None:
-        import contextlib
-
-        self.model = model
-        self._stack = contextlib.ExitStack()
-        self._manager = None
-        self.remote = None
-        if not local:
-            self.remote = _remote_encoder(model, collection_model, self._local_encoder)
-        if self.remote is not None:
-            self.model_id, self.dim, self.via = self.remote.model_id, self.remote.dim, self.remote.client.info.url
-        else:
-            self._setup_local(collection_model)
-            self.via = "this process"
-
-    def _setup_local(self, prefer_id: str | None) -> None:
-        from ..gguf_header import read_local_header
-        from ..loading import encoder_model, manager_for, model_request
-        from ..strategy import load_strategy
-
-        strategy = load_strategy()
-        local, self.model_id, self.max_tokens = encoder_model(self.model, strategy, prefer_id=prefer_id)
-        self._manager = manager_for(strategy)
-        self._request = model_request(local, strategy, n_ctx=self.max_tokens, embedding=True)
-        self.dim = read_local_header(Path(local.path)).n_embd
-
-    def _local_encoder(self, model_id: str | None = None):
-        from ..embeddings import Encoder
-
-        if self._manager is None:  # the server went away: the same model and type, here
-            self._setup_local(model_id)
-        loaded = self._stack.enter_context(self._manager.use(self._request))
-        return Encoder(loaded, model_id=self.model_id, max_tokens=self.max_tokens)
-
-    def make(self):
-        return self.remote if self.remote is not None else self._local_encoder()
-
-    def close(self) -> None:
-        self._stack.close()
-        if self._manager is not None:
-            self._manager.close()
+    return EncoderSource(model, collection_model, local=local, notice=out.notice)
 
 
-def _remote_encoder(model: str | None, collection_model: str | None, fallback):
-    """The running server's encoder, or None (no server, or it did not answer)."""
-    from ..server.client import ServerClient, ServerGone
-    from ..server.discovery import live_server
-    from ..server.remote import RemoteEncoder
-
-    info = live_server()
-    if info is None:
-        return None
-    try:
-        return RemoteEncoder(ServerClient(info), model, prefer_id=collection_model, fallback=fallback,
-                             notice=_notice)
-    except ServerGone as exc:
-        _notice(f"{exc.message}; working in this process")
-        return None
-
-
-def _notice(line: str) -> None:
-    from rich.markup import escape
-
-    from ._output import err_console
-
-    err_console().print(f"[yellow]notice:[/] {escape(line)}", highlight=False)
-
-
-LOCAL_HELP = "Work in this process even when 'orion serve' is running."
-
-
+@json_option("Print the summary as JSON.")
 def embed(
     paths: Annotated[list[str], typer.Argument(help="Files or folders to embed; '-' reads texts from stdin.")],
     collection: Annotated[Optional[str], typer.Option("--collection", "-c", help="The collection to add to (made on first use).", metavar="NAME")] = None,
     model: Annotated[Optional[str], typer.Option(help="The encoder: a name (default minilm), org/repo, a folder or a GGUF.", metavar="MODEL")] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="With '-': write one JSON object per input line, with its embedding.")] = False,
     hidden: Annotated[bool, typer.Option("--hidden", help="Include hidden files and folders.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    local: Annotated[bool, typer.Option("--local", help=LOCAL_HELP)] = False,
+    local: LocalOpt = False,
 ) -> None:
     """Embed text files into a collection: chunks of at most the model's window, float16 vectors.
 
@@ -177,9 +109,8 @@ def embed(
         raise NotFound(f"no such file or folder: {missing[0]}", hint="check the path")
 
     from ..indexer import embed_paths
-    from ._output import console, err_console
 
-    source = _EncoderSource(model, _collection_model(collection), local=local)
+    source = _encoder_source(model, _collection_model(collection), local=local)
     model_id = source.model_id
     store = _store()
     import time
@@ -206,30 +137,29 @@ def embed(
     finally:
         store.close()
         source.close()
-    if summary.files_seen == 0 and not json_output:
+    if summary.files_seen == 0 and not out.json:
         w = summary.walk
         raise NotFound(f"no text file to embed in {', '.join(paths)}",
                        hint=f"skipped: {w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, "
                             f"{w.unreadable} unreadable (--hidden includes hidden files)")
-    data = summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
-                                "encoded_by": source.via}
-    if json_output:
-        from ._output import print_json
 
-        print_json(data)
-        return
-    w = summary.walk
-    rate = summary.chunks_embedded / elapsed if elapsed and summary.chunks_embedded else 0.0
-    console().print(
-        f"[bold]{collection}[/]: {summary.files_embedded} file(s) embedded ({summary.chunks_embedded} chunks, "
-        f"{rate:.1f} chunks/s; {summary.chunks_reused} reused), {summary.files_unchanged} unchanged, "
-        f"{summary.files_dropped} dropped, {summary.files_failed} failed in {elapsed:.1f} s")
-    skipped = f"{w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, {w.unreadable} unreadable"
-    if w.loops:
-        skipped += f", {w.loops} symlink loop(s)"
-    console().print(f"[dim]skipped: {skipped}[/]")
-    for failure in summary.failures[:5]:
-        err_console().print(f"[yellow]failed[/] {failure}")
+    def human() -> None:
+        from ._output import err_console
+
+        w = summary.walk
+        rate = summary.chunks_embedded / elapsed if elapsed and summary.chunks_embedded else 0.0
+        out.text(f"[bold]{collection}[/]: {summary.files_embedded} file(s) embedded ({summary.chunks_embedded} chunks, "
+                 f"{rate:.1f} chunks/s; {summary.chunks_reused} reused), {summary.files_unchanged} unchanged, "
+                 f"{summary.files_dropped} dropped, {summary.files_failed} failed in {elapsed:.1f} s")
+        skipped = f"{w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, {w.unreadable} unreadable"
+        if w.loops:
+            skipped += f", {w.loops} symlink loop(s)"
+        out.text(f"[dim]skipped: {skipped}[/]")
+        for failure in summary.failures[:5]:
+            err_console().print(f"[yellow]failed[/] {failure}")
+
+    out.result(summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
+                                    "encoded_by": source.via}, human)
 
 
 def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
@@ -241,7 +171,7 @@ def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
         raise InvalidValue("'-' reads texts from stdin and writes JSON lines", hint="add --jsonl")
     lines = [line.rstrip("\n") for line in sys.stdin]
     texts = [t for t in lines if t.strip()]
-    source = _EncoderSource(model, local=local)
+    source = _encoder_source(model, local=local)
     model_id = source.model_id
     try:
         vectors = source.make().encode(texts) if texts else []
@@ -252,13 +182,13 @@ def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
         out.write(json.dumps({"text": text, "model": model_id, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
 
 
+@json_option("Print the results as JSON.")
 def search(
     query: Annotated[str, typer.Argument(help="What to look for, in words.")],
     collection: Annotated[str, typer.Option("--collection", "-c", help="The collection to search.", metavar="NAME")],
     n: Annotated[int, typer.Option("-n", help="How many results.", metavar="K")] = 5,
     model: Annotated[Optional[str], typer.Option(help="The encoder the collection was made with (default minilm).", metavar="MODEL")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-    local: Annotated[bool, typer.Option("--local", help=LOCAL_HELP)] = False,
+    local: LocalOpt = False,
 ) -> None:
     """Search a collection: the chunks closest in meaning to QUERY, with file, lines and score."""
     from ..errors import InvalidValue
@@ -271,7 +201,7 @@ def search(
     store = _store()
     try:
         c = store.collection(collection)
-        source = _EncoderSource(model, c.model_id, local=local)
+        source = _encoder_source(model, c.model_id, local=local)
         try:
             if source.model_id != c.model_id:
                 raise InvalidValue(f"collection {collection!r} was made with {c.model_id}, not {source.model_id}",
@@ -282,30 +212,26 @@ def search(
         results = do_search(store, c, q, n)
     finally:
         store.close()
-    if json_output:
-        from ._output import print_json
 
-        print_json({"query": query, "collection": collection, "results": [
-            {"score": round(score, 4), "path": r.path, "start_line": r.start_line, "end_line": r.end_line,
-             "text": r.text} for score, r in results]})
-        return
-    from rich.markup import escape
+    def human() -> None:
+        from ._output import escape, printable
 
-    from ._output import console, printable
+        if not results:
+            out.text(f"{collection} is empty: 'orion embed PATH --collection {collection}'")
+        for score, r in results:
+            out.text(f"[bold]{score:.3f}[/]  {escape(printable(r.path or '?'))}:{r.start_line}-{r.end_line}")
+            snippet = " ".join(r.text.split())[:200]
+            out.text(f"       [dim]{escape(printable(snippet))}[/]")
 
-    out = console()
-    if not results:
-        out.print(f"{collection} is empty: 'orion embed PATH --collection {collection}'")
-    for score, r in results:
-        out.print(f"[bold]{score:.3f}[/]  {escape(printable(r.path or '?'))}:{r.start_line}-{r.end_line}")
-        snippet = " ".join(r.text.split())[:200]
-        out.print(f"       [dim]{escape(printable(snippet))}[/]")
+    out.result({"query": query, "collection": collection, "results": [
+        {"score": round(score, 4), "path": r.path, "start_line": r.start_line, "end_line": r.end_line,
+         "text": r.text} for score, r in results]}, human)
 
 
+@json_option("Print as JSON.")
 def collections(
     name: Annotated[Optional[str], typer.Argument(help="One collection to show.")] = None,
     rm: Annotated[bool, typer.Option("--rm", help="Delete the named collection.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """List the collections (model, files, chunks, vector bytes); show or delete one."""
     from ..errors import InvalidValue
@@ -322,22 +248,15 @@ def collections(
         items = [store.stats(store.collection(name))] if name else [store.stats(c) for c in store.collections()]
     finally:
         store.close()
-    if json_output:
-        from ._output import print_json
 
-        print_json({"collections": items})
-        return
-    if not items:
-        console().print("No collections yet: 'orion embed PATH --collection NAME'.")
-        return
-    from rich.table import Table
+    def human() -> str | None:
+        from ..units import format_bytes
 
-    from ..units import format_bytes
+        if not items:
+            return "No collections yet: 'orion embed PATH --collection NAME'."
+        out.table(["name", "model", "dim", "files", "chunks", "vectors", "created"],
+                  [(i["name"], i["model"], i["dim"], i["files"], i["chunks"], format_bytes(i["vector_bytes"]),
+                    i["created"]) for i in items])
+        return None
 
-    t = Table(box=None, pad_edge=False)
-    for col in ("name", "model", "dim", "files", "chunks", "vectors", "created"):
-        t.add_column(col)
-    for i in items:
-        t.add_row(i["name"], i["model"], str(i["dim"]), str(i["files"]), str(i["chunks"]),
-                  format_bytes(i["vector_bytes"]), i["created"])
-    console().print(t)
+    out.result({"collections": items}, human)

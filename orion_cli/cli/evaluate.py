@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import LocalModelArg, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion eval gemma3-270m", "perplexity on the built-in text (Python docs)"),
@@ -19,14 +18,14 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the results as JSON.")
 def evaluate(
-    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.", autocompletion=model_names)],
+    model: LocalModelArg,
     text: Annotated[Optional[Path], typer.Option(help="The text to score (default: Python's own docs, shipped with orion).", metavar="FILE")] = None,
     ctx: Annotated[int, typer.Option(help="Window size in tokens; the second half of each window is scored.", metavar="N")] = 512,
     ladder: Annotated[Optional[str], typer.Option(help="Comma-separated types or levels to quantize to and compare.", metavar="T1,T2")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown here.", metavar="FILE")] = None,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.", metavar="FILE")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Measure a model: perplexity (± standard error), prompt and generation tokens/s, load time, peak RSS.
 
@@ -38,10 +37,10 @@ def evaluate(
     import tempfile
 
     from ..errors import InvalidValue, NotFound
-    from ..evaluate import default_text, evaluate_in_child
+    from ..evaluate import compare, default_text, evaluate_in_child
     from ..models import local_path
+    from ..quantize import parse_ladder
     from ..strategy import load_strategy
-    from ._output import err_console
 
     if ctx < 64:
         raise InvalidValue(f"--ctx {ctx} is too small", hint="use 256 or more")
@@ -58,67 +57,32 @@ def evaluate(
     try:
         targets = [(path, None)]
         if ladder:
-            targets = [(_ladder_file(path, t, strategy.threads), t) for t in _parse_ladder(ladder)]
+            targets = [(_ladder_file(path, t, strategy.threads), t) for t in parse_ladder(ladder)]
         results = []
         for target, label in targets:
-            with err_console().status(f"Evaluating {target.name}…"):
+            with out.status(f"Evaluating {target.name}…"):
                 results.append(evaluate_in_child(target, text_file, ctx, strategy.threads))
     finally:
         text_file.unlink(missing_ok=True)
-    rows = _rows(results, strategy)
+    rows = compare(results, strategy.n_ctx, strategy.memory_budget_bytes)
     if markdown:
         markdown.write_text(_markdown(rows, model, ctx))
     if csv_path:
         _write_csv(csv_path, rows)
-    if json_output:
-        from ._output import print_json
-
-        print_json({"model": str(path), "ctx": ctx, "results": rows})
-        return
-    _render(rows)
-
-
-def _parse_ladder(text: str) -> list[str]:
-    from ..quantize import resolve_type
-
-    types = [resolve_type(t) for t in text.split(",") if t.strip()]
-    if not types:
-        from ..errors import InvalidValue
-
-        raise InvalidValue("--ladder is empty", hint="for example --ladder Q4_K_M,Q8_0,F16")
-    return list(dict.fromkeys(types))
+    out.result({"model": str(path), "ctx": ctx, "results": rows}, lambda: _render(rows))
 
 
 def _ladder_file(src: Path, type_name: str, threads: int) -> Path:
     """The model at ``type_name``: the file itself, or a cached quantization (made now if needed)."""
     from ..quantize import ladder_file
-    from ._output import err_console
 
-    def make(out: Path) -> None:
+    def make(dst: Path) -> None:
         from ..quantize import quantize
 
-        with err_console().status(f"Quantizing {src.name} to {type_name} (cached for next time)…"):
-            quantize(src, out, type_name, threads=threads, allow_requantize=True)
+        with out.status(f"Quantizing {src.name} to {type_name} (cached for next time)…"):
+            quantize(src, dst, type_name, threads=threads, allow_requantize=True)
 
     return ladder_file(src, type_name, make)
-
-
-def _rows(results, strategy) -> list[dict]:
-    from ..engine import machine_settings
-    from ..estimate import estimate_memory
-    from ..gguf_header import read_local_header
-
-    settings = machine_settings()
-    best = min(r.perplexity for r in results)
-    rows = []
-    for r in results:
-        est = estimate_memory(read_local_header(Path(r.path)), strategy.n_ctx, settings).total_bytes
-        rows.append(r.to_dict() | {
-            "delta_perplexity": r.perplexity - best,
-            "estimate_bytes": est,
-            "fits_budget": est <= strategy.memory_budget_bytes,
-        })
-    return rows
 
 
 HEADERS = ["type", "size", "bits/weight", "perplexity", "Δ vs best", "prompt tok/s", "gen tok/s", "peak RSS",
@@ -135,18 +99,10 @@ def _cells(row: dict) -> list[str]:
 
 
 def _render(rows: list[dict]) -> None:
-    from rich.table import Table
-
-    from ._output import console
-
-    t = Table(box=None, pad_edge=False)
-    for h in HEADERS:
-        t.add_column(h, justify="left" if h in ("type", "fits budget") else "right")
-    for row in rows:
-        t.add_row(*_cells(row))
-    console().print(t)
+    out.table([(h, {"justify": "left" if h in ("type", "fits budget") else "right"}) for h in HEADERS],
+              [_cells(row) for row in rows])
     r = rows[0]
-    console().print(f"[dim]{r['chunks']} windows of {r['n_ctx']} tokens, {r['scored_tokens']} tokens scored[/]")
+    out.text(f"[dim]{r['chunks']} windows of {r['n_ctx']} tokens, {r['scored_tokens']} tokens scored[/]")
 
 
 def _markdown(rows: list[dict], model: str, ctx: int) -> str:

@@ -6,9 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import CtxOpt, RpcOpt, json_option, model_names
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion fetch mistral", "the best file that fits the strategy (same as --auto)"),
@@ -20,15 +19,15 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the plan and the result as JSON.")
 def fetch(
     model: Annotated[str, typer.Argument(help="A catalog name (mistral, llava, bakllava, gemma3-270m, minilm), org/repo or org/repo/file.gguf.", autocompletion=model_names)],
     quant: Annotated[Optional[str], typer.Option(help="A level (q4, q8, q16, q32) or an exact GGUF type (Q5_K_M, Q8_0, F16).", metavar="Q")] = None,
     auto: Annotated[bool, typer.Option("--auto", help="Pick by the strategy: the best file at or below the tier's level that fits the budget and the disk (the default).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every candidate with size, estimate and verdict; download nothing.")] = False,
-    ctx: Annotated[Optional[int], typer.Option(help="Context size the estimate assumes (default: the strategy's).", metavar="N")] = None,
+    ctx: CtxOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the plan and the result as JSON.")] = False,
-    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Count the memory of other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Pick the quantization that fits this device and download it from the Hugging Face Hub.
 
@@ -43,7 +42,7 @@ def fetch(
     from ..fetch import plan_fetch, refuse
     from ..models import resolve, valid_name
     from ..strategy import load_strategy
-    from ._output import console, err_console
+    from ._output import err_console
     from ._render import candidates_table, estimate_table
 
     if auto and quant:
@@ -62,25 +61,22 @@ def fetch(
     if ref.source == "registry" and ref.repo is None:
         raise InvalidValue(f"{model} was imported from {ref.path}, not fetched", hint="it is ready to use")
     if ref.format == "safetensors":
-        return _fetch_snapshot(ref, name, json_output)
+        return _fetch_snapshot(ref, name)
 
-    with err_console().status(f"Reading GGUF headers of {ref.repo}…"):
+    with out.status(f"Reading GGUF headers of {ref.repo}…"):
         plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx)
 
     if dry_run:
-        if json_output:
-            from ._output import print_json
+        def human() -> None:
+            out.text(candidates_table(plan))
+            if plan.chosen:
+                out.text()
+                out.text(estimate_table(plan.chosen.estimate, plan.budget_bytes))
+                out.text(f"\nWould fetch [bold]{plan.chosen.filename}[/] ({plan.chosen.file_type}).")
+            else:
+                out.text(f"\nNothing fits: {plan.hint}")
 
-            print_json({"dry_run": True, "plan": plan.to_dict()})
-            return
-        out = console()
-        out.print(candidates_table(plan))
-        if plan.chosen:
-            out.print()
-            out.print(estimate_table(plan.chosen.estimate, plan.budget_bytes))
-            out.print(f"\nWould fetch [bold]{plan.chosen.filename}[/] ({plan.chosen.file_type}).")
-        else:
-            out.print(f"\nNothing fits: {plan.hint}")
+        out.result({"dry_run": True, "plan": plan.to_dict()}, human)
         return
     if plan.chosen is None:
         raise refuse(plan)
@@ -107,36 +103,28 @@ def fetch(
         raise Interrupted("download interrupted; what arrived is kept",
                           hint=f"run 'orion fetch {model}' again to resume") from None
 
+    from dataclasses import asdict
+
     from ..units import format_bytes
 
-    if json_output:
-        from dataclasses import asdict
+    def human() -> None:
+        out.text(f"Fetched [bold]{local.name}[/]: {plan.chosen.filename} ({local.file_type}, "
+                 f"{format_bytes(local.size_bytes)}), sha256 verified")
+        out.text(f"  {local.path}")
+        if local.projector_path:
+            out.text(f"  projector {local.projector_path}")
+        out.text(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}")
 
-        from ._output import print_json
-
-        print_json({"model": asdict(local), "estimate": plan.chosen.estimate.to_dict(), "plan": plan.to_dict()})
-        return
-    out = console()
-    out.print(f"Fetched [bold]{local.name}[/]: {plan.chosen.filename} ({local.file_type}, "
-              f"{format_bytes(local.size_bytes)}), sha256 verified")
-    out.print(f"  {local.path}")
-    if local.projector_path:
-        out.print(f"  projector {local.projector_path}")
-    out.print(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}")
+    out.result({"model": asdict(local), "estimate": plan.chosen.estimate.to_dict(), "plan": plan.to_dict()}, human)
 
 
-def _fetch_snapshot(ref, name: str | None, json_output: bool) -> None:
+def _fetch_snapshot(ref, name: str | None) -> None:
     """An encoder published as safetensors: its listed files, into the HF cache."""
+    from dataclasses import asdict
+
     from ..fetch import fetch_snapshot
-    from ._output import console, err_console
 
-    with err_console().status(f"Downloading {ref.repo}…"):
+    with out.status(f"Downloading {ref.repo}…"):
         local = fetch_snapshot(ref, name=name)
-    if json_output:
-        from dataclasses import asdict
-
-        from ._output import print_json
-
-        print_json({"model": asdict(local)})
-        return
-    console().print(f"Fetched [bold]{local.name}[/] ({ref.repo}, safetensors) to {local.path}")
+    out.result({"model": asdict(local)},
+               lambda: f"Fetched [bold]{local.name}[/] ({ref.repo}, safetensors) to {local.path}")

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import CtxOpt, RpcOpt, json_option, model_names
+from ._output import examples, out
 
 IMPORT_EXAMPLES = examples(
     ("orion import ~/models/mistral.Q4_K_M.gguf", "register a GGUF under its file name"),
@@ -28,104 +27,64 @@ INSPECT_EXAMPLES = examples(
 )
 
 
+@json_option("Print the registered entry as JSON.")
 def import_(
     path: Annotated[str, typer.Argument(help="A local .gguf file (the first part of a split file), or a BERT encoder folder.")],
     name: Annotated[Optional[str], typer.Option(help="Register under this name (default: the file name).", metavar="NAME")] = None,
     projector: Annotated[Optional[Path], typer.Option(help="The vision projector (mmproj) GGUF that goes with it.", metavar="PATH")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a model already registered under NAME.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the registered entry as JSON.")] = False,
 ) -> None:
     """Register a local GGUF under a short name, for models got elsewhere and offline machines.
 
     The file stays where it is: orion reads it in place, and 'orion rm' never deletes it.
     """
-    from ..gguf_header import read_local_header
-    from ..models import LocalModel, Registry, default_name_for, valid_name
-    from .._fs import now_iso
-    from ..strategy import load_strategy
+    from dataclasses import asdict
 
     from ..errors import InvalidValue
+    from ..models import import_encoder_folder, import_gguf
+    from ..strategy import load_strategy
 
     if not path.strip():  # Path("") is the current folder
         raise InvalidValue("an empty path was given", hint="give the .gguf file or the encoder folder to import")
     path = Path(path).expanduser().absolute()
     if path.is_dir() and (path / "config.json").exists():
-        return _import_folder(path, name, json_output, force)
-    header = read_local_header(path)  # a missing, non-GGUF or damaged file fails here, clearly
-    proj_path = None
-    if projector is not None:
-        projector = projector.expanduser().absolute()
-        read_local_header(projector)
-        proj_path = str(projector)
-    name = valid_name(name or default_name_for("local", path.name))
-    from ..estimate import ENCODER_ARCHITECTURES
-
-    kind = "vision" if proj_path else ("encoder" if header.architecture in ENCODER_ARCHITECTURES else "llm")
-    size = header.file_size or path.stat().st_size
-    model = LocalModel(name=name, kind=kind, path=str(path), source="import", file_type=header.file_type,
-                       size_bytes=size, projector_path=proj_path, added=now_iso())
-    Registry().add(model, replace=force)
+        model = import_encoder_folder(path, name=name, replace=force)
+        out.result({"model": asdict(model)},
+                   lambda: f"Imported [bold]{model.name}[/]: BERT encoder (safetensors), {path}; "
+                           f"converted to GGUF on first use by 'orion embed'")
+        return
+    model, header = import_gguf(path, name=name, replace=force,
+                                projector=projector.expanduser().absolute() if projector is not None else None)
     strategy = load_strategy()
-    if json_output:
-        from dataclasses import asdict
 
-        from ._output import print_json
+    def human() -> None:
+        from ..engine import machine_settings
+        from ..estimate import estimate_memory
+        from ..units import format_bytes
 
-        print_json({"model": asdict(model), "header": header.summary()})
-        return
-    from ..engine import machine_settings
-    from ..estimate import estimate_memory
-    from ..units import format_bytes
-    from ._output import console
+        est = estimate_memory(header, strategy.n_ctx, machine_settings())
+        fits = "fits" if est.total_bytes <= strategy.memory_budget_bytes else "does NOT fit"
+        out.text(f"Imported [bold]{model.name}[/]: {header.architecture} {header.file_type}, "
+                 f"{format_bytes(model.size_bytes)}, {path}")
+        out.text(f"  memory at n_ctx {strategy.n_ctx}: {format_bytes(est.total_bytes)}, {fits} the budget of "
+                 f"{format_bytes(strategy.memory_budget_bytes)}")
 
-    est = estimate_memory(header, strategy.n_ctx, machine_settings())
-    fits = "fits" if est.total_bytes <= strategy.memory_budget_bytes else "does NOT fit"
-    console().print(f"Imported [bold]{name}[/]: {header.architecture} {header.file_type}, {format_bytes(size)}, {path}")
-    console().print(f"  memory at n_ctx {strategy.n_ctx}: {format_bytes(est.total_bytes)}, {fits} the budget of "
-                    f"{format_bytes(strategy.memory_budget_bytes)}")
+    out.result({"model": asdict(model), "header": header.summary()}, human)
 
 
-def _import_folder(folder: Path, name: str | None, json_output: bool, force: bool) -> None:
-    """A Hugging Face encoder folder: registered as is, converted to GGUF on first use (orion embed)."""
-    from ..convert import _read_json
-    from ..errors import InvalidValue
-    from ..models import LocalModel, Registry, default_name_for, valid_name
-    from .._fs import now_iso
-
-    config = _read_json(folder / "config.json")
-    if config.get("model_type") != "bert" or not (folder / "model.safetensors").exists():
-        raise InvalidValue(f"{folder} is not a BERT encoder with model.safetensors",
-                           hint="orion imports GGUF files and BERT encoder folders")
-    name = valid_name(name or default_name_for("local", folder.name))
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    model = LocalModel(name=name, kind="encoder", path=str(folder), source="import", file_type="safetensors",
-                       size_bytes=size, added=now_iso())
-    Registry().add(model, replace=force)
-    if json_output:
-        from dataclasses import asdict
-
-        from ._output import print_json
-
-        print_json({"model": asdict(model)})
-        return
-    from ._output import console
-
-    console().print(f"Imported [bold]{name}[/]: BERT encoder (safetensors), {folder}; "
-                    f"converted to GGUF on first use by 'orion embed'")
-
-
-def list_(
-    json_output: Annotated[bool, typer.Option("--json", help="Print the models as JSON.")] = False,
-) -> None:
+@json_option("Print the models as JSON.")
+def list_() -> None:
     """List the models on this machine: type, size, memory estimate at the strategy's context, and fit."""
+    from dataclasses import asdict
+
+    from ..engine import machine_settings
     from ..models import Registry
     from ..strategy import load_strategy
 
     strategy = load_strategy()
-    rows = []
-    from ..engine import machine_settings
-
+    budget = strategy.memory_budget_bytes
     settings = machine_settings()
+    rows = []
     for m in Registry().all().values():
         est_bytes = None
         status = "ok"
@@ -143,64 +102,50 @@ def list_(
             except OrionError:
                 status = "damaged"
         rows.append((m, est_bytes, status))
-    if json_output:
-        from dataclasses import asdict
 
-        from ._output import print_json
+    def human() -> str | None:
+        from ..units import format_bytes
+        from ._output import escape
 
-        print_json({"n_ctx": strategy.n_ctx, "budget_bytes": strategy.memory_budget_bytes, "models": [
-            asdict(m) | {"estimate_bytes": e, "fits": e is not None and e <= strategy.memory_budget_bytes, "status": s}
-            for m, e, s in rows]})
-        return
-    from rich.markup import escape
-    from rich.table import Table
+        if not rows:
+            return "No models yet: 'orion fetch gemma3-270m', or 'orion import FILE.gguf'."
+        cells = []
+        for m, e, s in rows:
+            fits = {"missing": "[red]file missing[/]", "damaged": "[red]damaged[/]"}.get(
+                s, "[green]yes[/]" if e is not None and e <= budget else ("[red]no[/]" if e else "-"))
+            origin = m.repo if m.source == "hub" else m.path
+            cells.append((m.name, m.kind, m.file_type, format_bytes(m.size_bytes), format_bytes(e) if e else "-", fits,
+                          escape(origin or "")))
+        right = {"justify": "right"}
+        out.table(["name", "kind", "type", ("size", right), ("estimate", right), "fits", "from"], cells,
+                  title=f"Estimates at n_ctx {strategy.n_ctx}, budget {format_bytes(budget)}")
+        return None
 
-    from ..units import format_bytes
-    from ._output import console
-
-    if not rows:
-        console().print("No models yet: 'orion fetch gemma3-270m', or 'orion import FILE.gguf'.")
-        return
-    t = Table(box=None, pad_edge=False, title=f"Estimates at n_ctx {strategy.n_ctx}, budget "
-              f"{format_bytes(strategy.memory_budget_bytes)}", title_justify="left")
-    for col in ("name", "kind", "type", "size", "estimate", "fits", "from"):
-        t.add_column(col, justify="right" if col in ("size", "estimate") else "left")
-    for m, e, s in rows:
-        fits = {"missing": "[red]file missing[/]", "damaged": "[red]damaged[/]"}.get(
-            s, "[green]yes[/]" if e is not None and e <= strategy.memory_budget_bytes else ("[red]no[/]" if e else "-"))
-        origin = m.repo if m.source == "hub" else m.path
-        t.add_row(m.name, m.kind, m.file_type, format_bytes(m.size_bytes), format_bytes(e) if e else "-", fits,
-                  escape(origin or ""))
-    console().print(t)
+    out.result({"n_ctx": strategy.n_ctx, "budget_bytes": budget, "models": [
+        asdict(m) | {"estimate_bytes": e, "fits": e is not None and e <= budget, "status": s}
+        for m, e, s in rows]}, human)
 
 
+@json_option("Print what was removed as JSON.")
 def rm(
     name: Annotated[str, typer.Argument(help="A model name from 'orion list'.", autocompletion=model_names)],
-    json_output: Annotated[bool, typer.Option("--json", help="Print what was removed as JSON.")] = False,
 ) -> None:
     """Remove a model: a fetched one's files leave the HF cache; an imported one is only forgotten."""
     from ..models import remove_model
     from ..units import format_bytes
 
     model, freed = remove_model(name)
-    if json_output:
-        from ._output import print_json
-
-        print_json({"removed": name, "freed_bytes": freed, "kept_file": model.path if model.source == "import" else None})
-        return
-    from ._output import console
-
-    if model.source == "import":
-        console().print(f"Forgot [bold]{name}[/]; your file {model.path} is untouched.")
-    else:
-        console().print(f"Removed [bold]{name}[/]: {format_bytes(freed)} freed from the Hugging Face cache.")
+    imported = model.source == "import"
+    out.result({"removed": name, "freed_bytes": freed, "kept_file": model.path if imported else None},
+               lambda: f"Forgot [bold]{name}[/]; your file {model.path} is untouched." if imported else
+               f"Removed [bold]{name}[/]: {format_bytes(freed)} freed from the Hugging Face cache.")
 
 
+@json_option("Print the header summary and estimate as JSON.")
 def inspect(
     model: Annotated[str, typer.Argument(help="A .gguf path, a model name, org/repo or org/repo/file.gguf.", autocompletion=model_names)],
-    ctx: Annotated[Optional[int], typer.Option(help="Context size for the estimate (default: the strategy's).", metavar="N")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the header summary and estimate as JSON.")] = False,
-    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Plan the split with other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
+    ctx: CtxOpt = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Show a GGUF's header (architecture, type, layers, heads, context) and its memory estimate.
 
@@ -236,74 +181,63 @@ def inspect(
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
         where = f"{ref.repo}/{ref.filename} (read remotely)"
     else:
-        return _inspect_repo(ref, strategy, ctx, json_output)
+        return _inspect_repo(ref, strategy, ctx)
 
     from ..engine import machine_settings
 
     if strategy.rpc_servers:
-        return _inspect_split(header, where, strategy, json_output)
+        return _inspect_split(header, where, strategy)
     est = estimate_memory(header, strategy.n_ctx, machine_settings(), projector=projector)
-    if json_output:
-        from ._output import print_json
 
-        print_json({"source": where, "header": header.summary(), "estimate": est.to_dict(),
-                    "budget_bytes": strategy.memory_budget_bytes, "fits": est.total_bytes <= strategy.memory_budget_bytes})
-        return
-    from ._output import console
-    from ._render import estimate_table, header_table
+    def human() -> None:
+        from ._render import estimate_table, header_table
 
-    out = console()
-    out.print(header_table(header.summary(), title=where))
-    out.print()
-    out.print(estimate_table(est, strategy.memory_budget_bytes))
+        out.text(header_table(header.summary(), title=where))
+        out.text()
+        out.text(estimate_table(est, strategy.memory_budget_bytes))
+
+    out.result({"source": where, "header": header.summary(), "estimate": est.to_dict(),
+                "budget_bytes": strategy.memory_budget_bytes, "fits": est.total_bytes <= strategy.memory_budget_bytes},
+               human)
 
 
-def _inspect_split(header, where: str, strategy, json_output: bool) -> None:
+def _inspect_split(header, where: str, strategy) -> None:
     """inspect --rpc: the split across this machine and the RPC servers, each part's arithmetic."""
     from ..engine import machine_settings
+    from ..placement import rpc_settings, split_plan
     from ..rpc import remote_devices_now
     from ..rpc_endpoints import parse_rpc_servers
-    from ..placement import rpc_settings, split_plan
     from ..units import format_bytes
 
     servers = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
     plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings()), remote=servers)
     fits = plan.local_fits and plan.gpu_fits
-    if json_output:
-        from ._output import print_json
 
-        print_json({"source": where, "header": header.summary(), "estimate": plan.cpu.to_dict(),
-                    "budget_bytes": strategy.memory_budget_bytes, "servers": [d.to_dict() for d in servers],
-                    "split": plan.to_dict(), "fits": fits})
-        return
-    from ._output import console
-    from ._render import estimate_table, header_table
+    def human() -> None:
+        from ._render import estimate_table, header_table
 
-    out = console()
-    out.print(header_table(header.summary(), title=where))
-    out.print()
-    out.print(estimate_table(plan.cpu, strategy.memory_budget_bytes))
-    out.print()
-    for d in servers:  # how each budget was found (a CPU server's RAM is reported all free)
-        out.print(f"[bold]{d.name}[/] budget: {d.budget_how}", highlight=False)
-    out.print(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({plan.reason}): {plan.describe()}", highlight=False)
-    for name, g, b in zip(plan.devices, plan.gpus, plan.gpu_budgets):
-        if g.n_layers:
-            out.print(f"  {name}: {g.arithmetic()} (budget {format_bytes(b)})", highlight=False)
-    if not fits:
-        out.print(f"[bold red]does not fit:[/] {plan.refusal()}", highlight=False)
+        out.text(header_table(header.summary(), title=where))
+        out.text()
+        out.text(estimate_table(plan.cpu, strategy.memory_budget_bytes))
+        out.text()
+        for d in servers:  # how each budget was found (a CPU server's RAM is reported all free)
+            out.text(f"[bold]{d.name}[/] budget: {d.budget_how}")
+        out.text(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({plan.reason}): {plan.describe()}")
+        for name, g, b in zip(plan.devices, plan.gpus, plan.gpu_budgets):
+            if g.n_layers:
+                out.text(f"  {name}: {g.arithmetic()} (budget {format_bytes(b)})")
+        if not fits:
+            out.text(f"[bold red]does not fit:[/] {plan.refusal()}")
+
+    out.result({"source": where, "header": header.summary(), "estimate": plan.cpu.to_dict(),
+                "budget_bytes": strategy.memory_budget_bytes, "servers": [d.to_dict() for d in servers],
+                "split": plan.to_dict(), "fits": fits}, human)
 
 
-def _inspect_repo(ref, strategy, ctx, json_output: bool) -> None:
+def _inspect_repo(ref, strategy, ctx) -> None:
     from ..fetch import plan_fetch
-    from ._output import console, err_console
     from ._render import candidates_table
 
-    with err_console().status(f"Reading GGUF headers of {ref.repo}…"):
+    with out.status(f"Reading GGUF headers of {ref.repo}…"):
         plan = plan_fetch(ref, strategy, n_ctx=ctx)
-    if json_output:
-        from ._output import print_json
-
-        print_json(plan.to_dict())
-        return
-    console().print(candidates_table(plan))
+    out.result(plan.to_dict(), lambda: candidates_table(plan))

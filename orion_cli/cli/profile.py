@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._output import examples
+from ._options import json_option
+from ._output import examples, out
 
 
 def _bench(threads: int, gpu: bool = False) -> dict:
@@ -20,20 +21,19 @@ def _bench(threads: int, gpu: bool = False) -> dict:
     from ..gguf_header import read_local_header
     from ..models import Registry
     from .._fs import now_iso
-    from ._output import err_console
 
     model = Registry().get("gemma3-270m")
     if model is None or not model.exists():
         raise NotFound("--bench measures gemma3-270m, which is not here",
                        hint="orion fetch gemma3-270m (or orion import FILE --name gemma3-270m)")
-    with err_console().status("Measuring gemma3-270m…"):
+    with out.status("Measuring gemma3-270m…"):
         result = speed_in_child(Path(model.path), threads)
     header = read_local_header(Path(model.path))
     out = {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
            "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
            "threads": threads, "measured_at": now_iso()}
     if gpu:
-        with err_console().status("Measuring gemma3-270m on the GPU…"):
+        with out.status("Measuring gemma3-270m on the GPU…"):
             on_gpu = speed_in_child(Path(model.path), threads, n_gpu_layers=-1)
         out["gpu"] = {"prompt_tok_s": round(on_gpu["prompt_tok_s"], 1), "gen_tok_s": round(on_gpu["gen_tok_s"], 1)}
     encoder = _bench_encoder(threads)
@@ -49,13 +49,12 @@ def _bench_encoder(threads: int) -> dict:
 
     from ..embeddings import choose_encoder_type, measure_encoder_types
     from ..models import Registry
-    from ._output import err_console
 
     local = Registry().get("minilm")
     folder = Path(local.path) if local is not None else None
     if folder is None or not (folder / "model.safetensors").is_file():
         return {}  # never fetched: nothing to measure ('orion embed' fetches it on first use)
-    with err_console().status("Measuring the minilm encoder (F16 and Q8_0)…"), \
+    with out.status("Measuring the minilm encoder (F16 and Q8_0)…"), \
             tempfile.TemporaryDirectory(prefix="orion-bench-") as work:
         measured = measure_encoder_types(folder, Path(work), threads=threads)
     choice = choose_encoder_type(False, measured)
@@ -99,6 +98,7 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the strategy as JSON on stdout.")
 def profile(
     output: Annotated[
         Optional[str],
@@ -112,7 +112,6 @@ def profile(
     tier: Annotated[
         Optional[str], typer.Option(metavar="TIER", help="Force a tier: aggressive, balanced, light or minimal.")
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the strategy as JSON on stdout.")] = False,
     recheck_engine: Annotated[bool, typer.Option("--recheck-engine", help="Run the engine canary again instead of using its cached verdict.")] = False,
     bench: Annotated[bool, typer.Option("--bench", help="Measure prompt and generation tok/s of the default small model (gemma3-270m) and record them.")] = False,
 ) -> None:
@@ -166,12 +165,8 @@ def profile(
     from ..budget import pressure_level
 
     level = pressure_level(device.memory_in_use_bytes, device.memory_limit_bytes, strategy.pressure_high, strategy.pressure_critical)
-    if json_output:
-        from ._output import print_json
-
-        print_json({"path": str(path), "pressure": level, "strategy": strategy.to_dict()})
-        return
-    _render_summary(device, strategy, level, path)
+    out.result({"path": str(path), "pressure": level, "strategy": strategy.to_dict()},
+               lambda: _render_summary(device, strategy, level, path))
 
 
 def _render_summary(device, strategy, level: str, path: Path) -> None:
@@ -180,7 +175,6 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     from rich.markup import escape
 
     from ..units import format_bytes
-    from ._output import console
 
     rows: list[tuple[str, str]] = []
     sim = " [yellow](simulated)[/]" if device.simulated else ""
@@ -242,10 +236,9 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     ratio = device.memory_in_use_bytes / device.memory_limit_bytes if device.memory_limit_bytes else 0
     rows.append(("Pressure", f"[{colour}]{level}[/] ({ratio:.0%} of the limit in use; high above "
                  f"{strategy.pressure_high:.0%}, critical above {strategy.pressure_critical:.0%})"))
-    out = console()
     for label, value in rows:
-        out.print(f"[bold]{label:<11}[/]{value}" if label or value else "")
-    out.print(f"\nWrote {escape(str(path))}")
+        out.text(f"[bold]{label:<11}[/]{value}" if label or value else "")
+    out.text(f"\nWrote {escape(str(path))}")
 
 
 def _unload(keep_alive_s: int | None) -> str:

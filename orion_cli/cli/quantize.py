@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import GgufOutOpt, LocalModelArg, ReplaceOutOpt, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion quantize model-f16.gguf --to Q4_K_M -o model-q4.gguf", "a GGUF type"),
@@ -18,13 +17,13 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the result as JSON.")
 def quantize(
-    model: Annotated[str, typer.Argument(help="A .gguf file or a model name from 'orion list'.", autocompletion=model_names)],
+    model: LocalModelArg,
     to: Annotated[str, typer.Option("--to", help="A level (q4 q8 q16 q32) or a type (Q4_K_M, Q5_K_M, Q8_0, F16, IQ4_XS...).", metavar="TYPE")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF to write.", metavar="OUT.gguf")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    output: GgufOutOpt,
+    force: ReplaceOutOpt = False,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Quantize an already quantized model (quality drops twice).")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Quantize a GGUF with llama.cpp's quantizer (threads from the strategy).
 
@@ -35,26 +34,21 @@ def quantize(
     from ..quantize import quantize as do_quantize
     from ..strategy import load_strategy
     from ..units import format_bytes
-    from ._output import console, err_console
 
     strategy = load_strategy()
     path = local_path(model) or Path(model).expanduser()
 
     def warn(current: str) -> None:
-        err_console().print(f"[yellow]warning:[/] {path.name} is already {current}: quality drops twice "
-                            f"(its quantization loss and the new one add up)")
-    status = err_console().status(f"Quantizing {path.name} to {to}…")
+        out.warning(f"{path.name} is already {current}: quality drops twice "
+                    f"(its quantization loss and the new one add up)")
+    status = out.status(f"Quantizing {path.name} to {to}…")
     with status:
         result = do_quantize(path, output.expanduser(), to, threads=strategy.threads, force=force,
                              allow_requantize=allow_requantize, on_requantize=warn,
                              on_tick=lambda s: status.update(f"Quantizing {path.name} to {to}… {s:.0f} s"))
-    if json_output:
-        from ._output import print_json
-
-        print_json({"input": str(result.src), "output": str(result.dst), "type": result.type_name,
-                    "input_bytes": result.src_bytes, "output_bytes": result.dst_bytes, "ratio": round(result.ratio, 4),
-                    "seconds": round(result.seconds, 2), "requantized": result.requantized})
-        return
-    console().print(f"{result.src.name} ({format_bytes(result.src_bytes)}) → [bold]{result.dst}[/] "
-                    f"({result.type_name}, {format_bytes(result.dst_bytes)}, {result.ratio:.0%} of the input) "
-                    f"in {result.seconds:.1f} s")
+    out.result({"input": str(result.src), "output": str(result.dst), "type": result.type_name,
+                "input_bytes": result.src_bytes, "output_bytes": result.dst_bytes, "ratio": round(result.ratio, 4),
+                "seconds": round(result.seconds, 2), "requantized": result.requantized},
+               lambda: f"{result.src.name} ({format_bytes(result.src_bytes)}) → [bold]{result.dst}[/] "
+                       f"({result.type_name}, {format_bytes(result.dst_bytes)}, {result.ratio:.0%} of the input) "
+                       f"in {result.seconds:.1f} s")

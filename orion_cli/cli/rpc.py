@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from ._output import examples
+from ._options import ThreadsOpt, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion rpc-server", "serve this machine on 127.0.0.1:50052 (loopback only)"),
@@ -16,11 +17,11 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print one JSON line when ready (endpoint, devices, memory), then one per client event.")
 def rpc_server(
     host: Annotated[str, typer.Option(help="The address to listen on. Anything but loopback exposes this machine: llama.cpp's RPC protocol has no authentication.", metavar="ADDR")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The TCP port to listen on.", metavar="N")] = 50052,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the layers computed here (default: the strategy's).", metavar="N")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON line when ready (endpoint, devices, memory), then one per client event.")] = False,
+    threads: ThreadsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print each client connection (a load makes several).")] = False,
 ) -> None:
     """Serve this machine's CPU (or its GPUs) to orion on other machines, over llama.cpp's RPC backend.
@@ -30,7 +31,6 @@ def rpc_server(
     machine's free memory (or HOST:PORT=SIZE). The server takes one client at a
     time and keeps nothing on disk; Ctrl-C stops it.
     """
-    import json
     import sys
     import time
 
@@ -42,7 +42,6 @@ def rpc_server(
     from ..rpc_endpoints import RpcServer, rpc_unsupported
     from ..strategy import load_strategy
     from ..units import format_bytes
-    from ._output import console, err_console
 
     if not 0 < port < 65536:
         raise InvalidValue(f"--port {port} is not a TCP port", hint="a number from 1 to 65535, such as 50052")
@@ -50,31 +49,26 @@ def rpc_server(
     if not rpc_supported():
         raise rpc_unsupported()
     if not is_loopback(host):
-        err_console().print(f"[bold yellow]warning:[/] listening on {host}: llama.cpp's RPC protocol has no "
-                            "authentication or encryption; anyone who reaches this port can run code on this "
-                            "machine's memory. Use it on a trusted network only.", highlight=False)
+        out.warning(f"listening on {host}: llama.cpp's RPC protocol has no authentication or encryption; anyone "
+                    "who reaches this port can run code on this machine's memory. Use it on a trusted network only.")
     check_port_free(host, port)
     server = RpcServer(host, port)
     proc = start_server(host, port, strategy.threads, debug=debug_enabled())
     try:
         memory = wait_ready(server, proc)
         devices = [{"free_bytes": free, "total_bytes": total} for free, total in memory.devices]
-        if json_output:
-            print(json.dumps({"event": "ready", "endpoint": server.endpoint, "threads": strategy.threads,
-                              "protocol": ".".join(map(str, memory.version)), "devices": devices}), flush=True)
-        else:
-            kinds = " + ".join(f"{format_bytes(free)} free of {format_bytes(total)}" for free, total in memory.devices)
-            console().print(f"orion rpc-server on [bold]{server.endpoint}[/]: {len(devices)} device"
-                            f"{'s' if len(devices) > 1 else ''} ({kinds}), {strategy.threads} threads, RPC protocol "
-                            f"{'.'.join(map(str, memory.version))}. Ctrl-C stops it.", highlight=False)
-            console().print(f"[dim]on the other machine: orion run MODEL --rpc {server.endpoint}[/]", highlight=False)
+        protocol = ".".join(map(str, memory.version))
+        kinds = " + ".join(f"{format_bytes(free)} free of {format_bytes(total)}" for free, total in memory.devices)
+        out.event({"event": "ready", "endpoint": server.endpoint, "threads": strategy.threads, "protocol": protocol,
+                   "devices": devices},
+                  f"orion rpc-server on [bold]{server.endpoint}[/]: {len(devices)} device"
+                  f"{'s' if len(devices) > 1 else ''} ({kinds}), {strategy.threads} threads, RPC protocol "
+                  f"{protocol}. Ctrl-C stops it.")
+        out.text(f"[dim]on the other machine: orion run MODEL --rpc {server.endpoint}[/]")
         for event in server_events(proc.stdout):
-            if (event.startswith("client") and (verbose or json_output)) or debug_enabled():
+            if (event.startswith("client") and (verbose or out.json)) or debug_enabled():
                 stamp = time.strftime("%H:%M:%S")
-                if json_output:
-                    print(json.dumps({"event": event, "time": stamp}), flush=True)
-                else:
-                    console().print(f"[dim]{stamp}[/] {event}", highlight=False)
+                out.event({"event": event, "time": stamp}, f"[dim]{stamp}[/] {event}")
         code = proc.wait()
         reported = proc.orion_errors.error()
         if reported is not None:
@@ -82,7 +76,9 @@ def rpc_server(
         raise RpcServerFailed(f"llama.cpp's RPC server stopped on its own (exit status {code})",
                               hint="run with --debug for llama.cpp's log")
     except KeyboardInterrupt:
-        err_console().print("stopped", highlight=False)
+        from ._output import err_console
+
+        err_console().print("stopped")
         sys.stdout.flush()
     finally:
         if proc.poll() is None:

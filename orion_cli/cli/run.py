@@ -1,4 +1,8 @@
-"""``orion run``: load a model through the manager and generate, once or in a REPL."""
+"""``orion run``: a model's answer to a prompt, or a chat REPL, through a :class:`~orion_cli.chat.ChatSession`.
+
+Who answers is decided in the server layer (``server.remote.chat_backend``: the running
+``orion serve``, else this process); this module parses, reads lines and prints.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import CtxOpt, GpuLayersOpt, LocalOpt, ModelArg, RpcOpt, ThreadsOpt, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion run gemma3-270m 'The capital of France is'", "complete a prompt, streamed"),
@@ -26,22 +29,22 @@ REPL_HELP = """Commands: /load NAME (switch model), /ps (loaded models), /clear 
 /bye (quit). End a line with \\ to continue it; wrap several lines in \"\"\" to send them at once."""
 
 
+@json_option("Print one JSON object at the end: text and timings.")
 def run(
-    model: Annotated[str, typer.Argument(help="A model name (orion list), a catalog name, org/repo, or a .gguf path.", autocompletion=model_names)],
+    model: ModelArg,
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; without it: stdin when piped, else a REPL.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", metavar="N")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", metavar="T")] = 0.8,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.", metavar="P")] = 0.95,
     seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable sampling.", metavar="N")] = None,
-    ctx: Annotated[Optional[int], typer.Option(help="Context size (default: the strategy's).", metavar="N")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: the strategy's).", metavar="N")] = None,
-    gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", help="Layers on the GPU: auto (as many as fit its budget), N, -1 (all) or 0 (CPU only). Default: the strategy's.", metavar="N|auto")] = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (chat models).", metavar="TEXT")] = None,
     image: Annotated[Optional[list[Path]], typer.Option(help="An image for a vision model; repeatable.", metavar="PATH")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end: text and timings.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print load time and prompt/generation tokens per second.")] = False,
-    local_only: Annotated[bool, typer.Option("--local", help="Load the model in this process even when 'orion serve' is running.")] = False,
-    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Split the model with other machines' 'orion rpc-server's: host:port[=SIZE],... (SIZE caps what goes there; default: its free memory). Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
+    local_only: LocalOpt = False,
+    rpc: RpcOpt = None,
 ) -> None:
     """Run a model: stream its answer to PROMPT, or chat with it in a REPL.
 
@@ -56,213 +59,82 @@ def run(
     budget, prints the split, and refuses with the arithmetic when the machines
     together cannot hold it.
     """
+    from .._debug import debug_enabled
+    from ..chat import ChatSession, LocalChat
     from ..errors import InvalidValue
     from ..loading import check_image, local_model, manager_for
+    from ..server.remote import chat_backend
     from ..strategy import load_strategy
-    from ._output import err_console
 
     if max_tokens < 1:
         raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
     strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers, "rpc_servers": rpc})
     images = [check_image(p) for p in image or []]
-
-    debug = _debug()
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
+    repl = prompt is None
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    if not local_only and not images and ctx is None and threads is None and gpu_layers is None and rpc is None:
-        from ..server.discovery import live_server
-
-        info = live_server()
-        if info is not None and prompt is None:
-            return _repl_remote(info, _server_name(model), strategy, sampling, system)
-        if info is not None and _once_remote(info, _server_name(model), prompt,
-                                             system=system, json_output=json_output, verbose=verbose, **sampling):
-            return
-    local = local_model(model, strategy, fetch_progress=_fetch_progress())
-    if images and not local.projector_path:
-        raise InvalidValue(f"{local.name} is a text-only model: it has no projector for --image",
-                           hint="use a vision model such as llava or bakllava")
 
     def on_event(event) -> None:
-        if verbose or debug or prompt is None:
-            err_console().print(f"[dim]{event.kind}: {event.detail}[/]", highlight=False)
+        if verbose or debug_enabled() or repl:
+            out.note(f"{event.kind}: {event.detail}")
 
-    manager = manager_for(strategy, on_event=on_event, timer=prompt is None)
-    try:
-        if prompt is None:
-            _repl(manager, local, strategy, sampling, system)
-            return
-        _once(manager, local, strategy, prompt, system=system, images=images, json_output=json_output,
-              verbose=verbose, debug=debug, **sampling)
-    finally:
-        manager.close()
+    def on_model(model) -> None:
+        if debug_enabled() and not model.has_chat_template and not model.is_vision:
+            out.note("no chat template in this model: plain completion")
 
-
-def _server_name(model: str) -> str:
-    """The name to send to a server: a path made absolute (the server's folder is not ours)."""
-    path = Path(model).expanduser()
-    return str(path.absolute()) if path.exists() else model
-
-
-def _remote_chat(client, model: str, messages: list[dict], sampling: dict, timings=None):
-    """The server's answer to ``messages``, piece by piece (its timings into ``timings``)."""
-    body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
-            **{k: v for k, v in sampling.items() if v is not None}}
-    for doc in client.events("POST", "/v1/chat/completions", body):
-        if doc.get("timings") and timings is not None:
-            t = doc["timings"]
-            timings.load_s, timings.prompt_tokens, timings.gen_tokens = t["load_s"], t["prompt_tokens"], \
-                t["generated_tokens"]
-            timings.prompt_s = t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
-            timings.gen_s = t["generated_tokens"] / t["generation_tok_s"] if t["generation_tok_s"] else 0.0
-        for choice in doc.get("choices", []):
-            piece = (choice.get("delta") or {}).get("content") or ""
-            if piece:
-                yield piece
-
-
-def _print_answer(pieces) -> str:
-    """Write an answer as it streams (Ctrl-C stops it, keeping what came); the text."""
-    from ._output import err_console
-
-    answer = []
-    try:
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            answer.append(piece)
-    except KeyboardInterrupt:
-        err_console().print("\n[dim](stopped)[/]")
-    sys.stdout.write("\n")
-    return "".join(answer)
-
-
-def _repl_command(text: str, conversation: list[dict], out, *, load, ps) -> None:
-    """A REPL command (/load NAME, /ps, /clear, /help); ``load(name)`` and ``ps()`` do the model work."""
-    from ..errors import OrionError
-    from ..server.client import ServerGone
-
-    cmd, _, arg = text.strip().partition(" ")
-    if cmd == "/load" and arg:
+    def make_local(name: str) -> LocalChat:
+        local = local_model(name, strategy, fetch_progress=_fetch_progress())
+        if images and not local.projector_path:
+            raise InvalidValue(f"{local.name} is a text-only model: it has no projector for --image",
+                               hint="use a vision model such as llava or bakllava")
+        manager = manager_for(strategy, on_event=on_event, timer=repl)
         try:
-            load(arg.strip())
-        except ServerGone:
+            backend = LocalChat(manager, local, strategy, sampling, progress=None if repl else _load_progress(local.name),
+                                on_model=None if repl else on_model)
+        except BaseException:
+            manager.close()
             raise
-        except OrionError as exc:  # a wrong name costs one line, not the conversation
-            from rich.markup import escape
+        _say_split(backend.request, strategy)
+        return backend
 
-            out.print(f"[red]error:[/] {escape(exc.one_line())}; still talking to the same model")
-            return
-        conversation.clear()
-        out.print(f"[dim]now talking to {arg.strip()}[/]")
-    elif cmd == "/ps":
-        ps()
-    elif cmd == "/clear":
-        conversation.clear()
-        out.print("[dim]conversation cleared[/]")
-    elif cmd == "/help":
-        out.print(REPL_HELP)
-    else:
-        out.print(f"[red]unknown command {cmd}[/]; {REPL_HELP}")
+    def moved(message: str) -> None:
+        out.notice(f"{message}; " + ("the conversation goes on in this process" if repl else "answering in this process"))
 
-
-def _model_row(name: str, estimate_bytes: int, in_use: bool, idle_s: float, pinned: bool) -> str:
-    from ..units import format_bytes
-
-    state = "in use" if in_use else f"idle {idle_s:.0f} s"
-    return f"{name:24s} {format_bytes(estimate_bytes):>10s}  {state}{', pinned' if pinned else ''}"
-
-
-def _repl_remote(info, model: str, strategy, sampling: dict, system: str | None) -> None:
-    """The chat REPL with the server doing the work; if it stops answering, the conversation
-    goes on in this process (the unanswered prompt is asked again there)."""
-    from ..errors import OrionError
-    from ..server.client import ServerClient, ServerGone
-    from ._output import console, err_console
-    from .embed import _notice
-
-    client = ServerClient(info)
-    out = console()
-    out.print(f"[dim]{model} (served by {info.url}) · {REPL_HELP}[/]", highlight=False)
-    conversation: list[dict] = []
-    with _line_history():
-        while True:
-            text = _read_prompt()
-            if text is None or text.strip() in ("/bye", "/exit", "/quit"):
-                return
-            if not text.strip():
-                continue
-            try:
-                if text.startswith("/"):
-                    def load(name: str) -> None:
-                        nonlocal model
-                        client.post("/api/load", {"model": name})
-                        model = name
-
-                    def ps() -> None:
-                        for m in client.get("/api/ps")["models"]:
-                            out.print(_model_row(m["name"], m["estimate_bytes"], m["in_use"], m["idle_s"], m["pinned"]))
-
-                    _repl_command(text, conversation, out, load=load, ps=ps)
-                    continue
-                messages = ([{"role": "system", "content": system}] if system else []) + conversation + [
-                    {"role": "user", "content": text}]
-                answer = _print_answer(_remote_chat(client, model, messages, sampling))
-                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-            except ServerGone as exc:
-                _notice(f"{exc.message}; the conversation goes on in this process")
-                from ..loading import local_model, manager_for
-
-                manager = manager_for(strategy, timer=True)
-                try:
-                    _repl(manager, local_model(model, strategy), strategy, sampling, system, conversation,
-                          pending=None if text.startswith("/") else text)
-                finally:
-                    manager.close()
-                return
-            except OrionError as exc:  # an unknown model, a full queue...: say so, keep the conversation
-                from rich.markup import escape
-
-                err_console().print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False)
-
-
-def _once_remote(info, model: str, prompt: str, *, system, json_output, verbose, **sampling) -> bool:
-    """Answer through the server; False when it went away before answering (then: in-process)."""
-    from ..engine import Timings
-    from ..server.client import ServerClient, ServerGone
-    from .embed import _notice
-
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    timings, chunks = Timings(), []
+    # the options only this process honours keep the work here
+    here = local_only or bool(images) or any(v is not None for v in (ctx, threads, gpu_layers, rpc))
+    session = ChatSession(chat_backend(model, sampling, make_local, local=here, notice=moved), system=system)
     try:
-        for piece in _remote_chat(ServerClient(info), model, messages, sampling, timings):
-            chunks.append(piece)
-            if not json_output:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-    except ServerGone as exc:
-        if chunks and not json_output:
-            sys.stdout.write("\n")
-        _notice(f"{exc.message}; answering in this process")
-        return False
-    if json_output:
-        from ._output import print_json
-
-        print_json({"model": model, "text": "".join(chunks), "timings": timings.to_dict(), "served_by": info.url})
-    else:
-        sys.stdout.write("\n")
-        if verbose:
-            _print_timings(timings)
-    return True
+        if repl:
+            _repl(session)
+        else:
+            _once(session, prompt, images, verbose)
+    finally:
+        session.close()
 
 
-def _debug() -> bool:
-    import os
+def _once(session, prompt: str, images, verbose: bool) -> None:
+    """One answer, streamed (or one JSON document at the end, with --json)."""
+    from ..engine import Timings
 
-    return os.environ.get("ORION_DEBUG") == "1"
+    timings = Timings()
+    printed = []
+
+    def on_piece(piece: str) -> None:
+        printed.append(piece)
+        out.write(piece)
+
+    def on_restart() -> None:  # the server went away half-way: the answer starts again on its own line
+        if printed:
+            out.write("\n")
+
+    reply = session.send(prompt, on_piece, on_restart=on_restart, images=images, timings=timings)
+    out.write("\n")
+    served = {"served_by": reply.via} if reply.via else {}
+    out.result({"model": reply.model, "text": reply.text, "timings": timings.to_dict()} | served,
+               lambda: _print_timings(timings) if verbose else None)
 
 
 def _fetch_progress():
@@ -291,47 +163,12 @@ def _fetch_progress():
     return on_file, on_bytes
 
 
-def _once(manager, local, strategy, prompt, *, system, images, json_output, verbose, debug, **sampling) -> None:
-    from ..engine import Timings
-    from ..loading import model_request
-    from ._output import err_console
-
-    request = model_request(local, strategy, progress=_load_progress(local.name))
-    _say_split(request, strategy)
-    timings = Timings()
-    with manager.use(request) as model:
-        timings.load_s = model.load_s
-        if debug and not model.has_chat_template and not model.is_vision:
-            err_console().print("[dim]no chat template in this model: plain completion[/]")
-        pieces = model.generate(prompt, system=system, images=images, timings=timings, **sampling)
-        if json_output:
-            text = "".join(pieces)
-        else:
-            out = sys.stdout
-            chunks = []
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-                chunks.append(piece)
-            text = "".join(chunks)
-            out.write("\n")
-    if json_output:
-        from ._output import print_json
-
-        print_json({"model": local.name, "text": text, "timings": timings.to_dict()})
-    elif verbose:
-        _print_timings(timings)
-
-
 def _say_split(request, strategy) -> None:
     """Where the layers of a model split over RPC servers go (stderr: the answer stays clean)."""
-    from ._output import err_console
-
     if request.remote:
-        err_console().print(f"[dim]split: {request.placement}[/]", highlight=False)
+        out.note(f"split: {request.placement}")
     elif strategy.rpc_servers:
-        err_console().print("[dim]split: none, it fits this machine (no layer sent to the RPC servers)[/]",
-                            highlight=False)
+        out.note("split: none, it fits this machine (no layer sent to the RPC servers)")
 
 
 def _load_progress(name: str):
@@ -357,10 +194,8 @@ def _load_progress(name: str):
 
 
 def _print_timings(t) -> None:
-    from ._output import err_console
-
-    err_console().print(f"[dim]load {t.load_s:.2f} s · prompt {t.prompt_tokens} tokens at {t.prompt_tok_s:.1f} tok/s"
-                        f" · generated {t.gen_tokens} tokens at {t.gen_tok_s:.1f} tok/s[/]", highlight=False)
+    out.note(f"load {t.load_s:.2f} s · prompt {t.prompt_tokens} tokens at {t.prompt_tok_s:.1f} tok/s"
+             f" · generated {t.gen_tokens} tokens at {t.gen_tok_s:.1f} tok/s")
 
 
 def _read_prompt() -> str | None:
@@ -411,58 +246,86 @@ def _line_history():
             pass
 
 
-def _repl(manager, local, strategy, sampling: dict, system: str | None,
-          conversation: list[dict] | None = None, pending: str | None = None) -> None:
-    from ..engine import Timings
+def _repl(session) -> None:
+    """The chat REPL: read a line, hand it to the session, print the answer as it streams."""
     from ..errors import OrionError
-    from ..loading import local_model, model_request
-    from ..units import format_bytes
-    from ._output import console, err_console
+    from ._output import escape
 
-    out = console()
-    out.print(f"[dim]{local.name} · {REPL_HELP}[/]", highlight=False)
-    request = model_request(local, strategy)
-    _say_split(request, strategy)
-    conversation = conversation if conversation is not None else []
+    out.set_mode("human")  # the REPL is for people: --json shapes a one-shot answer
+    backend = session.backend
+    served = f" (served by {backend.via})" if backend.via else ""
+    out.text(f"[dim]{escape(backend.name)}{served} · {REPL_HELP}[/]")
     with _line_history():
         while True:
-            text, pending = (pending, None) if pending else (_read_prompt(), None)
+            text = _read_prompt()
             if text is None or text.strip() in ("/bye", "/exit", "/quit"):
-                break
+                return
             if not text.strip():
                 continue
-            if text.startswith("/"):
-                def load(name: str) -> None:
-                    nonlocal local, request
-                    new_local = local_model(name, strategy)
-                    new_request = model_request(new_local, strategy)
-                    with manager.use(new_request):
-                        pass
-                    local, request = new_local, new_request
-
-                def ps() -> None:
-                    for st in manager.status():
-                        out.print(_model_row(st.name, st.estimate_bytes, st.in_use, st.idle_s, st.pinned))
-                    keep = "never" if manager.keep_alive_s is None else f"{manager.keep_alive_s} s"
-                    out.print(f"[dim]{len(manager.status())} of {manager.max_models} loaded; "
-                              f"budget {format_bytes(manager.budget_bytes)}; unload after {keep} idle[/]")
-
-                _repl_command(text, conversation, out, load=load, ps=ps)
-                continue
-            timings = Timings()
             try:
-                with manager.use(request) as model:
-                    chat = model.has_chat_template
-                    pieces = model.generate(text, system=system, history=conversation if chat else (),
-                                            timings=timings, **sampling)
-                    answer = _print_answer(pieces)
-            except OrionError as exc:  # a message (or a conversation) past the context...: say so, go on
-                from rich.markup import escape
+                if text.startswith("/"):
+                    _repl_command(text, session)
+                else:
+                    _answer(session, text)
+            except OrionError as exc:  # a prompt past the context, a full queue...: one line, the REPL goes on
+                out.error(exc.one_line() + ("; /clear starts the conversation afresh"
+                                            if session.history and not text.startswith("/") else ""))
 
-                err_console().print(f"[bold red]error:[/] {escape(exc.one_line())}"
-                                    + ("; /clear starts the conversation afresh" if conversation else ""),
-                                    highlight=False)
-                continue
-            if chat:
-                conversation += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
+def _answer(session, text: str) -> None:
+    """Write an answer as it streams (Ctrl-C stops it, keeping what came)."""
+    printed = []
+
+    def on_piece(piece: str) -> None:
+        printed.append(piece)
+        out.write(piece)
+
+    def on_restart() -> None:
+        if printed:
+            out.write("\n")
+
+    try:
+        session.send(text, on_piece, on_restart=on_restart)
+    except KeyboardInterrupt:
+        from ._output import err_console
+
+        err_console().print("\n[dim](stopped)[/]")
+    out.write("\n")
+
+
+def _repl_command(text: str, session) -> None:
+    """A REPL command: /load NAME, /ps, /clear, /help."""
+    from ..errors import OrionError
+    from ._output import escape
+
+    cmd, _, arg = text.strip().partition(" ")
+    if cmd == "/load" and arg:
+        try:
+            session.load(arg.strip())
+        except OrionError as exc:  # a wrong name costs one line, not the conversation
+            out.text(f"[red]error:[/] {escape(exc.one_line())}; still talking to the same model")
+            return
+        out.text(f"[dim]now talking to {escape(arg.strip())}[/]")
+    elif cmd == "/ps":
+        _print_loaded(session.loaded())
+    elif cmd == "/clear":
+        session.clear()
+        out.text("[dim]conversation cleared[/]")
+    elif cmd == "/help":
+        out.text(REPL_HELP)
+    else:
+        out.text(f"[red]unknown command {escape(cmd)}[/]; {REPL_HELP}")
+
+
+def _print_loaded(doc: dict) -> None:
+    """/ps: one line per loaded model, then the count, the budget (and the keep-alive, here)."""
+    from ..units import format_bytes
+
+    for m in doc["models"]:
+        state = "in use" if m["in_use"] else f"idle {m['idle_s']:.0f} s"
+        out.text(f"{m['name']:24s} {format_bytes(m['estimate_bytes']):>10s}  {state}{', pinned' if m['pinned'] else ''}")
+    line = f"{len(doc['models'])} of {doc['max_models']} loaded; budget {format_bytes(doc['budget_bytes'])}"
+    if "keep_alive_s" in doc:
+        keep = "never" if doc["keep_alive_s"] is None else f"{doc['keep_alive_s']} s"
+        line += f"; unload after {keep} idle"
+    out.text(f"[dim]{line}[/]")

@@ -6,9 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .completion import model_names
-
-from ._output import examples
+from ._options import GpuLayersOpt, RpcOpt, json_option, model_names
+from ._output import examples, out
 
 SERVE_EXAMPLES = examples(
     ("orion serve", "share the models and the encoder with every client, on 127.0.0.1:11435"),
@@ -35,8 +34,8 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="ORION_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every route but /health.", metavar="KEY")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
     parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
-    gpu_layers: Annotated[Optional[str], typer.Option("--gpu-layers", help="Layers on the GPU: auto (as many as fit its budget), N, -1 (all) or 0 (CPU only). Default: the strategy's.", metavar="N|auto")] = None,
-    rpc: Annotated[Optional[str], typer.Option("--rpc", help="Split models that do not fit here with other machines' 'orion rpc-server's: host:port[=SIZE],... Default: the strategy's rpc_servers.", metavar="HOST:PORT[=SIZE],...")] = None,
+    gpu_layers: GpuLayersOpt = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Serve the models and the shared encoder to every client (OpenAI-compatible API).
 
@@ -71,10 +70,10 @@ def _client():
     return ServerClient(info, timeout=600)
 
 
+@json_option("Print the server's answer as JSON.")
 def ps(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", metavar="S")] = 1.0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
 ) -> None:
     """Show the models the server has loaded: memory, idle time, keep-alive, pins, queues."""
     from ..errors import InvalidValue
@@ -82,17 +81,13 @@ def ps(
     if interval <= 0:
         raise InvalidValue(f"--interval {interval} must be above 0", hint="for example 1")
     client = _client()
-    if json_output:
-        from ._output import print_json
-
-        print_json(client.get("/api/ps"))
-        return
-    from ._output import console
-
-    if not watch:
-        console().print(_ps_view(client.get("/api/ps")))
+    if out.json or not watch:
+        doc = client.get("/api/ps")
+        out.result(doc, lambda: _ps_view(doc))
         return
     import time
+
+    from ._output import console
 
     from rich.live import Live
 
@@ -138,11 +133,11 @@ def _ps_view(doc: dict):
     return Group(table, bar, events)
 
 
+@json_option("Print the server's answer as JSON.")
 def load(
     model: Annotated[str, typer.Argument(help="A model name, org/repo or .gguf path; encoders too (minilm).", autocompletion=model_names)],
     pin: Annotated[Optional[bool], typer.Option("--pin/--unpin", help="Keep it loaded whatever the keep-alive and the LRU order.")] = None,
     keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", help="This model's keep-alive: 10m, 1h, 30s or never.", metavar="TIME")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")] = False,
 ) -> None:
     """Load a model into the running server now (optionally pinned, or with its own keep-alive)."""
     from ..units import parse_keep_alive
@@ -154,19 +149,10 @@ def load(
         parse_keep_alive(keep_alive, what="--keep-alive")  # a bad value is a usage error here, not a 400
         body["keep_alive"] = keep_alive
     doc = _client().post("/api/load", body)
-    if json_output:
-        from ._output import print_json
-
-        print_json(doc)
-        return
-    from ._output import console
-
-    console().print(f"loaded {doc['model']} ({doc['kind']})" + (" [pinned]" if pin else ""))
+    out.result(doc, lambda: f"loaded {doc['model']} ({doc['kind']})" + (r" \[pinned]" if pin else ""))
 
 
 def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).", autocompletion=model_names)]) -> None:
     """Unload a model from the running server."""
-    from ._output import console
-
     _client().post("/api/unload", {"model": model})
-    console().print(f"unloaded {model}")
+    out.text(f"unloaded {model}")

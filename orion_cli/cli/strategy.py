@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._output import examples
+from ._options import CtxOpt, json_option
+from ._output import examples, out
 
 EXAMPLES = examples(
     ("orion strategy", "show every setting and its source"),
@@ -15,13 +16,13 @@ EXAMPLES = examples(
 )
 
 
+@json_option("Print the settings and their sources as JSON.")
 def strategy(
     tier: Annotated[Optional[str], typer.Option(help="Tier: aggressive, balanced, light or minimal.", metavar="TIER")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Quantization level: q4, q8, q16 or q32.", metavar="LEVEL")] = None,
     max_models: Annotated[Optional[int], typer.Option(help="Most models loaded at once.", metavar="N")] = None,
     keep_alive: Annotated[Optional[str], typer.Option(help="Unload after this much inactivity: 300, 5m, 1h or never.", metavar="TIME")] = None,
-    ctx: Annotated[Optional[int], typer.Option(help="Context size in tokens.", metavar="N")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the settings and their sources as JSON.")] = False,
+    ctx: CtxOpt = None,
 ) -> None:
     """Show the strategy in force: each setting, its value and where it came from.
 
@@ -36,28 +37,16 @@ def strategy(
     path = strategy_path()
     settings = {key: getattr(s, key) for key in SETTING_KEYS}
 
-    if json_output:
-        from ._output import print_json
+    def human() -> None:
+        from ..units import format_bytes, format_keep_alive
 
-        print_json({"path": str(path), "file_exists": path.exists(), "settings": settings, "sources": s.sources})
-        return
+        shown = dict(settings)
+        shown["keep_alive_s"] = format_keep_alive(s.keep_alive_s)
+        shown["memory_budget_bytes"] = format_bytes(s.memory_budget_bytes)
+        shown["gpu_budget_bytes"] = "no GPU" if s.gpu_budget_bytes is None else format_bytes(s.gpu_budget_bytes)
+        out.table([("setting", {"style": "bold"}), "value", ("from", {"style": "dim"}), ("variable", {"style": "dim"})],
+                  [(key, shown[key], s.sources[key], ENV_VARS[key]) for key in SETTING_KEYS])
+        where = f"strategy file: {path}" if path.exists() else f"no strategy file yet ({path}): run 'orion profile'"
+        out.text(f"\n{where}")
 
-    from rich.table import Table
-
-    from ..units import format_bytes, format_keep_alive
-    from ._output import console
-
-    shown = dict(settings)
-    shown["keep_alive_s"] = format_keep_alive(s.keep_alive_s)
-    shown["memory_budget_bytes"] = format_bytes(s.memory_budget_bytes)
-    shown["gpu_budget_bytes"] = "no GPU" if s.gpu_budget_bytes is None else format_bytes(s.gpu_budget_bytes)
-    table = Table(title=None, box=None, pad_edge=False)
-    table.add_column("setting", style="bold")
-    table.add_column("value")
-    table.add_column("from", style="dim")
-    table.add_column("variable", style="dim")
-    for key in SETTING_KEYS:
-        table.add_row(key, str(shown[key]), s.sources[key], ENV_VARS[key])
-    console().print(table)
-    where = f"strategy file: {path}" if path.exists() else f"no strategy file yet ({path}): run 'orion profile'"
-    console().print(f"\n{where}")
+    out.result({"path": str(path), "file_exists": path.exists(), "settings": settings, "sources": s.sources}, human)
