@@ -86,6 +86,19 @@ class HotCache:
 # ---------------------------------------------------------------- encoder
 
 
+def truncate(ids: list[int], window: int) -> list[int]:
+    """Token ids cut at ``window`` as sentence-transformers cuts them: the last one ([SEP]) kept."""
+    return ids if len(ids) <= window else ids[: window - 1] + [ids[-1]]
+
+
+def normalise(vectors):
+    """A float matrix's rows scaled to unit length (L2), in place; returned."""
+    import numpy as np
+
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
 class Encoder:
     """Texts to L2-normalised vectors with a loaded embedding model."""
 
@@ -99,10 +112,7 @@ class Encoder:
 
     def tokenize(self, text: str) -> list[int]:
         """[CLS] tokens [SEP], truncated at the window as sentence-transformers does."""
-        ids = self.model.tokenize(text)
-        if len(ids) > self.max_tokens:
-            ids = ids[: self.max_tokens - 1] + [ids[-1]]
-        return ids
+        return truncate(self.model.tokenize(text), self.max_tokens)
 
     def count_tokens(self, text: str) -> int:
         """Word pieces of ``text`` without the special tokens."""
@@ -136,8 +146,7 @@ class Encoder:
             step = 16 * self.model.n_contexts * self.model.spec.settings.embed_pack
             for start in range(0, len(todo), step):
                 part = todo[start : start + step]
-                vecs = self.model.embed_tokens(sequences[start : start + step])
-                vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+                vecs = normalise(self.model.embed_tokens(sequences[start : start + step]))
                 for i, v in zip(part, vecs):
                     out[i] = v
                     self.cache.put(texts[i], v)

@@ -49,6 +49,12 @@ class LoadedModel:
             return self._decoder
 
     @property
+    def decode_steps(self) -> int:
+        """llama_decode calls of this model's decoder since it loaded (0 before its first text request)."""
+        decoder = self._decoder
+        return decoder.steps if decoder is not None else 0
+
+    @property
     def is_vision(self) -> bool:
         return self._chat_handler is not None
 
