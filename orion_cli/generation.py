@@ -1,0 +1,105 @@
+"""One text generation as a client sees it: text out, stop strings, the finish reason and the usage.
+
+One path for every text model, whatever its ``parallel``: the prompt's tokens
+(:func:`orion_cli.engine.decoder.prompt_tokens`: the chat template, or the plain text), the model's
+decoder (the one loop that runs every text request on that model, so concurrent requests never meet
+in llama.cpp), and :func:`~orion_cli.engine.decoder.cut_at_stops` with the caller's stop strings and
+the template's. The server's routes wrap it; it imports nothing of the server or the CLI.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator, Sequence
+
+
+class _Ends:
+    """An iterator that records whether it ran to its end (the decoder stopped by itself: an end
+    of generation or ``max_tokens``) or was closed early (a stop string was found)."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.ended = False
+
+    def __iter__(self) -> "_Ends":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self.ended = True
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
+class Generation:
+    """One generation (run it in a worker thread): :meth:`pieces` yields the text as it comes.
+
+    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``. ``chat``: None lets the model
+    decide (its template applies when it has one), False asks for a plain completion of the text.
+    """
+
+    def __init__(self, model, prompt: str, options: dict, stops: Sequence[str] = (), *, chat: bool | None = None,
+                 system: str | None = None, history: Sequence[dict] | None = None) -> None:
+        from .engine import Timings
+
+        self.model, self.prompt, self.options, self.stops = model, prompt, dict(options), list(stops)
+        self.chat, self.system, self.history = chat, system, list(history or [])
+        self.timings = Timings()
+        self.text = ""
+        self.finish_reason = "stop"
+        self.completion_tokens = 0
+        self._tokens: tuple[list[int], list[str]] | None = None
+
+    def prompt_tokens(self) -> tuple[list[int], list[str]]:
+        """The prompt's tokens and the template's stop strings (computed once)."""
+        if self._tokens is None:
+            from .engine.decoder import prompt_tokens
+
+            self._tokens = prompt_tokens(self.model, self.prompt, system=self.system, history=self.history,
+                                         chat=self.chat)
+        return self._tokens
+
+    def check_fits(self) -> None:
+        """Raise the prompt-too-long error now (before a stream's first byte) rather than mid-stream."""
+        from .engine.decoder import prompt_too_long
+
+        n_tokens = len(self.prompt_tokens()[0])
+        if n_tokens >= self.model.spec.n_ctx:
+            raise prompt_too_long(n_tokens, self.model.spec.n_ctx)
+
+    def pieces(self, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield text as it is generated, cut at the first stop string (text that may be the start
+        of one held back); a set ``cancel`` ends it after the next piece (the client went away)."""
+        from .engine.decoder import cut_at_stops
+
+        tokens, template_stops = self.prompt_tokens()
+        stops = self.stops + [s for s in template_stops if s not in self.stops]
+        decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, **self.options))
+        stream = cut_at_stops(decoded, stops)
+        try:
+            for piece in stream:
+                if cancel is not None and cancel.is_set():
+                    return
+                self.text += piece
+                yield piece
+        finally:
+            stream.close()
+        self.completion_tokens = len(self.model.tokenize(self.text, special=False)) if self.text else 0
+        if decoded.ended and self.completion_tokens >= self.options["max_tokens"]:
+            self.finish_reason = "length"
+
+    def run(self) -> str:
+        """The whole text at once."""
+        for _ in self.pieces():
+            pass
+        return self.text
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.timings.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.timings.prompt_tokens + self.completion_tokens}
