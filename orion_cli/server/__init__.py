@@ -1,7 +1,11 @@
 """``orion serve``: one long-lived process that owns the models and the shared encoder.
 
-- :mod:`.state`: the model manager, per-model queues, the embedding batcher, events, metrics;
-- :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API);
+- :mod:`.state`: the model manager, the models clients named, the shared encoders;
+  :mod:`.scheduler`: per-model queues, leases given back exactly once, the embedding batcher;
+  :mod:`.events` and :mod:`.metrics`: the manager's events, ``/api/ps`` and ``/metrics``;
+- :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API), thin over
+  :mod:`.openai` (request parsing, response documents), :mod:`.streaming` (server-sent events)
+  and :mod:`.http_errors` (the one table of errors, shared with the client);
 - :mod:`.discovery` and :mod:`.client`: how the CLI finds a running server and talks to it
   (standard library only, so the CLI's start-up stays fast).
 

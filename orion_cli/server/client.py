@@ -1,7 +1,8 @@
 """The CLI's side of ``orion serve``: JSON and server-sent events over ``http.client``.
 
 Standard library only (the CLI's start-up budget). Errors come back as the server's own
-OpenAI-shaped message, raised as the orion error of the same kind; a server that stops
+OpenAI-shaped message, raised as the orion error of the same class (the one table of
+:mod:`.http_errors`, so the CLI exits as it would in-process); a server that stops
 answering raises :class:`ServerGone`, which the CLI turns into in-process work.
 """
 
@@ -12,23 +13,20 @@ import json
 import os
 from typing import Any, Iterator
 
-from ..errors import DoesNotFit, InvalidValue, NotFound, OrionError
+from ..errors import OrionError
 from .discovery import ServerInfo
+from .http_errors import QueueFull, Unauthorized, error_from_body
 
 
 class ServerGone(OrionError):
     """The server did not answer (it stopped, or was killed)."""
 
 
-class ServerBusy(OrionError):
-    """The server's queue for a model is full (HTTP 503)."""
+ServerBusy = QueueFull  # the server's queue for a model is full (HTTP 503)
 
 
 class ServerError(OrionError):
     """Any other error the server reported."""
-
-
-_BY_STATUS = {400: InvalidValue, 404: NotFound, 413: InvalidValue, 422: InvalidValue, 503: ServerBusy, 507: DoesNotFit}
 
 
 class ServerClient:
@@ -56,7 +54,7 @@ class ServerClient:
         if response.status >= 400:
             raw = response.read()
             conn.close()
-            raise _error(response.status, raw)
+            raise _error(response.status, raw, response.getheader("Retry-After"))
         return conn, response
 
     def get(self, path: str) -> Any:
@@ -102,12 +100,16 @@ class ServerClient:
             conn.close()
 
 
-def _error(status: int, raw: bytes) -> OrionError:
+def _error(status: int, raw: bytes, retry_after: str | None = None) -> OrionError:
+    """The error a server answered, as the orion error of the same class (by its code, else its status)."""
     try:
         err = json.loads(raw)["error"]
-        message, hint = str(err.get("message") or f"HTTP {status}"), err.get("hint")
+        message = str(err.get("message") or f"HTTP {status}")
     except (ValueError, KeyError, TypeError, AttributeError):
-        message, hint = f"HTTP {status}: {raw[:200].decode(errors='replace')}", None
-    if status == 401:
-        return ServerError(message, hint="set ORION_API_KEY to the key the server was started with")
-    return _BY_STATUS.get(status, ServerError)(message, hint=hint)
+        err, message = None, f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+    exc = error_from_body(status, err, message, retry_after=retry_after)
+    if isinstance(exc, Unauthorized):  # the client's side of the fix
+        exc.hint = "set ORION_API_KEY to the key the server was started with"
+    elif type(exc) is OrionError:
+        exc = ServerError(exc.message, hint=exc.hint)
+    return exc

@@ -1,268 +1,35 @@
-"""What ``orion serve`` owns: one model manager, the shared encoders, per-model queues, events, metrics.
+"""What ``orion serve`` owns: one model manager, the models clients named, their queues and leases
+(:mod:`.scheduler`), one shared encoder per encoder model, events (:mod:`.events`), metrics.
 
 Plain threads and locks, no web framework: the routes (``app.py``) call these from worker threads,
 and tests call them directly.
 
-- Each model has a bounded queue (:class:`ModelQueue`): its requests are decoded together, several
-  sequences in one llama_decode (engine.ParallelDecoder), and wait for room when all its sequences
-  are busy; past the bound a request is refused at once (HTTP 503 with Retry-After). A request holds
-  the model "in use" in the manager from the moment it is queued, so a model with requests waiting
-  is never evicted.
-- One encoder per encoder model, shared by every client: embedding requests are merged into
-  shared batches (:class:`EmbeddingBatcher`: a token budget per batch, sorted by length, a short
-  wait for company), as TEI and infinity do.
+- Each model has a bounded queue: its requests are decoded together, several sequences in one
+  llama_decode (the model's one decoder), and wait for room when all its sequences are busy; past
+  the bound a request is refused at once (HTTP 503 with Retry-After). A request holds the model
+  "in use" in the manager from the moment it is queued (its :class:`~.scheduler.Lease`), so a model
+  with requests waiting is never evicted.
+- One :class:`SharedEncoder` per encoder model, shared by every client: embedding requests are
+  merged into shared batches (:class:`~.scheduler.EmbeddingBatcher`); truncation, normalisation and
+  chunking are the core encoder's own (:mod:`orion_cli.embeddings`), as in ``orion embed --local``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-import asyncio
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
-from ..errors import OrionError
-from ..manager import Event, Request
+from ..manager import Request
+from .events import EventLog
+from .metrics import Metrics
+from .scheduler import EmbeddingBatcher, Lease, ModelQueue, QueueFull
 
-
-class QueueFull(OrionError):
-    """A model's request queue is full: try again shortly."""
-
-    def __init__(self, model: str, depth: int, retry_after_s: int = 1) -> None:
-        super().__init__(f"{model} has {depth} requests queued, the most it takes",
-                         hint=f"retry after {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-# ---------------------------------------------------------------- events
-
-
-class EventLog:
-    """The manager's events: the latest kept, every one printed, and pushed to live subscribers."""
-
-    def __init__(self, keep: int = 200, on_line: Callable[[str], None] | None = None) -> None:
-        self.latest: deque[dict] = deque(maxlen=keep)
-        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
-        self._lock = threading.Lock()
-        self._on_line = on_line
-        self.counts: dict[str, int] = {}
-
-    def __call__(self, event: Event) -> None:
-        doc = {"kind": event.kind, "model": event.key, "detail": event.detail, "at": time.time()}
-        with self._lock:
-            self.latest.append(doc)
-            self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
-            subscribers = list(self._subscribers)
-        if self._on_line:
-            self._on_line(f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}")
-        for loop, queue in subscribers:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, doc)
-            except RuntimeError:  # that loop is closed
-                pass
-
-    def subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._subscribers.append((asyncio.get_running_loop(), queue))
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue) -> None:
-        with self._lock:
-            self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]
-
-
-# ---------------------------------------------------------------- queues
-
-
-class ModelQueue:
-    """At most ``limit`` requests for one model at once, running or waiting for room in its decoder."""
-
-    def __init__(self, name: str, limit: int) -> None:
-        self.name = name
-        self.limit = limit
-        self.pending = 0  # running + waiting
-        self._count = threading.Lock()
-
-    def reserve(self) -> None:
-        """Take a place in the queue, or raise :class:`QueueFull` at once."""
-        with self._count:
-            if self.pending >= self.limit:
-                raise QueueFull(self.name, self.pending)
-            self.pending += 1
-
-    def release(self) -> None:
-        with self._count:
-            self.pending -= 1
-
-
-# ---------------------------------------------------------------- embeddings
-
-
-@dataclass
-class _Job:
-    sequences: list[list[int]]
-    future: Future = field(default_factory=Future)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s) for s in self.sequences)
-
-
-class EmbeddingBatcher:
-    """Merges concurrent embedding requests for one encoder into shared batches.
-
-    A worker thread takes the first waiting request, waits up to ``max_wait_s`` for more, and
-    takes requests while the batch stays under ``token_budget`` tokens; their sequences are
-    embedded sorted by length and each request gets its rows back.
-    """
-
-    def __init__(self, name: str, embed: Callable[[Sequence[Sequence[int]]], Any], *, token_budget: int = 8192,
-                 max_wait_s: float = 0.005, limit: int = 64) -> None:
-        self.name = name
-        self._embed = embed
-        self.token_budget = token_budget
-        self.max_wait_s = max_wait_s
-        self.limit = limit
-        self._jobs: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self.batches = 0
-        self.requests = 0
-        self._worker = threading.Thread(target=self._run, name=f"orion-batcher-{name}", daemon=True)
-        self._worker.start()
-
-    @property
-    def depth(self) -> int:
-        with self._cond:
-            return len(self._jobs)
-
-    def submit(self, sequences: list[list[int]]) -> Future:
-        job = _Job(sequences)
-        with self._cond:
-            if len(self._jobs) >= self.limit:
-                raise QueueFull(self.name, len(self._jobs))
-            self._jobs.append(job)
-            self._cond.notify()
-        return job.future
-
-    def _take(self) -> list[_Job] | None:
-        with self._cond:
-            while not self._jobs and not self._stopped:
-                self._cond.wait()
-            if self._stopped:
-                return None
-            deadline = time.monotonic() + self.max_wait_s
-            while sum(j.tokens for j in self._jobs) < self.token_budget:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._cond.wait(left):
-                    break
-            batch, tokens = [], 0
-            while self._jobs and (not batch or tokens + self._jobs[0].tokens <= self.token_budget):
-                job = self._jobs.popleft()
-                batch.append(job)
-                tokens += job.tokens
-            return batch
-
-    def _run(self) -> None:
-        import numpy as np
-
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            rows = [(j, i, seq) for j, job in enumerate(batch) for i, seq in enumerate(job.sequences)]
-            rows.sort(key=lambda r: len(r[2]))
-            try:
-                vectors = np.asarray(self._embed([r[2] for r in rows]), dtype=np.float32)
-            except BaseException as exc:  # every waiting request gets the error
-                for job in batch:
-                    job.future.set_exception(exc)
-                continue
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            out = [np.empty((len(job.sequences), vectors.shape[1]), dtype=np.float32) for job in batch]
-            for (j, i, _), v in zip(rows, vectors):
-                out[j][i] = v
-            self.batches += 1
-            self.requests += len(batch)
-            for job, result in zip(batch, out):
-                job.future.set_result(result)
-
-    def close(self) -> None:
-        with self._cond:
-            self._stopped = True
-            for job in self._jobs:
-                job.future.set_exception(OrionError("the server is shutting down"))
-            self._jobs.clear()
-            self._cond.notify_all()
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Counters for ``GET /metrics`` (Prometheus text format)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[tuple[str, str], list[float]] = {}  # [sum, count]
-        self.tokens: dict[tuple[str, str], int] = {}  # (model, "in"|"out")
-
-    def request(self, route: str, model: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (route, model, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            acc = self.latency.setdefault((route, model), [0.0, 0])
-            acc[0] += seconds
-            acc[1] += 1
-
-    def add_tokens(self, model: str, n_in: int, n_out: int) -> None:
-        with self._lock:
-            for direction, n in (("in", n_in), ("out", n_out)):
-                self.tokens[(model, direction)] = self.tokens.get((model, direction), 0) + n
-
-    def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int],
-               decode_steps: dict[str, int] | None = None) -> str:
-        def esc(text: str) -> str:
-            return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-        lines = ["# HELP orion_requests_total Requests answered, by route, model and status.",
-                 "# TYPE orion_requests_total counter"]
-        with self._lock:
-            for (route, model, status), n in sorted(self.requests.items()):
-                lines.append(f'orion_requests_total{{route="{esc(route)}",model="{esc(model)}",status="{status}"}} {n}')
-            lines += ["# HELP orion_request_seconds Time to answer, by route and model.",
-                      "# TYPE orion_request_seconds summary"]
-            for (route, model), (total, count) in sorted(self.latency.items()):
-                labels = f'route="{esc(route)}",model="{esc(model)}"'
-                lines.append(f"orion_request_seconds_sum{{{labels}}} {total:.6f}")
-                lines.append(f"orion_request_seconds_count{{{labels}}} {count}")
-            lines += ["# HELP orion_tokens_total Tokens in (prompts, inputs) and out (generated).",
-                      "# TYPE orion_tokens_total counter"]
-            for (model, direction), n in sorted(self.tokens.items()):
-                lines.append(f'orion_tokens_total{{model="{esc(model)}",direction="{direction}"}} {n}')
-        lines += ["# HELP orion_queue_depth Requests running or waiting, by model.", "# TYPE orion_queue_depth gauge"]
-        lines += [f'orion_queue_depth{{model="{esc(m)}"}} {n}' for m, n in sorted(queues.items())]
-        lines += ["# HELP orion_model_memory_bytes Estimated memory of each loaded model.",
-                  "# TYPE orion_model_memory_bytes gauge"]
-        lines += [f'orion_model_memory_bytes{{model="{esc(m)}"}} {n}' for m, n in sorted(memory.items())]
-        lines += ["# HELP orion_decode_steps_total llama_decode calls of each loaded model's decoder (since it loaded);",
-                  "# several chat requests share one step.", "# TYPE orion_decode_steps_total counter"]
-        lines += [f'orion_decode_steps_total{{model="{esc(m)}"}} {n}' for m, n in sorted((decode_steps or {}).items())]
-        lines += ["# HELP orion_model_events_total Model manager events (loaded, evicted, unloaded...).",
-                  "# TYPE orion_model_events_total counter"]
-        lines += [f'orion_model_events_total{{kind="{k}"}} {n}' for k, n in sorted(events.items())]
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- the server's state
+__all__ = ["EmbeddingBatcher", "EventLog", "Lease", "Metrics", "ModelQueue", "QueueFull", "Served", "ServerState",
+           "SharedEncoder"]
 
 
 @dataclass
@@ -277,18 +44,79 @@ class Served:
     n_ctx: int
     model_id: str = ""  # encoders: the id vectors are tagged with (MODEL@TYPE)
     measured_bytes: int | None = None  # RSS growth when it was loaded
+    dim: int = 0  # encoders: the vector size, read from the GGUF once, when resolved
+    n_vocab: int = 0  # encoders: the vocabulary's size (token-array inputs are checked against it)
+
+
+class SharedEncoder:
+    """One served encoder for every client: embeddings through the shared batcher, and chunks, with
+    the core :class:`orion_cli.embeddings.Encoder`'s truncation, normalisation and chunking (one
+    Encoder for each load of the model, not one a request)."""
+
+    def __init__(self, served: Served, manager, *, limit: int) -> None:
+        self.served = served
+        self._manager = manager
+        self.batcher = EmbeddingBatcher(served.name, self._embed_tokens, limit=limit)
+        self._lock = threading.Lock()
+        self._encoder = None  # the core Encoder of the model as loaded now (a reload makes another)
+
+    def _embed_tokens(self, sequences):
+        with self._manager.use(self.served.request) as model:
+            return model.embed_tokens(sequences)
+
+    def _core(self, model):
+        from ..embeddings import Encoder
+
+        with self._lock:
+            if self._encoder is None or self._encoder.model is not model:
+                self._encoder = Encoder(model, model_id=self.served.model_id, max_tokens=self.served.n_ctx)
+            return self._encoder
+
+    def sequences(self, model, inputs: list) -> tuple[list[list[int]], int]:
+        """Token sequences within the window (texts truncated as the core encoder truncates them,
+        keeping [SEP]; token arrays cut at the window), and how many were truncated."""
+        from ..embeddings import truncate
+
+        window = self.served.n_ctx
+        sequences, truncated = [], 0
+        for item in inputs:
+            ids = model.tokenize(item) if isinstance(item, str) else list(item)
+            if len(ids) > window:
+                ids = truncate(ids, window) if isinstance(item, str) else ids[:window]
+                truncated += 1
+            sequences.append(ids)
+        return sequences, truncated
+
+    def embed(self, inputs: list) -> tuple[Any, int, int]:
+        """(normalised float32 rows, tokens embedded, inputs truncated)."""
+        with self._manager.use(self.served.request) as model:
+            sequences, truncated = self.sequences(model, inputs)
+            vectors = self.batcher.submit(sequences).result()
+        return vectors, sum(len(s) for s in sequences), truncated
+
+    def chunks(self, text: str) -> list:
+        with self._manager.use(self.served.request) as model:
+            return self._core(model).chunks(text)
+
+    def close(self) -> None:
+        self.batcher.close()
 
 
 class ServerState:
-    """Everything ``orion serve`` owns; the routes call into it from worker threads."""
+    """Everything ``orion serve`` owns; the routes call into it from worker threads.
+
+    ``memory``: the probe ``/api/ps`` reports pressure from (default :func:`orion_cli.device.memory_now`,
+    which reads a container's cgroup limit where it is below the RAM); tests inject one."""
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4,
-                 on_line: Callable[[str], None] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None) -> None:
+        from ..device import memory_now
         from ..loading import manager_for
 
         self.strategy = strategy
         self.max_queue = max_queue
         self.parallel = parallel  # chat sequences of one model decoded together
+        self.memory = memory or memory_now
         self.events = EventLog(on_line=on_line)
         self.metrics = Metrics()
         self.manager = manager_for(strategy, on_event=self.events, timer=True)
@@ -298,7 +126,7 @@ class ServerState:
         self._served: dict[str, Served] = {}  # by manager key
         self._names: dict[str, Served] = {}  # by "llm:NAME" or "encoder:NAME|PREFER_ID", as clients asked
         self._queues: dict[str, ModelQueue] = {}
-        self._batchers: dict[str, EmbeddingBatcher] = {}
+        self._encoders: dict[str, SharedEncoder] = {}
         self._loading_lock = threading.Lock()
         self._resolving = threading.Lock()
 
@@ -313,12 +141,11 @@ class ServerState:
             return self._names.get(f"llm:{name}") or self._resolve_llm(name)
 
     def _resolve_llm(self, name: str) -> Served:
+        from ..errors import WrongModelKind
         from ..loading import local_model, model_request
 
         local = local_model(name, self.strategy)
         if local.kind == "encoder":
-            from ..errors import WrongModelKind
-
             raise WrongModelKind(f"{name} is an encoder", hint="use it with /v1/embeddings")
         request = self._measured(model_request(local, self.strategy, parallel=self.parallel))
         return self._remember(f"llm:{name}", Served(name, request, Path(local.path), local.file_type, "llm",
@@ -334,12 +161,26 @@ class ServerState:
             return self._names.get(cache_key) or self._resolve_encoder(name, prefer_id, cache_key)
 
     def _resolve_encoder(self, name: str | None, prefer_id: str | None, cache_key: str) -> Served:
+        from ..gguf_header import read_local_header
         from ..loading import encoder_model, model_request
 
         local, model_id, max_tokens = encoder_model(name, self.strategy, prefer_id=prefer_id)
         request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True))
+        header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
-                                                "encoder", max_tokens, model_id=model_id))
+                                                "encoder", max_tokens, model_id=model_id, dim=header.n_embd,
+                                                n_vocab=header.n_vocab))
+
+    def resolve_any(self, name: str, embedding: bool) -> Served:
+        """An LLM, or an encoder when the name is one (or ``embedding`` says so)."""
+        from ..errors import WrongModelKind
+
+        if embedding:
+            return self.encoder(name)
+        try:
+            return self.llm(name)
+        except WrongModelKind:
+            return self.encoder(name)
 
     def _remember(self, name_key: str, served: Served) -> Served:
         """One entry (and one queue) per model, whatever names clients use for it."""
@@ -368,40 +209,43 @@ class ServerState:
         with self._lock:
             return self._served.get(key)
 
+    def loaded_key(self, name: str) -> str | None:
+        """The manager key of the loaded model a client names (its name, key, or vectors' id)."""
+        loaded = {s.key: s for s in self.manager.status()}
+        for key, status in loaded.items():
+            served = self.by_key(key)
+            if name in (status.name, key) or (served is not None and name in (served.name, served.model_id)):
+                return key
+        served = self.by_key(name)
+        return served.request.key if served is not None and served.request.key in loaded else None
+
     # ------------------------------------------------------------ using models
 
-    @contextmanager
-    def sharing(self, served: Served) -> Iterator[Any]:
-        """A queue place and the model held in use, without waiting for a turn: the model's
-        requests are decoded together (engine.ParallelDecoder), up to its parallel sequences."""
-        queue = self._queues[served.request.key]
-        queue.reserve()
-        try:
-            with self.manager.use(served.request) as model:
-                yield model
-        finally:
-            queue.release()
-
-    def batcher(self, served: Served) -> EmbeddingBatcher:
+    def lease(self, served: Served) -> Lease:
+        """A queue place and the model held in use, for :meth:`Lease.acquire` (no turn to wait for: the
+        model's requests are decoded together, up to its parallel sequences)."""
         with self._lock:
-            batcher = self._batchers.get(served.request.key)
-            if batcher is None:
-                def embed(sequences):
-                    with self.manager.use(served.request) as model:
-                        return model.embed_tokens(sequences)
+            queue = self._queues[served.request.key]
+        return Lease(queue, lambda: self.manager.use(served.request))
 
-                batcher = EmbeddingBatcher(served.name, embed, limit=self.max_queue * 8)
-                self._batchers[served.request.key] = batcher
-            return batcher
+    def shared_encoder(self, served: Served) -> SharedEncoder:
+        with self._lock:
+            encoder = self._encoders.get(served.request.key)
+            if encoder is None:
+                encoder = SharedEncoder(served, self.manager, limit=self.max_queue * 8)
+                self._encoders[served.request.key] = encoder
+            return encoder
 
     def queue_depths(self) -> dict[str, int]:
         with self._lock:
             depths = {key: q.pending for key, q in self._queues.items()}
-            for key, b in self._batchers.items():
-                depths[key] = depths.get(key, 0) + b.depth
+            for key, e in self._encoders.items():
+                depths[key] = depths.get(key, 0) + e.batcher.depth
         return depths
 
     def close(self) -> None:
-        for batcher in list(self._batchers.values()):
-            batcher.close()
+        with self._lock:
+            encoders = list(self._encoders.values())
+        for encoder in encoders:
+            encoder.close()
         self.manager.close()

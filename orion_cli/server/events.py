@@ -1,0 +1,47 @@
+"""The manager's events as the server keeps them: the latest for ``/api/ps``, a count of each kind
+for ``/metrics``, a line on the console for each, and a live feed for ``/api/events`` subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from ..manager import Event
+
+
+class EventLog:
+    """The manager's events: the latest kept, every one printed, and pushed to live subscribers."""
+
+    def __init__(self, keep: int = 200, on_line: Callable[[str], None] | None = None) -> None:
+        self.latest: deque[dict] = deque(maxlen=keep)
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._lock = threading.Lock()
+        self._on_line = on_line
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, event: Event) -> None:
+        doc = {"kind": event.kind, "model": event.key, "detail": event.detail, "at": time.time()}
+        with self._lock:
+            self.latest.append(doc)
+            self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
+            subscribers = list(self._subscribers)
+        if self._on_line:
+            self._on_line(f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}")
+        for loop, queue in subscribers:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, doc)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._subscribers.append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        with self._lock:
+            self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]

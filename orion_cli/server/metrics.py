@@ -1,0 +1,115 @@
+"""What the server says about itself: request counters (:class:`Metrics`), ``GET /api/ps``
+(:func:`ps_document`) and ``GET /metrics`` (:func:`metrics_text`, Prometheus text format)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .state import ServerState
+
+
+class Metrics:
+    """Counters for ``GET /metrics`` (Prometheus text format)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}  # [sum, count]
+        self.tokens: dict[tuple[str, str], int] = {}  # (model, "in"|"out")
+
+    def request(self, route: str, model: str, status: int, seconds: float) -> None:
+        with self._lock:
+            key = (route, model, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            acc = self.latency.setdefault((route, model), [0.0, 0])
+            acc[0] += seconds
+            acc[1] += 1
+
+    def add_tokens(self, model: str, n_in: int, n_out: int) -> None:
+        with self._lock:
+            for direction, n in (("in", n_in), ("out", n_out)):
+                self.tokens[(model, direction)] = self.tokens.get((model, direction), 0) + n
+
+    def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int],
+               decode_steps: dict[str, int] | None = None) -> str:
+        def esc(text: str) -> str:
+            return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+        lines = ["# HELP orion_requests_total Requests answered, by route, model and status.",
+                 "# TYPE orion_requests_total counter"]
+        with self._lock:
+            for (route, model, status), n in sorted(self.requests.items()):
+                lines.append(f'orion_requests_total{{route="{esc(route)}",model="{esc(model)}",status="{status}"}} {n}')
+            lines += ["# HELP orion_request_seconds Time to answer, by route and model.",
+                      "# TYPE orion_request_seconds summary"]
+            for (route, model), (total, count) in sorted(self.latency.items()):
+                labels = f'route="{esc(route)}",model="{esc(model)}"'
+                lines.append(f"orion_request_seconds_sum{{{labels}}} {total:.6f}")
+                lines.append(f"orion_request_seconds_count{{{labels}}} {count}")
+            lines += ["# HELP orion_tokens_total Tokens in (prompts, inputs) and out (generated).",
+                      "# TYPE orion_tokens_total counter"]
+            for (model, direction), n in sorted(self.tokens.items()):
+                lines.append(f'orion_tokens_total{{model="{esc(model)}",direction="{direction}"}} {n}')
+        lines += ["# HELP orion_queue_depth Requests running or waiting, by model.", "# TYPE orion_queue_depth gauge"]
+        lines += [f'orion_queue_depth{{model="{esc(m)}"}} {n}' for m, n in sorted(queues.items())]
+        lines += ["# HELP orion_model_memory_bytes Estimated memory of each loaded model.",
+                  "# TYPE orion_model_memory_bytes gauge"]
+        lines += [f'orion_model_memory_bytes{{model="{esc(m)}"}} {n}' for m, n in sorted(memory.items())]
+        lines += ["# HELP orion_decode_steps_total llama_decode calls of each loaded model's decoder (since it loaded);",
+                  "# several chat requests share one step.", "# TYPE orion_decode_steps_total counter"]
+        lines += [f'orion_decode_steps_total{{model="{esc(m)}"}} {n}' for m, n in sorted((decode_steps or {}).items())]
+        lines += ["# HELP orion_model_events_total Model manager events (loaded, evicted, unloaded...).",
+                  "# TYPE orion_model_events_total counter"]
+        lines += [f'orion_model_events_total{{kind="{k}"}} {n}' for k, n in sorted(events.items())]
+        return "\n".join(lines) + "\n"
+
+
+def ps_document(state: "ServerState") -> dict:
+    """What ``GET /api/ps`` answers: each loaded model, memory against the budget, pressure (from the
+    state's memory probe: a container's limit, not the host's RAM), the latest events."""
+    from ..budget import pressure_of
+
+    depths = state.queue_depths()
+    statuses = state.manager.status()
+    models, used = [], 0
+    for s in statuses:
+        served = state.by_key(s.key)
+        used += s.estimate_bytes
+        models.append({
+            "name": served.name if served else s.name, "key": s.key, "kind": served.kind if served else "",
+            "file": str(served.path) if served else "", "type": served.file_type if served else "",
+            "model_id": served.model_id if served else "",
+            "estimate_bytes": s.estimate_bytes, "measured_bytes": served.measured_bytes if served else None,
+            "gpu_bytes": s.gpu_bytes,
+            "remote_bytes": s.remote_bytes,
+            "loaded_for_s": round(s.loaded_for_s, 1), "idle_s": round(s.idle_s, 1),
+            "keep_alive_s": s.keep_alive_s,
+            "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
+            "pinned": s.pinned, "in_use": s.in_use, "users": s.users, "queue_depth": depths.get(s.key, 0),
+        })
+    strategy = state.strategy
+    pressure = pressure_of(state.memory(), strategy.pressure_high, strategy.pressure_critical)
+    return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": used,
+            "gpu_budget_bytes": state.manager.gpu_budget_bytes,
+            "gpu_used_bytes": sum(s.gpu_bytes for s in statuses),
+            "max_models": strategy.max_models, "pressure": pressure,
+            "events": list(state.events.latest)[-10:]}
+
+
+def metrics_text(state: "ServerState") -> str:
+    """``GET /metrics``: the counters, each model's queue depth, memory and decode steps, the events."""
+    queues = {}
+    for key, depth in state.queue_depths().items():
+        served = state.by_key(key)
+        queues[served.name if served else key] = depth
+    memory, steps = {}, {}
+    for status in state.manager.status():
+        served = state.by_key(status.key)
+        name = served.name if served else status.name
+        memory[name] = status.estimate_bytes
+        if served is not None and served.kind == "llm":
+            model = state.manager.peek(status.key)
+            steps[name] = model.decode_steps if model is not None else 0
+    return state.metrics.render(queues=queues, memory=memory, events=dict(state.events.counts), decode_steps=steps)

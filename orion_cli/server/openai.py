@@ -1,0 +1,266 @@
+"""The OpenAI wire format: requests parsed and checked (each bad field a 400 that names it), and the
+response and chunk documents of completions, chat completions and embeddings.
+
+No model work here and no web framework: the routes (:mod:`.app`) parse with these, call the
+state, and answer with these documents.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from .http_errors import APIError
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_EMBEDDING_INPUTS = 2048
+DEFAULT_MAX_TOKENS = 256
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+async def read_json(chunks: AsyncIterator[bytes], declared: str | None) -> dict:
+    """The request body (``chunks``, its ``Content-Length`` header ``declared``) as a JSON object."""
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}",
+                       code="request_too_large")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
+                           code="request_too_large")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(doc, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return doc
+
+
+def number(doc: dict, key: str, default, lo: float, hi: float, *, integer: bool = False):
+    value = doc.get(key, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, not {value!r}", param=key,
+                       code="invalid_value")
+    return value
+
+
+def model_name(doc: dict) -> str:
+    name = doc.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise APIError(400, "'model' is required: an orion model name, org/repo or a GGUF path", param="model",
+                       code="missing_model")
+    return name.strip()
+
+
+def optional_text(doc: dict, key: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise APIError(400, f"'{key}' must be a non-empty string", param=key, code="invalid_value")
+    return value
+
+
+def stop_strings(doc: dict) -> list[str]:
+    stop = doc.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, "'stop' must be a string or a list of up to 4 non-empty strings", param="stop",
+                       code="invalid_value")
+    return stops
+
+
+def generation_options(doc: dict, n_ctx: int) -> dict:
+    if number(doc, "n", 1, 1, 1, integer=True) != 1:
+        raise APIError(400, "'n' must be 1", param="n")
+    return {
+        "max_tokens": number(doc, "max_tokens", DEFAULT_MAX_TOKENS, 1, n_ctx, integer=True),
+        "temperature": float(number(doc, "temperature", 1.0, 0.0, 2.0)),
+        "top_p": float(number(doc, "top_p", 1.0, 0.0, 1.0)),
+        "seed": number(doc, "seed", None, -(2**63), 2**63 - 1, integer=True),
+    }
+
+
+def chat_parts(doc: dict) -> tuple[str | None, list[dict], str]:
+    """(system, history, last user message) from OpenAI ``messages``."""
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise APIError(400, f"messages[{i}] needs a role: system, user or assistant", param=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = [p for p in content if isinstance(p, dict)]
+            if any(p.get("type") != "text" for p in parts) or len(parts) != len(content):
+                raise APIError(400, f"messages[{i}]: only text content is served here",
+                               hint="images work with 'orion run MODEL --image' (in-process)", param=f"messages[{i}]")
+            content = "".join(str(p.get("text", "")) for p in parts)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": content})
+    system = None
+    if out[0]["role"] == "system":
+        system = out.pop(0)["content"]
+    if not out or out[-1]["role"] != "user":
+        raise APIError(400, "the last message must be the user's", param="messages")
+    return system, out[:-1], out[-1]["content"]
+
+
+def completion_prompt(doc: dict) -> str:
+    prompt = doc.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "'prompt' must be a string", param="prompt")
+    return prompt
+
+
+@dataclass
+class Asked:
+    """What a chat or text completion request asks for (checked, before any model is resolved)."""
+
+    chat: bool  # /v1/chat/completions (else /v1/completions)
+    prompt: str
+    system: str | None
+    history: list[dict]
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+    @classmethod
+    def parse(cls, doc: dict, *, chat: bool) -> "Asked":
+        stream = bool(doc.get("stream", False))
+        include_usage = bool((doc.get("stream_options") or {}).get("include_usage")) if stream else False
+        stops = stop_strings(doc)
+        if chat:
+            system, history, prompt = chat_parts(doc)
+        else:
+            system, history, prompt = None, [], completion_prompt(doc)
+        return cls(chat, prompt, system, history, stops, stream, include_usage)
+
+    def generation(self, model, options: dict):
+        """The core's generation for this request (a plain continuation on /v1/completions)."""
+        from ..generation import Generation
+
+        return Generation(model, self.prompt, options, self.stops, chat=None if self.chat else False,
+                          system=self.system, history=self.history)
+
+
+def embedding_inputs(value: Any) -> list[str | list[int]]:
+    """A string, a list of strings, a token array or a list of token arrays, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'input' must be a string, a list of strings or token arrays (non-empty)", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"'input' has {len(value)} items; the most in one request is {MAX_EMBEDDING_INPUTS}",
+                       param="input")
+    for i, item in enumerate(value):
+        ok = isinstance(item, str) or (isinstance(item, list) and item and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in item))
+        if not ok:
+            raise APIError(400, f"input[{i}] must be a string or a non-empty list of token ids", param=f"input[{i}]")
+    return value
+
+
+def check_token_ids(inputs: list, n_vocab: int) -> None:
+    """Token arrays within the encoder's vocabulary (its size read once, from its GGUF)."""
+    for i, item in enumerate(inputs):
+        if not isinstance(item, str) and any(t < 0 or t >= n_vocab for t in item):
+            raise APIError(400, f"input[{i}] has token ids outside the vocabulary (0..{n_vocab - 1})",
+                           param=f"input[{i}]")
+
+
+def encoding_format(doc: dict) -> str:
+    fmt = doc.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    return fmt
+
+
+def check_dimensions(doc: dict, model_id: str, dim: int) -> None:
+    if doc.get("dimensions") is not None and doc.get("dimensions") != dim:
+        raise APIError(400, f"{model_id} makes {dim}-dimensional vectors; 'dimensions' cannot change that",
+                       param="dimensions")
+
+
+# ---------------------------------------------------------------- response documents
+
+
+@dataclass
+class Reply:
+    """The documents of one chat or text completion: the whole answer, or its stream's chunks."""
+
+    chat: bool
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
+
+    @property
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def whole(self, text: str, finish_reason: str, usage: dict, timings: dict) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+                  if self.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason})
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage, "timings": timings}
+
+    def _chunk(self, choices: list) -> dict:
+        return {"id": self.id, "object": f"{self.kind}.chunk" if self.chat else self.kind, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def start(self) -> list[dict]:
+        """What a stream says before the first piece (a chat's role)."""
+        return [self.piece({"role": "assistant", "content": ""})] if self.chat else []
+
+    def piece(self, delta_or_text, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            body = {"index": 0, "delta": delta_or_text, "finish_reason": finish_reason}
+        else:
+            body = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+        return self._chunk([body])
+
+    def text_piece(self, text: str) -> dict:
+        return self.piece({"content": text} if self.chat else text)
+
+    def end(self, finish_reason: str) -> dict:
+        return self.piece({} if self.chat else "", finish_reason)
+
+    def usage_chunk(self, usage: dict, timings: dict) -> dict:
+        return self._chunk([]) | {"usage": usage, "timings": timings}
+
+
+def embeddings_document(vectors, fmt: str, model_id: str, n_tokens: int, truncated: int) -> dict:
+    import base64
+
+    data = []
+    for i, v in enumerate(vectors):
+        value = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model_id,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens, "truncated_inputs": truncated}}
+
+
+def sse(doc: Any) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"

@@ -1,0 +1,80 @@
+"""Server-sent event streams whose work runs in a thread, holding a :class:`~.scheduler.Lease`.
+
+The lease is given back however the client leaves: after the last event; when it goes away in the
+middle (the worker stops at its next token, then lets go); or when it went away before the first
+byte, where Starlette cancels the response before it iterates the body, so the body's own clean-up
+never runs: :class:`LeasedStream` lets go in its ASGI call's ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, AsyncIterator, Callable
+
+from starlette.responses import StreamingResponse
+
+from .scheduler import Lease
+
+
+async def stream_from_thread(work: Callable[[Callable[[Any], None], threading.Event], None],
+                             lease: Lease | None = None) -> AsyncIterator[Any]:
+    """Run ``work(emit, cancel)`` in a thread and yield what it emits; a client that goes away sets
+    ``cancel``. The thread holds ``lease`` until it ends (the model is not given back under it)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def emit(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: no one reads any more
+            cancel.set()
+
+    def run() -> None:
+        try:
+            work(emit, cancel)
+        except BaseException as exc:  # the stream has started: an error event, then the end
+            emit(exc)
+        finally:
+            if lease is not None:
+                lease.release()
+        emit(done)
+
+    if lease is not None:
+        lease.hold()
+    try:
+        threading.Thread(target=run, name="orion-stream", daemon=True).start()
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            yield item
+    finally:
+        cancel.set()
+
+
+class LeasedStream(StreamingResponse):
+    """A streaming response that lets go of its lease once its ASGI call ends, whichever way."""
+
+    def __init__(self, lease: Lease, content, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.lease = lease
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.lease.release()
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
