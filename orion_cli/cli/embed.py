@@ -177,9 +177,9 @@ def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
         vectors = source.make().encode(texts) if texts else []
     finally:
         source.close()
-    out = sys.stdout
+    stdout = sys.stdout
     for text, vec in zip(texts, vectors):
-        out.write(json.dumps({"text": text, "model": model_id, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
+        stdout.write(json.dumps({"text": text, "model": model_id, "embedding": [round(float(x), 7) for x in vec]}) + "\n")
 
 
 @json_option("Print the results as JSON.")

@@ -29,17 +29,17 @@ def _bench(threads: int, gpu: bool = False) -> dict:
     with out.status("Measuring gemma3-270m…"):
         result = speed_in_child(Path(model.path), threads)
     header = read_local_header(Path(model.path))
-    out = {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
+    bench = {"model": model.name, "file_type": header.file_type, "size_bytes": header.file_size,
            "prompt_tok_s": round(result["prompt_tok_s"], 1), "gen_tok_s": round(result["gen_tok_s"], 1),
            "threads": threads, "measured_at": now_iso()}
     if gpu:
         with out.status("Measuring gemma3-270m on the GPU…"):
             on_gpu = speed_in_child(Path(model.path), threads, n_gpu_layers=-1)
-        out["gpu"] = {"prompt_tok_s": round(on_gpu["prompt_tok_s"], 1), "gen_tok_s": round(on_gpu["gen_tok_s"], 1)}
+        bench["gpu"] = {"prompt_tok_s": round(on_gpu["prompt_tok_s"], 1), "gen_tok_s": round(on_gpu["gen_tok_s"], 1)}
     encoder = _bench_encoder(threads)
     if encoder:
-        out["encoder"] = encoder
-    return out
+        bench["encoder"] = encoder
+    return bench
 
 
 def _bench_encoder(threads: int) -> dict:
@@ -84,11 +84,11 @@ def _engine_check(force: bool) -> dict:
     model, flags, _ = cpu_info()
     check = check_engine(engine_key(model, flags), force=force)
     compiler = installed_compiler()
-    out = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler,
+    verdict = check.to_dict() | {"features": list(check.features), "amx": check.amx, "compiler": compiler,
                              "gpu_offload": check.gpu_offload, "rpc": check.rpc}
     if not check.default_ok:
-        out["fix"] = crash_advice(model, flags, compiler)
-    return out
+        verdict["fix"] = crash_advice(model, flags, compiler)
+    return verdict
 
 EXAMPLES = examples(
     ("orion profile", "detect this machine, write the strategy"),
