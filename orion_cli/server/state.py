@@ -58,7 +58,9 @@ class SharedEncoder:
         self._manager = manager
         self.batcher = EmbeddingBatcher(served.name, self._embed_tokens, limit=limit)
         self._lock = threading.Lock()
-        self._encoder = None  # the core Encoder of the model as loaded now (a reload makes another)
+        # the core Encoder of the model as loaded now: a reload makes another (the closed model it
+        # kept until then is a small Python object; its llama.cpp memory went with close())
+        self._encoder = None
 
     def _embed_tokens(self, sequences):
         with self._manager.use(self.served.request) as model:
