@@ -120,16 +120,7 @@ def _once(session, prompt: str, images, verbose: bool) -> None:
     from ..engine import Timings
 
     timings = Timings()
-    printed = []
-
-    def on_piece(piece: str) -> None:
-        printed.append(piece)
-        out.write(piece)
-
-    def on_restart() -> None:  # the server went away half-way: the answer starts again on its own line
-        if printed:
-            out.write("\n")
-
+    on_piece, on_restart = _printer()
     reply = session.send(prompt, on_piece, on_restart=on_restart, images=images, timings=timings)
     out.write("\n")
     served = {"served_by": reply.via} if reply.via else {}
@@ -272,9 +263,10 @@ def _repl(session) -> None:
                                             if session.history and not text.startswith("/") else ""))
 
 
-def _answer(session, text: str) -> None:
-    """Write an answer as it streams (Ctrl-C stops it, keeping what came)."""
-    printed = []
+def _printer():
+    """``on_piece`` and ``on_restart`` for :meth:`ChatSession.send`: each piece on stdout as it
+    comes; an answer asked again (the server went away half-way) starts on its own line."""
+    printed: list[str] = []
 
     def on_piece(piece: str) -> None:
         printed.append(piece)
@@ -284,6 +276,12 @@ def _answer(session, text: str) -> None:
         if printed:
             out.write("\n")
 
+    return on_piece, on_restart
+
+
+def _answer(session, text: str) -> None:
+    """Write an answer as it streams (Ctrl-C stops it, keeping what came)."""
+    on_piece, on_restart = _printer()
     try:
         session.send(text, on_piece, on_restart=on_restart)
     except KeyboardInterrupt:
