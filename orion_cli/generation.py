@@ -80,7 +80,7 @@ class Generation:
 
         tokens, template_stops = self.prompt_tokens()
         stops = self.stops + [s for s in template_stops if s not in self.stops]
-        decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, **self.options))
+        decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, cancel=cancel, **self.options))
         stream = cut_at_stops(decoded, stops)
         try:
             for piece in stream:

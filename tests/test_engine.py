@@ -281,3 +281,44 @@ def test_the_reach_ins_hold_for_the_pinned_llama_cpp_python(gemma_q4):
         assert llama_cpp.llama_model_get_vocab(raw_model(model._llm))
     finally:
         model.close()
+
+
+def test_a_waiting_request_whose_client_left_ends_at_once(gemma_q4):
+    """One sequence busy (n_seq 1): a second request waits for it; its caller's cancel (the client went
+    away) ends the waiting one at the next step, without its prompt ever being evaluated."""
+    import threading
+
+    from orion_cli.engine import prompt_tokens
+
+    model = load(LoadSpec(gemma_q4, 1024, 2))
+    try:
+        decoder = model.decoder()
+        first_done, second_done = threading.Event(), threading.Event()
+        first_started = threading.Event()
+        out = {}
+
+        def first():
+            tokens, _ = prompt_tokens(model, "1, 2, 3, 4, 5, 6, 7, 8,", chat=False)
+            pieces = []
+            for piece in decoder.generate(tokens, max_tokens=150, temperature=0.0):
+                first_started.set()
+                pieces.append(piece)
+            out["first"] = "".join(pieces)
+            first_done.set()
+
+        gone = threading.Event()
+
+        def second():
+            tokens, _ = prompt_tokens(model, "Tell me a story.", chat=False)
+            out["second"] = "".join(decoder.generate(tokens, max_tokens=50, temperature=0.0, cancel=gone))
+            second_done.set()
+
+        threading.Thread(target=first, daemon=True).start()
+        assert first_started.wait(60)
+        threading.Thread(target=second, daemon=True).start()
+        gone.set()
+        assert second_done.wait(30)
+        assert out["second"] == "" and not first_done.is_set(), "the waiting request ended only after the first"
+        assert first_done.wait(120) and out["first"]
+    finally:
+        model.close()

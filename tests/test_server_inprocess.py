@@ -149,6 +149,8 @@ def test_a_stream_whose_client_left_in_the_middle_gives_its_model_back(make_stat
     status, _, payload = call(app, "POST", "/v1/chat/completions", body, disconnect="after-first-chunk")
     assert status == 200 and payload.startswith(b"data: ")
     _wait_until_released(app, str(gemma_q4.absolute()))
+    # (a client gone before its sequence was admitted costs no decode at all: one request that stays)
+    call_json(app, "POST", "/v1/completions", {"model": str(gemma_q4), "prompt": "One,", "max_tokens": 2})
     text = call(app, "GET", "/metrics")[2].decode()
     steps = [line for line in text.splitlines() if line.startswith("orion_decode_steps_total{")]
     assert steps and int(steps[0].split()[-1]) > 0  # the decoder's steps, through the model's public accessor

@@ -78,6 +78,10 @@ class _Sequence:
     logits_at: int = -1
     started: float = 0.0
     first_token_at: float = 0.0
+    gone: threading.Event | None = None  # the caller's: its client went away
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set() or (self.gone is not None and self.gone.is_set())
 
 
 # llama-cpp-python's words for a prompt longer than the context (Llama._create_completion, 0.3.x;
@@ -124,7 +128,10 @@ class ParallelDecoder:
     # ------------------------------------------------------------ requests
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
-                 top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None) -> Iterator[str]:
+                 top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None,
+                 cancel: threading.Event | None = None) -> Iterator[str]:
+        """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
+        the next step, whether it runs or still waits for a free sequence."""
         import codecs
 
         if not tokens:
@@ -133,7 +140,7 @@ class ParallelDecoder:
         if room < 1:
             raise prompt_too_long(len(tokens), self.n_ctx)
         seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
-                        queue.Queue(), threading.Event(), started=time.perf_counter())
+                        queue.Queue(), threading.Event(), started=time.perf_counter(), gone=cancel)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the decoder is closed")
@@ -169,13 +176,14 @@ class ParallelDecoder:
         """Waiting requests take free sequences while their prompt and max_tokens fit the cache."""
         free = [i for i in range(self.n_seq) if i not in self._running]
         reserved = sum(len(q.tokens) + q.max_tokens for q in self._running.values())
+        for seq in [q for q in self._waiting if q.cancelled()]:  # its client went away while it waited
+            import llama_cpp
+
+            self._waiting.remove(seq)
+            llama_cpp.llama_sampler_free(seq.sampler)
+            seq.out.put(None)  # its reader ends
         while self._waiting and free:
             seq = self._waiting[0]
-            if seq.cancel.is_set():  # its client went away while it waited
-                import llama_cpp
-
-                llama_cpp.llama_sampler_free(self._waiting.pop(0).sampler)
-                continue
             if self._running and reserved + len(seq.tokens) + seq.max_tokens > self.n_ctx:
                 break  # it waits for room
             self._waiting.pop(0)
@@ -211,7 +219,7 @@ class ParallelDecoder:
                     for seq in list(self._running.values()) + self._waiting:
                         seq.out.put(RuntimeError("the model was unloaded"))
                     return
-                for seq in [q for q in self._running.values() if q.cancel.is_set()]:
+                for seq in [q for q in self._running.values() if q.cancelled()]:
                     self._finish(seq)
                 self._admit()
                 running = list(self._running.values())
@@ -247,7 +255,7 @@ class ParallelDecoder:
                     seq.generated += 1
                     if seq.generated == 1:
                         seq.first_token_at = time.perf_counter()
-                    if llama_cpp.llama_vocab_is_eog(self._vocab, token) or seq.cancel.is_set():
+                    if llama_cpp.llama_vocab_is_eog(self._vocab, token) or seq.cancelled():
                         self._finish(seq)
                         continue
                     seq.out.put(self._piece(token))
