@@ -19,12 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 
-def chat_messages(prompt: str, *, system: str | None = None, history: Sequence[dict] = ()) -> list[dict]:
-    """The OpenAI-shaped messages of one more turn: the system prompt, the turns so far, the prompt."""
-    return ([{"role": "system", "content": system}] if system else []) + list(history) + [
-        {"role": "user", "content": prompt}]
-
-
 class AnswerLost(Exception):
     """Raised by a backend whose answer was lost half-way and that can answer again now (the server
     went away and the backend moved into this process): the session asks again, once."""
@@ -62,8 +56,11 @@ class ChatSession:
         self.history: list[dict] = history if history is not None else []
 
     def messages(self, prompt: str) -> list[dict]:
-        """What the model is asked for ``prompt``: the system prompt, the turns so far, the prompt."""
-        return chat_messages(prompt, system=self.system, history=self.history)
+        """What the model is asked for ``prompt``: the system prompt, the turns so far, the prompt
+        (built by the engine's one builder of chat messages, which the server's template reads)."""
+        from .engine.decoder import chat_messages
+
+        return chat_messages(self.system, self.history, prompt)
 
     def send(self, prompt: str, on_piece: Callable[[str], None] = lambda piece: None, *,
              on_restart: Callable[[], None] = lambda: None, images: Sequence[Path] = (), timings: Any = None) -> Reply:

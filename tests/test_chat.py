@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from orion_cli.chat import AnswerLost, ChatSession, LocalChat, chat_messages
+from orion_cli.chat import AnswerLost, ChatSession, LocalChat
 
 
 class FakeBackend:
@@ -45,9 +45,9 @@ class FakeBackend:
 
 
 def test_messages_are_system_history_prompt():
-    assert chat_messages("hi") == [{"role": "user", "content": "hi"}]
+    assert ChatSession(FakeBackend()).messages("hi") == [{"role": "user", "content": "hi"}]
     history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert chat_messages("c", system="be brief", history=history) == [
+    assert ChatSession(FakeBackend(), system="be brief", history=list(history)).messages("c") == [
         {"role": "system", "content": "be brief"}, *history, {"role": "user", "content": "c"}]
 
 

@@ -192,9 +192,9 @@ class RemoteChat:
     def reply(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
               images: Sequence[Path] = (), timings=None) -> Iterator[str]:
         """The server's answer, piece by piece (its timings into ``timings``)."""
-        from ..chat import chat_messages
+        from ..engine.decoder import chat_messages  # the one builder; no llama_cpp import
 
-        body = {"model": self.name, "messages": chat_messages(prompt, system=system, history=history),
+        body = {"model": self.name, "messages": chat_messages(system, history, prompt),
                 "stream": True, "stream_options": {"include_usage": True}, **self.sampling}
         for doc in self.client.events("POST", "/v1/chat/completions", body):
             if doc.get("timings") and timings is not None:
