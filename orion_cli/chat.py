@@ -58,7 +58,7 @@ class ChatSession:
     def messages(self, prompt: str) -> list[dict]:
         """What the model is asked for ``prompt``: the system prompt, the turns so far, the prompt
         (built by the engine's one builder of chat messages, which the server's template reads)."""
-        from .engine.decoder import chat_messages
+        from .messages import chat_messages
 
         return chat_messages(self.system, self.history, prompt)
 

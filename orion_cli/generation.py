@@ -91,7 +91,7 @@ class Generation:
         finally:
             stream.close()
         self.completion_tokens = len(self.model.tokenize(self.text, special=False)) if self.text else 0
-        if decoded.ended and self.completion_tokens >= self.options["max_tokens"]:
+        if decoded.ended and self.timings.hit_limit:  # max_tokens, or the context ran out before it
             self.finish_reason = "length"
 
     def run(self) -> str:

@@ -274,7 +274,10 @@ def test_the_reach_ins_hold_for_the_pinned_llama_cpp_python(gemma_q4):
     with model_params(use_extra_bufts=False):
         assert C.llama_model_default_params is not original and not C.llama_model_default_params().use_extra_bufts
     assert C.llama_model_default_params is original
-    assert callable(llama_chat_format.format_llama2) and hasattr(llama_chat_format, "Jinja2ChatFormatter")
+    assert hasattr(llama_chat_format, "Jinja2ChatFormatter")
+    from llama_cpp._internals import LlamaModel
+
+    assert hasattr(LlamaModel, "token_get_text")  # engine._binding.token_text
     model = load(LoadSpec(gemma_q4, 256, 2))
     try:
         assert raw_context(model._llm) and raw_model(model._llm) and model._llm.context_params.n_ctx == 256

@@ -80,6 +80,11 @@ def raw_model(llm):
     return llm._model.model
 
 
+def token_text(llm, token: int) -> str:
+    """The text of one token (llama-cpp-python 0.3.x: ``Llama._model.token_get_text``)."""
+    return llm._model.token_get_text(token)
+
+
 def decode_alone(ctx, batch, tokens: Sequence[int], output: Callable[[int], bool]) -> None:
     """Decode ``tokens`` as the only sequence in an emptied context; ``output(pos)`` says which
     positions return logits or embeddings."""

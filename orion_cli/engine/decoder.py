@@ -12,56 +12,41 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from ._binding import raw_context, raw_model
+from ..errors import InvalidValue, OrionError
+from ..messages import chat_messages
+from ._binding import raw_context, raw_model, token_text
 from .spec import Timings
 from .sampling import Sampling, sampler_chain
-
-
-def chat_messages(system: str | None, history: Sequence[dict], prompt: str, images: Sequence = ()) -> list[dict]:
-    """OpenAI-shaped messages for a chat template: the system text, the earlier turns, then the user's
-    prompt (with its images as file URLs, for a vision model)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
-    if images:
-        from pathlib import Path
-
-        content = [{"type": "text", "text": prompt}] + [
-            {"type": "image_url", "image_url": {"url": Path(p).absolute().as_uri()}} for p in images]
-        return messages + [{"role": "user", "content": content}]
-    return messages + [{"role": "user", "content": prompt}]
 
 
 def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = None,
                   history: Sequence[dict] = (), chat: bool | None = None) -> tuple[list[int], list[str]]:
     """The tokens a prompt is evaluated as, and the template's stop strings: the model's chat
     template as llama-cpp-python's create_chat_completion builds it (the rules of
-    :meth:`LoadedModel.chat_mode` for when it applies), else the plain text with BOS."""
+    :meth:`LoadedModel.chat_mode` for when it applies), else the plain text with BOS (a model
+    without a template: the system text leads it, earlier turns are not part of it)."""
     llm = model._llm
     prompt, system, use_chat = model.chat_mode(prompt, system, history, chat)
-    messages = chat_messages(system, history, prompt)
-    if not use_chat:  # plain text
+    if not use_chat or not model.has_chat_template:  # plain text
         text = f"{system}\n\n{prompt}" if system else prompt
         return llm.tokenize(text.encode(), add_bos=True, special=True), []
     from llama_cpp import llama_chat_format
 
-    if not model.has_chat_template:
-        # llama-cpp-python's create_chat_completion formats a file without a template as "llama-2"
-        # (Llama.__init__'s fallback): the same prompt, so a conversation keeps its turns here too
-        result = llama_chat_format.format_llama2(messages=messages)
-        return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True), \
-            _stop_list(result.stop)
-
     eos_id, bos_id = llm.token_eos(), llm.token_bos()
     formatter = llama_chat_format.Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"],
-        eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-        bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+        eos_token=token_text(llm, eos_id) if eos_id != -1 else "",
+        bos_token=token_text(llm, bos_id) if bos_id != -1 else "",
         stop_token_ids=[eos_id])
-    result = formatter(messages=messages)
+    result = formatter(messages=chat_messages(system, history, prompt))
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True), _stop_list(result.stop)
 
 
 def _stop_list(stop) -> list[str]:
-    return stop if isinstance(stop, list) else [stop] if stop else []
+    """The template's stop strings; an empty one (a template whose EOS has no text) would cut every answer
+    at its first character, and is left out."""
+    stops = stop if isinstance(stop, list) else [stop] if stop else []
+    return [s for s in stops if s]
 
 
 @dataclass
@@ -79,6 +64,7 @@ class _Sequence:
     started: float = 0.0
     first_token_at: float = 0.0
     gone: threading.Event | None = None  # the caller's: its client went away
+    eog: bool = False  # it ended on its own (an end-of-generation token)
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or (self.gone is not None and self.gone.is_set())
@@ -86,13 +72,15 @@ class _Sequence:
 
 # llama-cpp-python's words for a prompt longer than the context (Llama._create_completion, 0.3.x;
 # tests/test_run.py fails if they change)
+class ModelUnloaded(OrionError):
+    """The model was unloaded while a request was on it (the server is stopping, or it was evicted)."""
+
+
 LLAMA_CPP_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 def prompt_too_long(n_tokens: int, n_ctx: int):
     """The error for a prompt that does not fit the context (nothing was evaluated)."""
-    from ..errors import InvalidValue
-
     return InvalidValue(f"the prompt is {n_tokens:,} tokens; the context holds {n_ctx:,}",
                         hint="give a shorter prompt, or a larger context (--ctx, ORION_CTX)")
 
@@ -135,7 +123,7 @@ class ParallelDecoder:
         import codecs
 
         if not tokens:
-            raise ValueError("an empty prompt")
+            raise InvalidValue("the prompt is empty", hint="give some text to continue")
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise prompt_too_long(len(tokens), self.n_ctx)
@@ -143,7 +131,7 @@ class ParallelDecoder:
                         queue.Queue(), threading.Event(), started=time.perf_counter(), gone=cancel)
         with self._cond:
             if self._closed:
-                raise RuntimeError("the decoder is closed")
+                raise ModelUnloaded("the model was unloaded", hint="send the request again: it is loaded anew")
             self._waiting.append(seq)
             self._cond.notify_all()
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -164,6 +152,7 @@ class ParallelDecoder:
                 yield tail
         finally:
             seq.cancel.set()
+            t.hit_limit = not seq.eog and seq.generated >= seq.max_tokens
             end = time.perf_counter()
             first = seq.first_token_at or end
             t.prompt_s = first - seq.started
@@ -208,6 +197,21 @@ class ParallelDecoder:
         seq.out.put(error if error is not None else None)
 
     def _loop(self) -> None:
+        """The decode loop; an unexpected error in it fails every request (none waits for ever) and
+        closes the decoder."""
+        try:
+            self._steps()
+        except BaseException as exc:  # noqa: BLE001 - reported to every reader, then the thread ends
+            with self._cond:
+                self._closed = True
+                for seq in list(self._running.values()) + self._waiting:
+                    seq.out.put(OrionError(f"the decoder stopped ({type(exc).__name__}: {exc})",
+                                           hint="run with --debug and report it"))
+                self._running.clear()
+                self._waiting.clear()
+            raise
+
+    def _steps(self) -> None:
         import llama_cpp
 
         batch = self._batch
@@ -217,7 +221,8 @@ class ParallelDecoder:
                     self._cond.wait()
                 if self._closed:
                     for seq in list(self._running.values()) + self._waiting:
-                        seq.out.put(RuntimeError("the model was unloaded"))
+                        seq.out.put(ModelUnloaded("the model was unloaded",
+                                                  hint="send the request again: it is loaded anew"))
                     return
                 for seq in [q for q in self._running.values() if q.cancelled()]:
                     self._finish(seq)
@@ -243,7 +248,8 @@ class ParallelDecoder:
             if llama_cpp.llama_decode(self._ctx, batch) != 0:
                 with self._cond:
                     for seq in running:
-                        self._finish(seq, RuntimeError("llama_decode failed"))
+                        self._finish(seq, OrionError("llama.cpp could not decode this request (llama_decode failed)",
+                                                     hint="a shorter prompt or max_tokens may fit"))
                 continue
             self.steps += 1
             with self._cond:
@@ -256,6 +262,7 @@ class ParallelDecoder:
                     if seq.generated == 1:
                         seq.first_token_at = time.perf_counter()
                     if llama_cpp.llama_vocab_is_eog(self._vocab, token) or seq.cancelled():
+                        seq.eog = not seq.cancelled()
                         self._finish(seq)
                         continue
                     seq.out.put(self._piece(token))
@@ -293,7 +300,9 @@ class ParallelDecoder:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
+        # no timeout: the loop sees the flag between two decodes, and the batch and the model must not
+        # be freed while llama_decode may still use them (a large prefill, a slow RPC server)
+        self._thread.join()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

@@ -9,8 +9,8 @@ from typing import Iterator, Sequence
 
 from ..gguf_header import GGUFHeader
 from ._binding import decode_alone, raw_context, return_freed_memory
-from .decoder import (LLAMA_CPP_TOO_LONG, ParallelDecoder, chat_messages, cut_at_stops, prompt_too_long,
-                      prompt_tokens)
+from ..messages import chat_messages
+from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long, prompt_tokens
 from .encoder_pool import EncoderPool
 from .sampling import Sampling, llama_cpp_sampling_kwargs
 from .spec import LoadSpec, Timings

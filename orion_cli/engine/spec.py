@@ -39,6 +39,7 @@ class Timings:
     prompt_s: float = 0.0
     gen_tokens: int = 0
     gen_s: float = 0.0
+    hit_limit: bool = False  # generation stopped at max_tokens or the end of the context (not on its own)
 
     @property
     def prompt_tok_s(self) -> float:
