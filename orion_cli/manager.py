@@ -29,12 +29,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .errors import DoesNotFit, ModelInUse
+from .errors import DoesNotFit, ModelInUse, OrionError
 from .units import format_bytes
 
 
 class ModelDoesNotFit(DoesNotFit):
     """A model whose estimate can never fit the budget, even with everything else unloaded."""
+
+
+class ManagerClosed(OrionError):
+    """A model asked for while the manager shuts down."""
+
+
+def _loading_detail(request: "Request") -> str:
+    detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
+    if request.remote:
+        detail += f" here ({request.placement})"
+    elif request.gpu_bytes:
+        detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
+    return detail
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class ModelManager:
         self._cond = threading.Condition(threading.RLock())
         self.events: deque[Event] = deque(maxlen=events_kept)  # the latest (a long-lived server keeps no more)
         self._stop = threading.Event()
+        self._closed = False  # close() was called: no more loads
         self._timer: threading.Thread | None = None
         if timer:
             self._timer = threading.Thread(target=self._timer_loop, name="orion-keep-alive", daemon=True)
@@ -147,6 +161,8 @@ class ModelManager:
     def _acquire(self, request: Request) -> Entry:
         with self._cond:
             while True:
+                if self._closed:
+                    raise ManagerClosed("the model manager is shutting down", hint="try again once it is up")
                 entry = self._entries.get(request.key)
                 if entry is not None:
                     self._entries.pop(request.key)
@@ -162,14 +178,15 @@ class ModelManager:
             victims = self._make_room(request)
             cancel = threading.Event()
             self._loading[request.key] = cancel
-        detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
-        if request.remote:
-            detail += f" here ({request.placement})"
-        elif request.gpu_bytes:
-            detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
         try:
             self._close(victims)
-            self._emit("loading", request.key, detail)
+        except BaseException:  # a victim's close failed: this load never began
+            with self._cond:
+                self._loading.pop(request.key, None)
+                self._cond.notify_all()
+            raise
+        try:
+            self._emit("loading", request.key, _loading_detail(request))
             model = request.load(cancel)
         except BaseException as exc:
             with self._cond:
@@ -179,6 +196,10 @@ class ModelManager:
             raise
         with self._cond:
             self._loading.pop(request.key, None)
+            if self._closed:  # shut down while it loaded: nobody will close it later
+                self._cond.notify_all()
+                model.close()
+                raise ManagerClosed("the model manager is shutting down", hint="try again once it is up")
             now = self._clock()
             entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
                           keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes, remote=request.remote)
@@ -225,6 +246,7 @@ class ModelManager:
                                   f"{format_bytes(gpu_budget)} even with nothing else loaded")
 
         victims: list[tuple[Entry, str, str]] = []
+        order = list(self._entries)  # the LRU order, for a refusal that gives them back
 
         def lack() -> str:
             """What the request lacks now: 'count', 'ram', 'gpu', 'remote', 'available' ('' if nothing)."""
@@ -241,6 +263,13 @@ class ModelManager:
             # the victims taken so far are not closed yet: what they hold is as good as free
             return "" if need <= self._available() + sum(v.estimate_bytes for v, _, _ in victims) else "available"
 
+        try:
+            return self._choose_victims(request, lack, victims, need, gpu_budget)
+        except BaseException:  # refused, or a probe failed: nothing was closed, all goes back
+            self._put_back(victims, order)
+            raise
+
+    def _choose_victims(self, request: Request, lack, victims: list, need: int, gpu_budget: int) -> list:
         while what := lack():
             # a model on another RPC server frees nothing the request lacks there
             over = self._remote_over(request)[0] if what == "remote" else ""
@@ -256,7 +285,6 @@ class ModelManager:
                     why = self._remote_over(request)[1]
                 else:
                     why = f"{format_bytes(self._used_bytes())} of {format_bytes(self.budget_bytes)} in use"
-                self._put_back(victims)
                 self._refuse(request, f"{request.name} needs {format_bytes(need)}; {why}, none of them idle "
                                       f"and unpinned ({busy})")
             victims.append(self._take(victim, "evicted", f"to make room for {request.name}"))
@@ -268,23 +296,35 @@ class ModelManager:
         self._closing[entry.key] = entry
         return entry, kind, detail
 
-    def _put_back(self, taken: list[tuple[Entry, str, str]]) -> None:
-        """A refused request gives back the models it had taken out (nothing was closed yet)."""
-        for entry, _, _ in taken:
-            self._closing.pop(entry.key, None)
-        # they were the least recently used: back at the front, in their order
-        self._entries = {e.key: e for e, _, _ in taken} | self._entries
+    def _put_back(self, taken: list[tuple[Entry, str, str]], order: list[str]) -> None:
+        """A refused request gives back the models it had taken out (nothing was closed yet), each at
+        its place in the LRU order."""
+        if not taken:
+            return
+        back = {e.key: e for e, _, _ in taken}
+        for key in back:
+            self._closing.pop(key, None)
+        rank = {key: i for i, key in enumerate(order)}
+        merged = {**self._entries, **back}
+        self._entries = dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
     def _close(self, taken: list[tuple[Entry, str, str]]) -> None:
-        """Close models taken out of use, outside the lock; then their memory is free."""
+        """Close models taken out of use, outside the lock; then their memory is free. Every one is
+        closed even when one fails (the first error is raised after): none stays in ``_closing``,
+        where it would hold every later load."""
+        first: BaseException | None = None
         for entry, kind, detail in taken:
             try:
                 entry.model.close()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once all are closed
+                first = first or exc
             finally:
-                with self._cond:
+                with self._cond:  # the event first: a load waiting on this close says 'loading' after it
+                    self._emit(kind, entry.key, f"{entry.name}: {detail}")
                     self._closing.pop(entry.key, None)
                     self._cond.notify_all()
-                self._emit(kind, entry.key, f"{entry.name}: {detail}")
+        if first is not None:
+            raise first
 
     def _refuse(self, request: Request, message: str) -> None:
         self._emit("refused", request.key, message)
@@ -298,16 +338,14 @@ class ModelManager:
 
     def load(self, request: Request, *, pin: bool | None = None, keep_alive_s: int | None | str = "default") -> None:
         """Load a model (or find it loaded) without using it; optionally pin it or give it its own keep-alive."""
-        with self.use(request):
-            pass
-        with self._cond:
-            entry = self._entries.get(request.key)
-            if entry is None:  # unloaded in between (a zero keep-alive): nothing to set
-                return
-            if pin is not None:
-                entry.pinned = pin
-            if keep_alive_s != "default":
-                entry.keep_alive_s = keep_alive_s  # type: ignore[assignment]
+        with self.use(request):  # set while it is in use: it cannot be evicted in between
+            with self._cond:
+                entry = self._entries.get(request.key)
+                if entry is not None:
+                    if pin is not None:
+                        entry.pinned = pin
+                    if keep_alive_s != "default":
+                        entry.keep_alive_s = keep_alive_s  # type: ignore[assignment]
 
     def peek(self, key: str) -> Any:
         """The loaded model for ``key`` (None if not loaded), without using it or changing its LRU place."""
@@ -369,11 +407,19 @@ class ModelManager:
             period = max(0.5, min(30.0, min(alive, default=60) / 4))
             if self._stop.wait(period):
                 return
-            self.collect_idle()
+            try:
+                self.collect_idle()
+            except Exception as exc:  # noqa: BLE001 - a model that failed to close: say so, keep the timer
+                self._emit("failed", "", f"unloading an idle model failed: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
+        """Unload everything; loads in progress are cancelled (a load that ends anyway is closed), and
+        no new load starts."""
         self._stop.set()
         with self._cond:
+            self._closed = True
+            for cancel in self._loading.values():
+                cancel.set()
             taken = [self._take(entry, "unloaded", "shutting down") for entry in list(self._entries.values())]
         self._close(taken)
 

@@ -383,3 +383,81 @@ def _fake_cgroup_v2(*, limit: int, current: int):
     (root / "memory.stat").write_text("inactive_file 0\n")
     (root / "self-cgroup").write_text("0::/\n")
     return root
+
+
+class BrokenClose(FakeModel):
+    def close(self):
+        raise OSError("close failed")
+
+
+def test_a_close_that_fails_blocks_no_later_load():
+    """A model whose close raises is still out of the manager: the next loads go on (before the fix,
+    every model after it stayed 'closing' and every later load waited for ever)."""
+    clock = Clock()
+    m = ModelManager(max_models=4, budget_bytes=1000 * MiB, keep_alive_s=10, clock=clock)
+    for name, model in (("a", BrokenClose("a")), ("b", FakeModel("b"))):
+        with m.use(Request(name, name, 100 * MiB, lambda cancel, model=model: model)):
+            pass
+    clock.now += 20
+    with pytest.raises(OSError, match="close failed"):
+        m.collect_idle()
+    assert m.status() == [] and [e.kind for e in m.events][-2:] == ["unloaded", "unloaded"]
+    done = threading.Event()
+    threading.Thread(target=lambda: (m.load(req("c")), done.set()), daemon=True).start()
+    assert done.wait(10) and [s.key for s in m.status()] == ["c"]
+
+
+def test_a_refusal_keeps_the_lru_order():
+    m = ModelManager(max_models=4, budget_bytes=300 * MiB, keep_alive_s=None)
+    held = m.use(req("u"))
+    held.__enter__()  # in use: never a victim
+    for name in ("a", "b"):
+        with m.use(req(name)):
+            pass
+    with pytest.raises(ModelDoesNotFit):
+        m.load(req("big", 250))  # a and b are taken out, then all goes back
+    assert [s.key for s in reversed(m.status())] == ["u", "a", "b"]  # oldest first, as before
+    held.__exit__(None, None, None)
+
+
+def test_close_during_a_load_leaves_no_model_behind():
+    """A load in flight when the manager closes (the server stopping) is closed when it ends, and
+    no load starts after close."""
+    from orion_cli.manager import ManagerClosed
+
+    m = ModelManager(max_models=2, budget_bytes=1000 * MiB, keep_alive_s=None)
+    started, may_finish = threading.Event(), threading.Event()
+    model = FakeModel("slow")
+
+    def load(cancel):
+        started.set()
+        assert may_finish.wait(10)
+        return model
+
+    errors = []
+
+    def loader():
+        try:
+            m.load(Request("slow", "slow", MiB, load))
+        except ManagerClosed as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=loader, daemon=True)
+    t.start()
+    assert started.wait(10)
+    m.close()
+    may_finish.set()
+    t.join(10)
+    assert errors and model.closed and m.status() == []
+    with pytest.raises(ManagerClosed):
+        m.load(req("after"))
+
+
+def test_an_unload_is_told_before_the_load_that_waited_for_it():
+    m = ModelManager(max_models=1, budget_bytes=1000 * MiB, keep_alive_s=None)
+    with m.use(req("a")):
+        pass
+    m.unload("a")
+    with m.use(req("b")):
+        pass
+    assert [(e.kind, e.key) for e in m.events][-3:] == [("unloaded", "a"), ("loading", "b"), ("loaded", "b")]
