@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -117,8 +118,9 @@ class Routes:
             if asked.include_usage:
                 emit(reply.usage_chunk(usage, gen.timings.to_dict()))
 
-        return LeasedStream(lease, self._events(stream_from_thread(work, lease)), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        cancel = threading.Event()  # set when the response ends, however: the worker stops at its next token
+        return LeasedStream(lease, self._events(stream_from_thread(work, lease, cancel)), cancel=cancel,
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _count(self, served, gen) -> dict:
         usage = gen.usage()

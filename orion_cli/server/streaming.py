@@ -18,12 +18,13 @@ from .scheduler import Lease
 
 
 async def stream_from_thread(work: Callable[[Callable[[Any], None], threading.Event], None],
-                             lease: Lease | None = None) -> AsyncIterator[Any]:
+                             lease: Lease | None = None, cancel: threading.Event | None = None) -> AsyncIterator[Any]:
     """Run ``work(emit, cancel)`` in a thread and yield what it emits; a client that goes away sets
-    ``cancel``. The thread holds ``lease`` until it ends (the model is not given back under it)."""
+    ``cancel`` (here, or the response's, which ends even where its body is never closed). The thread
+    holds ``lease`` until it ends (the model is not given back under it)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
+    cancel = cancel if cancel is not None else threading.Event()
     done = object()
 
     def emit(item: Any) -> None:
@@ -63,9 +64,11 @@ async def stream_from_thread(work: Callable[[Callable[[Any], None], threading.Ev
 class LeasedStream(StreamingResponse):
     """A streaming response that lets go of its lease once its ASGI call ends, whichever way."""
 
-    def __init__(self, lease: Lease, content, **kwargs) -> None:
+    def __init__(self, lease: Lease, content, *, cancel: threading.Event | None = None, **kwargs) -> None:
         super().__init__(content, **kwargs)
         self.lease = lease
+        self.cancel = cancel  # the worker's: set when the call ends (under ASGI 2.4 a gone client's body is
+        # never closed, and the worker would decode to max_tokens)
         self._released = False
 
     def release(self) -> None:
@@ -77,4 +80,6 @@ class LeasedStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self.cancel is not None:
+                self.cancel.set()
             self.release()
