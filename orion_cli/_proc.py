@@ -63,14 +63,14 @@ def remove_stale_partials(folder: Path, name: str) -> list[Path]:
 ERROR_FD_VAR = "ORION_ERROR_FD"
 
 
-def report_error(exc) -> None:
+def report_error(exc, fd: str | None = None) -> None:
     """In a child: the error (an OrionError) as class, message and hint, on the parent's channel
-    (:class:`ErrorChannel`); without one, one line on stderr."""
+    (:class:`ErrorChannel`; ``fd``: its number, default ``ORION_ERROR_FD``); without one, one line on stderr."""
     import json
 
     from .errors import error_payload
 
-    fd = os.environ.get(ERROR_FD_VAR, "")
+    fd = os.environ.get(ERROR_FD_VAR, "") if fd is None else fd
     if fd.isdigit():
         try:
             os.write(int(fd), json.dumps(error_payload(exc)).encode())
@@ -98,7 +98,8 @@ class ErrorChannel:
             self._w = -1
 
     def error(self):
-        """The error the child reported (its own class), or None; call after the child has exited."""
+        """The error the child reported (its own class), or None; call after the child has exited (the
+        read ends when every copy of the write end is closed: the children orion starts start none)."""
         import json
 
         from .errors import error_from_payload

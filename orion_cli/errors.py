@@ -112,7 +112,11 @@ def error_payload(exc: OrionError) -> dict:
 def error_from_payload(doc: dict) -> OrionError:
     """The error a child reported, as its own class (OrionError for a class this module lacks)."""
     cls = _classes().get(str(doc.get("class", "")), OrionError)
-    return cls(str(doc.get("error") or "the child process failed"), hint=doc.get("hint") or None)
+    message, hint = str(doc.get("error") or "the child process failed"), doc.get("hint") or None
+    try:
+        return cls(message, hint=hint)
+    except TypeError:  # a class with a constructor of its own: the base class, same message
+        return OrionError(message, hint=hint)
 
 
 def _classes() -> dict[str, type[OrionError]]:

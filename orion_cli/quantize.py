@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,9 +118,18 @@ def quantize(
     debug = debug_enabled()
     start = time.perf_counter()
     channel = ErrorChannel()
-    proc = subprocess.Popen(quantize_command(src, tmp, type_name, threads, allow_requantize),
-                            stdout=None if debug else subprocess.DEVNULL, stderr=None if debug else subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=die_with_parent, **channel.popen_kwargs())
+    # llama.cpp's log goes to a file, read once the child is done: a pipe read only then fills up
+    # (64 KiB: a model of ~420 tensors) and the child would block on it for ever
+    log = None if debug else tempfile.TemporaryFile(mode="w+", errors="replace")
+    try:
+        proc = subprocess.Popen(quantize_command(src, tmp, type_name, threads, allow_requantize),
+                                stdout=None if debug else subprocess.DEVNULL, stderr=log, text=True,
+                                start_new_session=True, preexec_fn=die_with_parent, **channel.popen_kwargs())
+    except BaseException:
+        channel.close()
+        if log is not None:
+            log.close()
+        raise
     channel.started()
     try:
         while True:
@@ -129,7 +139,10 @@ def quantize(
             except subprocess.TimeoutExpired:
                 if on_tick:
                     on_tick(time.perf_counter() - start)
-        err = proc.stderr.read() if proc.stderr else ""
+        err = ""
+        if log is not None:
+            log.seek(0)
+            err = log.read()
         if proc.returncode != 0:
             last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
             if shutil.disk_usage(dst.parent).free < (16 << 20) or "No space left" in err:
@@ -156,6 +169,8 @@ def quantize(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         channel.close()
+        if log is not None:
+            log.close()
         tmp.unlink(missing_ok=True)
     return QuantizeResult(src, dst, type_name, header.file_size or src.stat().st_size, dst.stat().st_size,
                           time.perf_counter() - start, requant)

@@ -183,9 +183,13 @@ def start_server(host: str, port: int, threads: int, *, debug: bool = False):
 
     env = dict(os.environ, ORION_DEBUG="1") if debug else None
     channel = ErrorChannel()
-    proc = subprocess.Popen(rpc_server_command(host, port, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-                            preexec_fn=die_with_parent, **channel.popen_kwargs(env))
+    try:
+        proc = subprocess.Popen(rpc_server_command(host, port, threads), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                bufsize=1, preexec_fn=die_with_parent, **channel.popen_kwargs(env))
+    except BaseException:
+        channel.close()
+        raise
     channel.started()
     proc.orion_errors = channel  # what the child reports when it fails (wait_ready, the CLI)
     return proc

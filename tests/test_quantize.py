@@ -227,3 +227,32 @@ def test_ladder_cache_policy(gemma_q4, tmp_path, orion_home):
     copy = tmp_path / gemma_q4.name
     shutil.copy(gemma_q4, copy)
     assert quant_cache_path(copy, "Q8_0") != first  # another source (path, size or time): another file
+
+
+def test_a_quantizer_that_logs_more_than_a_pipe_holds_does_not_hang(gemma_q4, tmp_path, monkeypatch):
+    """llama.cpp logs a line a tensor while it quantizes (37 KB for gemma's 236): a model of ~420
+    tensors filled the 64 KiB stderr pipe that orion read only after the child ended, and both waited
+    for ever. The log now goes to a file. (A stand-in child logs 256 KiB, then fails.)"""
+    import threading
+
+    from orion_cli import engine
+    from orion_cli.errors import OrionError
+    from orion_cli.quantize import quantize
+
+    chatty = [sys.executable, "-c", "import sys; sys.stderr.write('llama_model_quantize: tensor\\n' * 9000); "
+                                    "sys.exit(3)"]
+    monkeypatch.setattr(engine, "quantize_command", lambda *a, **k: chatty)
+    monkeypatch.delenv("ORION_DEBUG", raising=False)
+    raised = []
+
+    def run():
+        try:
+            quantize(gemma_q4, tmp_path / "q.gguf", "Q8_0", threads=1, allow_requantize=True)
+        except OrionError as exc:
+            raised.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "quantize waited on a full pipe"
+    assert raised and "exit 3" in raised[0].message and "llama_model_quantize: tensor" in raised[0].message

@@ -117,10 +117,14 @@ def main(argv: list[str]) -> int:
         print("usage: python -m orion_cli.engine.children canary MODEL default|safe"
               " | quantize IN OUT TYPE THREADS 0|1 | rpc-server HOST PORT THREADS", file=sys.stderr)
         return 2
+    from .._proc import ERROR_FD_VAR
+
+    # the channel is this process's own: a process it starts must not write into whatever that fd is there
+    channel = os.environ.pop(ERROR_FD_VAR, "")
     try:
         CHILDREN[kind][0](*argv[1:])
     except OrionError as exc:
-        report_error(exc)
+        report_error(exc, channel)
         return 1
     return 0
 
