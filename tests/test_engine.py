@@ -278,6 +278,11 @@ def test_the_reach_ins_hold_for_the_pinned_llama_cpp_python(gemma_q4):
     from llama_cpp._internals import LlamaModel
 
     assert hasattr(LlamaModel, "token_get_text")  # engine._binding.token_text
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    from orion_cli.engine._binding import llama_cpp_log_printer
+
+    assert hasattr(Llava15ChatHandler, "_init_mtmd_context") and llama_cpp_log_printer()  # init_projector
     model = load(LoadSpec(gemma_q4, 256, 2))
     try:
         assert raw_context(model._llm) and raw_model(model._llm) and model._llm.context_params.n_ctx == 256

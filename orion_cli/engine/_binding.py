@@ -6,6 +6,8 @@ by tests/test_engine.py against the pinned version, so an upgrade that breaks on
   ``n_seq_max``, ``kv_unified``);
 - ``Llama._ctx.ctx`` and ``Llama._model.model``: the raw pointers the decoder, the encoder pool and
   perplexity decode on (:func:`raw_context`, :func:`raw_model`);
+- ``Llama._model.token_get_text`` (a template's BOS/EOS text), ``Llava15ChatHandler._init_mtmd_context``
+  (a projector loaded at once), llama-cpp-python's log printer;
 - a ``llama_batch`` backed by numpy arrays, and glibc's ``malloc_trim`` after a close.
 """
 
@@ -83,6 +85,19 @@ def raw_model(llm):
 def token_text(llm, token: int) -> str:
     """The text of one token (llama-cpp-python 0.3.x: ``Llama._model.token_get_text``)."""
     return llm._model.token_get_text(token)
+
+
+def init_projector(chat_handler, llm) -> None:
+    """Load a vision projector now rather than at the first image (llama-cpp-python 0.3.x:
+    ``Llava15ChatHandler._init_mtmd_context``), so one that does not fit the model fails at load."""
+    chat_handler._init_mtmd_context(llm)
+
+
+def llama_cpp_log_printer():
+    """llama-cpp-python's own log printer, for --debug (0.3.x: ``llama_cpp._logger.llama_log_callback``)."""
+    from llama_cpp._logger import llama_log_callback
+
+    return llama_log_callback
 
 
 def decode_alone(ctx, batch, tokens: Sequence[int], output: Callable[[int], bool]) -> None:

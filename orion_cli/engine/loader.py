@@ -14,7 +14,7 @@ from ..enginecheck import EngineCheck, current_check
 from ..errors import NotAGGUF, OrionError
 from ..gguf_header import GGUFHeader, read_local_header
 from . import ggml_rpc
-from ._binding import context_params, model_params
+from ._binding import context_params, init_projector, model_params
 from .logs import route_llama_log, silence_mtmd
 from .model import LoadedModel
 from .spec import LoadSpec
@@ -96,7 +96,7 @@ def load(
             # Load the projector now, not at the first image: a projector that does not
             # match the model (its output size is not the model's embedding size) fails here.
             try:
-                chat_handler._init_mtmd_context(llm)
+                init_projector(chat_handler, llm)
             except ValueError as exc:
                 llm.close()
                 raise NotAGGUF(f"the projector {spec.projector} does not fit {spec.path.name}: {exc}",

@@ -22,9 +22,9 @@ def route_llama_log(verbose: bool) -> None:
     import llama_cpp.llama_cpp as C
 
     if verbose:
-        from llama_cpp._logger import llama_log_callback
+        from ._binding import llama_cpp_log_printer
 
-        C.llama_log_set(llama_log_callback, None)
+        C.llama_log_set(llama_cpp_log_printer(), None)
         return
     if _NULL_LOG is None:
         _NULL_LOG = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
