@@ -49,14 +49,29 @@ def parse_size(text: str, *, what: str = "size") -> int:
     return value
 
 
+# The longest keep-alive orion takes as a number (a year): past it, 'never' says what is meant, and a
+# 321-digit number no longer overflows the clock arithmetic of the manager and /api/ps.
+MAX_KEEP_ALIVE_S = 365 * 24 * 3600
+
+
+def _bounded_keep_alive(seconds: float, text, what: str) -> int:
+    import math
+
+    if not math.isfinite(seconds) or seconds > MAX_KEEP_ALIVE_S:
+        shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+        raise InvalidValue(f"{what} {shown} is longer than a year",
+                           hint="give at most 365 days (8760h), or 'never' to keep the model loaded")
+    return int(seconds)
+
+
 def parse_keep_alive(text: str | int | None, *, what: str = "keep-alive") -> int | None:
-    """Parse a keep-alive: seconds, ``"5m"``, ``"1h"``, or ``"never"`` (returns None)."""
+    """Parse a keep-alive: seconds, ``"5m"``, ``"1h"``, or ``"never"`` (returns None); at most a year."""
     if text is None:
         return None
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             return None
-        return text
+        return _bounded_keep_alive(float(text) if text <= MAX_KEEP_ALIVE_S else float("inf"), text, what)
     if str(text).strip().lower() in _NEVER:
         return None
     match = _DURATION_RE.match(str(text))
@@ -66,7 +81,7 @@ def parse_keep_alive(text: str | int | None, *, what: str = "keep-alive") -> int
             f"{what} {text!r} is not a duration",
             hint="write seconds (300), minutes (5m), hours (1h) or 'never'",
         )
-    return int(float(match.group(1)) * _DURATION_UNITS[unit])
+    return _bounded_keep_alive(float(match.group(1)) * _DURATION_UNITS[unit], text, what)
 
 
 def format_bytes(n_bytes: int | float | None) -> str:

@@ -47,3 +47,16 @@ def test_format_bytes():
     assert format_bytes(512 * 1024**2) == "512 MiB"
     assert format_bytes(0) == "0 B"
     assert format_bytes(None) == "unknown"
+
+
+@pytest.mark.parametrize("text", [10**320, "9" * 401, "8785h", 400 * 24 * 3600])
+def test_a_keep_alive_past_a_year_is_refused_in_one_line(text):
+    """A 321-digit keep_alive given to /api/load was taken, then /api/ps, /metrics and the keep-alive
+    timer ended in OverflowError for every model (issue 'a server that lives on', item 4)."""
+    with pytest.raises(InvalidValue, match="longer than a year") as caught:
+        parse_keep_alive(text)
+    assert len(caught.value.message) < 100 and "never" in caught.value.hint
+
+
+def test_a_year_of_keep_alive_is_taken():
+    assert parse_keep_alive("8760h") == 365 * 24 * 3600 and parse_keep_alive(3600) == 3600

@@ -30,7 +30,10 @@ class ServerAlreadyRunning(OrionError):
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listening
+    # socket says it is TCP; without it every reply on a kept-alive connection waited ~40 ms (Nagle's
+    # algorithm against the client's delayed ACK), and OpenAI's client and LangChain keep connections
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
