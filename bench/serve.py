@@ -11,6 +11,8 @@
     for orion serve and for llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`,
     the `bench` extra) on the same model, context and threads. The peer is started under the
     engine check's settings (use_extra_bufts), as every model load here must be.
+(d) The round trip of a request on one kept-alive connection (GET /health), as OpenAI's client and
+    LangChain keep connections: it shows whether replies wait for the client's delayed ACK.
 
 Loopback only; every server is started and stopped by this script.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -101,6 +104,19 @@ class OrionServer:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
+
+
+def round_trips(port: int, n: int) -> float:
+    """The median round trip of ``n`` requests on one kept-alive connection (the first 10 left out)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times = []
+    for _ in range(n + 10):
+        start = time.perf_counter()
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        times.append(time.perf_counter() - start)
+    conn.close()
+    return statistics.median(times[10:])
 
 
 def chat_rate(port: int, model: str, clients: int, tokens: int) -> tuple[float, int]:
@@ -187,6 +203,9 @@ def main() -> None:
         # (c) chat, orion
         chat_rate(server.port, "gemma3-270m", 1, 4)  # loaded, warm
         orion_chat = {c: chat_rate(server.port, "gemma3-270m", c, args.chat_tokens) for c in (1, 4)}
+
+        # (d) a reused (kept-alive) connection's round trip, as OpenAI's client and LangChain keep them
+        reused = round_trips(server.port, 60)
     finally:
         server.stop()
 
@@ -232,6 +251,7 @@ def main() -> None:
     print(f"(c) chat     orion serve: 1 client {o1:.1f} tok/s, 4 clients {o4:.1f} tok/s ({o4 / o1:.2f}x; goal >= 2x)")
     print(f"             llama_cpp.server: 1 client {p1:.1f} tok/s, 4 clients {p4:.1f} tok/s ({p4 / p1:.2f}x)   "
           f"orion / peer at 4 clients {o4 / p4:.2f}x (goal >= 1x)")
+    print(f"(d) one kept-alive connection: GET /health round trip {reused * 1000:.2f} ms median (goal <= 2 ms)")
 
 
 if __name__ == "__main__":
