@@ -8,16 +8,14 @@ each one's code (``PYTHONPATH=OLD_CHECKOUT python bench/request_overhead.py``).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import OrionServer, post  # noqa: E402  (bench/serve.py: the server it starts, its client)
 
 
 def main() -> None:
@@ -29,40 +27,21 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="orion-bench-overhead-"))
     model = str(pkg.assemble(work / "gemma-3-270m-q4_k_m.gguf"))
-    env = dict(os.environ, ORION_HOME=str(work / "home"), NO_COLOR="1")
-    proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (line := proc.stderr.readline()).startswith("orion serve on "):
-        if not line:
-            raise SystemExit("orion serve did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    port = json.loads((work / "home" / "server.json").read_text())["port"]
-
-    def post(body: dict) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
-        return json.loads(data)
-
+    server = OrionServer(dict(os.environ, ORION_HOME=str(work / "home"), NO_COLOR="1"))
     try:
         body = {"model": model, "messages": [{"role": "user", "content": "Hi there, how are you?"}],
                 "max_tokens": 1, "temperature": 0}
-        post(body)  # the load
+        post(server.port, "/v1/chat/completions", body)  # the load
         times = []
         for _ in range(args.requests):
             start = time.perf_counter()
-            post(body)
+            post(server.port, "/v1/chat/completions", body)
             times.append(time.perf_counter() - start)
         times.sort()
         print(f"one chat request of 1 token, {args.requests} in a row: median {1000 * times[len(times) // 2]:.2f} ms, "
               f"p10 {1000 * times[len(times) // 10]:.2f} ms")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        server.stop()
 
 
 if __name__ == "__main__":
