@@ -9,7 +9,6 @@ instead of reaching llama.cpp, which can abort the process on such input.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache

@@ -7,9 +7,8 @@ to a file here), :func:`model_request` (its estimate and load, for the manager),
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .errors import DoesNotFit, InvalidValue, NotFound, WrongModelKind
 from .estimate import ENCODER_ARCHITECTURES, estimate_memory

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from ._once import MeasuredOnce
-from .errors import NetworkError, OrionError
+from .errors import NetworkError
 from .rpc_endpoints import DEFAULT_PORT, RpcServer, RpcServerFailed  # noqa: F401 (the CLI's names)
 from .units import format_bytes
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 from conftest import assert_clean_error
