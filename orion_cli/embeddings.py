@@ -125,8 +125,16 @@ class Encoder:
         return [row.tobytes() for row in self.encode(texts, on_done=on_done).astype(np.float16)]
 
     def chunks(self, text: str) -> list[Chunk]:
-        """``text`` cut into chunks that fit this encoder's window."""
-        return chunk_text(text, self.count_tokens, self.max_tokens - 2)
+        """``text`` cut into chunks that fit this encoder's window (every line's count asked at once:
+        the model may be in a runner process, where each question is a message)."""
+        lines = list(dict.fromkeys(line for line in text.splitlines(keepends=True) if line.strip()))
+        counts = {line: max(0, len(ids) - 2) for line, ids in zip(lines, self.model.tokenize_many(lines))} if lines else {}
+
+        def count(piece: str) -> int:
+            n = counts.get(piece)
+            return n if n is not None else self.count_tokens(piece)
+
+        return chunk_text(text, count, self.max_tokens - 2)
 
     def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None):
         """A float32 matrix, one normalised row per text (cached texts are not embedded again)."""

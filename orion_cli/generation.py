@@ -59,10 +59,8 @@ class Generation:
     def prompt_tokens(self) -> tuple[list[int], list[str]]:
         """The prompt's tokens and the template's stop strings (computed once)."""
         if self._tokens is None:
-            from .engine.decoder import prompt_tokens
-
-            self._tokens = prompt_tokens(self.model, self.prompt, system=self.system, history=self.history,
-                                         chat=self.chat)
+            self._tokens = self.model.prompt_tokens(self.prompt, system=self.system, history=self.history,
+                                                    chat=self.chat)
         return self._tokens
 
     def check_fits(self) -> None:
@@ -94,9 +92,9 @@ class Generation:
         if decoded.ended and self.timings.hit_limit:  # max_tokens, or the context ran out before it
             self.finish_reason = "length"
 
-    def run(self) -> str:
-        """The whole text at once."""
-        for _ in self.pieces():
+    def run(self, cancel: threading.Event | None = None) -> str:
+        """The whole text at once; a set ``cancel`` ends it early (the client went away)."""
+        for _ in self.pieces(cancel):
             pass
         return self.text
 

@@ -77,10 +77,11 @@ def check_model_kind(name: str, header, *, embedding: bool) -> None:
 
 def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = None, threads: int | None = None,
                   check=None, progress: Callable[[float], None] | None = None, embedding: bool = False,
-                  parallel: int = 1, contexts: int | None = None) -> Request:
+                  parallel: int = 1, contexts: int | None = None, runner: bool = False) -> Request:
     """A manager request for a local model: its estimate (RAM and VRAM, from the offload plan), its
     load, and what would fit instead. An encoder gets a pool of ``contexts`` (default: sized
-    for where it runs, :func:`encoder_contexts`), each counted in the estimate."""
+    for where it runs, :func:`encoder_contexts`), each counted in the estimate. ``runner``: the
+    model loads in a process of its own (:class:`orion_cli.engine.RunnerModel`, the server's way)."""
     from . import engine
 
     n_ctx = n_ctx or strategy.n_ctx
@@ -117,6 +118,8 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
         hint += ", or a smaller quantization ('orion fetch NAME --quant q4')"
 
     def load(cancel):
+        if runner:
+            return engine.start_runner(spec, check=check, cancel=cancel, progress=progress, name=model.name)
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)

@@ -9,7 +9,8 @@ One object used by ``run`` (and later ``embed`` and ``serve``):
 - a model unused for ``keep_alive_s`` is unloaded (``None``: never), by a
   background timer in long-running processes;
 - ``pin`` keeps a model from eviction and keep-alive; events (loading, loaded,
-  evicted, unloaded, refused, cancelled) go to a callback.
+  evicted, unloaded, refused, cancelled, failed, gone) go to a callback;
+- a model that ends by itself (its runner process crashed: :meth:`gone`) is forgotten at once.
 
 The clock, the memory probe and the loader are injected, so the policy is
 tested without sleeping and without loading real models.
@@ -41,6 +42,11 @@ class ManagerClosed(OrionError):
     """A model asked for while the manager shuts down."""
 
 
+class _WaitForLoads(Exception):
+    """No room now, but other models are loading: their loads end (and their memory is known to be in
+    use, or free again) before this request is refused."""
+
+
 def _loading_detail(request: "Request") -> str:
     detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
     if request.remote:
@@ -52,7 +58,7 @@ def _loading_detail(request: "Request") -> str:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled, failed
+    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled, failed, gone
     key: str
     detail: str = ""
     at: float = 0.0
@@ -126,6 +132,8 @@ class ModelManager:
         self._on_event = on_event
         self._entries: dict[str, Entry] = {}  # insertion order = LRU order (oldest first)
         self._loading: dict[str, threading.Event] = {}  # key -> cancel event
+        # what is loading now, counted against the budget: loads run side by side (no lock across them)
+        self._loading_requests: dict[str, Request] = {}
         self._closing: dict[str, Entry] = {}  # taken out of use, being closed outside the lock
         self._cond = threading.Condition(threading.RLock())
         self.events: deque[Event] = deque(maxlen=events_kept)  # the latest (a long-lived server keeps no more)
@@ -171,18 +179,23 @@ class ModelManager:
                     entry.last_used = self._clock()
                     return entry
                 if request.key not in self._loading and not self._closing:
-                    break
-                # another thread is loading it (share that load), or models are being closed (their
-                # memory is not free yet)
+                    try:
+                        victims = self._make_room(request)
+                        break
+                    except _WaitForLoads:
+                        pass  # what is loading now decides whether this fits: wait for it
+                # another thread is loading it (share that load), models are being closed (their
+                # memory is not free yet), or others are loading and it does not fit beside them
                 self._cond.wait()
-            victims = self._make_room(request)
             cancel = threading.Event()
             self._loading[request.key] = cancel
+            self._loading_requests[request.key] = request
         try:
             self._close(victims)
         except BaseException:  # a victim's close failed: this load never began
             with self._cond:
                 self._loading.pop(request.key, None)
+                self._loading_requests.pop(request.key, None)
                 self._cond.notify_all()
             raise
         try:
@@ -191,11 +204,13 @@ class ModelManager:
         except BaseException as exc:
             with self._cond:
                 self._loading.pop(request.key, None)
+                self._loading_requests.pop(request.key, None)
                 self._cond.notify_all()
                 self._emit("cancelled" if cancel.is_set() else "failed", request.key, str(exc))
             raise
         with self._cond:
             self._loading.pop(request.key, None)
+            self._loading_requests.pop(request.key, None)
             if self._closed:  # shut down while it loaded: nobody will close it later
                 self._cond.notify_all()
                 model.close()
@@ -206,16 +221,22 @@ class ModelManager:
             self._entries[request.key] = entry
             self._emit("loaded", request.key, request.name)
             self._cond.notify_all()
-            return entry
+        on_gone = getattr(model, "on_gone", None)  # a model in a runner process says when that process ends
+        if callable(on_gone):
+            on_gone(lambda reason: self.gone(request.key, model, reason))
+        return entry
 
     def _used_bytes(self) -> int:
-        return sum(e.estimate_bytes for e in self._entries.values())
+        return (sum(e.estimate_bytes for e in self._entries.values())
+                + sum(r.estimate_bytes for r in self._loading_requests.values()))
 
     def _used_gpu_bytes(self) -> int:
-        return sum(e.gpu_bytes for e in self._entries.values())
+        return (sum(e.gpu_bytes for e in self._entries.values())
+                + sum(r.gpu_bytes for r in self._loading_requests.values()))
 
     def _used_remote_bytes(self, endpoint: str) -> int:
-        return sum(b for e in self._entries.values() for where, b, _ in e.remote if where == endpoint)
+        return (sum(b for e in self._entries.values() for where, b, _ in e.remote if where == endpoint)
+                + sum(b for r in self._loading_requests.values() for where, b, _ in r.remote if where == endpoint))
 
     # (models in self._closing are not counted: a load waits until none is left, and the victims a
     # load chose itself are the room it makes)
@@ -260,8 +281,10 @@ class ModelManager:
                 return "remote"
             if self._available is None:
                 return ""
-            # the victims taken so far are not closed yet: what they hold is as good as free
-            return "" if need <= self._available() + sum(v.estimate_bytes for v, _, _ in victims) else "available"
+            # the victims taken so far are not closed yet: what they hold is as good as free; what other
+            # loads will take is not taken yet
+            loading = sum(r.estimate_bytes for r in self._loading_requests.values())
+            return "" if need + loading <= self._available() + sum(v.estimate_bytes for v, _, _ in victims) else "available"
 
         try:
             return self._choose_victims(request, lack, victims, need, gpu_budget)
@@ -276,6 +299,8 @@ class ModelManager:
             victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0
                            and (not over or any(where == over for where, _, _ in e.remote))), None)
             if victim is None:
+                if self._loading:  # loads in progress hold room that may be free again when they end
+                    raise _WaitForLoads()
                 busy = ", ".join(e.name for e in self._entries.values()) or "none"
                 if what == "count":
                     why = f"{len(self._entries)} of {self.max_models} models loaded"
@@ -352,6 +377,23 @@ class ModelManager:
         with self._cond:
             entry = self._entries.get(key)
             return entry.model if entry is not None else None
+
+    def gone(self, key: str, model: Any, reason: str) -> bool:
+        """A loaded model ended by itself (its runner process crashed, was killed, lost an RPC server):
+        forgotten at once, in use or not (its requests fail on their own), with a ``gone`` event; the
+        next request loads it again. False if ``model`` is no longer the one loaded under ``key``."""
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None or entry.model is not model:
+                return False
+            self._entries.pop(key)
+            self._emit("gone", key, f"{entry.name}: {reason}")
+            self._cond.notify_all()
+        try:
+            model.close()  # reaps what is left of it (the process has ended)
+        except Exception:  # noqa: BLE001 - it is gone either way
+            pass
+        return True
 
     def unload(self, key: str) -> bool:
         with self._cond:

@@ -461,3 +461,76 @@ def test_an_unload_is_told_before_the_load_that_waited_for_it():
     with m.use(req("b")):
         pass
     assert [(e.kind, e.key) for e in m.events][-3:] == [("unloaded", "a"), ("loading", "b"), ("loaded", "b")]
+
+
+def _blocked(name: str, mib: int, started: threading.Event, go: threading.Event) -> Request:
+    def load(cancel):
+        started.set()
+        assert go.wait(30)
+        return FakeModel(name)
+
+    return Request(key=name, name=name, estimate_bytes=mib * MiB, load=load)
+
+
+def test_a_load_beside_another_in_progress_waits_instead_of_a_spurious_refusal():
+    """max_models=1 while another model is still loading: the second request waits for that load, then
+    evicts it (idle by then) and loads; it is not refused while the first is in progress (it was: 507,
+    and the same request succeeded a second later)."""
+    m, _ = manager(max_models=1)
+    started, go = threading.Event(), threading.Event()
+    first = threading.Thread(target=lambda: m.load(_blocked("a", 100, started, go)))
+    first.start()
+    assert started.wait(10)
+    result = []
+    second = threading.Thread(target=lambda: result.append(m.load(req("b"))))
+    second.start()
+    second.join(0.2)  # it waits (for a's load): still running
+    assert second.is_alive() and not any(e.kind == "refused" for e in m.events)
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert result == [None] and [s.name for s in m.status()] == ["b"]
+    assert [e.kind for e in m.events if e.key == "a"][-1] == "evicted"
+
+
+def test_concurrent_loads_count_each_other_against_the_budget():
+    """Loads run side by side (no lock across them): what is loading counts against the budget, so two
+    models that do not fit together are never both loaded; the second waits, then evicts the first."""
+    m, _ = manager(max_models=3, budget_bytes=1000 * MiB)
+    started, go = threading.Event(), threading.Event()
+    first = threading.Thread(target=lambda: m.load(_blocked("a", 700, started, go)))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: m.load(req("b", mib=700)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert [s.name for s in m.status()] == ["b"]
+
+
+def test_a_model_that_ends_by_itself_is_forgotten_with_a_gone_event():
+    """A model whose runner process ended tells the manager (on_gone): it is dropped at once, in use
+    or not, with the reason; the next use loads it again; a stale callback (an older load) is ignored."""
+    class RunnerLike(FakeModel):
+        def on_gone(self, callback):
+            self.callback = callback
+
+    loads = []
+
+    def load(cancel):
+        loads.append(1)
+        return RunnerLike("a")
+
+    m, _ = manager()
+    request = Request(key="a", name="a", estimate_bytes=100 * MiB, load=load)
+    with m.use(request) as model:
+        model.callback("crashed in llama.cpp (SIGSEGV)")
+        assert m.status() == []
+        assert m.events[-1].kind == "gone" and "SIGSEGV" in m.events[-1].detail
+    with m.use(request) as again:
+        assert again is not model and len(loads) == 2
+    model.callback("late")  # the old model's callback: the new one stays
+    assert [s.name for s in m.status()] == ["a"] and m.events[-1].kind != "gone"

@@ -7,6 +7,8 @@ A small typed surface over llama-cpp-python, a module a job:
 - :mod:`.model`: :class:`LoadedModel` (generate, tokenize, perplexity, close), :mod:`.encoder_pool`
   (an encoder's contexts side by side), :mod:`.decoder` (one decode loop for every text request,
   several sequences a step) with the one sampler chain of :mod:`.sampling`;
+- :mod:`.runner` and :mod:`.runner_model`: a model in a process of its own (``orion serve``'s
+  models), answering as a :class:`LoadedModel` does, so a native fault ends that process only;
 - :mod:`.children`: the canary, the quantizer and the RPC server, in child processes that report
   typed errors; :mod:`.ggml_rpc`: ggml's RPC backend; :mod:`.logs`: native logs silent unless
   ``--debug``; :mod:`._binding`: every reach-in past llama-cpp-python's public API.
@@ -25,6 +27,7 @@ from .decoder import ParallelDecoder, prompt_tokens, prompt_too_long
 from .ggml_rpc import local_gpu_devices, rpc_supported
 from .loader import LoadCancelled, load, validate
 from .model import LoadedModel
+from .runner_model import RunnerGone, RunnerModel, start_runner
 from .sampling import Sampling
 from .settings import ENCODER_GPU_PACK, machine_check, machine_settings, peer_llama, settings_for
 from .spec import LoadSpec, Timings
@@ -34,4 +37,5 @@ __all__ = [
     "Sampling", "Timings", "build_features", "canary_command", "check_engine", "current_check", "engine_key",
     "load", "local_gpu_devices", "machine_check", "machine_settings", "peer_llama", "prompt_tokens",
     "prompt_too_long", "quantize_command", "rpc_server_command", "rpc_supported", "settings_for", "validate",
+    "RunnerGone", "RunnerModel", "start_runner",
 ]

@@ -132,6 +132,15 @@ class LoadedModel:
         """Token ids as the model sees them (with BOS/[CLS] and, for encoders, [SEP])."""
         return self._llm.tokenize(text.encode(), add_bos=special, special=special)
 
+    def tokenize_many(self, texts: Sequence[str], *, special: bool = True) -> list[list[int]]:
+        """:meth:`tokenize` of each text (one call for many: a model in a runner answers it in one message)."""
+        return [self._llm.tokenize(t.encode(), add_bos=special, special=special) for t in texts]
+
+    def prompt_tokens(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
+                      chat: bool | None = None) -> tuple[list[int], list[str]]:
+        """The tokens a prompt is evaluated as, and the template's stop strings (:func:`.decoder.prompt_tokens`)."""
+        return prompt_tokens(self, prompt, system=system, history=history, chat=chat)
+
     def perplexity_window(self, tokens: Sequence[int], first_scored: int):
         """Negative log-likelihoods of ``tokens[j + 1]`` given ``tokens[: j + 1]`` for j from
         ``first_scored`` to the end, from one evaluation of the window (llama.cpp's perplexity)."""

@@ -76,6 +76,7 @@ def ps_document(state: "ServerState") -> dict:
     models, used = [], 0
     for s in statuses:
         served = state.by_key(s.key)
+        model = state.manager.peek(s.key)
         used += s.estimate_bytes
         models.append({
             "name": served.name if served else s.name, "key": s.key, "kind": served.kind if served else "",
@@ -88,6 +89,8 @@ def ps_document(state: "ServerState") -> dict:
             "keep_alive_s": s.keep_alive_s,
             "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
             "pinned": s.pinned, "in_use": s.in_use, "users": s.users, "queue_depth": depths.get(s.key, 0),
+            # its runner process (None: loaded in the server's own) and that process's resident memory now
+            "runner_pid": getattr(model, "pid", None) or None, "rss_bytes": getattr(model, "rss_bytes", None),
         })
     strategy = state.strategy
     pressure = pressure_of(state.memory(), strategy.pressure_high, strategy.pressure_critical)
