@@ -1,7 +1,9 @@
 """Child processes that never outlive orion, and the partial files a killed run leaves behind.
 
 - :func:`die_with_parent`: a ``preexec_fn`` that has Linux kill the child (SIGKILL) when the orion
-  process that started it dies, however it dies (``kill -9`` included); elsewhere a no-op.
+  process that started it dies, however it dies (``kill -9`` included); elsewhere a no-op. Linux
+  sends it when the forking *thread* ends: :func:`popen_dying_with_process` starts children from one
+  thread that lives as long as the process (a server's worker threads end when idle).
 - :func:`remove_stale_partials`: the ``.NAME.PID.partial`` files of runs whose process is gone
   (orion writes every output under such a name, then renames it whole).
 """
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+_SPAWNER_LOCK = __import__("threading").Lock()
 
 
 def die_with_parent() -> None:
@@ -27,6 +30,43 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not glibc: the child may outlive a killed parent
         pass
+
+
+_SPAWNER = None
+
+
+def popen_dying_with_process(args, **kwargs):
+    """``subprocess.Popen(args, **kwargs)`` for a child that must die with this process, from any thread.
+
+    The kernel sends PR_SET_PDEATHSIG when the *thread* that forked the child ends, not the process:
+    a child started from a worker thread (a server's, which ends when idle) is killed with it. So the
+    child is started from one thread that lives as long as the process."""
+    import queue
+    import subprocess
+    import threading
+
+    global _SPAWNER
+    if _SPAWNER is None:
+        jobs: queue.Queue = queue.Queue()
+
+        def spawner() -> None:
+            while True:
+                job_args, job_kwargs, answer = jobs.get()
+                try:
+                    answer.put((True, subprocess.Popen(job_args, preexec_fn=die_with_parent, **job_kwargs)))
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    answer.put((False, exc))
+
+        with _SPAWNER_LOCK:
+            if _SPAWNER is None:
+                threading.Thread(target=spawner, name="orion-spawner", daemon=True).start()
+                _SPAWNER = jobs
+    answer: queue.Queue = queue.Queue()
+    _SPAWNER.put((args, kwargs, answer))
+    ok, value = answer.get()
+    if not ok:
+        raise value
+    return value
 
 
 def alive(pid: int) -> bool:

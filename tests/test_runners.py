@@ -216,3 +216,24 @@ def test_models_load_side_by_side_and_the_runner_memory_is_reported(served):
         m = models[name]
         assert m["runner_pid"] and m["measured_bytes"] > 20 * 2**20 and m["rss_bytes"] > 20 * 2**20, m
     assert models["gemma3-270m"]["runner_pid"] != models["minilm"]["runner_pid"]
+
+
+def test_a_runner_outlives_the_thread_that_started_it(gemma_q4, engine_verdict):
+    """Linux sends PR_SET_PDEATHSIG when the forking *thread* ends: a runner started from a server's
+    worker thread (which ends when idle) was killed with SIGKILL minutes later. Runners are started
+    from one thread that lives as long as the process."""
+    from orion_cli import engine
+
+    spec = engine.LoadSpec(gemma_q4, 512, 2, settings=engine.settings_for(engine_verdict))
+    started: list = []
+    worker = threading.Thread(target=lambda: started.append(engine.start_runner(spec, check=engine_verdict)))
+    worker.start()
+    worker.join(120)
+    model = started[0]
+    try:
+        assert not worker.is_alive()
+        assert model.tokenize("hello") and model.alive  # the thread is gone, the runner is not
+        assert model.pid != os.getpid() and os.path.exists(f"/proc/{model.pid}")
+    finally:
+        model.close()
+    assert not model.alive

@@ -117,15 +117,17 @@ class RunnerModel:
 
     def _start(self) -> None:
         from .._debug import debug_enabled
-        from .._proc import die_with_parent
+        from .._proc import popen_dying_with_process
         from multiprocessing.connection import Connection
 
         ours, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(
+            # started from a thread that lives as long as the server: PR_SET_PDEATHSIG follows the
+            # forking thread, and a worker thread that ends when idle would take the runner with it
+            self._proc = popen_dying_with_process(
                 [sys.executable, "-m", "orion_cli.engine.runner", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, preexec_fn=die_with_parent, cwd="/")
+                stderr=subprocess.PIPE, cwd="/")
         finally:
             theirs.close()
         self.pid = self._proc.pid
