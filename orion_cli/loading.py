@@ -157,6 +157,11 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
     from .paths import orion_home
 
     text = text or "minilm"
+    try:
+        Path(text).expanduser()
+    except RuntimeError:  # ~user, a user this machine does not have
+        raise NotFound(f"{text}: there is no home folder {text.split('/')[0]} here",
+                       hint="give the full path") from None
     base, at, suffix = text.rpartition("@")
     asked = None
     if at and base and suffix.lower() in TARGETS and not Path(text).expanduser().exists():
@@ -190,8 +195,17 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
                 raise WrongModelKind(f"{text} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
             folder = Path(fetch_snapshot(ref).path)
             model_id = ref.repo
+    if folder is None:
+        raise NotFound(f"{text} names no encoder", hint="use minilm, a BERT repo, folder or GGUF")
+    try:  # a folder that holds no encoder (/tmp, /, /proc, a registered folder since removed): not a bug
+        weights = (folder / "model.safetensors").stat()
+    except OSError as exc:
+        what = "no model.safetensors" if isinstance(exc, (FileNotFoundError, NotADirectoryError)) else exc.strerror
+        raise NotFound(f"{folder} holds no encoder ({what})",
+                       hint="give a Hugging Face BERT folder (config.json, model.safetensors, vocab.txt), "
+                            "a .gguf encoder or a name ('orion list')") from None
     target = asked or encoder_type(model_id, strategy, prefer_id)
-    stamp = hashlib.sha1(f"{folder.resolve()}|{(folder / 'model.safetensors').stat().st_mtime_ns}".encode()).hexdigest()
+    stamp = hashlib.sha1(f"{folder.resolve()}|{weights.st_mtime_ns}".encode()).hexdigest()
     out = orion_home() / "models" / f"{folder.resolve().name}-{stamp[:10]}-{target}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,3 +60,28 @@ def test_a_keep_alive_past_a_year_is_refused_in_one_line(text):
 
 def test_a_year_of_keep_alive_is_taken():
     assert parse_keep_alive("8760h") == 365 * 24 * 3600 and parse_keep_alive(3600) == 3600
+
+
+@pytest.mark.parametrize("text", ["1" * 401, "1e400", "nan", "NaN", "10000000h", 1e400, float("nan"), float("-inf"),
+                                  True, [1], {"s": 1}, "٣٠٠", "３００", "5 minutes", "-5", "1" * 100_000 + "h"])
+def test_a_keep_alive_that_is_not_a_bounded_duration_is_refused_in_one_short_line(text):
+    """What /api/load hands over as it came in JSON: numbers past a year or not finite (1e400 is
+    infinity once parsed, and was taken for 'inf', never), strings that are not durations, other
+    types, digits of other scripts; the message quotes at most the start of the value."""
+    with pytest.raises(InvalidValue) as caught:
+        parse_keep_alive(text)
+    assert len(caught.value.one_line()) < 200 and "\n" not in caught.value.one_line()
+
+
+@pytest.mark.parametrize("text,expected", [("-1", None), ("inf", None), ("never", None), (-1.0, None), (-5, None),
+                                           (1.5, 1), ("1.5", 1), (0, 0), ("0s", 0)])
+def test_never_and_fractions_of_a_keep_alive(text, expected):
+    """-1 and 'inf' mean never, as documented (Ollama's -1); fractions of a second are cut."""
+    assert parse_keep_alive(text) == expected
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "GB", "1" * 30 + "TB", "３GB"])
+def test_a_size_past_any_byte_count_is_refused_not_an_overflow(text):
+    with pytest.raises(InvalidValue) as caught:
+        parse_size(text, what="--ram")
+    assert "--ram" in caught.value.message and len(caught.value.message) < 100

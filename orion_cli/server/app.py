@@ -294,6 +294,12 @@ def create_app(state: ServerState, *, api_key: str | None = None,
 
 
 def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+    """Whether the request carries ``Authorization: Bearer KEY``, compared as UTF-8 bytes: Starlette
+    reads a header as latin-1 (one character a byte), so its bytes are the client's own; a key of
+    any characters (``clé-ünïcode-🔑``) matches itself, and nothing else does."""
+    header = request.headers.get("authorization", "").encode("latin-1")
+    scheme, _, token = header.partition(b" ")
+    # bytes, so strip() takes only ASCII blanks: str.strip() would cut U+00A0 and U+0085, which are
+    # the last byte of some UTF-8 characters read as latin-1 ('à' is C3 A0)
+    expected = api_key.encode("utf-8", "surrogateescape").strip(b" \t")  # a key from a non-UTF-8 environment
+    return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(b" \t"), expected)

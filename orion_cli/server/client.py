@@ -42,7 +42,7 @@ class ServerClient:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+            headers["Authorization"] = bearer(self.api_key)
         conn = http.client.HTTPConnection(self.info.host, self.info.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=data, headers=headers)
@@ -98,6 +98,18 @@ class ServerClient:
                 yield doc
         finally:
             conn.close()
+
+
+def bearer(api_key: str) -> bytes:
+    """The ``Authorization`` header's value for ``api_key``, as UTF-8 bytes (what the server compares,
+    and what curl sends): http.client would encode a str as latin-1 and fail on any other character."""
+    from ..errors import ConfigError
+
+    key = api_key.encode("utf-8", "surrogateescape")  # a key from a non-UTF-8 environment: its own bytes
+    if any(b < 0x20 or b == 0x7F for b in key):
+        raise ConfigError("ORION_API_KEY has a control character (a line break?)",
+                          hint="set it to the key the server was started with, on one line")
+    return b"Bearer " + key
 
 
 def _error(status: int, raw: bytes, retry_after: str | None = None) -> OrionError:

@@ -8,16 +8,28 @@ state, and answer with these documents.
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import time
+import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from .http_errors import APIError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048
 DEFAULT_MAX_TOKENS = 256
+# Arrays and objects inside one another: no request of the API nests past 4 (a list of token arrays;
+# a message's content parts), and Python's parser fails with a RecursionError somewhere near 1,000.
+MAX_JSON_DEPTH = 64
+# A model name, repo, id or path, in UTF-8 bytes; each part between slashes at most a file name's
+# 255 bytes (past it the OS answers ENAMETOOLONG to every look-up of the name).
+MAX_MODEL_NAME_BYTES = 1024
+MAX_NAME_PART_BYTES = 255
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
 
 
 # ---------------------------------------------------------------- request bodies
@@ -34,13 +46,59 @@ async def read_json(chunks: AsyncIterator[bytes], declared: str | None) -> dict:
         if len(body) > MAX_BODY_BYTES:
             raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
                            code="request_too_large")
+    return parse_json(bytes(body))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> dict:
+    """A request body as a JSON object: strict JSON (no NaN or Infinity), nested at most
+    :data:`MAX_JSON_DEPTH` deep, every string valid Unicode (no half of a surrogate pair)."""
+    too_deep = APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} deep", code="invalid_json")
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise too_deep from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(doc, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
+        raise too_deep
+    if _SURROGATE_ESCAPE.search(body):  # only a \u escape makes one: UTF-8 bytes cannot
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"the request body has a lone UTF-16 surrogate (\\u{ord(exc.object[exc.start]):04x}) "
+                                "in a string", code="invalid_json",
+                           hint="a character past U+FFFF is a pair of \\u escapes, high then low") from None
     return doc
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nested_deeper(body: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in ``body`` (JSON that parsed: its
+    brackets balance once its strings are gone). Each pass takes the innermost pairs away, so the
+    passes to nothing are the depth; bytes methods only (a walk over a parsed list of a million
+    token ids took a second)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(_SQUARE, _NOT_A_BRACKET)
+    for _ in range(limit):
+        brackets = brackets.replace(b"[]", b"")
+        if not brackets:
+            return False
+    return True
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A value as an error message quotes it: at most ``limit`` characters (not a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def number(doc: dict, key: str, default, lo: float, hi: float, *, integer: bool = False):
@@ -50,23 +108,65 @@ def number(doc: dict, key: str, default, lo: float, hi: float, *, integer: bool 
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, not {value!r}", param=key,
+        raise APIError(400, f"'{key}' must be {kind} from {lo:g} to {hi:g}, not {_shown(value)}", param=key,
                        code="invalid_value")
     return value
 
 
+def boolean(doc: dict, key: str, default: bool = False) -> bool:
+    """A JSON true or false (null: the default); ``"false"`` is a string, not a boolean."""
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"'{key}' must be true or false, not {_shown(value)}", param=key, code="invalid_value")
+    return value
+
+
+def checked_name(name: str, key: str = "model") -> str:
+    """A model name, repo, id or path from a request, bounded before anything looks it up: at most
+    :data:`MAX_MODEL_NAME_BYTES` (and a file name's 255 between slashes), no control character, no
+    home folder (``~user``) this machine lacks."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_MODEL_NAME_BYTES:
+        raise APIError(400, f"'{key}' is {size} bytes long; the most is {MAX_MODEL_NAME_BYTES}", param=key,
+                       code="invalid_value", hint="give an orion model name ('orion list'), org/repo or a GGUF path")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        raise APIError(400, f"'{key}' has a control character (U+{ord(bad):04X})", param=key, code="invalid_value")
+    longest = max(name.split("/"), key=lambda part: len(part.encode("utf-8")))
+    if len(longest.encode("utf-8")) > MAX_NAME_PART_BYTES:
+        raise APIError(400, f"'{key}' has a part of {len(longest.encode('utf-8'))} bytes between slashes; "
+                            f"the most is {MAX_NAME_PART_BYTES}", param=key, code="invalid_value")
+    if name.startswith("~"):
+        home = name.split("/", 1)[0]
+        if os.path.expanduser(home) == home:  # where pathlib raises RuntimeError
+            raise APIError(400, f"'{key}' starts with {_shown(home)}, a home folder this machine does not have",
+                           param=key, code="invalid_value")
+    return name
+
+
 def model_name(doc: dict) -> str:
     name = doc.get("model")
+    if name is not None and not isinstance(name, str):
+        raise APIError(400, f"'model' must be a string, not {_shown(name)}", param="model", code="invalid_value")
     if not isinstance(name, str) or not name.strip():
         raise APIError(400, "'model' is required: an orion model name, org/repo or a GGUF path", param="model",
                        code="missing_model")
-    return name.strip()
+    return checked_name(name.strip())
+
+
+# The fields that name a model (an encoder's, on /api/encoder and /api/chunk), checked as names.
+NAME_FIELDS = ("model", "prefer_id")
 
 
 def optional_text(doc: dict, key: str) -> str | None:
+    """A string field that may be left out; ``model`` and ``prefer_id`` are also checked as names."""
     value = doc.get(key)
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise APIError(400, f"'{key}' must be a non-empty string", param=key, code="invalid_value")
+    if value is not None and key in NAME_FIELDS:
+        checked_name(value, key)
     return value
 
 
@@ -107,7 +207,10 @@ def chat_parts(doc: dict) -> tuple[str | None, list[dict], str]:
             if any(p.get("type") != "text" for p in parts) or len(parts) != len(content):
                 raise APIError(400, f"messages[{i}]: only text content is served here",
                                hint="images work with 'orion run MODEL --image' (in-process)", param=f"messages[{i}]")
-            content = "".join(str(p.get("text", "")) for p in parts)
+            if not all(isinstance(p.get("text"), str) for p in parts):
+                raise APIError(400, f"messages[{i}].content: each text part's 'text' must be a string",
+                               param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in parts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
         role = "system" if m["role"] == "developer" else m["role"]
@@ -142,9 +245,17 @@ class Asked:
     include_usage: bool
 
     @classmethod
-    def parse(cls, doc: dict, *, chat: bool) -> "Asked":
-        stream = bool(doc.get("stream", False))
-        include_usage = bool((doc.get("stream_options") or {}).get("include_usage")) if stream else False
+    def parse(cls, doc: dict, *, chat: bool) -> Asked:
+        stream = boolean(doc, "stream")
+        options = doc.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise APIError(400, f"'stream_options' must be an object, not {_shown(options)}", param="stream_options",
+                           code="invalid_value")
+        usage = (options or {}).get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise APIError(400, f"'stream_options.include_usage' must be true or false, not {_shown(usage)}",
+                           param="stream_options.include_usage", code="invalid_value")
+        include_usage = bool(usage) and stream  # stream_options count only in a stream
         stops = stop_strings(doc)
         if chat:
             system, history, prompt = chat_parts(doc)
@@ -195,7 +306,7 @@ def encoding_format(doc: dict) -> str:
 
 
 def check_dimensions(doc: dict, model_id: str, dim: int) -> None:
-    if doc.get("dimensions") is not None and doc.get("dimensions") != dim:
+    if number(doc, "dimensions", None, 1, 2**31 - 1, integer=True) not in (None, dim):
         raise APIError(400, f"{model_id} makes {dim}-dimensional vectors; 'dimensions' cannot change that",
                        param="dimensions")
 
