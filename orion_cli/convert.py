@@ -92,6 +92,16 @@ def check_bert_config(config: dict, shapes: dict[str, tuple[int, ...]], where: P
     return sizes["num_hidden_layers"]
 
 
+def check_vocabulary(n_tokens: int, tensors: dict, vocab_file: Path) -> None:
+    """The vocabulary has one token per row of the word embeddings (llama.cpp refuses a GGUF whose
+    token list and embedding table disagree, and an id past the table would read outside it)."""
+    word = tensors.get("embeddings.word_embeddings.weight", tensors.get("bert.embeddings.word_embeddings.weight"))
+    rows = int(word.shape[0]) if word is not None and len(word.shape) == 2 else None
+    if rows is not None and rows != n_tokens:
+        raise InvalidValue(f"{vocab_file} has {n_tokens} tokens, the word embeddings {rows} rows",
+                           hint="the vocabulary is not this model's: download the model again")
+
+
 def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
     """Write ``out`` from the BERT model in ``folder``; a temporary name until complete."""
     import gguf
@@ -120,6 +130,8 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         tokens = vocab_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise InvalidValue(f"{vocab_file} is not UTF-8 text", hint="download the model again") from exc
+    if not any(t.strip() for t in tokens):  # an encoder with no words: llama.cpp would load a model that reads nothing
+        raise InvalidValue(f"{vocab_file} holds no tokens", hint="the model folder is damaged: download the model again")
     specials = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
     toktypes = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
 
@@ -142,6 +154,7 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         raise NotAGGUF(f"{weights} is not a valid safetensors file ({exc})",
                        hint="download the model again") from exc
     n_layers = check_bert_config(config, {k: tuple(v.shape) for k, v in tensors.items()}, folder / "config.json")
+    check_vocabulary(len(tokens), tensors, vocab_file)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, n_layers)
     try:
         w = gguf.GGUFWriter(str(tmp), "bert")

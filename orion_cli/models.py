@@ -101,14 +101,35 @@ class Registry:
         self.path = path or orion_home() / "models.json"
 
     def _read(self) -> dict[str, LocalModel]:
+        """The registry's models; a file that is not one (damaged, a list, a number, entries that are
+        not models) is reported with its path and left as it is, byte for byte."""
         if not self.path.exists():
             return {}
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return {name: LocalModel(**entry) for name, entry in doc.get("models", {}).items()}
-        except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(f"the model registry {self.path} is damaged ({exc})",
-                              hint="move it away; 'orion import' and 'orion fetch' will write a new one") from exc
+        except RecursionError as exc:
+            raise self._damaged("nested too deeply to be a registry") from exc
+        except (OSError, ValueError) as exc:
+            raise self._damaged(str(exc)[:120]) from exc
+        return self._models(doc)
+
+    def _damaged(self, why: str) -> ConfigError:
+        return ConfigError(f"the model registry {self.path} is damaged ({why})",
+                           hint="move it away; 'orion import' and 'orion fetch' will write a new one")
+
+    def _models(self, doc) -> dict[str, LocalModel]:
+        if not isinstance(doc, dict):
+            raise self._damaged(f"a JSON {_json_kind(doc)}, not an object with \"models\"")
+        models = doc.get("models", {})
+        if not isinstance(models, dict):
+            raise self._damaged(f"\"models\" is a JSON {_json_kind(models)}, not an object")
+        out = {}
+        for name, entry in models.items():
+            problem = _entry_problem(entry)
+            if problem:
+                raise self._damaged(f"the entry {name[:40]!r} {problem}")
+            out[name] = LocalModel(**entry)
+        return out
 
     def all(self) -> dict[str, LocalModel]:
         return self._read()
@@ -145,6 +166,37 @@ class Registry:
     def remove(self, name: str) -> LocalModel | None:
         with self._locked() as models:
             return models.pop(name, None)
+
+
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "path": (str,), "source": (str,), "file_type": (str,), "size_bytes": (int,),
+    "repo": (str, type(None)), "filename": (str, type(None)), "projector_path": (str, type(None)),
+    "projector_filename": (str, type(None)), "sha256": (str, type(None)), "added": (str,),
+}
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _entry_problem(entry) -> str:
+    """What is wrong with one registry entry ('' for nothing): it must be an object with a model's
+    fields, each of its type (a path that is a number would end a command later, less clearly)."""
+    if not isinstance(entry, dict):
+        return f"is a JSON {_json_kind(entry)}, not an object"
+    missing = [k for k in ("name", "kind", "path", "source") if k not in entry]
+    if missing:
+        return f"has no {missing[0]!r}"
+    for key, value in entry.items():
+        types = _FIELDS.get(key)
+        if types is None:
+            return f"has an unknown field {str(key)[:40]!r}"
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"has a {key} that is a JSON {_json_kind(value)}"
+    if not entry["path"]:
+        return "has an empty path"
+    return ""
 
 
 def valid_name(name: str) -> str:

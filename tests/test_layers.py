@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "orion_cli"
 # The layers, top first. A module may import its own layer (without a cycle) and any layer below.
 LEAVES = {"orion_cli", "orion_cli.__main__", "orion_cli._fs", "orion_cli._proc", "orion_cli._yaml", "orion_cli._net",
           "orion_cli._debug", "orion_cli._once", "orion_cli.messages", "orion_cli.errors", "orion_cli.units", "orion_cli.paths", "orion_cli.quant_types",
-          "orion_cli.gguf_files"}
+          "orion_cli.gguf_files", "orion_cli._text", "orion_cli.limits"}
 
 
 def layer_of(module: str) -> int:

@@ -109,6 +109,14 @@ def _print_error(line: str) -> None:
     out.error(line)
 
 
+def _usage_line(exc) -> str:
+    """Click's message for a usage error, as orion's one line: what is wrong, then where to look."""
+    message = exc.format_message().strip().rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    where = f"see '{ctx.command_path} --help'" if ctx is not None else "see 'orion --help'"
+    return f"{message}: {where}"
+
+
 def _usage_error_class() -> type[Exception]:
     # Typer vendors click in recent releases (typer._click) and uses click
     # itself in older ones: find the base of usage errors either way.
@@ -155,8 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         _print_error("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    except _usage_error_class() as exc:  # unknown option, missing argument: usage and exit 2
-        exc.show()
+    except _usage_error_class() as exc:  # unknown option, missing argument, not a number: one line, exit 2
+        if type(exc).__name__ == "NoArgsIsHelpError":  # 'orion' alone: the help, as click shows it
+            exc.show()
+        else:
+            _print_error(_usage_line(exc))
         sys.exit(exc.exit_code)
     except Exception as exc:  # the environment (a full disk, a permission, a locked store), else a bug
         if debug_enabled():

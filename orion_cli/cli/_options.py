@@ -1,5 +1,6 @@
 """Options shared by several commands, declared once (as hf's ``_cli_utils.py`` does), and the
-command class that gives a command ``--json`` and sets the output mode before it runs."""
+command class that gives a command ``--json``, bounds its number options and sets the output mode
+before it runs."""
 
 from __future__ import annotations
 
@@ -28,14 +29,49 @@ def json_option(help: str) -> Callable[[F], F]:
     return mark
 
 
+def _bounded(param) -> None:
+    """Give a number option (int or float) its range from ``orion_cli.limits``: a value out of it
+    (nan, inf, 1e400, a 400-digit integer, a negative count) is an error line while the command line
+    is parsed, before the command asks a server, the Hub or llama.cpp anything."""
+    base = type(param.type)
+    names = {c.__name__ for c in base.__mro__}
+    if "BoolParamType" in names or not names & {"IntParamType", "FloatParamType"}:
+        return
+    if getattr(param.type, "orion_range", None) is not None:
+        return
+    from .._text import clip
+    from ..errors import InvalidValue
+    from ..limits import option_range
+
+    integer = "IntParamType" in names
+    limit = option_range(param.name or "", integer)
+    flag = next((o for o in param.opts if o.startswith("--")), param.opts[0] if param.opts else param.name)
+
+    class Bounded(base):  # type: ignore[misc, valid-type]
+        orion_range = limit
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, str) and len(value.strip()) > 100:  # int() refuses 4,300 digits, slowly
+                raise InvalidValue(f"{flag} {clip(value.strip())} is out of range", hint=f"give {limit.describe()}")
+            number = super().convert(value, param, ctx)
+            return limit.check(flag, number, shown=value if isinstance(value, str) else None)
+
+    checked = Bounded.__new__(Bounded)
+    checked.__dict__.update(param.type.__dict__)
+    param.type = checked
+
+
 class OrionCommand(TyperCommand):
-    """A leaf command: the one output object is put in its mode before the command runs (human,
-    or JSON with ``--json`` on the commands that have it)."""
+    """A leaf command: its number options are bounded (``orion_cli.limits``), and the one output
+    object is put in its mode before the command runs (human, or JSON with ``--json`` on the
+    commands that have it)."""
 
     json_help: str | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        for param in self.params:
+            _bounded(param)
         if self.json_help:
             self.params.append(TyperOption(param_decls=["--json", JSON_PARAM], is_flag=True, default=False,
                                            help=self.json_help))

@@ -1,9 +1,13 @@
-"""Rich renderings shared by the model commands: headers, estimates, candidate tables."""
+"""Rich renderings shared by the model commands: headers, estimates, candidate tables.
+
+Their cells and titles are text (the consoles have markup off, see ``_output``): a GGUF's name or a
+Hub file name shows as written; the styled parts are ``Text`` objects.
+"""
 
 from __future__ import annotations
 
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..units import format_bytes
 
@@ -29,7 +33,7 @@ def header_table(summary: dict, title: str | None = None) -> Table:
     ]
     for k, v in rows:
         if v is not None:
-            t.add_row(k, escape(str(v)))
+            t.add_row(k, str(v))
     return t
 
 
@@ -39,13 +43,13 @@ def estimate_table(estimate, budget_bytes: int | None = None) -> Table:
     t.add_column("size", justify="right")
     t.add_column("how", style="dim")
     for name, n, how in estimate.parts():
-        t.add_row(name, format_bytes(n), escape(how))
-    verdict = ""
+        t.add_row(name, format_bytes(n), how)
+    verdict = Text("")
     if budget_bytes is not None:
         fits = estimate.total_bytes <= budget_bytes
-        verdict = f"[green]fits[/] the budget of {format_bytes(budget_bytes)}" if fits else \
-            f"[red]over[/] the budget of {format_bytes(budget_bytes)}"
-    t.add_row("total", f"[bold]{format_bytes(estimate.total_bytes)}[/]", verdict)
+        verdict = Text.assemble(("fits", "green") if fits else ("over", "red"),
+                                f" the budget of {format_bytes(budget_bytes)}")
+    t.add_row("total", Text(format_bytes(estimate.total_bytes), style="bold"), verdict)
     return t
 
 
@@ -73,7 +77,7 @@ def candidates_table(plan) -> Table:
     for c in plan.candidates:
         style = "bold green" if c.verdict == "chosen" else ("" if c.fits else "dim")
         name = c.filename + (f" (+{len(c.parts) - 1} parts)" if len(c.parts) > 1 else "")
-        cells = [escape(name), c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes)]
+        cells = [name, c.file_type, format_bytes(c.size_bytes), format_bytes(c.estimate.total_bytes)]
         if split:
             cells += [format_bytes(sum(b for _, b, _ in c.offload.remote_parts)), c.gpu_layers]
         elif plan.gpu_budgets:
@@ -82,5 +86,5 @@ def candidates_table(plan) -> Table:
         if plan.bench and not split:
             speed = expected_tok_s(plan.bench, c.size_bytes, c.gpu_share)
             cells.append(f"{speed:.0f}" if speed else "-")
-        t.add_row(*cells, escape(c.verdict), style=style)
+        t.add_row(*(str(cell) for cell in cells), c.verdict, style=style)
     return t

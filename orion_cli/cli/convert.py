@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ._options import GgufOutOpt, ReplaceOutOpt, json_option
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EXAMPLES = examples(
     ("orion convert ./all-MiniLM-L6-v2 -o minilm-f16.gguf", "a local model folder"),
@@ -42,7 +42,7 @@ def convert(
     result = convert_bert(folder, output, to)
     out.result({"path": str(result.path), "type": result.target, "tensors": result.tensors,
                 "parameters": result.parameters, "size_bytes": result.size_bytes, "pooling": result.pooling},
-               lambda: f"Wrote [bold]{result.path}[/]: {result.target}, {result.tensors} tensors, "
+               lambda: f"Wrote [bold]{escape(result.path)}[/]: {result.target}, {result.tensors} tensors, "
                        f"{result.parameters / 1e6:.1f} M parameters, {format_bytes(result.size_bytes)}, "
                        f"{result.pooling} pooling")
 

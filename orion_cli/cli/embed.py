@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import LocalOpt, json_option
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EMBED_EXAMPLES = examples(
     ("orion embed notes/ --collection notes", "embed every text file under notes/"),
@@ -58,8 +58,8 @@ def _progress():
         return _NoProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console())
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}", markup=False), TimeRemainingColumn(), console=err_console())
 
 
 def _collection_model(name: str) -> str | None:
@@ -148,7 +148,7 @@ def embed(
 
         w = summary.walk
         rate = summary.chunks_embedded / elapsed if elapsed and summary.chunks_embedded else 0.0
-        out.text(f"[bold]{collection}[/]: {summary.files_embedded} file(s) embedded ({summary.chunks_embedded} chunks, "
+        out.text(f"[bold]{escape(collection)}[/]: {summary.files_embedded} file(s) embedded ({summary.chunks_embedded} chunks, "
                  f"{rate:.1f} chunks/s; {summary.chunks_reused} reused), {summary.files_unchanged} unchanged, "
                  f"{summary.files_dropped} dropped, {summary.files_failed} failed in {elapsed:.1f} s")
         skipped = f"{w.hidden} hidden, {w.ignored} ignored, {w.binary} binary, {w.unreadable} unreadable"
@@ -156,7 +156,7 @@ def embed(
             skipped += f", {w.loops} symlink loop(s)"
         out.text(f"[dim]skipped: {skipped}[/]")
         for failure in summary.failures[:5]:
-            err_console().print(f"[yellow]failed[/] {failure}")
+            err_console().print(f"[yellow]failed[/] {escape(failure)}", markup=True)
 
     out.result(summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
                                     "encoded_by": source.via}, human)
@@ -214,14 +214,12 @@ def search(
         store.close()
 
     def human() -> None:
-        from ._output import escape, printable
-
         if not results:
-            out.text(f"{collection} is empty: 'orion embed PATH --collection {collection}'")
+            out.text(escape(f"{collection} is empty: 'orion embed PATH --collection {collection}'"))
         for score, r in results:
-            out.text(f"[bold]{score:.3f}[/]  {escape(printable(r.path or '?'))}:{r.start_line}-{r.end_line}")
+            out.text(f"[bold]{score:.3f}[/]  {escape(r.path or '?')}:{r.start_line}-{r.end_line}")
             snippet = " ".join(r.text.split())[:200]
-            out.text(f"       [dim]{escape(printable(snippet))}[/]")
+            out.text(f"       [dim]{escape(snippet)}[/]")
 
     out.result({"query": query, "collection": collection, "results": [
         {"score": round(score, 4), "path": r.path, "start_line": r.start_line, "end_line": r.end_line,
@@ -235,7 +233,6 @@ def collections(
 ) -> None:
     """List the collections (model, files, chunks, vector bytes); show or delete one."""
     from ..errors import InvalidValue
-    from ._output import console
 
     store = _store()
     try:
@@ -243,7 +240,7 @@ def collections(
             if not name:
                 raise InvalidValue("--rm needs a collection name", hint="orion collections NAME --rm")
             store.drop(name)
-            console().print(f"Deleted collection [bold]{name}[/].")
+            out.result({"deleted": name}, lambda: f"Deleted collection [bold]{escape(name)}[/].")
             return
         items = [store.stats(store.collection(name))] if name else [store.stats(c) for c in store.collections()]
     finally:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import CtxOpt, RpcOpt, json_option, model_names
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EXAMPLES = examples(
     ("orion fetch mistral", "the best file that fits the strategy (same as --auto)"),
@@ -72,9 +72,9 @@ def fetch(
             if plan.chosen:
                 out.text()
                 out.text(estimate_table(plan.chosen.estimate, plan.budget_bytes))
-                out.text(f"\nWould fetch [bold]{plan.chosen.filename}[/] ({plan.chosen.file_type}).")
+                out.text(f"\nWould fetch [bold]{escape(plan.chosen.filename)}[/] ({escape(plan.chosen.file_type)}).")
             else:
-                out.text(f"\nNothing fits: {plan.hint}")
+                out.text(f"\nNothing fits: {escape(plan.hint)}")
 
         out.result({"dry_run": True, "plan": plan.to_dict()}, human)
         return
@@ -84,7 +84,7 @@ def fetch(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     # A bar for people at a terminal; nothing in logs and pipes.
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+    progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(binary_units=True),
                         TransferSpeedColumn(), TimeRemainingColumn(), console=err_console(),
                         disable=not err_console().is_terminal)
     tasks: list = []
@@ -108,12 +108,12 @@ def fetch(
     from ..units import format_bytes
 
     def human() -> None:
-        out.text(f"Fetched [bold]{local.name}[/]: {plan.chosen.filename} ({local.file_type}, "
+        out.text(f"Fetched [bold]{escape(local.name)}[/]: {escape(plan.chosen.filename)} ({escape(local.file_type)}, "
                  f"{format_bytes(local.size_bytes)}), sha256 verified")
-        out.text(f"  {local.path}")
+        out.text(escape(f"  {local.path}"))
         if local.projector_path:
-            out.text(f"  projector {local.projector_path}")
-        out.text(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}")
+            out.text(escape(f"  projector {local.projector_path}"))
+        out.text(escape(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}"))
 
     out.result({"model": asdict(local), "estimate": plan.chosen.estimate.to_dict(), "plan": plan.to_dict()}, human)
 
@@ -127,4 +127,4 @@ def _fetch_snapshot(ref, name: str | None) -> None:
     with out.status(f"Downloading {ref.repo}…"):
         local = fetch_snapshot(ref, name=name)
     out.result({"model": asdict(local)},
-               lambda: f"Fetched [bold]{local.name}[/] ({ref.repo}, safetensors) to {local.path}")
+               lambda: f"Fetched [bold]{escape(local.name)}[/] ({escape(ref.repo)}, safetensors) to {escape(local.path)}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import CtxOpt, RpcOpt, json_option, model_names
-from ._output import examples, out
+from ._output import escape, examples, out, styled
 
 IMPORT_EXAMPLES = examples(
     ("orion import ~/models/mistral.Q4_K_M.gguf", "register a GGUF under its file name"),
@@ -50,7 +50,7 @@ def import_(
     if path.is_dir() and (path / "config.json").exists():
         model = import_encoder_folder(path, name=name, replace=force)
         out.result({"model": asdict(model)},
-                   lambda: f"Imported [bold]{model.name}[/]: BERT encoder (safetensors), {path}; "
+                   lambda: f"Imported [bold]{escape(model.name)}[/]: BERT encoder (safetensors), {escape(path)}; "
                            f"converted to GGUF on first use by 'orion embed'")
         return
     model, header = import_gguf(path, name=name, replace=force,
@@ -64,8 +64,8 @@ def import_(
 
         est = estimate_memory(header, strategy.n_ctx, machine_settings())
         fits = "fits" if est.total_bytes <= strategy.memory_budget_bytes else "does NOT fit"
-        out.text(f"Imported [bold]{model.name}[/]: {header.architecture} {header.file_type}, "
-                 f"{format_bytes(model.size_bytes)}, {path}")
+        out.text(f"Imported [bold]{escape(model.name)}[/]: {escape(header.architecture)} {escape(header.file_type)}, "
+                 f"{format_bytes(model.size_bytes)}, {escape(path)}")
         out.text(f"  memory at n_ctx {strategy.n_ctx}: {format_bytes(est.total_bytes)}, {fits} the budget of "
                  f"{format_bytes(strategy.memory_budget_bytes)}")
 
@@ -105,17 +105,16 @@ def list_() -> None:
 
     def human() -> str | None:
         from ..units import format_bytes
-        from ._output import escape
 
         if not rows:
             return "No models yet: 'orion fetch gemma3-270m', or 'orion import FILE.gguf'."
-        cells = []
+        cells = []  # text, whatever a hand-edited registry holds (styled: the verdicts only)
         for m, e, s in rows:
-            fits = {"missing": "[red]file missing[/]", "damaged": "[red]damaged[/]"}.get(
-                s, "[green]yes[/]" if e is not None and e <= budget else ("[red]no[/]" if e else "-"))
+            fits = {"missing": styled("file missing", "red"), "damaged": styled("damaged", "red")}.get(
+                s, styled("yes", "green") if e is not None and e <= budget else (styled("no", "red") if e else "-"))
             origin = m.repo if m.source == "hub" else m.path
             cells.append((m.name, m.kind, m.file_type, format_bytes(m.size_bytes), format_bytes(e) if e else "-", fits,
-                          escape(origin or "")))
+                          origin or ""))
         right = {"justify": "right"}
         out.table(["name", "kind", "type", ("size", right), ("estimate", right), "fits", "from"], cells,
                   title=f"Estimates at n_ctx {strategy.n_ctx}, budget {format_bytes(budget)}")
@@ -137,8 +136,8 @@ def rm(
     model, freed = remove_model(name)
     imported = model.source == "import"
     out.result({"removed": name, "freed_bytes": freed, "kept_file": model.path if imported else None},
-               lambda: f"Forgot [bold]{name}[/]; your file {model.path} is untouched." if imported else
-               f"Removed [bold]{name}[/]: {format_bytes(freed)} freed from the Hugging Face cache.")
+               lambda: f"Forgot [bold]{escape(name)}[/]; your file {escape(model.path)} is untouched." if imported else
+               f"Removed [bold]{escape(name)}[/]: {format_bytes(freed)} freed from the Hugging Face cache.")
 
 
 @json_option("Print the header summary and estimate as JSON.")
@@ -221,13 +220,13 @@ def _inspect_split(header, where: str, strategy) -> None:
         out.text(estimate_table(plan.cpu, strategy.memory_budget_bytes))
         out.text()
         for d in servers:  # how each budget was found (a CPU server's RAM is reported all free)
-            out.text(f"[bold]{d.name}[/] budget: {d.budget_how}")
-        out.text(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({plan.reason}): {plan.describe()}")
+            out.text(f"[bold]{escape(d.name)}[/] budget: {escape(d.budget_how)}")
+        out.text(f"[bold]split[/] at n_ctx {strategy.n_ctx} ({escape(plan.reason)}): {escape(plan.describe())}")
         for name, g, b in zip(plan.devices, plan.gpus, plan.gpu_budgets):
             if g.n_layers:
-                out.text(f"  {name}: {g.arithmetic()} (budget {format_bytes(b)})")
+                out.text(escape(f"  {name}: {g.arithmetic()} (budget {format_bytes(b)})"))
         if not fits:
-            out.text(f"[bold red]does not fit:[/] {plan.refusal()}")
+            out.text(f"[bold red]does not fit:[/] {escape(plan.refusal())}")
 
     out.result({"source": where, "header": header.summary(), "estimate": plan.cpu.to_dict(),
                 "budget_bytes": strategy.memory_budget_bytes, "servers": [d.to_dict() for d in servers],

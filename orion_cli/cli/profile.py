@@ -172,50 +172,56 @@ def profile(
 def _render_summary(device, strategy, level: str, path: Path) -> None:
     # Plain aligned lines, not rich.table: its import alone costs ~35 ms of
     # the 0.3 s start-up budget.
-    from rich.markup import escape
-
     from ..units import format_bytes
+    from ._output import escape
+
+    def num(value, spec: str) -> str:  # a figure from the strategy file or the engine cache: a number, or "?"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return format(value, spec) if ok else "?"
 
     rows: list[tuple[str, str]] = []
     sim = " [yellow](simulated)[/]" if device.simulated else ""
-    flags = " ".join(device.cpu_flags) or "no SIMD flags found"
+    flags = escape(" ".join(device.cpu_flags) or "no SIMD flags found")
     rows.append(("CPU", f"{escape(device.cpu_model)}: {device.physical_cores} cores, {device.logical_cores} threads"
                  f" ({device.usable_cores} usable); {flags}"))
-    rows.append(("Memory", f"{format_bytes(device.memory_limit_bytes)} limit ({device.memory_limit_source}){sim}; "
+    rows.append(("Memory", f"{format_bytes(device.memory_limit_bytes)} limit ({escape(device.memory_limit_source)}){sim}; "
                  f"{format_bytes(device.memory_in_use_bytes)} in use; RAM {format_bytes(device.ram_total_bytes)}"))
     if device.gpus:
         for g in device.gpus:
             facts = [f"{format_bytes(g.total_bytes)} VRAM, {format_bytes(g.free_bytes)} free"]
             if g.compute_capability:
-                facts.append(f"compute capability {g.compute_capability}")
+                facts.append(f"compute capability {escape(g.compute_capability)}")
             if g.driver:
-                facts.append(f"driver {escape(g.driver)}" + (f" (CUDA {g.cuda_version})" if g.cuda_version else ""))
+                facts.append(f"driver {escape(g.driver)}" + (f" (CUDA {escape(g.cuda_version)})" if g.cuda_version else ""))
             rows.append(("GPU" if g.index == device.gpus[0].index else "", f"{g.index}: {escape(g.name)}: {', '.join(facts)}"))
     else:
         rows.append(("GPU", "none (models run on the CPU)"))
     rows.append(("Disk", f"{format_bytes(device.disk_free_bytes)} free at {escape(device.disk_path)}"))
     rows.append(("OS", f"{escape(device.os)} ({device.arch})"))
     rows.append(("", ""))
-    rows.append(("Tier", f"[bold cyan]{strategy.tier}[/]: {strategy.tier_reason}"))
+    rows.append(("Tier", f"[bold cyan]{escape(strategy.tier)}[/]: {escape(strategy.tier_reason)}"))
     rows.append(("Defaults", f"quantization {strategy.quantization}, up to {strategy.max_models} model(s) loaded, "
                  f"{_unload(strategy.keep_alive_s)}, context {strategy.n_ctx} tokens, {strategy.threads} threads"))
-    rows.append(("Budget", strategy.budget_arithmetic))
+    rows.append(("Budget", escape(strategy.budget_arithmetic)))
     if strategy.bench:
         b = strategy.bench
-        rows.append(("Speed", f"{b['model']} {b['file_type']}: prompt {b['prompt_tok_s']:.0f} tok/s, "
-                     f"generation {b['gen_tok_s']:.1f} tok/s ({b['threads']} threads)"
-                     + (f"; on the GPU {b['gpu']['prompt_tok_s']:.0f} / {b['gpu']['gen_tok_s']:.1f} tok/s"
-                        if b.get("gpu") else "")))
-        if b.get("encoder"):
-            rows.append(("Encoder", f"{b['encoder']['model']} as {b['encoder']['type'].upper()}: "
-                         f"{escape(b['encoder']['reason'])}"))
+        gpu = b.get("gpu") if isinstance(b.get("gpu"), dict) else {}
+        rows.append(("Speed", f"{escape(b.get('model', '?'))} {escape(b.get('file_type', '?'))}: prompt "
+                     f"{num(b.get('prompt_tok_s'), '.0f')} tok/s, generation {num(b.get('gen_tok_s'), '.1f')} tok/s "
+                     f"({num(b.get('threads'), 'd')} threads)"
+                     + (f"; on the GPU {num(gpu.get('prompt_tok_s'), '.0f')} / {num(gpu.get('gen_tok_s'), '.1f')} tok/s"
+                        if gpu else "")))
+        encoder = b.get("encoder")
+        if isinstance(encoder, dict) and encoder:
+            rows.append(("Encoder", f"{escape(encoder.get('model', '?'))} as {escape(str(encoder.get('type', '?')).upper())}: "
+                         f"{escape(encoder.get('reason', ''))}"))
     if strategy.engine:
         e = strategy.engine
         if e["default_ok"]:
-            engine = f"llama.cpp defaults work (canary {e['tok_s_default']:.0f} tok/s)"
+            engine = f"llama.cpp defaults work (canary {num(e.get('tok_s_default'), '.0f')} tok/s)"
         else:
-            engine = (f"[yellow]defaults crash ({e['default_signal']})[/]: loading with use_extra_bufts off "
-                      f"(canary {e['tok_s_safe']:.0f} tok/s)")
+            engine = (f"[yellow]defaults crash ({escape(e.get('default_signal'))})[/]: loading with use_extra_bufts off "
+                      f"(canary {num(e.get('tok_s_safe'), '.0f')} tok/s)")
         if e.get("amx"):
             engine += "; AMX kernels on"
         rows.append(("Engine", engine))
@@ -228,7 +234,7 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     if strategy.gpu_budget_bytes is not None:
         used = sum(g.used_bytes for g in device.gpus)
         rows.append(("GPU budget", f"{format_bytes(strategy.gpu_budget_bytes)} ({strategy.pressure_high:g} of the VRAM, "
-                     f"less {format_bytes(used)} other processes hold); layers on the GPU: {strategy.n_gpu_layers}"))
+                     f"less {format_bytes(used)} other processes hold); layers on the GPU: {escape(strategy.n_gpu_layers)}"))
     elif device.gpus and strategy.engine and not strategy.engine.get("gpu_offload"):
         rows.append(("GPU fix", "[yellow]this llama.cpp build cannot offload to the GPU: run 'make gpu' (or "
                      "python -m orion_cli.enginebuild install --cuda --rebuild) to build it with CUDA[/]"))

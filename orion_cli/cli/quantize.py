@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ._options import GgufOutOpt, LocalModelArg, ReplaceOutOpt, json_option
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EXAMPLES = examples(
     ("orion quantize model-f16.gguf --to Q4_K_M -o model-q4.gguf", "a GGUF type"),
@@ -49,6 +49,6 @@ def quantize(
     out.result({"input": str(result.src), "output": str(result.dst), "type": result.type_name,
                 "input_bytes": result.src_bytes, "output_bytes": result.dst_bytes, "ratio": round(result.ratio, 4),
                 "seconds": round(result.seconds, 2), "requantized": result.requantized},
-               lambda: f"{result.src.name} ({format_bytes(result.src_bytes)}) → [bold]{result.dst}[/] "
-                       f"({result.type_name}, {format_bytes(result.dst_bytes)}, {result.ratio:.0%} of the input) "
+               lambda: f"{escape(result.src.name)} ({format_bytes(result.src_bytes)}) → [bold]{escape(result.dst)}[/] "
+                       f"({escape(result.type_name)}, {format_bytes(result.dst_bytes)}, {result.ratio:.0%} of the input) "
                        f"in {result.seconds:.1f} s")

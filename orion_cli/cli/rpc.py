@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ._options import ThreadsOpt, json_option
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EXAMPLES = examples(
     ("orion rpc-server", "serve this machine on 127.0.0.1:50052 (loopback only)"),
@@ -61,14 +61,14 @@ def rpc_server(
         kinds = " + ".join(f"{format_bytes(free)} free of {format_bytes(total)}" for free, total in memory.devices)
         out.event({"event": "ready", "endpoint": server.endpoint, "threads": strategy.threads, "protocol": protocol,
                    "devices": devices},
-                  f"orion rpc-server on [bold]{server.endpoint}[/]: {len(devices)} device"
+                  f"orion rpc-server on [bold]{escape(server.endpoint)}[/]: {len(devices)} device"
                   f"{'s' if len(devices) > 1 else ''} ({kinds}), {strategy.threads} threads, RPC protocol "
                   f"{protocol}. Ctrl-C stops it.")
-        out.text(f"[dim]on the other machine: orion run MODEL --rpc {server.endpoint}[/]")
+        out.text(f"[dim]on the other machine: orion run MODEL --rpc {escape(server.endpoint)}[/]")
         for event in server_events(proc.stdout):
             if (event.startswith("client") and (verbose or out.json)) or debug_enabled():
                 stamp = time.strftime("%H:%M:%S")
-                out.event({"event": event, "time": stamp}, f"[dim]{stamp}[/] {event}")
+                out.event({"event": event, "time": stamp}, f"[dim]{stamp}[/] {escape(event)}")
         code = proc.wait()
         reported = proc.orion_errors.error()
         if reported is not None:

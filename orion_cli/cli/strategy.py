@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import CtxOpt, json_option
-from ._output import examples, out
+from ._output import escape, examples, out
 
 EXAMPLES = examples(
     ("orion strategy", "show every setting and its source"),
@@ -47,6 +47,6 @@ def strategy(
         out.table([("setting", {"style": "bold"}), "value", ("from", {"style": "dim"}), ("variable", {"style": "dim"})],
                   [(key, shown[key], s.sources[key], ENV_VARS[key]) for key in SETTING_KEYS])
         where = f"strategy file: {path}" if path.exists() else f"no strategy file yet ({path}): run 'orion profile'"
-        out.text(f"\n{where}")
+        out.text(escape(f"\n{where}"))
 
     out.result({"path": str(path), "file_exists": path.exists(), "settings": settings, "sources": s.sources}, human)

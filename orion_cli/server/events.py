@@ -9,6 +9,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from .._text import printable
 from ..manager import Event
 
 
@@ -28,8 +29,9 @@ class EventLog:
             self.latest.append(doc)
             self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
             subscribers = list(self._subscribers)
-        if self._on_line:
-            self._on_line(f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}")
+        if self._on_line:  # a model's name or a message may hold escape sequences: shown, never run
+            self._on_line(printable(f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}",
+                                    one_line=True))
         for loop, queue in subscribers:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, doc)
