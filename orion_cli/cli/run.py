@@ -62,13 +62,20 @@ def run(
     from .._debug import debug_enabled
     from ..chat import ChatSession, LocalChat
     from ..errors import InvalidValue
+    from ..limits import SEED, TEMPERATURE, TOP_P, max_tokens_range
     from ..loading import check_image, local_model, manager_for
     from ..server.remote import chat_backend
     from ..strategy import load_strategy
 
-    if max_tokens < 1:
-        raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1", hint="for example 256")
+    # the server's ranges (orion_cli.limits): what it would refuse is refused here, before any load
     strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers, "rpc_servers": rpc})
+    if not max_tokens_range(strategy.n_ctx).contains(max_tokens):
+        raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1 and at most the context ({strategy.n_ctx})",
+                           hint="for example 256, or a larger --ctx")
+    TEMPERATURE.check("--temperature", temperature)
+    TOP_P.check("--top-p", top_p)
+    if seed is not None:
+        SEED.check("--seed", seed)
     images = [check_image(p) for p in image or []]
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -138,7 +145,7 @@ def _fetch_progress():
         from ._output import err_console
 
         if "progress" not in state:
-            state["progress"] = Progress(TextColumn("{task.description}"), BarColumn(),
+            state["progress"] = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
                                          DownloadColumn(binary_units=True), TransferSpeedColumn(),
                                          console=err_console(), disable=not err_console().is_terminal)
             state["progress"].start()
@@ -170,9 +177,9 @@ def _load_progress(name: str):
         return None
     from rich.progress import BarColumn, Progress, TextColumn
 
-    progress = Progress(TextColumn(f"loading {name}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                        console=err_console(), transient=True)
-    task = progress.add_task("load", total=1.0)
+    progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                        TextColumn("{task.percentage:>3.0f}%"), console=err_console(), transient=True)
+    task = progress.add_task(f"loading {name}", total=1.0)
 
     def update(value: float) -> None:
         if not progress.live.is_started:
@@ -245,7 +252,7 @@ def _repl(session) -> None:
     out.set_mode("human")  # the REPL is for people: --json shapes a one-shot answer
     backend = session.backend
     served = f" (served by {backend.via})" if backend.via else ""
-    out.text(f"[dim]{escape(backend.name)}{served} · {REPL_HELP}[/]")
+    out.text(f"[dim]{escape(backend.name)}{escape(served)} · {escape(REPL_HELP)}[/]")
     with _line_history():
         while True:
             text = _read_prompt()
@@ -287,7 +294,7 @@ def _answer(session, text: str) -> None:
     except KeyboardInterrupt:
         from ._output import err_console
 
-        err_console().print("\n[dim](stopped)[/]")
+        err_console().print("\n[dim](stopped)[/]", markup=True)
     out.write("\n")
 
 
@@ -310,18 +317,20 @@ def _repl_command(text: str, session) -> None:
         session.clear()
         out.text("[dim]conversation cleared[/]")
     elif cmd == "/help":
-        out.text(REPL_HELP)
+        out.text(escape(REPL_HELP))
     else:
-        out.text(f"[red]unknown command {escape(cmd)}[/]; {REPL_HELP}")
+        out.text(f"[red]unknown command {escape(cmd)}[/]; {escape(REPL_HELP)}")
 
 
 def _print_loaded(doc: dict) -> None:
     """/ps: one line per loaded model, then the count, the budget (and the keep-alive, here)."""
     from ..units import format_bytes
+    from ._output import escape
 
     for m in doc["models"]:
         state = "in use" if m["in_use"] else f"idle {m['idle_s']:.0f} s"
-        out.text(f"{m['name']:24s} {format_bytes(m['estimate_bytes']):>10s}  {state}{', pinned' if m['pinned'] else ''}")
+        out.text(escape(f"{m['name']:24s} {format_bytes(m['estimate_bytes']):>10s}  {state}"
+                        f"{', pinned' if m['pinned'] else ''}"))
     line = f"{len(doc['models'])} of {doc['max_models']} loaded; budget {format_bytes(doc['budget_bytes'])}"
     if "keep_alive_s" in doc:
         keep = "never" if doc["keep_alive_s"] is None else f"{doc['keep_alive_s']} s"
