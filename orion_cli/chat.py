@@ -18,10 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+from .errors import NetworkError
+
 
 class AnswerLost(Exception):
-    """Raised by a backend whose answer was lost half-way and that can answer again now (the server
-    went away and the backend moved into this process): the session asks again, once."""
+    """Raised by a backend whose answer was lost before it could be seen and that can answer again
+    now: the session asks again, once. (The server layer raises :class:`AnswerCut` instead once a
+    piece has been given: asked again, the answer would be printed twice.)"""
+
+
+class AnswerCut(NetworkError):
+    """The answer stopped half-way and will not come back (the server answering it went away): the
+    pieces given are kept, in the conversation as on the screen, and the turn ends with this error
+    (exit code 6). The backend may answer the next prompt another way (in this process)."""
 
 
 class ChatBackend(Protocol):
@@ -63,10 +72,14 @@ class ChatSession:
         return chat_messages(self.system, self.history, prompt)
 
     def send(self, prompt: str, on_piece: Callable[[str], None] = lambda piece: None, *,
-             on_restart: Callable[[], None] = lambda: None, images: Sequence[Path] = (), timings: Any = None) -> Reply:
+             on_restart: Callable[[], None] = lambda: None, images: Sequence[Path] = (), timings: Any = None,
+             on_cut: Callable[[], None] | None = None) -> Reply:
         """Ask ``prompt``; each piece of the answer goes to ``on_piece`` as it comes. When the backend
-        loses the answer half-way (:class:`AnswerLost`), ``on_restart()`` is called and it is asked
-        again. An error (a prompt past the context...) leaves the conversation as it was."""
+        loses the answer before it could be seen (:class:`AnswerLost`), ``on_restart()`` is called and
+        it is asked again. An answer cut half-way (:class:`AnswerCut`) is kept as far as it came, like
+        one stopped with Ctrl-C: ``on_cut()`` (by default ``on_restart()``: both end the line the
+        answer was printed on) is called and the error raised. Another error (a prompt past the
+        context...) leaves the conversation as it was."""
         pieces: list[str] = []
         try:
             try:
@@ -75,6 +88,10 @@ class ChatSession:
                 on_restart()
                 pieces.clear()
                 self._stream(prompt, pieces, on_piece, images, timings)
+        except AnswerCut:
+            (on_cut or on_restart)()
+            self._keep(prompt, "".join(pieces))
+            raise
         except KeyboardInterrupt:
             self._keep(prompt, "".join(pieces))
             raise

@@ -9,7 +9,8 @@
 - :mod:`.discovery` and :mod:`.client`: how the CLI finds a running server and talks to it
   (standard library only, so the CLI's start-up stays fast).
 
-:func:`serve` binds, writes ``$ORION_HOME/server.json``, serves until SIGINT/SIGTERM, then stops
+:func:`serve` takes ``$ORION_HOME/server.lock`` (one server per home), binds, writes
+``$ORION_HOME/server.json``, serves until SIGINT/SIGTERM, then stops
 accepting, finishes in-flight requests within ``grace_s``, unloads, removes the file.
 """
 
@@ -61,6 +62,40 @@ def _few_malloc_arenas(arenas: int = 2) -> None:
             pass
 
 
+def _claim_home():
+    """This ORION_HOME's one server is this process: its ``server.lock`` taken (held until the lock
+    is closed, or the process ends however it ends), before anything binds or loads. A second server
+    gets :class:`ServerAlreadyRunning` naming the first; a ``server.json`` that is not a regular
+    file of this user's (a FIFO, a link, a folder...) is refused, never replaced."""
+    from .._proc import alive
+    from . import discovery
+
+    hint = "use it, or stop it first (Ctrl-C, or kill that pid)"
+    try:
+        lock = discovery.lock_home()
+    except discovery.HomeLocked as held:
+        first = discovery.check_server_file().info
+        where = first.url if first is not None and first.pid == held.pid else "starting"
+        who = f"pid {held.pid}, {where}" if held.pid else "starting"
+        raise ServerAlreadyRunning(f"orion serve is already running for this ORION_HOME ({who})", hint=hint) from None
+    running = discovery.check_server_file().info  # an orion from before the lock: its pid answers /health
+    if running is not None and running.pid > 0 and alive(running.pid):
+        try:
+            doc = discovery.health_doc(running)
+        except discovery.NoAnswer:
+            doc = None
+        if isinstance(doc, dict) and doc.get("pid") == running.pid:
+            lock.close()
+            raise ServerAlreadyRunning(f"orion serve is already running for this ORION_HOME (pid {running.pid}, "
+                                       f"{running.url})", hint=hint)
+    problem = discovery.replaceable_problem()
+    if problem is not None:
+        lock.close()
+        raise OrionError(f"{discovery.server_file()} is {problem}, not orion's discovery file",
+                         hint="remove it (orion serve writes a regular file there), then start again")
+    return lock
+
+
 def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
           max_queue: int = 8, parallel: int = 4, grace_s: float = 10.0,
           say: Callable[[str], None] | None = None) -> None:
@@ -69,14 +104,11 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
 
     from .._fs import now_iso
     from .app import create_app
-    from .discovery import ServerInfo, live_server, remove_server_file, write_server_file
+    from .discovery import ServerInfo, remove_server_file, write_server_file
     from .state import ServerState
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    running = live_server({k: v for k, v in os.environ.items() if k != "ORION_HOST"})
-    if running is not None:
-        raise ServerAlreadyRunning(f"orion serve is already running for this ORION_HOME (pid {running.pid}, "
-                                   f"{running.url})", hint="use it, or stop it first (Ctrl-C, or kill that pid)")
+    home_lock = _claim_home()  # held for the server's life (closed below, or by the kernel with the process)
     if not is_loopback(host) and not api_key:
         say(f"warning: listening on {host} without an API key: anyone who can reach this machine can use "
             "its models (pass --api-key or set ORION_API_KEY)")
@@ -115,6 +147,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
         say("stopping: unloading models")
         state.close()
         remove_server_file(info.pid)
+        home_lock.close()
         sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -56,10 +56,14 @@ class Routes:
     # ------------------------------------------------------------ health, models
 
     async def health(self, request: Request) -> Response:
+        """Names itself and its home: a client takes a server for its own only when both match
+        (a port reused by another program, or another home's server, is not it)."""
         import os
 
-        return JSONResponse({"status": "ok", "version": __version__, "pid": os.getpid(),
-                             "uptime_s": round(time.time() - self.state.started, 1)})
+        from .discovery import SERVICE, resolved_home
+
+        return JSONResponse({"status": "ok", "service": SERVICE, "home": resolved_home(), "version": __version__,
+                             "pid": os.getpid(), "uptime_s": round(time.time() - self.state.started, 1)})
 
     async def models(self, request: Request) -> Response:
         def listing():

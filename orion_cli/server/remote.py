@@ -2,10 +2,14 @@
 process": :class:`EncoderSource` for ``orion embed`` and ``orion search``, :func:`chat_backend` for
 ``orion run`` (the backend a :class:`orion_cli.chat.ChatSession` drives).
 
-With a server running, the model is loaded once, in the server, for every client. If the server
-stops answering in the middle, the work goes on in this process from where it was, with a
-one-line notice: the file being embedded is embedded again locally (nothing of it was stored
-yet); the answer being streamed is asked again here, the conversation kept.
+With a server running, the model is loaded once, in the server, for every client. A server that
+does not answer ``/health`` at the start (frozen, busy past its deadline, not this home's) is not
+used: the work is done here, with a one-line notice. If the server stops answering in the middle,
+the work goes on in this process from where it was, with a one-line notice: the file being
+embedded is embedded again locally (nothing of it was stored yet); an answer the server had not
+begun is asked here. An answer the server had begun streaming ends where it stopped, with an
+error (:class:`orion_cli.chat.AnswerCut`: asked again, it would be printed twice); the
+conversation goes on here from the next prompt.
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class EncoderSource:
         """The running server's encoder, or None (no server, or it did not answer)."""
         from .discovery import live_server
 
-        info = live_server()
+        info = live_server(notice=lambda line: self._notice(f"{line}; working in this process"))
         if info is None:
             return None
         try:
@@ -224,15 +228,19 @@ class RemoteChat:
 
 class ServedChat:
     """A chat backend that is the server's while it answers, and this process's after: when the
-    server goes, ``notice`` says so once, ``make_local(name)`` makes the in-process backend, and the
-    call is made again there (an answer lost half-way raises :class:`orion_cli.chat.AnswerLost`,
-    so the session asks again)."""
+    server goes, ``notice`` says so once and ``make_local(name)`` makes the in-process backend.
+
+    - Gone before the answer began (no piece given yet): the answer is asked here, unseen.
+    - Gone half-way: the answer ends there, raising :class:`orion_cli.chat.AnswerCut` (the pieces
+      given stay given: asked again, they would be printed twice); the next call moves here.
+    """
 
     def __init__(self, remote: RemoteChat, make_local: Callable[[str], object], notice: Notice | None = None) -> None:
         self.remote = remote
         self.local = None
         self._make_local = make_local
         self._notice = notice or (lambda line: None)
+        self._gone: ServerGone | None = None  # the server went half-way through an answer
 
     @property
     def current(self):
@@ -255,20 +263,35 @@ class ServedChat:
         self.local = self._make_local(self.remote.name)
         return self.local
 
-    def reply(self, prompt: str, **kwargs) -> Iterator[str]:
-        if self.local is not None:
-            yield from self.local.reply(prompt, **kwargs)
-            return
-        try:
-            yield from self.remote.reply(prompt, **kwargs)
-        except ServerGone as exc:
-            from ..chat import AnswerLost
+    def _served(self) -> bool:
+        """Whether the server still answers for this session (after a cut, the next call moves here)."""
+        if self.local is None and self._gone is not None:
+            self._go_local(self._gone)
+        return self.local is None
 
-            self._go_local(exc)
-            raise AnswerLost(exc.message) from exc
+    def reply(self, prompt: str, **kwargs) -> Iterator[str]:
+        if self._served():
+            given = False
+            answer = self.remote.reply(prompt, **kwargs)
+            try:
+                for piece in answer:
+                    given = True
+                    yield piece
+                return
+            except ServerGone as exc:
+                if given:
+                    from ..chat import AnswerCut
+
+                    self._gone = exc
+                    raise AnswerCut(f"{exc.message}; the answer is cut short there",
+                                    hint="ask again (without the server, orion answers in this process)") from exc
+                self._go_local(exc)  # nothing given yet: answered here, once
+            finally:
+                answer.close()  # left half-way (Ctrl-C): the stream's connection closes now
+        yield from self.local.reply(prompt, **kwargs)
 
     def load(self, name: str) -> None:
-        if self.local is None:
+        if self._served():
             try:
                 return self.remote.load(name)
             except ServerGone as exc:
@@ -276,7 +299,7 @@ class ServedChat:
         self.local.load(name)
 
     def loaded(self) -> dict:
-        if self.local is None:
+        if self._served():
             try:
                 return self.remote.loaded()
             except ServerGone as exc:
@@ -292,11 +315,12 @@ def chat_backend(model: str, sampling: dict, make_local: Callable[[str], object]
                  notice: Notice | None = None):
     """The backend that answers ``model``: the running server's (falling back to
     ``make_local(name)`` if it goes away), else ``make_local(model)``. ``notice(message)`` is
-    called once, with the server's last word, when the work moves here."""
+    called once, with the server's last word, when the work moves here (or with why a server that
+    is there is not used: it did not answer ``/health``, it is not this home's)."""
     if not local:
         from .discovery import live_server
 
-        info = live_server()
+        info = live_server(notice=notice)
         if info is not None:
             return ServedChat(RemoteChat(ServerClient(info), model, sampling), make_local, notice)
     return make_local(model)
