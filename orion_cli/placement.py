@@ -89,7 +89,13 @@ def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bo
         gpus = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
         gpus = gpus if check.gpu_offload else []
         settings = rpc_settings(engine.settings_for(check, offload=bool(gpus)))
-        plan = split_plan(header, n_ctx, strategy, settings, gpu_budgets=gpus, gpu_layers=gpu_layers)
+        from .rpc import usable_devices_now
+        from .rpc_endpoints import parse_rpc_servers
+
+        remote, failed = usable_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
+        if failed:
+            return _without(failed, remote, header, n_ctx, strategy, check, gpu_budgets, gpu_layers)
+        plan = split_plan(header, n_ctx, strategy, settings, gpu_budgets=gpus, remote=remote, gpu_layers=gpu_layers)
         if plan.n_gpu_layers or not plan.local_fits:
             return plan, settings
         # nothing goes away: this machine's own settings (repacking, AMX), where they fit too
@@ -108,6 +114,36 @@ def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bo
     settings = engine.settings_for(check, embedding=embedding)
     return plan_offload(header, n_ctx, settings, budgets, 0 if budgets else requested, projector=projector,
                         embedding=embedding, can_offload=check.gpu_offload), settings
+
+
+def _fits(plan, strategy: Strategy) -> bool:
+    if plan.devices:  # a split: this machine's part and each server's
+        return plan.local_fits and plan.gpu_fits
+    return plan.cpu.total_bytes <= strategy.memory_budget_bytes and plan.gpu_fits
+
+
+def _without(failed, remote, header, n_ctx: int, strategy: Strategy, check, gpu_budgets, gpu_layers):
+    """The plan without the RPC servers that cannot be used now (unreachable, busy, not an RPC
+    server): on the others, or on this machine alone, where the model fits there, with one warning
+    line naming each server left out; else one error, the servers' and the arithmetic's."""
+    from .rpc import RpcServerUnavailable, one_error, warn
+    from .rpc_endpoints import format_rpc_servers
+    from .units import format_bytes
+
+    servers = tuple(dict.fromkeys(d.server for d in remote))
+    plan, settings = offload_plan(header, n_ctx, replace(strategy, rpc_servers=format_rpc_servers(servers)), check,
+                                  gpu_budgets=gpu_budgets, gpu_layers=gpu_layers)  # (answers kept: no new probe)
+    why = one_error(failed)
+    if _fits(plan, strategy):
+        where = (f"on this machine and {', '.join(s.endpoint for s in servers)}" if plan.n_gpu_layers and servers
+                 else "on this machine alone")
+        left_out = ", ".join(e.message for e in failed)
+        warn(f"{'an RPC server' if len(failed) == 1 else 'RPC servers'} left out ({left_out}): the model fits "
+             f"{where} and loads there")
+        return plan, settings
+    arithmetic = plan.refusal() if plan.devices else (
+        f"it needs {format_bytes(plan.cpu.total_bytes)} here, budget {format_bytes(strategy.memory_budget_bytes)}")
+    raise RpcServerUnavailable(f"{why.message}, and the model does not fit without it: {arithmetic}", hint=why.hint)
 
 
 # An encoder's contexts decoding side by side. On a CPU, one a thread: measured on 2 cores

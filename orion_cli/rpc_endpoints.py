@@ -1,4 +1,5 @@
-"""RPC server lists as users write them (``host:port[=SIZE],…``) and the error for a build without RPC.
+"""RPC server lists as users write them (``host:port[=SIZE],…``), the error for a build without RPC,
+and the RPC timeouts read from the environment.
 
 A leaf: the strategy parses ``rpc_servers`` with it, the engine raises :func:`rpc_unsupported`,
 and neither needs the protocol probe (``orion_cli.rpc``).
@@ -6,10 +7,11 @@ and neither needs the protocol probe (``orion_cli.rpc``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from .errors import OrionError
+from .errors import ConfigError, OrionError
 from .units import format_bytes, parse_size
 
 DEFAULT_PORT = 50052
@@ -78,7 +80,21 @@ def rpc_unsupported() -> RpcUnsupported:
                           hint=f"'{rebuild_command()}' (or 'make engine') rebuilds it with RPC")
 
 
-
-
 class RpcServerFailed(OrionError):
     """``orion rpc-server`` could not start or stopped on its own."""
+
+
+def seconds_from_env(var: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """A number of seconds above 0 from an environment variable (``default`` when unset or empty);
+    anything else is one configuration error naming the variable."""
+    text = (os.environ if environ is None else environ).get(var, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:  # nan, inf, 0 and negatives fail here
+        raise ConfigError(f"{var}={text!r} is not valid", hint="expected a number of seconds above 0 (at most "
+                          f"86400), such as {default:g}, or unset it")
+    return value

@@ -15,14 +15,15 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean_error
+
+from orion_cli._net import is_loopback
 from orion_cli.estimate import EngineSettings, estimate_memory
 from orion_cli.gguf_header import read_local_header
 from orion_cli.offload import layers_per_gpu, plan_split
-from orion_cli._net import is_loopback
 from orion_cli.rpc_endpoints import RpcServer, format_rpc_servers, parse_rpc_servers
 
 MiB = 1024**2
@@ -154,7 +155,7 @@ def test_a_cpu_server_reports_all_its_ram_free_and_the_budget_says_so():
 
 
 def test_the_manager_counts_each_servers_memory():
-    from orion_cli.manager import ModelManager, ModelDoesNotFit, Request
+    from orion_cli.manager import ModelDoesNotFit, ModelManager, Request
 
     class Model:
         def close(self):
@@ -270,8 +271,10 @@ def test_a_server_killed_mid_run_ends_the_run_cleanly(gemma_q4, servers):
 
 def test_an_unreachable_or_busy_server_is_one_line_not_an_abort_or_a_hang(orion, gemma_q4, servers):
     port = _free_port()
-    done = orion("run", str(gemma_q4), PROMPT, "--rpc", f"127.0.0.1:{port}")
-    assert_clean_error(done, f"cannot reach RPC server 127.0.0.1:{port}", "orion rpc-server", code=6)
+    done = orion("run", str(gemma_q4), PROMPT, "--ctx", "512", "--rpc", f"127.0.0.1:{port}",
+                 env={"ORION_MEMORY_BUDGET": LOCAL_BUDGET})  # it needs that server
+    assert_clean_error(done, f"cannot reach RPC server 127.0.0.1:{port}", "does not fit without it",
+                       "orion rpc-server", code=6)
 
     a, _ = servers
     with socket.create_connection(("127.0.0.1", a.port)) as busy:  # another client holds the server
@@ -281,6 +284,157 @@ def test_an_unreachable_or_busy_server_is_one_line_not_an_abort_or_a_hang(orion,
         done = orion("inspect", str(gemma_q4), "--rpc", a.endpoint)
         assert time.monotonic() - started < 60
     assert_clean_error(done, "did not answer within", "one client at a time", code=6)
+
+
+def test_a_model_that_fits_here_loads_here_when_a_server_is_unreachable(orion, gemma_q4):
+    port = _free_port()
+    done = orion("run", str(gemma_q4), PROMPT, "--ctx", "512", "--max-tokens", "4", "--temperature", "0",
+                 "--rpc", f"127.0.0.1:{port}", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and f"cannot reach RPC server 127.0.0.1:{port}" in warned[0], done.stderr
+    assert "on this machine alone" in warned[0] and "Traceback" not in done.stderr
+
+
+def test_a_model_that_fits_without_the_unreachable_server_uses_the_others(orion, gemma_q4, servers, monkeypatch,
+                                                                           engine_verdict):
+    a, _ = servers
+    port = _free_port()
+    rpc = f"{a.endpoint}=1GB,127.0.0.1:{port}"
+    done = orion("inspect", str(gemma_q4), "--ctx", "512", "--rpc", rpc, env={"ORION_MEMORY_BUDGET": LOCAL_BUDGET})
+    assert_clean_error(done, f"cannot reach RPC server 127.0.0.1:{port}", code=6)  # inspect: every server, or no plan
+
+    import orion_cli.rpc
+    from orion_cli.placement import offload_plan
+    from orion_cli.strategy import load_strategy
+
+    lines: list[str] = []
+    monkeypatch.setattr(orion_cli.rpc, "warn", lines.append)
+    monkeypatch.setenv("ORION_MEMORY_BUDGET", LOCAL_BUDGET)
+    orion_cli.rpc.MEASURED.forget()
+    try:
+        strategy = load_strategy({"n_ctx": 512, "rpc_servers": rpc})
+        plan, _ = offload_plan(read_local_header(gemma_q4), 512, strategy, engine_verdict)
+    finally:
+        orion_cli.rpc.MEASURED.forget()
+    assert plan.local_fits and plan.gpu_fits and plan.n_gpu_layers
+    assert {e for e in plan.endpoints if e} == {a.endpoint}
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and f"on this machine and {a.endpoint}" in lines[0]
+
+
+class Serve:
+    """`orion serve --port 0 --rpc ...` in its own process; stopped by the test."""
+
+    def __init__(self, rpc: str, env: dict | None = None) -> None:
+        import threading
+
+        full = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0", "--rpc", rpc],
+                                     env=full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        while True:  # its first lines say where it listens (or why it could not start)
+            line = self.proc.stderr.readline()
+            assert line, f"orion serve exited: {''.join(self.lines)}"
+            self.lines.append(line)
+            if line.startswith("orion serve on "):
+                break
+        self.port = int(line.split("http://127.0.0.1:", 1)[1].split()[0].rstrip(";)/"))
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+
+    def chat(self, model: str) -> tuple[int, dict]:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        doc = json.loads(response.read())
+        conn.close()
+        return response.status, doc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+def test_serve_with_an_unreachable_server_loads_what_fits_here_and_refuses_the_rest(orion, gemma_q4):
+    imported = orion("import", str(gemma_q4), "--name", "gemma3-270m")
+    assert imported.returncode == 0, imported.stderr
+    port = _free_port()  # bound, then closed: nothing listens there
+    serve = Serve(f"127.0.0.1:{port}")
+    try:
+        started = time.monotonic()
+        status, doc = serve.chat("gemma3-270m")
+        assert status == 200, doc
+        assert doc["choices"][0]["message"]["content"] is not None
+        assert time.monotonic() - started < 120
+    finally:
+        serve.stop()
+    warned = [line for line in serve.lines if line.startswith("warning:")]
+    assert len(warned) == 1 and f"cannot reach RPC server 127.0.0.1:{port}" in warned[0], serve.lines
+
+    serve = Serve(f"127.0.0.1:{port}", env={"ORION_MEMORY_BUDGET": "200MB"})  # it needs that server
+    try:
+        status, doc = serve.chat("gemma3-270m")
+    finally:
+        serve.stop()
+    assert status == 507, doc
+    error = doc["error"]
+    assert error["code"] == "model_does_not_fit" and error["type"] == "insufficient_memory"
+    assert f"cannot reach RPC server 127.0.0.1:{port}" in error["message"] and "does not fit without it" in \
+        error["message"] and "budget 200 MiB" in error["message"]
+    assert "orion rpc-server" in error["hint"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_a_server_frozen_mid_run_ends_the_run_with_one_line(gemma_q4, servers):
+    """SIGSTOP of a server's llama.cpp: its connection stays open and silent (as a machine that hangs,
+    or a cable pulled); llama.cpp's client would wait on it for ever."""
+    a, b = servers
+    (child,) = _children(b.proc.pid)  # `orion rpc-server`'s llama.cpp
+    timeout = 10
+    env = dict(os.environ, NO_COLOR="1", ORION_MEMORY_BUDGET=LOCAL_BUDGET, ORION_RPC_TIMEOUT=str(timeout))
+    run = subprocess.Popen([sys.executable, "-m", "orion_cli", "run", str(gemma_q4), "Count from 1 to 500: 1, 2, 3,",
+                            "--temperature", "0", "--max-tokens", "500", "--ctx", "1024",
+                            "--rpc", f"{a.endpoint}=150MB,{b.endpoint}=1GB"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        ready, _, _ = select.select([run.stdout], [], [], 300)  # the first generated piece
+        assert ready and os.read(run.stdout.fileno(), 64), run.stderr.read()
+        os.kill(child, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = run.communicate(timeout=timeout * 10 + 60)  # no hang
+        took = time.monotonic() - stopped
+    finally:
+        if run.poll() is None:
+            run.kill()
+        os.kill(child, signal.SIGCONT)
+    err = err.decode()
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("split:")]
+    assert run.returncode == 6, err
+    assert len(lines) == 1 and lines[0].startswith(f"error: RPC server {b.endpoint} stopped answering"), err
+    assert "Traceback" not in err and "ORION_RPC_TIMEOUT" in lines[0]
+    assert took < timeout + 20, took  # the limit (a token's steps are far shorter here), and a margin
+    assert a.proc.poll() is None and b.proc.poll() is None  # both servers still up
 
 
 def test_rpc_server_refuses_a_taken_port_and_a_bad_one(orion, servers):

@@ -61,6 +61,7 @@ def run(
     """
     from .._debug import debug_enabled
     from ..chat import ChatSession, LocalChat
+    from ..engine.ggml_rpc import StallWatchdog
     from ..errors import InvalidValue
     from ..limits import SEED, TEMPERATURE, TOP_P, max_tokens_range
     from ..loading import check_image, local_model, manager_for
@@ -82,6 +83,7 @@ def run(
         if not prompt.strip():
             raise InvalidValue("the prompt from stdin is empty", hint="pipe some text, or give PROMPT")
     repl = prompt is None
+    watchdog = StallWatchdog.for_run()  # a model split over RPC servers that stop answering: exit 6, not a hang
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def on_event(event) -> None:
@@ -89,7 +91,8 @@ def run(
             out.note(f"{event.kind}: {event.detail}")
 
     def on_model(model) -> None:
-        if debug_enabled() and not model.has_chat_template and not model.is_vision:
+        watchdog.watch(lambda: model.decode_steps)
+        if not repl and debug_enabled() and not model.has_chat_template and not model.is_vision:
             out.note("no chat template in this model: plain completion")
 
     def make_local(name: str) -> LocalChat:
@@ -99,12 +102,14 @@ def run(
                                hint="use a vision model such as llava or bakllava")
         manager = manager_for(strategy, on_event=on_event, timer=repl)
         try:
-            backend = LocalChat(manager, local, strategy, sampling, progress=None if repl else _load_progress(local.name),
-                                on_model=None if repl else on_model)
+            backend = LocalChat(manager, local, strategy, sampling,
+                                progress=watchdog.beating(None if repl else _load_progress(local.name)),
+                                on_model=on_model)
         except BaseException:
             manager.close()
             raise
         _say_split(backend.request, strategy)
+        watchdog.serve(e for e, _, _ in backend.request.remote)
         return backend
 
     def moved(message: str) -> None:
@@ -115,10 +120,12 @@ def run(
     session = ChatSession(chat_backend(model, sampling, make_local, local=here, notice=moved), system=system)
     try:
         if repl:
-            _repl(session)
+            _repl(session, watchdog)
         else:
-            _once(session, prompt, images, verbose)
+            with watchdog.armed():
+                _once(session, prompt, images, verbose)
     finally:
+        watchdog.close()
         session.close()
 
 
@@ -244,7 +251,7 @@ def _line_history():
             pass
 
 
-def _repl(session) -> None:
+def _repl(session, watchdog=None) -> None:
     """The chat REPL: read a line, hand it to the session, print the answer as it streams."""
     from ..errors import OrionError
     from ._output import escape
@@ -263,6 +270,9 @@ def _repl(session) -> None:
             try:
                 if text.startswith("/"):
                     _repl_command(text, session)
+                elif watchdog is not None:
+                    with watchdog.armed():
+                        _answer(session, text)
                 else:
                     _answer(session, text)
             except OrionError as exc:  # a prompt past the context, a full queue...: one line, the REPL goes on
