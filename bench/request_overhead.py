@@ -27,7 +27,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="orion-bench-overhead-"))
     model = str(pkg.assemble(work / "gemma-3-270m-q4_k_m.gguf"))
-    server = OrionServer(dict(os.environ, ORION_HOME=str(work / "home"), NO_COLOR="1"))
+    # the model is named by its path: ORION_ALLOW_PATHS (a variable, which an older checkout's server
+    # ignores, so two commits compare) lets the server take it
+    server = OrionServer(dict(os.environ, ORION_HOME=str(work / "home"), NO_COLOR="1", ORION_ALLOW_PATHS="1"))
     try:
         body = {"model": model, "messages": [{"role": "user", "content": "Hi there, how are you?"}],
                 "max_tokens": 1, "temperature": 0}

@@ -393,7 +393,7 @@ def test_the_repl_goes_through_the_server(server):
         term.send("/ps")
         assert "gemma3-270m" in term.expect(r"gemma3-270m[\s\S]*>>> ")
         term.send("/load no-such-model")  # an error line; the conversation goes on
-        assert "unknown model" in term.expect(r"error:[\s\S]*>>> ")
+        assert "not a model this server has" in term.expect(r"error:[\s\S]*>>> ")
         term.send("/bye")
         assert term.proc.wait(timeout=60) == 0
 

@@ -27,7 +27,7 @@ def serve(tmp_path, engine_check_cache):
         home = tmp_path / f"home-{len(started)}"
         home.mkdir()
         shutil.copy(engine_check_cache, home / "engine-check.json")
-        server = Server(home, *args, env=env)
+        server = Server(home, "--allow-paths", *args, env=env)  # these tests name their models by path
         started.append(server)
         return server
 

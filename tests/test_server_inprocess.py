@@ -83,7 +83,9 @@ def call_json(app, method: str, path: str, body=None):
 
 @pytest.fixture
 def make_state(monkeypatch):
-    """``make_state(**kwargs)``: a ServerState (and its app) over this test's ORION_HOME; closed after."""
+    """``make_state(**kwargs)``: a ServerState (and its app) over this test's ORION_HOME; closed after.
+    Its clients may name GGUF files by absolute path (``orion serve --allow-paths``), as these tests do."""
+    from orion_cli.server.access import ModelAccess
     from orion_cli.server.app import create_app
     from orion_cli.server.state import ServerState
     from orion_cli.strategy import load_strategy
@@ -92,7 +94,7 @@ def make_state(monkeypatch):
     made = []
 
     def make(**kwargs):
-        state = ServerState(load_strategy({}), **kwargs)
+        state = ServerState(load_strategy({}), **{"access": ModelAccess(allow_paths=True)} | kwargs)
         made.append(state)
         return state, create_app(state)
 

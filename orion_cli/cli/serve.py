@@ -14,6 +14,7 @@ SERVE_EXAMPLES = examples(
     ("orion serve --port 0", "a free port (written to $ORION_HOME/server.json)"),
     ("ORION_API_KEY=secret orion serve --host 0.0.0.0", "on the network, with a key"),
     ("curl localhost:11435/v1/models", "the OpenAI API is under /v1"),
+    ("orion serve --allow-paths", "clients may also load GGUF files by absolute path"),
 )
 PS_EXAMPLES = examples(
     ("orion ps", "the models the server has loaded, their memory and queues"),
@@ -36,6 +37,8 @@ def serve(
     parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
     gpu_layers: GpuLayersOpt = None,
     rpc: RpcOpt = None,
+    allow_paths: Annotated[bool, typer.Option("--allow-paths", envvar="ORION_ALLOW_PATHS", show_envvar=True, help="Clients may also name a GGUF file (or an encoder folder) by absolute path; relative paths stay refused (they would resolve from this server's folder). Risk: any client can then load any model file this user can read, and learn which paths exist.")] = False,
+    allow_fetch: Annotated[bool, typer.Option("--allow-fetch", envvar="ORION_ALLOW_FETCH", show_envvar=True, help="Clients may also name a Hub repo or catalog model that is not here: the server downloads it (the quantization that fits) and registers it. Risk: any client can then fill this disk and spend this network.")] = False,
 ) -> None:
     """Serve the models and the shared encoder to every client (OpenAI-compatible API).
 
@@ -44,9 +47,16 @@ def serve(
     'embed' and 'search' find it through $ORION_HOME/server.json (or ORION_HOST)
     and send their work to it; '--local' keeps them in-process. Ctrl-C stops
     accepting, finishes the requests in flight, unloads and exits.
+
+    Clients name only the models registered here ('orion list': fetched,
+    imported, converted) and the built-in encoder (minilm, fetched once if it
+    is not here). Any other name, a path or a Hub repo not here, gets one
+    answer (404, whether or not such a file exists) unless --allow-paths or
+    --allow-fetch says otherwise.
     """
     from ..errors import InvalidValue
     from ..server import serve as run_server
+    from ..server.access import ModelAccess
     from ..strategy import load_strategy
 
     if not 0 <= port <= 65535:
@@ -55,8 +65,11 @@ def serve(
         raise InvalidValue(f"--max-queue {max_queue} must be at least 1", hint="for example 8")
     if not 1 <= parallel <= 64:
         raise InvalidValue(f"--parallel {parallel} must be from 1 to 64", hint="for example 4")
+    access = ModelAccess(allow_paths=allow_paths, allow_fetch=allow_fetch)
+    if allow_paths or allow_fetch:
+        out.notice(f"clients may name the models registered here and {access.describe()}")
     run_server(load_strategy({"n_gpu_layers": gpu_layers, "rpc_servers": rpc}), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
-               parallel=parallel)
+               parallel=parallel, access=access)
 
 
 def _client():
@@ -140,9 +153,10 @@ def load(
     keep_alive: Annotated[Optional[str], typer.Option("--keep-alive", help="This model's keep-alive: 10m, 1h, 30s or never.", metavar="TIME")] = None,
 ) -> None:
     """Load a model into the running server now (optionally pinned, or with its own keep-alive)."""
+    from ..server.remote import server_name
     from ..units import parse_keep_alive
 
-    body: dict = {"model": model}
+    body: dict = {"model": server_name(model)}  # a path here is sent absolute (a server takes no relative one)
     if pin is not None:
         body["pin"] = pin
     if keep_alive is not None:

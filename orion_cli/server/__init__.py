@@ -98,8 +98,9 @@ def _claim_home():
 
 def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
           max_queue: int = 8, parallel: int = 4, grace_s: float = 10.0,
-          say: Callable[[str], None] | None = None) -> None:
-    """Run the server in this process until SIGINT or SIGTERM."""
+          say: Callable[[str], None] | None = None, access=None) -> None:
+    """Run the server in this process until SIGINT or SIGTERM. ``access``: the models clients may
+    name (a :class:`.access.ModelAccess`; default: only those registered here)."""
     import uvicorn
 
     from .._fs import now_iso
@@ -115,7 +116,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     _few_malloc_arenas()
     sock = bind(host, port)
     port = sock.getsockname()[1]
-    state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say)
+    state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say, access=access)
     app = create_app(state, api_key=api_key, log=say)
     info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s,

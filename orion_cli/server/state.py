@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..manager import Request
+from .access import ModelAccess
 from .events import EventLog
 from .metrics import Metrics
 from .scheduler import EmbeddingBatcher, Lease, ModelQueue, QueueFull
@@ -110,7 +111,7 @@ class ServerState:
     ``memory``: the probe ``/api/ps`` reports pressure from (default :func:`orion_cli.device.memory_now`,
     which reads a container's cgroup limit where it is below the RAM); tests inject one."""
 
-    def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4,
+    def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4, access: ModelAccess | None = None,
                  on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None) -> None:
         from ..device import memory_now
         from ..loading import manager_for
@@ -118,6 +119,7 @@ class ServerState:
         self.strategy = strategy
         self.max_queue = max_queue
         self.parallel = parallel  # chat sequences of one model decoded together
+        self.access = access or ModelAccess()  # the models clients may name (default: those registered here)
         self.memory = memory or memory_now
         self.events = EventLog(on_line=on_line)
         self.metrics = Metrics()
@@ -135,7 +137,7 @@ class ServerState:
     # ------------------------------------------------------------ resolving names
 
     def llm(self, name: str) -> Served:
-        """The LLM a request names (orion name, org/repo, path), resolved once."""
+        """The LLM a request names (as :attr:`access` allows: a registered name, org/repo, a path), resolved once."""
         with self._lock:
             if f"llm:{name}" in self._names:
                 return self._names[f"llm:{name}"]
@@ -144,9 +146,9 @@ class ServerState:
 
     def _resolve_llm(self, name: str) -> Served:
         from ..errors import WrongModelKind
-        from ..loading import local_model, model_request
+        from ..loading import model_request
 
-        local = local_model(name, self.strategy)
+        local = self.access.local_model(name, self.strategy)
         if local.kind == "encoder":
             raise WrongModelKind(f"{name} is an encoder", hint="use it with /v1/embeddings")
         request = self._measured(model_request(local, self.strategy, parallel=self.parallel))
@@ -164,9 +166,9 @@ class ServerState:
 
     def _resolve_encoder(self, name: str | None, prefer_id: str | None, cache_key: str) -> Served:
         from ..gguf_header import read_local_header
-        from ..loading import encoder_model, model_request
+        from ..loading import model_request
 
-        local, model_id, max_tokens = encoder_model(name, self.strategy, prefer_id=prefer_id)
+        local, model_id, max_tokens = self.access.encoder_model(name, self.strategy, prefer_id=prefer_id)
         request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True))
         header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
