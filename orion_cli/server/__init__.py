@@ -6,19 +6,24 @@
 - :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API), thin over
   :mod:`.openai` (request parsing, response documents), :mod:`.streaming` (server-sent events)
   and :mod:`.http_errors` (the one table of errors, shared with the client);
+- :mod:`.http_limits`: deadlines for a request's headers and body, idle connections, the
+  connection limit (uvicorn's h11 protocol, subclassed);
 - :mod:`.discovery` and :mod:`.client`: how the CLI finds a running server and talks to it
   (standard library only, so the CLI's start-up stays fast).
 
 :func:`serve` takes ``$ORION_HOME/server.lock`` (one server per home), binds, writes
 ``$ORION_HOME/server.json``, serves until SIGINT/SIGTERM, then stops
-accepting, finishes in-flight requests within ``grace_s``, unloads, removes the file.
+accepting, finishes in-flight requests within ``grace_s`` (those still generating after it are
+stopped, their models unloaded under them, and answered an error), unloads, removes the file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
+import threading
 from typing import Callable
 
 from .._net import is_loopback
@@ -47,6 +52,23 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+# After the grace period: ABORT_S for the streams stopped then to send their error event (their models
+# are unloaded under them), then those still open are cut, and CUT_S later uvicorn cancels what is left.
+ABORT_S = 1.0
+CUT_S = 1.0
+
+
+def _limits(grace_s, header_s, body_s, idle_s, max_connections):
+    """The HTTP limits: each argument given, else its environment variable, else its default."""
+    from dataclasses import replace
+
+    from .http_limits import HTTPLimits, limits_from_env
+
+    given = {"grace_s": grace_s, "header_s": header_s, "body_s": body_s, "idle_s": idle_s,
+             "max_connections": max_connections}
+    return replace(limits_from_env(HTTPLimits()), **{k: v for k, v in given.items() if v is not None})
 
 
 def _few_malloc_arenas(arenas: int = 2) -> None:
@@ -97,10 +119,18 @@ def _claim_home():
 
 
 def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
-          max_queue: int = 8, parallel: int = 4, grace_s: float = 10.0,
+          max_queue: int = 8, parallel: int = 4, grace_s: float | None = None,
+          header_timeout_s: float | None = None, body_timeout_s: float | None = None,
+          idle_timeout_s: float | None = None, max_connections: int | None = None,
           say: Callable[[str], None] | None = None, access=None) -> None:
     """Run the server in this process until SIGINT or SIGTERM. ``access``: the models clients may
-    name (a :class:`.access.ModelAccess`; default: only those registered here)."""
+    name (a :class:`.access.ModelAccess`; default: only those registered here).
+
+    The HTTP limits (:mod:`.http_limits`; None: its environment variable, else its default): a
+    request's headers within ``header_timeout_s`` (10 s), its body within ``body_timeout_s`` (30 s),
+    an idle connection closed after ``idle_timeout_s`` (5 s), requests past ``max_connections``
+    (1000) answered 503; at SIGINT/SIGTERM in-flight requests get ``grace_s`` (10 s) to finish, then
+    the models are unloaded (the generations still running end with an error)."""
     import uvicorn
 
     from .._fs import now_iso
@@ -109,6 +139,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     from .state import ServerState
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    limits = _limits(grace_s, header_timeout_s, body_timeout_s, idle_timeout_s, max_connections)  # a bad one: now
     home_lock = _claim_home()  # held for the server's life (closed below, or by the kernel with the process)
     if not is_loopback(host) and not api_key:
         say(f"warning: listening on {host} without an API key: anyone who can reach this machine can use "
@@ -119,13 +150,35 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say, access=access)
     app = create_app(state, api_key=api_key, log=say)
     info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s,
-                            lifespan="off")
+    from .http_limits import connection_limit, give_up, protocol_class
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=limits.grace_s + ABORT_S + CUT_S, http=protocol_class(limits),
+                            timeout_keep_alive=limits.idle_s,
+                            limit_concurrency=connection_limit(limits.max_connections))
+    aborts: list[threading.Thread] = []
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # first signal: stop accepting, drain, then exit
             state.stopping.set()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            connections = self.server_state.connections
+
+            def abort() -> None:  # the grace period is over: 503 to what is still worked on, models unloaded
+                give_up(connections, streams=False)
+                aborts.append(threading.Thread(target=state.close, name="orion-abort", daemon=True))
+                aborts[-1].start()
+
+            loop = asyncio.get_running_loop()
+            timers = [loop.call_later(limits.grace_s, abort),
+                      loop.call_later(limits.grace_s + ABORT_S, lambda: give_up(connections, streams=True))]
+            try:
+                await super().shutdown(sockets)
+            finally:
+                for timer in timers:
+                    timer.cancel()
 
     server = Server(config)
     write_server_file(info)
@@ -146,6 +199,8 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     finally:
         state.stopping.set()
         say("stopping: unloading models")
+        for thread in aborts:
+            thread.join()
         state.close()
         remove_server_file(info.pid)
         home_lock.close()

@@ -26,10 +26,11 @@ from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
 from . import openai
 from .http_errors import APIError, Unauthorized, api_error, internal_error
+from .http_limits import STOPPED, shutting_down
 from .metrics import metrics_text, ps_document
 from .openai import Asked, Reply, model_name, optional_text, sse
 from .state import ServerState
-from .streaming import LeasedStream, stream_from_thread
+from .streaming import LeasedStream, run_until_gone, stream_from_thread
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -84,6 +85,9 @@ class Routes:
         return await self.generate(request, chat=False)
 
     async def generate(self, request: Request, *, chat: bool) -> Response:
+        # what a generation gets when its server's grace period is over (its model unloaded under it)
+        from ..engine.decoder import ModelUnloaded
+
         doc = await read_json(request)
         name = request.state.model = model_name(doc)
         asked = Asked.parse(doc, chat=chat)
@@ -92,13 +96,20 @@ class Routes:
         reply = Reply(chat, name)
         lease = self.state.lease(served)
         if not asked.stream:
+            cancel = threading.Event()  # set when the client goes away: the worker stops at its next token
+
             def run():
                 with lease as model:
                     gen = asked.generation(model, options)
-                    gen.run()
+                    gen.run(cancel)
                     return gen
 
-            gen = await in_thread(run)
+            try:
+                gen = await run_until_gone(run, request.receive, cancel)
+            except ModelUnloaded as exc:
+                if self.state.stopping.is_set():
+                    raise shutting_down(STOPPED) from exc
+                raise
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen),
                                             gen.timings.to_dict()))
         # Streaming: take the queue place and load the model before answering, so a full queue or a
@@ -115,8 +126,13 @@ class Routes:
         def work(emit, cancel):
             for doc in reply.start():
                 emit(doc)
-            for piece in gen.pieces(cancel):
-                emit(reply.text_piece(piece))
+            try:
+                for piece in gen.pieces(cancel):
+                    emit(reply.text_piece(piece))
+            except ModelUnloaded as exc:
+                if self.state.stopping.is_set():
+                    raise OrionError(STOPPED, hint="send the request again once the server is back") from exc
+                raise
             usage = self._count(served, gen)
             emit(reply.end(gen.finish_reason))
             if asked.include_usage:

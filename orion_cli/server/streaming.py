@@ -1,4 +1,5 @@
-"""Server-sent event streams whose work runs in a thread, holding a :class:`~.scheduler.Lease`.
+"""Server-sent event streams whose work runs in a thread, holding a :class:`~.scheduler.Lease`,
+and whole answers whose work stops when their client leaves (:func:`run_until_gone`).
 
 The lease is given back however the client leaves: after the last event; when it goes away in the
 middle (the worker stops at its next token, then lets go); or when it went away before the first
@@ -10,11 +11,49 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from .scheduler import Lease
+
+T = TypeVar("T")
+
+
+async def run_until_gone(work: Callable[[], T], receive, cancel: threading.Event) -> T:
+    """``work()`` in a worker thread, its result (or its error) once it ends, while ``receive`` (the
+    request's ASGI receive, its body already read) is watched for ``http.disconnect``: a client that
+    goes away sets ``cancel`` (the worker stops at its next token and gives its model back on its
+    own) and this raises :class:`ClientDisconnect` at once. Cancelled itself, it sets ``cancel`` too.
+    Without it a gone client's whole answer was generated, to ``max_tokens``, on a share of the
+    model's context (and a stopping server waited for it)."""
+    from anyio import to_thread
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    done = asyncio.ensure_future(to_thread.run_sync(work))
+    done.add_done_callback(_seen)  # an error nobody waits for any more is not logged as lost
+    watcher = asyncio.ensure_future(gone())
+    watcher.add_done_callback(_seen)
+    try:
+        await asyncio.wait({done, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():  # not waited for: a worker inside a model that is being unloaded ends with it
+            cancel.set()
+            raise ClientDisconnect()
+        return done.result()
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    finally:
+        watcher.cancel()
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def stream_from_thread(work: Callable[[Callable[[Any], None], threading.Event], None],

@@ -1,0 +1,177 @@
+"""SIGTERM always ends `orion serve` within its grace period (issue 20): whatever its connections are
+doing (idle, half-sent headers or body, an open /api/events stream, long generations streamed or
+not), `kill -TERM` ends the process within ``grace + ~1 s``, exit code 0, server.json removed, the
+models unloaded; requests that finish within the grace period are answered, those still generating
+after it get an error. Real `orion serve` processes (ORION_SERVE_GRACE), real Gemma 3 270M."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from test_server_timeouts import (
+    MODEL,
+    Servers,
+    chat_body,
+    closed_by_server,
+    connect,
+    prepared_home,
+)
+
+MARGIN_S = 4.0  # signal to exit: the loop's 0.1 s ticks, unloading, the interpreter's exit, a busy machine
+
+
+@pytest.fixture(scope="module")
+def home_template(tmp_path_factory, gemma_q4, engine_check_cache):
+    return prepared_home(tmp_path_factory.mktemp("serve-shutdown-home"), gemma_q4, engine_check_cache)
+
+
+@pytest.fixture
+def start(home_template, tmp_path):
+    servers = Servers(home_template, tmp_path)
+    yield servers.start
+    servers.stop_all()
+
+
+def stopped_cleanly(s, signalled: float, within: float) -> float:
+    """The server exits 0 within ``within`` s of ``signalled``, server.json removed, its model unloaded."""
+    code = s.proc.wait(timeout=within + 30)
+    took = time.monotonic() - signalled
+    assert code == 0, s.console()
+    assert took < within, (took, s.console())
+    assert not (s.home / "server.json").exists()
+    assert "Traceback" not in s.console() and "Exception in ASGI" not in s.console(), s.console()
+    return took
+
+
+def ask_in_thread(port: int, path: str, body: dict, out: dict) -> threading.Thread:
+    """POST ``body`` on a thread; ``out`` gets status and payload (or the error that ended it)."""
+    def go():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            out["status"] = response.status
+            out["payload"] = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            out["error"] = exc
+        finally:
+            out["ended_at"] = time.monotonic()
+            conn.close()
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 30) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)  # a poll's pace
+    return got
+
+
+def test_sigterm_with_idle_half_sent_and_event_connections_exits_at_once(start):
+    s = start({"ORION_SERVE_GRACE": "5", "ORION_HTTP_HEADER_TIMEOUT": "60", "ORION_HTTP_BODY_TIMEOUT": "60"})
+    idle = [connect(s.port) for _ in range(20)]
+    kept = socket.create_connection(("127.0.0.1", s.port), timeout=30)  # a kept-alive one, after a response
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_until(kept, b"}").startswith(b"HTTP/1.1 200 ")
+    kept.setblocking(False)
+    body = connect(s.port)
+    body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"model\":")
+    head = connect(s.port)
+    head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    events = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+    events.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    read_until(events, b": orion events")  # the stream is open
+    events.setblocking(False)
+    signalled = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        ended = closed_by_server([*idle, kept, body, head, events], signalled, MARGIN_S)
+    finally:
+        for sock in [*idle, kept, body, head, events]:
+            sock.close()
+    took = stopped_cleanly(s, signalled, MARGIN_S)  # not the 5 s grace: none of them was being answered
+    for sock in (body, head):  # part of a request arrived: told why, not just cut
+        answer = ended[sock][1]
+        if answer:  # (a reset may lose it: the kernel drops what the client did not read)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "server_shutting_down"
+    assert all(ended[sock][1] == b"" for sock in [*idle, kept])
+    assert ended[events][1].rstrip().endswith(b"0")  # the event stream's last chunk: it ended, not cut
+    print(f"exited {took:.2f} s after SIGTERM")
+
+
+def test_sigterm_during_long_generations_answers_them_after_the_grace_period(start):
+    grace = 4.0
+    s = start({"ORION_SERVE_GRACE": str(grace), "ORION_CTX": "8192"})
+    assert s.request("POST", "/v1/chat/completions", chat_body(1))[0] == 200  # loaded
+    whole: dict = {}
+    streamed: dict = {"events": []}
+    quick: dict = {}
+    long_body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 4000, "temperature": 0}
+    threads = [ask_in_thread(s.port, "/v1/completions", long_body, whole)]
+
+    def stream():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps(long_body | {"stream": True}),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            streamed["status"] = response.status
+            for line in response:
+                if line.startswith(b"data: "):
+                    streamed["events"].append(line[6:].strip())
+        except (OSError, http.client.HTTPException) as exc:
+            streamed["error"] = exc
+        finally:
+            streamed["ended_at"] = time.monotonic()
+            conn.close()
+
+    threads.append(threading.Thread(target=stream, daemon=True))
+    threads[-1].start()
+    wait_until(lambda: len(streamed["events"]) > 3 and s.model()["users"] >= 2, 60, "the generations never started")
+    threads.append(ask_in_thread(s.port, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 3,
+                                                              "temperature": 0}, quick))
+    wait_until(lambda: s.model()["users"] >= 3 or "status" in quick, 30, "the short request never started")
+    signalled = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    took = stopped_cleanly(s, signalled, grace + MARGIN_S)
+    for thread in threads:
+        thread.join(30)
+    # the short one finished within the grace period: answered whole
+    assert quick.get("status") == 200, quick
+    # the long ones were still generating when it ended: stopped, and told so
+    assert whole.get("status") == 503, whole
+    err = json.loads(whole["payload"])["error"]
+    assert err["code"] == "server_shutting_down", err
+    assert whole["ended_at"] - signalled > grace - 0.5  # not before the grace period was over
+    assert streamed.get("status") == 200 and streamed["ended_at"] - signalled > grace - 0.5, streamed
+    assert isinstance(streamed.get("error"), (type(None), http.client.IncompleteRead)), streamed
+    if streamed["events"][-1] != b"[DONE]":  # its model took over ABORT_S to unload: cut, without its end
+        assert all(b'"error"' not in e for e in streamed["events"]), streamed["events"][-3:]
+    else:  # stopped as its model was unloaded under it: an error event, then the end
+        last = [json.loads(e) for e in streamed["events"] if e != b"[DONE]"][-1]
+        assert "error" in last and "shutting down" in last["error"]["message"], last
+        assert streamed["events"][-1] == b"[DONE]"
+    assert "unloaded" in s.console()
+    print(f"exited {took:.2f} s after SIGTERM (grace {grace} s)")
