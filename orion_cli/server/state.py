@@ -82,8 +82,10 @@ class SharedEncoder:
 
         window = self.served.n_ctx
         sequences, truncated = [], 0
+        texts = [item for item in inputs if isinstance(item, str)]
+        tokenized = iter(model.tokenize_many(texts) if texts else [])  # one call: the model may be in a runner
         for item in inputs:
-            ids = model.tokenize(item) if isinstance(item, str) else list(item)
+            ids = next(tokenized) if isinstance(item, str) else list(item)
             if len(ids) > window:
                 ids = truncate(ids, window) if isinstance(item, str) else ids[:window]
                 truncated += 1
@@ -105,6 +107,20 @@ class SharedEncoder:
         self.batcher.close()
 
 
+def runners_enabled(env=None) -> bool:
+    """``ORION_RUNNERS``: 1 (the default) loads each model in a runner process, 0 in the server's own."""
+    import os
+
+    from ..errors import ConfigError
+
+    text = (env if env is not None else os.environ).get("ORION_RUNNERS", "1").strip().lower()
+    if text in ("1", "true", "yes", "on", ""):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"ORION_RUNNERS must be 1 or 0, not {text[:40]!r}", hint="unset it for the default (1)")
+
+
 class ServerState:
     """Everything ``orion serve`` owns; the routes call into it from worker threads.
 
@@ -112,7 +128,8 @@ class ServerState:
     which reads a container's cgroup limit where it is below the RAM); tests inject one."""
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4, access: ModelAccess | None = None,
-                 on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None) -> None:
+                 on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None,
+                 runners: bool | None = None) -> None:
         from ..device import memory_now
         from ..loading import manager_for
 
@@ -120,6 +137,9 @@ class ServerState:
         self.max_queue = max_queue
         self.parallel = parallel  # chat sequences of one model decoded together
         self.access = access or ModelAccess()  # the models clients may name (default: those registered here)
+        # each model in a runner process of its own (a native fault ends that model, not the server);
+        # ORION_RUNNERS=0: in this process (measurements, debugging)
+        self.runners = runners if runners is not None else runners_enabled()
         self.memory = memory or memory_now
         self.events = EventLog(on_line=on_line)
         self.metrics = Metrics()
@@ -132,7 +152,7 @@ class ServerState:
         self._queues: dict[str, ModelQueue] = {}
         self._encoders: dict[str, SharedEncoder] = {}
         self._loading_lock = threading.Lock()
-        self._resolving = threading.Lock()
+        self._resolving: dict[str, threading.Lock] = {}  # one lock per name being resolved
 
     # ------------------------------------------------------------ resolving names
 
@@ -141,7 +161,7 @@ class ServerState:
         with self._lock:
             if f"llm:{name}" in self._names:
                 return self._names[f"llm:{name}"]
-        with self._resolving:  # concurrent first requests: one fetch, one estimate
+        with self._resolving_lock(f"llm:{name}"):  # concurrent first requests: one fetch, one estimate
             return self._names.get(f"llm:{name}") or self._resolve_llm(name)
 
     def _resolve_llm(self, name: str) -> Served:
@@ -151,7 +171,7 @@ class ServerState:
         local = self.access.local_model(name, self.strategy)
         if local.kind == "encoder":
             raise WrongModelKind(f"{name} is an encoder", hint="use it with /v1/embeddings")
-        request = self._measured(model_request(local, self.strategy, parallel=self.parallel))
+        request = self._measured(model_request(local, self.strategy, parallel=self.parallel, runner=self.runners))
         return self._remember(f"llm:{name}", Served(name, request, Path(local.path), local.file_type, "llm",
                                                      self.strategy.n_ctx))
 
@@ -161,7 +181,7 @@ class ServerState:
         with self._lock:
             if cache_key in self._names:
                 return self._names[cache_key]
-        with self._resolving:  # concurrent first requests: one conversion, not one each
+        with self._resolving_lock(cache_key):  # concurrent first requests: one conversion, not one each
             return self._names.get(cache_key) or self._resolve_encoder(name, prefer_id, cache_key)
 
     def _resolve_encoder(self, name: str | None, prefer_id: str | None, cache_key: str) -> Served:
@@ -169,7 +189,8 @@ class ServerState:
         from ..loading import model_request
 
         local, model_id, max_tokens = self.access.encoder_model(name, self.strategy, prefer_id=prefer_id)
-        request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True))
+        request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True,
+                                               runner=self.runners))
         header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
                                                 "encoder", max_tokens, model_id=model_id, dim=header.n_embd,
@@ -186,6 +207,12 @@ class ServerState:
         except WrongModelKind:
             return self.encoder(name)
 
+    def _resolving_lock(self, name_key: str) -> threading.Lock:
+        """The lock of one name's first resolution (a fetch or a conversion may take minutes: other
+        names resolve meanwhile; the same name waits for it and shares its answer)."""
+        with self._lock:
+            return self._resolving.setdefault(name_key, threading.Lock())
+
     def _remember(self, name_key: str, served: Served) -> Served:
         """One entry (and one queue) per model, whatever names clients use for it."""
         with self._lock:
@@ -195,17 +222,24 @@ class ServerState:
             return served
 
     def _measured(self, request: Request) -> Request:
-        """The same request, its load measuring the RSS it adds (one load at a time, so it is its own)."""
+        """The same request, its load measuring its memory: a runner's resident memory once loaded
+        (the process is the model's alone, so loads run side by side); in-process, the RSS the load
+        adds (one in-process load at a time, so that it is its own)."""
         def load(cancel):
             from ..device import process_memory_bytes
 
-            with self._loading_lock:
-                before = process_memory_bytes()
+            if self.runners:
                 model = request.load(cancel)
-                served = self._served.get(request.key)
-                if served is not None:
-                    served.measured_bytes = max(0, process_memory_bytes() - before)
-                return model
+                measured = model.measured_bytes
+            else:
+                with self._loading_lock:
+                    before = process_memory_bytes()
+                    model = request.load(cancel)
+                    measured = max(0, process_memory_bytes() - before)
+            served = self._served.get(request.key)
+            if served is not None:
+                served.measured_bytes = measured
+            return model
 
         return dataclasses.replace(request, load=load)
 
