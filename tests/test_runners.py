@@ -237,3 +237,17 @@ def test_a_runner_outlives_the_thread_that_started_it(gemma_q4, engine_verdict):
     finally:
         model.close()
     assert not model.alive
+
+
+def test_the_runner_base_the_manager_counts_is_what_a_runner_takes_before_its_model():
+    """Each model's estimate under `orion serve` includes RUNNER_BASE_BYTES: the interpreter,
+    llama_cpp and numpy of its runner. Measured again here: within 30 %."""
+    import subprocess
+    import sys
+
+    from orion_cli.engine import RUNNER_BASE_BYTES
+
+    code = ("import orion_cli.engine.runner, orion_cli.engine.loader, llama_cpp, numpy\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
+    kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.7 * RUNNER_BASE_BYTES <= kib * 1024 <= 1.3 * RUNNER_BASE_BYTES, kib

@@ -27,7 +27,7 @@ from .decoder import ParallelDecoder, prompt_tokens, prompt_too_long
 from .ggml_rpc import local_gpu_devices, rpc_supported
 from .loader import LoadCancelled, load, validate
 from .model import LoadedModel
-from .runner_model import RunnerGone, RunnerModel, start_runner
+from .runner_model import RUNNER_BASE_BYTES, RunnerGone, RunnerModel, start_runner
 from .sampling import Sampling
 from .settings import ENCODER_GPU_PACK, machine_check, machine_settings, peer_llama, settings_for
 from .spec import LoadSpec, Timings
@@ -37,5 +37,5 @@ __all__ = [
     "Sampling", "Timings", "build_features", "canary_command", "check_engine", "current_check", "engine_key",
     "load", "local_gpu_devices", "machine_check", "machine_settings", "peer_llama", "prompt_tokens",
     "prompt_too_long", "quantize_command", "rpc_server_command", "rpc_supported", "settings_for", "validate",
-    "RunnerGone", "RunnerModel", "start_runner",
+    "RUNNER_BASE_BYTES", "RunnerGone", "RunnerModel", "start_runner",
 ]
