@@ -122,10 +122,12 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
             return engine.start_runner(spec, check=check, cancel=cancel, progress=progress, name=model.name)
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
+    # a runner process's own memory (the interpreter, llama_cpp, numpy) comes with the model
+    base = engine.RUNNER_BASE_BYTES if runner else 0
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
-        return Request(spec.key, model.name, plan.cpu.total_bytes, load, hint, gpu_bytes=plan.local_gpu_bytes,
+        return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
                        placement=plan.describe(), remote=plan.remote_parts if endpoints else ())
-    return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram, load, hint,
+    return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram + base, load, hint,
                    gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "")
 
 
