@@ -162,7 +162,7 @@ def test_served_chat_moves_into_this_process_when_the_server_goes():
         made.append(name)
         return FakeBackend(name=f"local-{name}", pieces=("here",))
 
-    served = ServedChat(FakeRemote(gone_at=1), make_local, notices.append)
+    served = ServedChat(FakeRemote(gone_at=0), make_local, notices.append)
     session = ChatSession(served)
     assert (served.name, served.via) == ("served", "http://127.0.0.1:1")
     reply = session.send("one")

@@ -58,13 +58,17 @@ class Routes:
 
     async def health(self, request: Request) -> Response:
         """Names itself and its home: a client takes a server for its own only when both match
-        (a port reused by another program, or another home's server, is not it)."""
+        (a port reused by another program, or another home's server, is not it). Says too what
+        clients may name beyond the registered models (a client keeps a file of its own in its own
+        process when ``allow_paths`` is false)."""
         import os
 
         from .discovery import SERVICE, resolved_home
 
+        access = self.state.access
         return JSONResponse({"status": "ok", "service": SERVICE, "home": resolved_home(), "version": __version__,
-                             "pid": os.getpid(), "uptime_s": round(time.time() - self.state.started, 1)})
+                             "pid": os.getpid(), "uptime_s": round(time.time() - self.state.started, 1),
+                             "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch})
 
     async def models(self, request: Request) -> Response:
         def listing():

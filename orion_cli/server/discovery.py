@@ -25,7 +25,7 @@ import http.client
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -37,6 +37,7 @@ LOCK_FILE = "server.lock"
 DEFAULT_PORT = 11435
 MAX_FILE_BYTES = 64 * 1024  # a discovery file is ~150 bytes: anything past this is not one
 SERVICE = "orion"  # what /health names itself
+FILE_FIELDS = ("host", "port", "pid", "started_at", "auth")  # what server.json holds
 
 CONNECT_TIMEOUT_S = 2.0  # loopback connects in microseconds; a LAN host in milliseconds
 HEALTH_TIMEOUT_S = 5.0  # /health is answered on the event loop, with no model work: seconds mean stopped
@@ -53,6 +54,10 @@ class ServerInfo:
     pid: int = 0  # 0: named by ORION_HOST, not started from this ORION_HOME
     started_at: str = ""
     auth: bool = False
+    # what its /health says clients may name beyond its registered models (orion serve --allow-paths,
+    # --allow-fetch); not in the discovery file, and not part of which server this is
+    allow_paths: bool = field(default=False, compare=False)
+    allow_fetch: bool = field(default=False, compare=False)
 
     @property
     def url(self) -> str:
@@ -139,6 +144,12 @@ def not_this_server(doc: object, info: ServerInfo, home: str | None) -> str | No
     if info.pid > 0 and doc.get("pid") != info.pid:
         return f"the orion serve at {info.url} is pid {str(doc.get('pid'))[:20]}, not pid {info.pid}"
     return None
+
+
+def with_policy(info: ServerInfo, doc: dict) -> ServerInfo:
+    """``info`` with what the server's ``/health`` document says clients may name (a server that
+    does not say: only its registered models)."""
+    return replace(info, allow_paths=doc.get("allow_paths") is True, allow_fetch=doc.get("allow_fetch") is True)
 
 
 # ---------------------------------------------------------------- the discovery file
@@ -260,7 +271,7 @@ def write_server_file(info: ServerInfo) -> Path:
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(asdict(info), indent=2) + "\n")
+        f.write(json.dumps({k: v for k, v in asdict(info).items() if k in FILE_FIELDS}, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -310,7 +321,8 @@ def live_server(env: Mapping[str, str] | None = None, *, health: Callable[[Serve
     (another program, another home's server), is stale and removed. ``health(info)`` (the
     ``/health`` probe by default) returns the document, or raises :class:`NoAnswer`. ``notice``
     gets one line when a server or file is there but not used (it did not answer, it is not orion,
-    the file is not one to trust); nothing when there simply is no server.
+    the file is not one to trust); nothing when there simply is no server. The server returned
+    carries what its ``/health`` says clients may name (``allow_paths``, ``allow_fetch``).
     """
     env = os.environ if env is None else env
     say = notice or (lambda line: None)
@@ -323,13 +335,14 @@ def live_server(env: Mapping[str, str] | None = None, *, health: Callable[[Serve
     if env.get("ORION_HOST"):
         info = parse_host(env["ORION_HOST"])
         try:
-            why = not_this_server(health(info), info, None)
+            doc = health(info)
+            why = not_this_server(doc, info, None)
         except NoAnswer as exc:
             why = f"orion serve at {info.url} (ORION_HOST) did not answer /health: {exc}"
         if why is not None:
             say(why)
             return None
-        return info
+        return with_policy(info, doc)
     path = server_file(env)
     check = check_server_file(env)
     if check.problem is not None:
@@ -351,7 +364,7 @@ def live_server(env: Mapping[str, str] | None = None, *, health: Callable[[Serve
         _remove_if_same(path, check.ident)
         say(f"a stale server.json: {why}")
         return None
-    return info
+    return with_policy(info, doc)
 
 
 # ---------------------------------------------------------------- one server per home

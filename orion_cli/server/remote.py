@@ -10,6 +10,12 @@ embedded is embedded again locally (nothing of it was stored yet); an answer the
 begun is asked here. An answer the server had begun streaming ends where it stopped, with an
 error (:class:`orion_cli.chat.AnswerCut`: asked again, it would be printed twice); the
 conversation goes on here from the next prompt.
+
+A model the user names by path (a file or folder of this machine, not a registered name) is sent
+to the server absolute when the server takes paths (``orion serve --allow-paths``, as its
+``/health`` says); to a server that takes only its registered models it is not sent at all: that
+work is done here, with a one-line notice (:func:`kept_here`). A registered name always goes to
+the server, and a model the server refuses for another reason keeps the server's error.
 """
 
 from __future__ import annotations
@@ -18,10 +24,86 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .client import ServerClient, ServerGone
+from .discovery import ServerInfo
 
 Notice = Callable[[str], None]
 
 BATCH_TEXTS = 64  # texts per /v1/embeddings request (progress is reported between them)
+
+
+# ---------------------------------------------------------------- a model of the user's own
+
+
+def _type_split(model: str, encoder: bool) -> tuple[str, str]:
+    """An encoder's ``NAME@TYPE`` as :func:`orion_cli.loading.encoder_model` reads it: (``NAME``,
+    ``@TYPE``) when the whole text is not a file; anything else is (``model``, "")."""
+    if encoder:
+        from ..convert import TARGETS
+
+        base, at, suffix = model.rpartition("@")
+        if at and base and suffix.lower() in TARGETS and not _expand(model).exists():
+            return base, at + suffix
+    return model, ""
+
+
+def _expand(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user, a user this machine does not have: left to this process's error
+        return Path(text)
+
+
+def local_path(model: str, *, encoder: bool = False) -> Path | None:
+    """The file or folder of this machine that ``model`` names, read as this process reads it
+    (None: a name for the server to resolve, a registered one, the catalog's, a Hub repo).
+
+    As :func:`orion_cli.models.resolve`: a name registered here or in the catalog is a name; else a
+    path that exists, or has a GGUF path's shape (``x.gguf``, ``./x.gguf``, ``~/x.gguf``,
+    ``/x.gguf``), or starts ``/``, ``./``, ``../`` or ``~``. For an encoder (as
+    :func:`orion_cli.loading.encoder_model`) an existing folder comes first, and ``@TYPE`` is not
+    part of the path."""
+    text, _ = _type_split(model, encoder)
+    if not text.strip():
+        return None
+    path = _expand(text)
+    if encoder and path.is_dir():
+        return path
+    shaped = text.startswith(("/", "./", "../", "~")) or (
+        text.endswith(".gguf") and ("/" not in text or text.startswith(".")))
+    if not (shaped or path.exists()):
+        return None
+    from ..models import Registry, catalog
+
+    registered = Registry().all()
+    if model in registered or text in registered or text in catalog():
+        return None
+    return path
+
+
+def server_name(model: str, *, encoder: bool = False) -> str:
+    """The name to send to a server: a path of this machine made absolute (the server's folder is
+    not ours; an encoder's ``@TYPE`` kept), anything else as typed. The one rule for every model
+    the CLI sends (``orion run``, the REPL's ``/load``, ``orion embed``/``search``, ``orion load``)."""
+    path = local_path(model, encoder=encoder)
+    if path is None:
+        return model
+    return str(path.absolute()) + _type_split(model, encoder)[1]
+
+
+def kept_here(info: ServerInfo, model: str | None, *, encoder: bool = False) -> Path | None:
+    """The file or folder of this machine that ``model`` names when the server ``info`` takes only
+    its registered models (it would answer 404): that work is done in this process. None: send it
+    (a name, or a server started with --allow-paths, which gets the path absolute)."""
+    if model is None or info.allow_paths:
+        return None
+    return local_path(model, encoder=encoder)
+
+
+def kept_notice(info: ServerInfo, model: str) -> str:
+    """The one line that says a model of the user's own is run in this process, not by the server
+    (it names no place to go on: each caller adds its own)."""
+    return (f"the server at {info.url} takes only its registered models, not {model} "
+            f"(orion import it, or start the server with --allow-paths)")
 
 
 class RemoteEncoder:
@@ -29,7 +111,7 @@ class RemoteEncoder:
                  fallback: Callable[[str], object] | None = None, notice: Callable[[str], None] | None = None) -> None:
         """``fallback(model_id)`` makes a local encoder for the same model and type, if the server goes."""
         self.client = client
-        self.model = model or "minilm"
+        self.model = server_name(model or "minilm", encoder=True)  # a folder or GGUF of this machine: absolute
         info = client.post("/api/encoder", {"model": self.model, "prefer_id": prefer_id})
         self.model_id: str = info["id"]
         self.dim: int = int(info["dim"])
@@ -137,6 +219,11 @@ class EncoderSource:
         info = live_server(notice=lambda line: self._notice(f"{line}; working in this process"))
         if info is None:
             return None
+        path = kept_here(info, self.model, encoder=True)
+        if path is not None:  # a folder or GGUF of this machine, which the server does not take
+            if path.exists():  # (nothing there: this process's error says so)
+                self._notice(f"{kept_notice(info, self.model)}; working in this process")
+            return None
         try:
             return RemoteEncoder(ServerClient(info), self.model, prefer_id=collection_model,
                                  fallback=self._local_encoder, notice=self._notice)
@@ -174,12 +261,6 @@ class EncoderSource:
 
 
 # ---------------------------------------------------------------- chat
-
-
-def server_name(model: str) -> str:
-    """The name to send to a server: a path made absolute (the server's folder is not ours)."""
-    path = Path(model).expanduser()
-    return str(path.absolute()) if path.exists() else model
 
 
 class RemoteChat:
@@ -233,14 +314,22 @@ class ServedChat:
     - Gone before the answer began (no piece given yet): the answer is asked here, unseen.
     - Gone half-way: the answer ends there, raising :class:`orion_cli.chat.AnswerCut` (the pieces
       given stay given: asked again, they would be printed twice); the next call moves here.
+
+    A file of this machine that ``server`` (the :class:`ServerInfo` the remote talks to) does not
+    take (:func:`kept_here`) is answered here too, with one notice, from the start (``orion run
+    ./x.gguf``) or from a REPL's ``/load ./x.gguf``; the server still answers the registered names
+    loaded after it (the backend made here is closed then).
     """
 
-    def __init__(self, remote: RemoteChat, make_local: Callable[[str], object], notice: Notice | None = None) -> None:
+    def __init__(self, remote: RemoteChat, make_local: Callable[[str], object], notice: Notice | None = None, *,
+                 server: ServerInfo | None = None) -> None:
         self.remote = remote
         self.local = None
+        self.server = server
         self._make_local = make_local
         self._notice = notice or (lambda line: None)
         self._gone: ServerGone | None = None  # the server went half-way through an answer
+        self._server_gone = False  # the server went: everything is answered here from now on
 
     @property
     def current(self):
@@ -260,7 +349,9 @@ class ServedChat:
 
     def _go_local(self, exc: ServerGone):
         self._notice(exc.message)
-        self.local = self._make_local(self.remote.name)
+        self._server_gone = True
+        if self.local is None:
+            self.local = self._make_local(self.remote.name)
         return self.local
 
     def _served(self) -> bool:
@@ -268,6 +359,16 @@ class ServedChat:
         if self.local is None and self._gone is not None:
             self._go_local(self._gone)
         return self.local is None
+
+    def _kept(self, name: str) -> Path | None:
+        return None if self.server is None else kept_here(self.server, name)
+
+    def start_here(self, name: str) -> None:
+        """Answer ``name`` in this process from the start (a file the server does not take)."""
+        path = self._kept(name)
+        self.local = self._make_local(name)  # a wrong path raises here, before any notice
+        if path is not None and path.exists():
+            self._notice(kept_notice(self.server, name))
 
     def reply(self, prompt: str, **kwargs) -> Iterator[str]:
         if self._served():
@@ -291,11 +392,32 @@ class ServedChat:
         yield from self.local.reply(prompt, **kwargs)
 
     def load(self, name: str) -> None:
-        if self._served():
-            try:
-                return self.remote.load(name)
-            except ServerGone as exc:
-                self._go_local(exc)
+        """Switch models (a wrong name changes nothing): on the server while it answers, here for a
+        file it does not take (or once it went)."""
+        if self._gone is not None and not self._server_gone:
+            self._go_local(self._gone)  # it went half-way through the last answer
+        if not self._server_gone:
+            path = self._kept(name)
+            if path is None:
+                try:
+                    self.remote.load(name)
+                except ServerGone as exc:
+                    self._go_local(exc)
+                else:
+                    if self.local is not None:  # a file answered here until now: the server again
+                        local, self.local = self.local, None
+                        local.close()
+                    return
+            elif self.local is None:  # a file the server does not take: this process, from now on
+                local = self._make_local(name)
+                try:
+                    local.load(name)
+                except BaseException:
+                    local.close()
+                    raise
+                self.local = local
+                self._notice(kept_notice(self.server, name))
+                return
         self.local.load(name)
 
     def loaded(self) -> dict:
@@ -316,11 +438,15 @@ def chat_backend(model: str, sampling: dict, make_local: Callable[[str], object]
     """The backend that answers ``model``: the running server's (falling back to
     ``make_local(name)`` if it goes away), else ``make_local(model)``. ``notice(message)`` is
     called once, with the server's last word, when the work moves here (or with why a server that
-    is there is not used: it did not answer ``/health``, it is not this home's)."""
+    is there is not used: it did not answer ``/health``, it is not this home's; or why a file of
+    this machine is answered here: the server takes only its registered models)."""
     if not local:
         from .discovery import live_server
 
         info = live_server(notice=notice)
         if info is not None:
-            return ServedChat(RemoteChat(ServerClient(info), model, sampling), make_local, notice)
+            served = ServedChat(RemoteChat(ServerClient(info), model, sampling), make_local, notice, server=info)
+            if kept_here(info, model) is not None:
+                served.start_here(model)
+            return served
     return make_local(model)
