@@ -15,7 +15,7 @@ from .estimate import ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
 from .placement import encoder_contexts, gpu_budgets_now, offload_plan, pool_extra_bytes
-from .models import LocalModel, Registry, resolve
+from .models import LocalModel, Registry, on_disk, resolve, user_path
 from .strategy import Strategy
 from .units import format_bytes
 
@@ -27,16 +27,18 @@ IMAGE_MAGIC = {
 def local_model(text: str, strategy: Strategy, *, fetch_progress: Callable | None = None,
                 registry: Registry | None = None) -> LocalModel:
     """The model a MODEL argument names, on this machine; a model not here is fetched (--auto) first."""
+    from ._text import clip
+
     registry = registry or Registry()
     ref = resolve(text, registry)
     if ref.source == "registry":
-        if not ref.local.exists():
-            raise NotFound(f"{ref.name}'s file is gone: {ref.local.path}",
+        if not on_disk(Path(ref.local.path)):
+            raise NotFound(f"{ref.name}'s file is gone: {clip(ref.local.path, 200)}",
                            hint=f"run 'orion rm {ref.name}', then fetch or import it again")
         return ref.local
     if ref.source == "path":
-        if not ref.path.exists():
-            raise NotFound(f"no such file: {ref.path}", hint="check the path")
+        if not on_disk(ref.path):  # a name too long for a file names none
+            raise NotFound(f"no such file: {clip(ref.path, 200)}", hint="check the path")
         if ref.path.is_dir():
             from .errors import NotAGGUF
 
@@ -156,25 +158,27 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
     import hashlib
 
     from .convert import MAX_SEQ_KEY, TARGETS, convert_bert
+    from .models import catalog
     from .paths import orion_home
 
     text = text or "minilm"
-    try:
-        Path(text).expanduser()
-    except RuntimeError:  # ~user, a user this machine does not have
-        raise NotFound(f"{text}: there is no home folder {text.split('/')[0]} here",
-                       hint="give the full path") from None
+    # a name registered here or in the catalog is that model, whatever the current folder holds
+    # (as models.resolve decides): './minilm' does not shadow minilm (in the server, its folder)
+    names = set(Registry().all()) | set(catalog())
+    user_path(text)  # ~user, a user this machine does not have: NotFound
     base, at, suffix = text.rpartition("@")
     asked = None
-    if at and base and suffix.lower() in TARGETS and not Path(text).expanduser().exists():
+    if (text not in names and at and base and suffix.lower() in TARGETS
+            and (base in names or not on_disk(user_path(text)))):
         text, asked = base, suffix.lower()
-    path = Path(text).expanduser()
+    path = user_path(text)
+    by_name = text in names
     folder: Path | None = None
     model_id = text
-    if path.is_dir():
+    if not by_name and on_disk(path) and path.is_dir():
         folder = path
         model_id = path.resolve().name
-    elif path.suffix == ".gguf" or path.exists():
+    elif not by_name and (path.suffix == ".gguf" or on_disk(path)):
         _no_type_for_a_gguf(text, asked)
         local = local_model(text, strategy)
         header = read_local_header(Path(local.path))

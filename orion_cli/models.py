@@ -223,8 +223,37 @@ def local_path(text: str) -> Path | None:
     return resolve(text).path  # an empty name is refused there
 
 
+def user_path(text: str) -> Path:
+    """``text`` as a path, ``~`` expanded; ``~user`` for a user this machine does not have is
+    NotFound (``Path.expanduser`` raises RuntimeError)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        from ._text import clip
+
+        raise NotFound(f"{clip(text, 200)!r}: there is no home folder {clip(text.split('/')[0], 60)} here",
+                       hint="give the full path, or a model name ('orion list')") from None
+
+
+def on_disk(path: Path) -> bool:
+    """Whether something is at ``path``. A name too long for this file system names nothing (False);
+    a folder on the way that may not be searched (a permission) is the machine's error, one line."""
+    import errno
+
+    try:
+        return path.exists()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        from .errors import from_os_error
+
+        raise from_os_error(exc) from None
+
+
 def resolve(text: str, registry: Registry | None = None) -> ModelRef:
     """What a MODEL argument names; raises NotFound with suggestions."""
+    from ._text import clip
+
     if not text.strip():  # Path("") is the current folder: never take it for a model
         from .errors import InvalidValue
 
@@ -239,8 +268,8 @@ def resolve(text: str, registry: Registry | None = None) -> ModelRef:
         e = cat[text]
         return ModelRef(e.name, e.kind, "catalog", repo=e.repo, pattern=e.pattern, projector=e.projector,
                         format=e.format, files=e.files)
-    path = Path(text).expanduser()
-    if path.exists() or text.endswith(".gguf") and ("/" not in text or text.startswith((".", "/", "~"))):
+    path = user_path(text)
+    if on_disk(path) or text.endswith(".gguf") and ("/" not in text or text.startswith((".", "/", "~"))):
         return ModelRef(default_name_for("local", path.name), "llm", "path", path=path)
     parts = text.strip("/").split("/")
     if len(parts) >= 3 and parts[-1].endswith(".gguf") and _REPO_RE.match("/".join(parts[:2])):
@@ -252,7 +281,7 @@ def resolve(text: str, registry: Registry | None = None) -> ModelRef:
     close = difflib.get_close_matches(text, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     hint += f"known names: {', '.join(known)}; or give a Hub repo (org/repo) or a .gguf path"
-    raise NotFound(f"unknown model {text!r}", hint=hint)
+    raise NotFound(f"unknown model {clip(text, 200)!r}", hint=hint)
 
 
 def catalog_entry_for_repo(repo: str) -> CatalogEntry | None:

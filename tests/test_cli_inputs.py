@@ -1,7 +1,8 @@
 """Every input bounded, and text from files and models shown as text (issue 20, the CLI's side).
 
 The matrix: numbers orion cannot hold (nan, inf, 1e400, 400-digit integers, negative or zero counts)
-on every command's options and in every ORION_* number variable, registries that are not registries,
+on every command's options and in every ORION_* number variable, ORION_HOST values that are no
+host[:port], MODEL arguments that are no file (a missing home folder, a name too long for one), registries that are not registries,
 encoders with no vocabulary, Rich markup and terminal escape sequences in names and paths. Each case
 ends with one `error:` line, a documented exit code (never 70), no traceback, and nothing on the
 terminal that a terminal would run (ESC, C1 controls, bidi overrides). The number checks run as the
@@ -31,6 +32,7 @@ RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u206
 # a name that is markup to Rich, and one that is escape sequences to a terminal
 MARKUP = "[/]ev[bold]il[/bold]"
 FILE_MARKUP = "[bold]ev[red]il"  # the same in a file name (no '/')
+BOLD = "[bold]x"  # markup Rich would apply without a word (it has no '[/]' to break on)
 ESCAPES = "ev\x1b[2J\x1b[31mil\x1b]0;title\x07\x9b1m\u202etxt"
 
 
@@ -189,6 +191,16 @@ CASES: list[tuple[str, list[str]]] = [
     ("unknown option with escapes", ["strategy", "--" + ESCAPES]),
     ("option value with escapes", ["run", "x", "--ctx", ESCAPES]),
     ("env tier with escapes", ["strategy"]),
+    # ORION_HOST that is not a host[:port]: a port no socket takes, escapes, markup (tests/test_cli_leftovers.py: more)
+    ("env host 400-digit port on ps", ["ps"]),
+    ("env host with escapes on ps", ["ps"]),
+    ("env host with markup on run", ["run", "x", "hi"]),
+    ("env host 5000 characters on embed", ["embed", "-", "--jsonl"]),
+    # MODEL arguments that are no file: a home folder this machine lacks, a name too long for a file
+    ("run model in a missing home folder", ["run", "~nouser-orion-test/x.gguf", "hi", "--local"]),
+    ("run model name 300 characters", ["run", "m" * 300, "hi", "--local"]),
+    ("run model file name 300 characters", ["run", "{tmp}/" + "m" * 300 + ".gguf", "hi", "--local"]),
+    ("embed encoder name 300 characters", ["embed", "{tmp}", "-c", "x", "--model", "m" * 300, "--local"]),
 ]
 
 ENV = {
@@ -210,6 +222,10 @@ ENV = {
     "env gpu budget past 1 EiB": {"ORION_GPU_BUDGET": "2000000TB"},
     "env ctx on run": {"ORION_CTX": BIG},
     "env tier with escapes": {"ORION_TIER": MARKUP + ESCAPES},
+    "env host 400-digit port on ps": {"ORION_HOST": "[::1]:" + BIG},
+    "env host with escapes on ps": {"ORION_HOST": ESCAPES},
+    "env host with markup on run": {"ORION_HOST": MARKUP},
+    "env host 5000 characters on embed": {"ORION_HOST": "h" * 5000},
 }
 # the registry each case finds in $ORION_HOME (a copy of an input above)
 REGISTRY = {
@@ -304,13 +320,16 @@ def test_every_number_option_is_bounded():
 # ---------------------------------------------------------------- hostile text, shown as text
 
 
-def _register_hostile(home: Path, gemma: Path, names: list[str]) -> None:
-    """Registry entries under names 'orion import' would refuse (a hand-edited models.json)."""
+def _register_hostile(home: Path, gemma: Path, names: list[str], *, others: dict[str, Path] | None = None) -> None:
+    """Registry entries under names 'orion import' would refuse (a hand-edited models.json): ``names``
+    for ``gemma``, and each of ``others`` for its own file."""
     from orion_cli.gguf_header import read_local_header
 
-    header = read_local_header(gemma)
-    models = {n: {"name": n, "kind": "llm", "path": str(gemma), "source": "import", "file_type": header.file_type,
-                  "size_bytes": gemma.stat().st_size} for n in names}
+    files = {n: gemma for n in names} | (others or {})
+    models = {}
+    for n, path in files.items():
+        models[n] = {"name": n, "kind": "llm", "path": str(path), "source": "import",
+                     "file_type": read_local_header(path).file_type, "size_bytes": path.stat().st_size}
     (home / "models.json").write_text(json.dumps({"schema_version": 1, "models": models}))
 
 
@@ -376,7 +395,10 @@ def server(tmp_path_factory, gemma_q4, engine_check_cache):
 
     home = tmp_path_factory.mktemp("inputs-serve-home")
     shutil.copy(engine_check_cache, home / "engine-check.json")
-    _register_hostile(home, gemma_q4, [MARKUP])
+    from orion_cli.tinymodel import write_tiny_llama
+
+    # BOLD on a file of its own: the server keeps one loaded model per file, under the first name
+    _register_hostile(home, gemma_q4, [MARKUP], others={BOLD: write_tiny_llama(home / "tiny.gguf")})
     s = Server(home)
     yield s
     assert s.stop() == 0, "".join(s.lines)
@@ -392,6 +414,11 @@ def test_ps_load_and_stop_show_a_markup_name_as_text(orion, server):
     assert json.loads(orion("ps", "--json", env=env).stdout)["models"][0]["name"] == MARKUP
     stopped = orion("stop", MARKUP, env=env)
     assert stopped.returncode == 0 and MARKUP in stopped.stdout, stopped.stderr
+    # well-formed markup: shown as written, never applied ("loaded x", "unloaded x" before)
+    loaded = orion("load", BOLD, "--pin", env=env)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == f"loaded {BOLD} (llm) [pinned]", loaded.stderr
+    stopped = orion("stop", BOLD, env=env)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"unloaded {BOLD}", stopped.stderr
     assert_clean_error(orion("load", ESCAPES, env=env))  # refused by the server; its message shown safely
     assert_nothing_raw(orion("ps", env=env))
     server.stop()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._options import GpuLayersOpt, RpcOpt, json_option, model_names
-from ._output import examples, out
+from ._output import escape, examples, out
 
 SERVE_EXAMPLES = examples(
     ("orion serve", "share the models and the encoder with every client, on 127.0.0.1:11435"),
@@ -77,8 +77,20 @@ def _client():
     from ..server.client import ServerClient
     from ..server.discovery import live_server
 
-    info = live_server()
+    said: list[str] = []  # why a server or a server.json that is there is not used (frozen, stale, foreign)
+    info = live_server(notice=said.append)
     if info is None:
+        if said:  # the reason, in the one error line
+            import os
+
+            from .._text import clip
+
+            why = clip(said[-1], 400)
+            if os.environ.get("ORION_HOST"):
+                raise NotFound(f"the server ORION_HOST names cannot be used: {why}",
+                               hint="start orion serve there, or unset ORION_HOST")
+            raise NotFound(f"no orion serve is running for this ORION_HOME that can be used: {why}",
+                           hint="start one with 'orion serve'")
         raise NotFound("no orion serve is running for this ORION_HOME", hint="start one with 'orion serve'")
     return ServerClient(info, timeout=600)
 
@@ -163,10 +175,10 @@ def load(
         parse_keep_alive(keep_alive, what="--keep-alive")  # a bad value is a usage error here, not a 400
         body["keep_alive"] = keep_alive
     doc = _client().post("/api/load", body)
-    out.result(doc, lambda: f"loaded {doc['model']} ({doc['kind']})" + (r" \[pinned]" if pin else ""))
+    out.result(doc, lambda: f"loaded {escape(doc['model'])} ({escape(doc['kind'])})" + (r" \[pinned]" if pin else ""))
 
 
 def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).", autocompletion=model_names)]) -> None:
     """Unload a model from the running server."""
     _client().post("/api/unload", {"model": model})
-    out.text(f"unloaded {model}")
+    out.text(f"unloaded {escape(model)}")

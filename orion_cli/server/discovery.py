@@ -24,6 +24,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -300,17 +301,63 @@ def replaceable_problem(env: Mapping[str, str] | None = None) -> str | None:
 # ---------------------------------------------------------------- finding the server
 
 
+HOST_ENV = "ORION_HOST"
+# a DNS name or an IPv4 address, ASCII: labels of 1 to 63 characters (the resolver's idna step fails on others)
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,62})(?:\.[A-Za-z0-9_\-]{1,63})*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def parse_host(text: str) -> ServerInfo:
-    """``ORION_HOST``: ``host:port``, ``http://host:port`` or a bare host (the default port)."""
-    text = text.strip().removeprefix("http://").rstrip("/")
-    if text.startswith("["):  # [::1]:port
-        host, _, port = text[1:].partition("]")
-        port = port.lstrip(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
+    """``ORION_HOST``: ``host:port``, ``[v6]:port``, ``http://`` before either, or a bare host or
+    IPv6 address (the default port). Anything else (a port past 65535, a space or a control
+    character, a path, another scheme) is one :class:`~orion_cli.errors.ConfigError`."""
+    import ipaddress
+
+    from .._text import clip
+
+    def refuse(why: str) -> Exception:
+        from ..errors import ConfigError
+
+        return ConfigError(f"{HOST_ENV}={ascii(clip(text, 60))} is not a host[:port] ({why})",
+                           hint=f"write host:port, like 127.0.0.1:{DEFAULT_PORT}, [::1]:{DEFAULT_PORT} "
+                                f"or http://myhost:{DEFAULT_PORT} (or unset it)")
+
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise refuse("it holds a space or a control character")
+    rest = text[7:] if text[:7].lower() == "http://" else text
+    if rest.endswith("/") and rest.count("/") == 1:  # http://host:port/
+        rest = rest[:-1]
+    if "://" in rest:
+        raise refuse("orion serve speaks plain http://")
+    if "/" in rest or "@" in rest or "?" in rest or "#" in rest:
+        raise refuse("a path, a user or a query is not part of one")
+    if rest.startswith("["):  # [::1] or [::1]:port
+        host, bracket, port = rest[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            raise refuse("an IPv6 address goes in brackets: [::1]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise refuse(f"{ascii(host[:60])} is not an IPv6 address") from None
+        port = port[1:] if port else None
+    elif rest.count(":") > 1:  # a bare IPv6 address: the default port
+        try:
+            ipaddress.IPv6Address(rest)
+        except ValueError:
+            raise refuse("more than one ':' and not an IPv6 address; a port after one goes [v6]:port") from None
+        host, port = rest, None
     else:
-        host, port = text, ""
-    return ServerInfo(host or "127.0.0.1", int(port) if port.isdigit() else DEFAULT_PORT)
+        host, colon, port = rest.partition(":")
+        port = port if colon else None
+        if host and not _HOST_NAME.fullmatch(host):
+            raise refuse("the host is not an address, nor a name of labels of 1 to 63 letters, digits, - or _")
+    if port is None:
+        number = DEFAULT_PORT
+    elif not _PORT.fullmatch(port) or not 0 < int(port) <= 65535:
+        raise refuse(f"the port {ascii(clip(port, 24))} is not one from 1 to 65535")
+    else:
+        number = int(port)
+    return ServerInfo(host or "127.0.0.1", number)
 
 
 def live_server(env: Mapping[str, str] | None = None, *, health: Callable[[ServerInfo], object] | None = None,
