@@ -317,7 +317,8 @@ def _say_on_stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-# Where the line about a server left out goes (orion serve's console, the CLI's stderr).
+# Where the line about a server left out goes: the CLI's stderr; under orion serve its ServerState
+# sets it to its event log (an event in /api/ps and /api/events, and the same line on its console).
 warn: Callable[[str], None] = _say_on_stderr
 
 

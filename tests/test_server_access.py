@@ -206,6 +206,53 @@ def test_allow_fetch_fetches_a_hub_model_that_is_not_here(serve_app, hub, gemma_
     assert status == 404 and b"not a model this server has" not in payload  # the hub's own answer
 
 
+def test_a_clients_fetch_never_replaces_another_model_registered_under_its_name(serve_app, hub, gemma_q4,
+                                                                                tmp_path):
+    """With --allow-fetch a Hub model is registered under its default name: where that name is another
+    model's here, the client is refused before anything is downloaded, and the registration stays."""
+    from orion_cli.models import LocalModel, Registry, default_name_for
+
+    other = tmp_path / "other.gguf"
+    other.symlink_to(gemma_q4)
+    names = {f"{LADDER_REPO}/{LADDER_Q4}": default_name_for(LADDER_REPO, LADDER_Q4),
+             LADDER_REPO: default_name_for(LADDER_REPO)}
+    for taken in names.values():
+        Registry().add(LocalModel(name=taken, kind="llm", path=str(other), source="import"))
+    before = Registry().all()
+    _, app = serve_app(allow_fetch=True)
+    for name, taken in names.items():
+        status, _, payload = call(app, "POST", "/api/load", {"model": name})
+        err = json.loads(payload)["error"]
+        assert status == 400 and err["code"] == "invalid_value", (name, status, payload)
+        assert f"another model named {taken!r}" in err["message"] and "--name" in err["hint"], err
+        assert str(other) not in payload.decode()  # the server's paths are not the client's to learn
+    assert Registry().all() == before
+    assert not any(path.endswith(".gguf") for _, path, _ in hub.requests), hub.requests  # nothing downloaded
+    Registry().remove(names[LADDER_REPO])  # a free name: fetched and registered as before
+    assert call_json(app, "POST", "/api/load", {"model": LADDER_REPO})["kind"] == "llm"
+    assert Registry().get(names[LADDER_REPO]).repo == LADDER_REPO
+    assert Registry().get(names[f"{LADDER_REPO}/{LADDER_Q4}"]).path == str(other)
+
+
+def test_v1_models_lists_what_this_server_would_serve(serve_app, gemma_q4):
+    """Registered models and the built-in encoder (even before it is here); the catalog only where
+    clients may fetch; a request without a model says where the names are."""
+    from orion_cli.models import catalog, import_gguf
+
+    import_gguf(gemma_q4, name="gemma3-270m")
+    strict = [m["id"] for m in call_json(serve_app()[1], "GET", "/v1/models")["data"]]
+    assert strict == ["gemma3-270m", "minilm"], strict
+    fetching = [m["id"] for m in call_json(serve_app(allow_fetch=True)[1], "GET", "/v1/models")["data"]]
+    assert fetching[:2] == ["gemma3-270m", "minilm"] and set(fetching) == {"gemma3-270m", "minilm", *catalog()}
+    assert len(fetching) == len(set(fetching))
+    paths = [m["id"] for m in call_json(serve_app(allow_paths=True)[1], "GET", "/v1/models")["data"]]
+    assert paths == strict
+    status, _, payload = call(serve_app()[1], "POST", "/v1/completions", {"prompt": "hi"})
+    err = json.loads(payload)["error"]
+    assert status == 400 and err["code"] == "missing_model", payload
+    assert "GET /v1/models lists them" in err["message"] and "GGUF path" not in err["message"], err
+
+
 def test_the_policy_decides_from_the_name_and_the_registry(tmp_path, monkeypatch, gemma_q4):
     from orion_cli.errors import NotFound, WrongModelKind
     from orion_cli.models import import_gguf
@@ -245,9 +292,10 @@ def test_the_policy_decides_from_the_name_and_the_registry(tmp_path, monkeypatch
 
 
 def test_orion_serve_options_and_a_cli_user_naming_a_path(tmp_path, gemma_q4, engine_check_cache):
-    """A default server refuses the path `orion run FILE.gguf` sends it, saying how to go on (--local,
-    which works); ORION_ALLOW_PATHS=1 (or --allow-paths) serves it, and `orion load` sends a relative
-    path as an absolute one."""
+    """`orion run FILE.gguf` does not send a path to a default server (it would refuse it): the work is
+    done in the CLI's process, with one notice saying how the server would take it (as with --local);
+    `orion load PATH` is refused; ORION_ALLOW_PATHS=1 (or --allow-paths) serves it, and `orion load`
+    sends a relative path as an absolute one."""
     from test_serve import Server
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")} | {"NO_COLOR": "1", "COLUMNS": "200"}
@@ -268,7 +316,9 @@ def test_orion_serve_options_and_a_cli_user_naming_a_path(tmp_path, gemma_q4, en
     strict = Server(homes[0], env={"ORION_CTX": "512"})
     try:
         there = cli(strict, "run", str(gemma_q4), "Monday,", "--max-tokens", "2", "--temperature", "0")
-        assert_clean_error(there, "not a model this server has", "--local", code=4)
+        assert there.returncode == 0 and there.stdout.strip(), there.stderr
+        assert "answering in this process" in there.stderr and "--allow-paths" in there.stderr, there.stderr
+        assert strict.json("GET", "/api/ps")["models"] == []  # nothing was sent to the server
         here = cli(strict, "run", str(gemma_q4), "Monday,", "--max-tokens", "2", "--temperature", "0", "--local")
         assert here.returncode == 0 and here.stdout.strip(), here.stderr
         assert_clean_error(cli(strict, "load", gemma_q4.name, cwd=gemma_q4.parent), "not a model this server has",

@@ -175,3 +175,37 @@ def test_sigterm_during_long_generations_answers_them_after_the_grace_period(sta
         assert streamed["events"][-1] == b"[DONE]"
     assert "unloaded" in s.console()
     print(f"exited {took:.2f} s after SIGTERM (grace {grace} s)")
+
+
+def test_sigterm_the_moment_the_server_announces_itself_is_a_clean_stop(tmp_path):
+    """The signal handlers are installed before server.json is written and the "orion serve on" line
+    printed: a SIGTERM sent as soon as that line is read (a supervisor, a test) ends the server with
+    exit 0 and server.json removed, never a process killed by the signal (-15) with its file left."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")} | {"NO_COLOR": "1",
+                                                                               "PYTHONUNBUFFERED": "1"}
+    for attempt in range(5):
+        home = tmp_path / f"home{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0"],
+                                env=env | {"ORION_HOME": str(home)}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = []
+        try:
+            for line in proc.stderr:  # until it says where it listens
+                seen.append(line)
+                if line.startswith("orion serve on "):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            rest = proc.communicate(timeout=60)[1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        console = "".join(seen) + rest
+        assert any(line.startswith("orion serve on ") for line in seen), console
+        assert proc.returncode == 0, (attempt, proc.returncode, console)
+        assert not (home / "server.json").exists(), (attempt, console)
+        assert "Traceback" not in console, console

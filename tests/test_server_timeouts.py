@@ -228,17 +228,31 @@ def test_a_kept_alive_connection_is_closed_after_its_idle_time_without_a_408(sta
 
 
 def test_requests_past_the_connection_limit_get_503(start):
+    """...as the routes' JSON error (uvicorn's own reply was plain text), told when to try again."""
     s = start({"ORION_HTTP_MAX_CONNECTIONS": "20", "ORION_HTTP_IDLE_TIMEOUT": "30", "ORION_HTTP_HEADER_TIMEOUT": "30"})
     held = [connect(s.port) for _ in range(25)]
     try:
         deadline = time.monotonic() + 10  # the server has accepted them all: /api/ps is refused
         while True:
-            if s.request("GET", "/health")[0] == 503:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            try:
+                conn.request("GET", "/health")
+                response = conn.getresponse()
+                status, headers, payload = response.status, dict(response.getheaders()), response.read()
+            finally:
+                conn.close()
+            if status == 503:
                 break
             assert time.monotonic() < deadline, "the limit never applied"
     finally:
         for sock in held:
             sock.close()
+    assert headers.get("content-type") == "application/json", (headers, payload)
+    assert headers.get("retry-after") == "1" and headers.get("connection") == "close", headers
+    err = json.loads(payload)["error"]
+    assert err["code"] == "too_many_connections" and err["type"] == "server_busy", err
+    assert "20 connections" in err["message"] and set(err) >= {"message", "type", "param", "code"}, err
+    assert "Exceeded concurrency limit" in s.console()  # the console says so, as uvicorn did
     deadline = time.monotonic() + 10  # they are gone: it answers again
     while s.request("GET", "/health")[0] != 200:
         assert time.monotonic() < deadline

@@ -118,6 +118,24 @@ def _claim_home():
     return lock
 
 
+def console(write: Callable[[str], None] | None = None) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """(say, log) over ``write`` (default: stderr): ``say`` one console line, ``log`` a report of
+    several lines (a traceback); both through :func:`orion_cli._text.printable`, so a name from a
+    client, a registry or a file (or an error message quoting one) cannot put an escape sequence on
+    the server's console, nor ``say`` a line that looks like another."""
+    from .._text import printable
+
+    write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def say(line: str) -> None:
+        write(printable(line, one_line=True))
+
+    def log(text: str) -> None:
+        write(printable(text))
+
+    return say, log
+
+
 def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str | None = None,
           max_queue: int = 8, parallel: int = 4, grace_s: float | None = None,
           header_timeout_s: float | None = None, body_timeout_s: float | None = None,
@@ -138,17 +156,24 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
     from .discovery import ServerInfo, remove_server_file, write_server_file
     from .state import ServerState
 
-    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    say, log = console(say)
     limits = _limits(grace_s, header_timeout_s, body_timeout_s, idle_timeout_s, max_connections)  # a bad one: now
     home_lock = _claim_home()  # held for the server's life (closed below, or by the kernel with the process)
-    if not is_loopback(host) and not api_key:
-        say(f"warning: listening on {host} without an API key: anyone who can reach this machine can use "
-            "its models (pass --api-key or set ORION_API_KEY)")
-    _few_malloc_arenas()
-    sock = bind(host, port)
-    port = sock.getsockname()[1]
-    state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say, access=access)
-    app = create_app(state, api_key=api_key, log=say)
+    sock = None
+    try:
+        if not is_loopback(host) and not api_key:
+            say(f"warning: listening on {host} without an API key: anyone who can reach this machine can use "
+                "its models (pass --api-key or set ORION_API_KEY)")
+        _few_malloc_arenas()
+        sock = bind(host, port)
+        port = sock.getsockname()[1]
+        state = ServerState(strategy, max_queue=max_queue, parallel=parallel, on_line=say, access=access)
+    except BaseException:  # it did not start: the home is free again at once (not when the process ends)
+        if sock is not None:
+            sock.close()
+        home_lock.close()
+        raise
+    app = create_app(state, api_key=api_key, log=log)
     info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
     from .http_limits import connection_limit, give_up, protocol_class
 
@@ -181,12 +206,12 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
                     timer.cancel()
 
     server = Server(config)
-    write_server_file(info)
-    say(f"orion serve on {info.url} (pid {info.pid}); OpenAI API at {info.url}/v1"
-        f"{', API key required' if api_key else ''}. Ctrl-C stops it.")
     # uvicorn handles SIGINT/SIGTERM while it runs (stop accepting, drain), then restores the
     # handlers it found and raises the signal again: these take it, so the clean-up below runs
-    # and the process exits 0 instead of dying by the signal (or a KeyboardInterrupt).
+    # and the process exits 0 instead of dying by the signal (or a KeyboardInterrupt). Installed
+    # before server.json is written and the server announced: a client (or a test) that signals
+    # the moment it reads that line gets a clean stop, not a process killed by the signal with
+    # its server.json left behind.
     import signal
 
     def stop_soon(*_) -> None:  # also a signal before uvicorn installed its handlers: exit at once
@@ -195,6 +220,9 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
 
     previous = {sig: signal.signal(sig, stop_soon) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        write_server_file(info)
+        say(f"orion serve on {info.url} (pid {info.pid}); OpenAI API at {info.url}/v1"
+            f"{', API key required' if api_key else ''}. Ctrl-C stops it.")
         server.run(sockets=[sock])
     finally:
         state.stopping.set()

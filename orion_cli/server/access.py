@@ -16,8 +16,12 @@ and starts no download. :func:`refusal` is that answer (404 ``model_not_found``)
 
 A Hub name is fetched here, by its reference, and only then given to the core by the name it was
 registered under: the core's own resolution would take a name like ``org/repo`` for a path when
-the server's working directory holds one. The CLI's in-process commands (``orion run FILE.gguf``,
-``orion embed --model PATH``) do not come here: :mod:`orion_cli.loading` resolves anything.
+the server's working directory holds one. A client's fetch never replaces a registration: where the
+name it would be registered under is another model's here, it is refused before anything is
+downloaded (:func:`name_taken`), and the registry is written with ``replace=False`` (a concurrent
+``orion fetch`` or ``import`` of that name meanwhile is kept, the client refused). The CLI's
+in-process commands (``orion run FILE.gguf``, ``orion embed --model PATH``) do not come here:
+:mod:`orion_cli.loading` resolves anything.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from ..errors import NotFound, WrongModelKind
+from ..errors import InvalidValue, NotFound, WrongModelKind
 from ..models import LocalModel, ModelRef, Registry, catalog, default_name_for
 
 BUILTIN_ENCODER = "minilm"  # the default encoder: served by default, fetched once when it is not here
@@ -36,6 +40,31 @@ REFUSAL_HINT = ("orion fetch or import it first, pass --local to work in this pr
 def refusal(name: str) -> NotFound:
     """The one answer to a model this server does not serve: it depends on the name alone."""
     return NotFound(f"{name!r} is not a model this server has (orion list lists them)", hint=REFUSAL_HINT)
+
+
+class _NoReplace(Registry):
+    """The registry as a server-side fetch writes it: a name that already stands for another model
+    is refused (:meth:`Registry.add` with ``replace=False``), never taken over."""
+
+    def add(self, model: LocalModel, *, replace: bool = False) -> None:
+        try:
+            super().add(model, replace=False)
+        except InvalidValue:
+            raise name_taken(model.name) from None
+
+
+def name_taken(name: str) -> InvalidValue:
+    """The answer to a fetch whose model would be registered under ``name``, another model's here."""
+    return InvalidValue(f"this server has another model named {name!r}, the name this model would be "
+                        "registered under", hint="on the server's machine: orion fetch MODEL --name OTHER_NAME, "
+                                                 "then name it here by its repo or that name")
+
+
+def _unclaimed(ref: ModelRef) -> ModelRef:
+    """``ref``, once the name it would be registered under is not another model's here."""
+    if Registry().get(ref.name) is not None:  # check() found no model of this repo (and file) here
+        raise name_taken(ref.name)
+    return ref
 
 
 @dataclass(frozen=True)
@@ -137,7 +166,7 @@ class ModelAccess:
         if allowed.how == "fetch":
             from ..fetch import fetch, plan_fetch
 
-            return fetch(plan_fetch(allowed.ref, strategy))
+            return fetch(plan_fetch(_unclaimed(allowed.ref), strategy), registry=_NoReplace())
         return local_model(allowed.name, strategy)
 
     def encoder_model(self, name: str | None, strategy, *, prefer_id: str | None = None):
@@ -152,5 +181,5 @@ class ModelAccess:
                 raise WrongModelKind(f"{name} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
             from ..fetch import fetch_snapshot
 
-            target = fetch_snapshot(ref).name + allowed.suffix
+            target = fetch_snapshot(_unclaimed(ref), registry=_NoReplace()).name + allowed.suffix
         return encoder_model(target, strategy, prefer_id=prefer_id)

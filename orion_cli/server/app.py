@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
 from . import openai
 from .http_errors import APIError, Unauthorized, api_error, internal_error
-from .http_limits import STOPPED, shutting_down
+from .http_limits import STOPPED, answered_by_connection, shutting_down
 from .metrics import metrics_text, ps_document
 from .openai import Asked, Reply, model_name, optional_text, sse
 from .state import ServerState
@@ -71,10 +71,14 @@ class Routes:
                              "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch})
 
     async def models(self, request: Request) -> Response:
+        """What this server would serve (its :attr:`~.state.ServerState.access`): the models registered
+        here and the built-in encoder; the catalog's names too only where clients may fetch."""
         def listing():
             from ..models import Registry, catalog
+            from .access import BUILTIN_ENCODER
 
-            names = dict.fromkeys([*Registry().all(), *catalog()])
+            fetched = list(catalog()) if self.state.access.allow_fetch else []
+            names = dict.fromkeys([*Registry().all(), BUILTIN_ENCODER, *fetched])
             created = int(self.state.started)
             return [{"id": n, "object": "model", "created": created, "owned_by": "orion"} for n in names]
 
@@ -93,9 +97,10 @@ class Routes:
         from ..engine.decoder import ModelUnloaded
 
         doc = await read_json(request)
-        name = request.state.model = model_name(doc)
+        name = model_name(doc)
         asked = Asked.parse(doc, chat=chat)
         served = await in_thread(self.state.llm, name)
+        request.state.model = served.name  # labelled once it is a model served here (bounded)
         options = openai.generation_options(doc, served.n_ctx)
         reply = Reply(chat, name)
         lease = self.state.lease(served)
@@ -169,10 +174,11 @@ class Routes:
 
     async def embeddings(self, request: Request) -> Response:
         doc = await read_json(request)
-        name = request.state.model = model_name(doc)
+        name = model_name(doc)
         fmt = openai.encoding_format(doc)
         inputs = openai.embedding_inputs(doc.get("input"))
         served = await in_thread(self.state.encoder, name, optional_text(doc, "prefer_id"))
+        request.state.model = served.name
         openai.check_dimensions(doc, served.model_id, served.dim)
         openai.check_token_ids(inputs, served.n_vocab)
         vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
@@ -206,7 +212,8 @@ class Routes:
 
     async def load(self, request: Request) -> Response:
         doc = await read_json(request)
-        name = request.state.model = model_name(doc)
+        name = model_name(doc)
+        embedding = openai.boolean(doc, "embedding")
         pin = doc.get("pin")
         if pin is not None and not isinstance(pin, bool):
             raise APIError(400, "'pin' must be true or false", param="pin")
@@ -219,21 +226,20 @@ class Routes:
             except InvalidValue as exc:
                 raise APIError(400, exc.message, param="keep_alive", hint=exc.hint) from exc
 
-        def run():
-            served = self.state.resolve_any(name, bool(doc.get("embedding")))
-            self.state.manager.load(served.request, pin=pin, keep_alive_s=keep_alive)
-            return served
-
-        served = await in_thread(run)
+        served = await in_thread(self.state.resolve_any, name, embedding)
+        request.state.model = served.name
+        await in_thread(lambda: self.state.manager.load(served.request, pin=pin, keep_alive_s=keep_alive))
         return JSONResponse({"model": name, "key": served.request.key, "kind": served.kind, "loaded": True})
 
     async def unload(self, request: Request) -> Response:
         doc = await read_json(request)
-        name = request.state.model = model_name(doc)
+        name = model_name(doc)
         key = self.state.loaded_key(name)
         if key is None:
             raise APIError(404, f"{name} is not loaded", code="model_not_loaded", param="model",
                            hint="'orion ps' lists the loaded models")
+        served = self.state.by_key(key)
+        request.state.model = served.name if served is not None else key
         try:
             await in_thread(self.state.manager.unload, key)
         except ModelInUse as exc:  # said with the name the client used
@@ -288,7 +294,10 @@ def create_app(state: ServerState, *, api_key: str | None = None,
             except Exception as exc:  # a bug: the console gets the traceback, the client one line
                 log(f"internal error on {path}: {traceback.format_exc()}")
                 response = error_response(internal_error(exc))
-            state.metrics.request(path, request.state.model, response.status_code, time.perf_counter() - start)
+            # the connection may have answered it itself (408: its body came too slowly; 503: the server
+            # stopped), the route then seeing its client gone: counted as what the client got
+            status = answered_by_connection(request.scope) or response.status_code
+            state.metrics.request(path, request.state.model, status, time.perf_counter() - start)
             return response
 
         return Route(path, handler, methods=[method])

@@ -1,5 +1,9 @@
 """The manager's events as the server keeps them: the latest for ``/api/ps``, a count of each kind
-for ``/metrics``, a line on the console for each, and a live feed for ``/api/events`` subscribers."""
+for ``/metrics``, a line on the console for each, and a live feed for ``/api/events`` subscribers.
+
+The server's warnings are events too (kind ``warning``, :meth:`EventLog.warning`): an RPC server left
+out at load time (:data:`orion_cli.rpc.warn`) is in ``/api/ps`` and ``/api/events``, and on the
+console as the CLI says it (``warning: ...``)."""
 
 from __future__ import annotations
 
@@ -30,13 +34,18 @@ class EventLog:
             self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
             subscribers = list(self._subscribers)
         if self._on_line:  # a model's name or a message may hold escape sequences: shown, never run
-            self._on_line(printable(f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}",
-                                    one_line=True))
+            line = (f"warning: {event.detail}" if event.kind == "warning"
+                    else f"{time.strftime('%H:%M:%S')} {event.kind:<9} {event.detail or event.key}")
+            self._on_line(printable(line, one_line=True))
         for loop, queue in subscribers:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, doc)
             except RuntimeError:  # that loop is closed
                 pass
+
+    def warning(self, line: str, key: str = "") -> None:
+        """A warning of the server's (not the manager's): kept, counted and pushed as an event."""
+        self(Event("warning", key, line, time.time()))
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()

@@ -15,7 +15,10 @@ timer per connection, after the phase the request is in (read from h11's states)
 
 When the server stops, a request that has not fully arrived (part of its headers, or of its body)
 was not taken on: ``503`` at once and closed, as a new connection would be refused, instead of
-holding the shutdown for its grace period. A ``408`` or ``503`` here is the routes' JSON error.
+holding the shutdown for its grace period. A ``408`` or ``503`` here is the routes' JSON error, and
+so is the ``503`` to a request past the connection limit (uvicorn's own is plain text). A request
+answered here while its route works on it is counted in ``/metrics`` with the status its client got
+(:func:`answered_by_connection`), not as a client that left (499).
 
 :func:`limits_from_env` reads ``ORION_HTTP_HEADER_TIMEOUT``, ``ORION_HTTP_BODY_TIMEOUT``,
 ``ORION_HTTP_IDLE_TIMEOUT``, ``ORION_HTTP_MAX_CONNECTIONS`` and ``ORION_SERVE_GRACE``.
@@ -101,6 +104,13 @@ def shutting_down(what: str = "the server is shutting down") -> APIError:
                     hint="send the request again once the server is back")
 
 
+def too_many_connections(limit: int) -> APIError:
+    """The answer to a request past the connection limit (503: it may be sent again shortly)."""
+    return APIError(503, f"the server has {limit} connections open, the most it takes", type_="server_busy",
+                    code="too_many_connections", hint="retry after 1 s, or close idle connections",
+                    headers={"Retry-After": "1"})
+
+
 def _answer(error: APIError) -> bytes:
     """A whole HTTP response of ``error``, after which the connection closes."""
     reason = {408: "Request Timeout", 503: "Service Unavailable"}[error.status]
@@ -108,6 +118,31 @@ def _answer(error: APIError) -> bytes:
     head = (f"HTTP/1.1 {error.status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
+
+
+# Where a connection notes the status it answered a request with itself (in the request's ASGI
+# ``scope["state"]``, the dict Starlette's ``request.state`` is made of: shared by the route).
+ANSWERED = "orion.answered_by_connection"
+
+
+def answered_by_connection(scope) -> int | None:
+    """The status this module's protocol answered the request of ``scope`` with while its route still
+    worked on it (408, 503), or None: the route's own answer is the one its client gets."""
+    state = scope.get("state")
+    return state.get(ANSWERED) if isinstance(state, dict) else None
+
+
+def _json_reply(error: APIError):
+    """An ASGI app that answers ``error`` as the routes answer it, and closes the connection."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")] + [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+
+    async def reply(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return reply
 
 
 def _late(what: str, seconds: float) -> APIError:
@@ -126,6 +161,23 @@ def protocol_class(limits: HTTPLimits) -> type:
             super().__init__(*args, **kwargs)
             self._phase: str | None = None  # "request" (waiting for one), "body", or None (being answered)
             self._deadline = None  # the phase's timer
+            # the connection limit, checked here (uvicorn's own check answers in plain text): the app
+            # of each request is the routes' app, or the JSON 503 when too many are open
+            self._limit, self.limit_concurrency = self.limit_concurrency, None
+            if self._limit is not None:
+                self.app = self._limited(self.app, _json_reply(too_many_connections(self._limit)))
+
+        def _limited(self, app, refuse):
+            """``app`` while fewer than the limit are open, else ``refuse`` (as uvicorn decides it, where
+            its tasks did not count this request's own yet)."""
+            async def limited(scope, receive, send) -> None:
+                if len(self.connections) >= self._limit or len(self.tasks) > self._limit:
+                    self.logger.warning("Exceeded concurrency limit.")
+                    await refuse(scope, receive, send)
+                else:
+                    await app(scope, receive, send)
+
+            return limited
 
         # ------------------------------------------------------------ the phases
 
@@ -184,15 +236,18 @@ def protocol_class(limits: HTTPLimits) -> type:
             if self._phase == "request" and not self._partial():  # idle: as uvicorn's keep-alive closes it
                 self.timeout_keep_alive_handler()
             elif self._phase == "request":
-                self._refuse(_answer(_late("headers", limits.header_s)))
+                self._refuse(_late("headers", limits.header_s))
             else:
-                self._refuse(_answer(_late("body", limits.body_s)), self.cycle)
+                self._refuse(_late("body", limits.body_s), self.cycle)
 
-        def _refuse(self, answer: bytes | None, cycle=None) -> None:
-            """Answer (when no response has started) and close; the route of ``cycle`` (waiting for its
-            body, or for its work) gets ``http.disconnect`` now, so its own answer goes nowhere."""
-            if answer is not None and (cycle is None or not cycle.response_started):
-                self.transport.write(answer)
+        def _refuse(self, error: APIError | None, cycle=None) -> None:
+            """Answer ``error`` (when no response has started) and close; the route of ``cycle`` (waiting
+            for its body, or for its work) gets ``http.disconnect`` now, so its own answer goes nowhere,
+            and finds the status its client got in its scope (:func:`answered_by_connection`)."""
+            if error is not None and (cycle is None or not cycle.response_started):
+                self.transport.write(_answer(error))
+                if cycle is not None:
+                    cycle.scope.setdefault("state", {})[ANSWERED] = error.status
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
@@ -205,7 +260,7 @@ def protocol_class(limits: HTTPLimits) -> type:
         def shutdown(self) -> None:
             started = self._phase == "body" and self.cycle is not None and self.cycle.response_started
             if (self._phase == "body" and not started) or self._partial():
-                self._refuse(_answer(shutting_down()), self.cycle if self._phase == "body" else None)
+                self._refuse(shutting_down(), self.cycle if self._phase == "body" else None)
                 return
             super().shutdown()
 
@@ -217,7 +272,7 @@ def protocol_class(limits: HTTPLimits) -> type:
             if self.transport.is_closing() or cycle is None or cycle.response_complete:
                 return
             if not cycle.response_started:
-                self._refuse(_answer(shutting_down(STOPPED)), cycle)
+                self._refuse(shutting_down(STOPPED), cycle)
             elif streams:
                 self._refuse(None, cycle)
 

@@ -29,6 +29,9 @@ MAX_JSON_DEPTH = 64
 # 255 bytes (past it the OS answers ENAMETOOLONG to every look-up of the name).
 MAX_MODEL_NAME_BYTES = 1024
 MAX_NAME_PART_BYTES = 255
+# What a client may name, said where it named nothing (what is served depends on the server's options:
+# the registered models and minilm; paths with --allow-paths, Hub names with --allow-fetch).
+MODELS_HINT = "GET /v1/models lists them"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair
 
 
@@ -113,6 +116,19 @@ def number(doc: dict, key: str, default, lo: float, hi: float, *, integer: bool 
     return value
 
 
+def in_range(doc: dict, key: str, default, allowed):
+    """``doc[key]`` (left out or null: ``default``) within ``allowed``, a :class:`orion_cli.limits.Range`:
+    the CLI's rule for the same option, so ``orion run`` and the server refuse the same values. A whole
+    number is an ``int`` (an integral float, ``256.0``, is taken as one)."""
+    value = doc.get(key, default)
+    if value is None:
+        return default
+    if not allowed.contains(value):
+        raise APIError(400, f"'{key}' must be {allowed.describe()}, not {_shown(value)}", param=key,
+                       code="invalid_value")
+    return int(value) if allowed.integer else float(value)
+
+
 def boolean(doc: dict, key: str, default: bool = False) -> bool:
     """A JSON true or false (null: the default); ``"false"`` is a string, not a boolean."""
     value = doc.get(key)
@@ -130,7 +146,7 @@ def checked_name(name: str, key: str = "model") -> str:
     size = len(name.encode("utf-8", "surrogatepass"))
     if size > MAX_MODEL_NAME_BYTES:
         raise APIError(400, f"'{key}' is {size} bytes long; the most is {MAX_MODEL_NAME_BYTES}", param=key,
-                       code="invalid_value", hint="give an orion model name ('orion list'), org/repo or a GGUF path")
+                       code="invalid_value", hint=f"give the name of a model this server has ({MODELS_HINT})")
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs")), None)
     if bad is not None:
         raise APIError(400, f"'{key}' has a control character (U+{ord(bad):04X})", param=key, code="invalid_value")
@@ -151,8 +167,8 @@ def model_name(doc: dict) -> str:
     if name is not None and not isinstance(name, str):
         raise APIError(400, f"'model' must be a string, not {_shown(name)}", param="model", code="invalid_value")
     if not isinstance(name, str) or not name.strip():
-        raise APIError(400, "'model' is required: an orion model name, org/repo or a GGUF path", param="model",
-                       code="missing_model")
+        raise APIError(400, f"'model' is required: the name of a model this server has ({MODELS_HINT})",
+                       param="model", code="missing_model")
     return checked_name(name.strip())
 
 
@@ -182,13 +198,16 @@ def stop_strings(doc: dict) -> list[str]:
 
 
 def generation_options(doc: dict, n_ctx: int) -> dict:
+    """The sampling options, each within the range :mod:`orion_cli.limits` gives the CLI's flag."""
+    from .. import limits
+
     if number(doc, "n", 1, 1, 1, integer=True) != 1:
         raise APIError(400, "'n' must be 1", param="n")
     return {
-        "max_tokens": number(doc, "max_tokens", DEFAULT_MAX_TOKENS, 1, n_ctx, integer=True),
-        "temperature": float(number(doc, "temperature", 1.0, 0.0, 2.0)),
-        "top_p": float(number(doc, "top_p", 1.0, 0.0, 1.0)),
-        "seed": number(doc, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        "max_tokens": in_range(doc, "max_tokens", DEFAULT_MAX_TOKENS, limits.max_tokens_range(n_ctx)),
+        "temperature": in_range(doc, "temperature", 1.0, limits.TEMPERATURE),
+        "top_p": in_range(doc, "top_p", 1.0, limits.TOP_P),
+        "seed": in_range(doc, "seed", None, limits.SEED),
     }
 
 

@@ -130,6 +130,7 @@ class ServerState:
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4, access: ModelAccess | None = None,
                  on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None,
                  runners: bool | None = None) -> None:
+        from .. import rpc
         from ..device import memory_now
         from ..loading import manager_for
 
@@ -142,6 +143,7 @@ class ServerState:
         self.runners = runners if runners is not None else runners_enabled()
         self.memory = memory or memory_now
         self.events = EventLog(on_line=on_line)
+        rpc.warn = self.events.warning  # an RPC server left out at load time: an event, not only a line
         self.metrics = Metrics()
         self.manager = manager_for(strategy, on_event=self.events, timer=True)
         self.started = time.time()
