@@ -251,3 +251,19 @@ def test_the_runner_base_the_manager_counts_is_what_a_runner_takes_before_its_mo
             "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
     kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0.7 * RUNNER_BASE_BYTES <= kib * 1024 <= 1.3 * RUNNER_BASE_BYTES, kib
+
+
+def test_made_up_names_leave_nothing_behind_in_the_server_state():
+    """Every distinct unknown name is one 404 and no memory: no resolution lock, no name kept."""
+    from orion_cli.errors import NotFound
+    from orion_cli.server.state import ServerState
+    from orion_cli.strategy import load_strategy
+
+    state = ServerState(load_strategy())
+    try:
+        for i in range(300):
+            with pytest.raises(NotFound):
+                state.llm(f"made-up-{i}")
+        assert state._resolving == {} and state._names == {}
+    finally:
+        state.close()

@@ -17,6 +17,7 @@ and tests call them directly.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +108,9 @@ class SharedEncoder:
         self.batcher.close()
 
 
+MAX_NAMES = 4096  # names remembered (each a model served here, under the words a client used)
+
+
 def runners_enabled(env=None) -> bool:
     """``ORION_RUNNERS``: 1 (the default) loads each model in a runner process, 0 in the server's own."""
     import os
@@ -154,7 +158,7 @@ class ServerState:
         self._queues: dict[str, ModelQueue] = {}
         self._encoders: dict[str, SharedEncoder] = {}
         self._loading_lock = threading.Lock()
-        self._resolving: dict[str, threading.Lock] = {}  # one lock per name being resolved
+        self._resolving: dict[str, list] = {}  # name -> [its lock, holders and waiters]: names being resolved
 
     # ------------------------------------------------------------ resolving names
 
@@ -209,16 +213,29 @@ class ServerState:
         except WrongModelKind:
             return self.encoder(name)
 
-    def _resolving_lock(self, name_key: str) -> threading.Lock:
-        """The lock of one name's first resolution (a fetch or a conversion may take minutes: other
-        names resolve meanwhile; the same name waits for it and shares its answer)."""
+    @contextmanager
+    def _resolving_lock(self, name_key: str):
+        """Held during one name's first resolution (a fetch or a conversion may take minutes: other
+        names resolve meanwhile; the same name waits for it and shares its answer). The lock is gone
+        once no one holds or waits for it: made-up names leave nothing behind."""
         with self._lock:
-            return self._resolving.setdefault(name_key, threading.Lock())
+            entry = self._resolving.setdefault(name_key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    self._resolving.pop(name_key, None)
 
     def _remember(self, name_key: str, served: Served) -> Served:
         """One entry (and one queue) per model, whatever names clients use for it."""
         with self._lock:
             served = self._served.setdefault(served.request.key, served)
+            while len(self._names) >= MAX_NAMES:  # the names clients used: a cache, bounded (the oldest go)
+                self._names.pop(next(iter(self._names)))
             self._names[name_key] = served
             self._queues.setdefault(served.request.key, ModelQueue(served.name, self.max_queue))
             return served
