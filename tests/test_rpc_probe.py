@@ -269,7 +269,10 @@ def test_fake_peer_stops_cleanly_with_clients_still_connected():
     assert time.monotonic() - started < 5
     for c in clients:
         c.settimeout(5)
-        assert c.recv(1) == b""  # closed by the peer
+        try:  # closed by the peer: an end of stream, or a reset where the peer closed with bytes unread
+            assert c.recv(1) == b""
+        except ConnectionResetError:
+            pass
         c.close()
     with pytest.raises(OSError):
         socket.create_connection((peer.host, peer.port), timeout=2).close()
