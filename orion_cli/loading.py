@@ -15,7 +15,7 @@ from .estimate import ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
 from .placement import encoder_contexts, gpu_budgets_now, offload_plan, pool_extra_bytes
-from .models import LocalModel, Registry, on_disk, resolve, user_path
+from .models import PATH_HINT, LocalModel, Registry, on_disk, resolve, user_path
 from .strategy import Strategy
 from .units import format_bytes
 
@@ -57,9 +57,11 @@ def local_model(text: str, strategy: Strategy, *, fetch_progress: Callable | Non
 
 
 def check_image(path: Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise NotFound(f"no such image: {path}", hint="check the path given to --image")
+    from ._text import clip
+
+    path = user_path(str(path), hint=PATH_HINT)  # ~user for a user not here: NotFound
+    if not (on_disk(path) and path.is_file()):  # a name too long for a file names none
+        raise NotFound(f"no such image: {clip(path, 200)}", hint="check the path given to --image")
     with path.open("rb") as f:
         head = f.read(12)
     if not any(head.startswith(m) for m in IMAGE_MAGIC) and not (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):

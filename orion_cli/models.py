@@ -216,23 +216,34 @@ def default_name_for(repo: str, filename: str | None = None) -> str:
 
 def local_path(text: str) -> Path | None:
     """The file a MODEL argument names on this machine: the path itself when it exists, else a
-    registered model's file; None for a model that is not here (a catalog name, org/repo)."""
-    path = Path(text).expanduser()
-    if text.strip() and path.exists():
+    registered model's file; None for a model that is not here (a catalog name, org/repo).
+    A path that names nothing (a .gguf name not on disk, one too long for a file) is NotFound;
+    ``~user`` for a user not here too (:func:`user_path`)."""
+    from ._text import clip
+
+    path = user_path(text)
+    if text.strip() and on_disk(path):
         return path
-    return resolve(text).path  # an empty name is refused there
+    ref = resolve(text)  # an empty name is refused there
+    if ref.source == "path" and not on_disk(ref.path):
+        raise NotFound(f"no such file: {clip(ref.path, 200)}", hint="check the path")
+    return ref.path
 
 
-def user_path(text: str) -> Path:
+def user_path(text: str, *, hint: str = "give the full path, or a model name ('orion list')") -> Path:
     """``text`` as a path, ``~`` expanded; ``~user`` for a user this machine does not have is
-    NotFound (``Path.expanduser`` raises RuntimeError)."""
+    NotFound (``Path.expanduser`` raises RuntimeError). The one rule for every path the CLI is
+    given (MODEL arguments, files to read, -o and the other outputs)."""
     try:
         return Path(text).expanduser()
     except RuntimeError:
         from ._text import clip
 
         raise NotFound(f"{clip(text, 200)!r}: there is no home folder {clip(text.split('/')[0], 60)} here",
-                       hint="give the full path, or a model name ('orion list')") from None
+                       hint=hint) from None
+
+
+PATH_HINT = "give the full path"  # for a path that is no model (an output, a text file, an image)
 
 
 def on_disk(path: Path) -> bool:
@@ -245,9 +256,37 @@ def on_disk(path: Path) -> bool:
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             return False
+        from ._text import clip
         from .errors import from_os_error
 
+        exc.filename = clip(exc.filename, 200) if exc.filename else exc.filename
         raise from_os_error(exc) from None
+
+
+def output_path(text: str | Path, what: str = "-o", *, temporary: bool = True) -> Path:
+    """A path orion is to write, checked before any work: ``~`` expanded (:func:`user_path`); a
+    name too long for its file system (``temporary``: or the ``.NAME.PID.partial`` name the file
+    is written under first) is refused with the path cut; a folder on the way that may not be
+    searched is the machine's error, one line. A missing folder is left to the write (made, or said)."""
+    import errno
+    import os
+
+    from ._text import clip
+    from .errors import InvalidValue, from_os_error
+
+    path = user_path(str(text), hint=PATH_HINT)
+    names = [path, path.with_name(f".{path.name}.{os.getpid()}.partial")] if temporary and path.name else [path]
+    for candidate in names:
+        try:
+            os.stat(candidate)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidValue(f"{what} {clip(path, 200)}: the name is too long for this file system",
+                                   hint="choose a shorter name") from None
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # missing, or a file on the way: the write says so
+                exc.filename = clip(exc.filename, 200) if exc.filename else exc.filename
+                raise from_os_error(exc) from None
+    return path
 
 
 def resolve(text: str, registry: Registry | None = None) -> ModelRef:

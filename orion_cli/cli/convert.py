@@ -35,8 +35,10 @@ def convert(
 
     if not source.strip():  # Path("") is the current folder
         raise InvalidValue("an empty source was given", hint="give a model folder, a catalog name or org/repo")
-    output = output.expanduser()
-    if output.exists() and not force:
+    from ..models import on_disk, output_path
+
+    output = output_path(output)  # ~user not here, a name too long for a file: one line, before any work
+    if on_disk(output) and not force:
         raise InvalidValue(f"{output} already exists", hint="choose another -o, or add --force")
     folder = _source_folder(source)
     result = convert_bert(folder, output, to)
@@ -49,19 +51,22 @@ def convert(
 
 def _source_folder(source: str) -> Path:
     """A local folder as is; a catalog name or Hub repo fetched into the HF cache first."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    from ..models import on_disk, user_path
+
+    path = user_path(source)  # ~user for a user not here: NotFound
+    if on_disk(path) and path.is_dir():  # a name too long for a file names no folder
         return path
     from ..fetch import fetch_snapshot
     from ..models import ModelRef, resolve
 
     ref = resolve(source)
-    if ref.local is not None and Path(ref.local.path).is_dir():
+    if ref.local is not None and on_disk(Path(ref.local.path)) and Path(ref.local.path).is_dir():
         return Path(ref.local.path)
     if ref.repo is None:
+        from .._text import clip
         from ..errors import NotFound
 
-        raise NotFound(f"no model folder {source}", hint="pass a folder with config.json and model.safetensors")
+        raise NotFound(f"no model folder {clip(source, 200)}", hint="pass a folder with config.json and model.safetensors")
     if not ref.files:
         ref = ModelRef(ref.name, "encoder", ref.source, repo=ref.repo, format="safetensors",
                        files=("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",

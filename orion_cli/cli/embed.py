@@ -103,10 +103,13 @@ def embed(
         raise InvalidValue("which collection?", hint="add --collection NAME")
     if any(not p.strip() for p in paths):  # Path("") is the current folder: never embed it by accident
         raise InvalidValue("an empty path was given", hint="name the files or folders to embed ('.' for this folder)")
-    targets = [Path(p).expanduser() for p in paths]
-    missing = [str(p) for p in targets if not p.exists()]
+    from .._text import clip
+    from ..models import PATH_HINT, on_disk, user_path
+
+    targets = [user_path(p, hint=PATH_HINT) for p in paths]  # ~user for a user not here: NotFound
+    missing = [p for p in targets if not on_disk(p)]  # a name too long for a file names none
     if missing:
-        raise NotFound(f"no such file or folder: {missing[0]}", hint="check the path")
+        raise NotFound(f"no such file or folder: {clip(missing[0], 200)}", hint="check the path")
 
     from ..indexer import embed_paths
 

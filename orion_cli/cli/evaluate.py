@@ -36,20 +36,26 @@ def evaluate(
     """
     import tempfile
 
+    from .._text import clip
     from ..errors import InvalidValue, NotFound
     from ..evaluate import compare, default_text, evaluate_in_child
-    from ..models import local_path
+    from ..models import PATH_HINT, local_path, on_disk, output_path, user_path
     from ..quantize import parse_ladder
     from ..strategy import load_strategy
 
     if ctx < 64:
         raise InvalidValue(f"--ctx {ctx} is too small", hint="use 256 or more")
     strategy = load_strategy()
-    path = local_path(model)
+    path = local_path(model)  # ~user not here, a name too long for a file: NotFound
     if path is None:
-        raise NotFound(f"{model} is not on this machine", hint=f"fetch it first: orion fetch {model}")
-    if text is not None and not text.is_file():
-        raise NotFound(f"no such text file: {text}", hint="check --text")
+        raise NotFound(f"{clip(model, 200)} is not on this machine", hint=f"fetch it first: orion fetch {clip(model, 200)}")
+    if text is not None:
+        text = user_path(str(text), hint=PATH_HINT)
+        if not (on_disk(text) and text.is_file()):  # a name too long for a file names none
+            raise NotFound(f"no such text file: {clip(text, 200)}", hint="check --text")
+    # where the tables go, checked before the measuring (minutes), not after it
+    markdown = output_path(markdown, "--markdown", temporary=False) if markdown is not None else None
+    csv_path = output_path(csv_path, "--csv", temporary=False) if csv_path is not None else None
     body = text.read_text(encoding="utf-8", errors="replace") if text else default_text()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write(body)

@@ -56,8 +56,15 @@ def fetch(
     strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
     ref = resolve(model)
     if ref.source == "path":
-        raise InvalidValue(f"{model} is a local file, there is nothing to fetch",
-                           hint=f"register it with 'orion import {model}'")
+        from .._text import clip
+        from ..errors import NotFound
+        from ..models import on_disk
+
+        if not on_disk(ref.path):  # a .gguf name that is no file here (one too long for a file included)
+            raise NotFound(f"no such file: {clip(ref.path, 200)}",
+                           hint="a .gguf name is a local file: give org/repo/file.gguf for one on the Hub")
+        raise InvalidValue(f"{clip(model, 200)} is a local file, there is nothing to fetch",
+                           hint=f"register it with 'orion import {clip(model, 200)}'")
     if ref.source == "registry" and ref.repo is None:
         raise InvalidValue(f"{model} was imported from {ref.path}, not fetched", hint="it is ready to use")
     if ref.format == "safetensors":

@@ -40,21 +40,27 @@ def import_(
     """
     from dataclasses import asdict
 
-    from ..errors import InvalidValue
-    from ..models import import_encoder_folder, import_gguf
+    from .._text import clip
+    from ..errors import InvalidValue, NotFound
+    from ..models import PATH_HINT, import_encoder_folder, import_gguf, on_disk, user_path
     from ..strategy import load_strategy
 
     if not path.strip():  # Path("") is the current folder
         raise InvalidValue("an empty path was given", hint="give the .gguf file or the encoder folder to import")
-    path = Path(path).expanduser().absolute()
+    path = user_path(path, hint=PATH_HINT).absolute()  # ~user for a user not here: NotFound
+    if not on_disk(path):  # a name too long for a file names none
+        raise NotFound(f"no such file or folder: {clip(path, 200)}", hint="check the path")
+    if projector is not None:
+        projector = user_path(str(projector), hint=PATH_HINT).absolute()
+        if not on_disk(projector):
+            raise NotFound(f"no such file: {clip(projector, 200)}", hint="check the path given to --projector")
     if path.is_dir() and (path / "config.json").exists():
         model = import_encoder_folder(path, name=name, replace=force)
         out.result({"model": asdict(model)},
                    lambda: f"Imported [bold]{escape(model.name)}[/]: BERT encoder (safetensors), {escape(path)}; "
                            f"converted to GGUF on first use by 'orion embed'")
         return
-    model, header = import_gguf(path, name=name, replace=force,
-                                projector=projector.expanduser().absolute() if projector is not None else None)
+    model, header = import_gguf(path, name=name, replace=force, projector=projector)
     strategy = load_strategy()
 
     def human() -> None:
@@ -153,13 +159,18 @@ def inspect(
     """
     from ..estimate import estimate_memory
     from ..gguf_header import read_local_header
-    from ..models import resolve
+    from ..models import on_disk, resolve
     from ..strategy import load_strategy
 
     strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
     ref = resolve(model)
     projector = None
     if ref.path is not None:
+        if not on_disk(ref.path):  # a name too long for a file names none
+            from .._text import clip
+            from ..errors import NotFound
+
+            raise NotFound(f"no such file: {clip(ref.path, 200)}", hint="check the path")
         header = read_local_header(ref.path)
         if ref.local and ref.local.projector_path:
             projector = read_local_header(Path(ref.local.projector_path))

@@ -67,9 +67,11 @@ def _previous_bench(output: str | None) -> dict:
     from ..paths import strategy_path
     from ..strategy import read_strategy_file
 
-    path = Path(output).expanduser() if output else strategy_path()
+    from ..models import on_disk, output_path
+
+    path = output_path(output, "--output") if output else strategy_path()
     try:
-        return read_strategy_file(path).get("bench", {}) if path.is_file() else {}
+        return read_strategy_file(path).get("bench", {}) if on_disk(path) and path.is_file() else {}
     except ConfigError:
         return {}
 
@@ -131,6 +133,10 @@ def profile(
     table = builtin_tiers()
     if tier is not None:
         table.get(tier)  # an unknown tier fails before any probing
+    if output and output != "-":
+        from ..models import output_path
+
+        output_path(output, "--output")  # ~user not here, a name too long: before any probing too
     ram_bytes = parse_size(ram, what="--ram") if ram is not None else None
     vram_bytes = parse_size(vram, what="--vram") if vram is not None else None
 
@@ -151,7 +157,10 @@ def profile(
     if output == "-":
         sys.stdout.write(text)
         return
-    path = Path(output).expanduser() if output else strategy_path()
+    from ..models import output_path
+
+    # ~user not here, a name too long for a file: one line (the --bench path checked it already)
+    path = output_path(output, "--output") if output else strategy_path()
     try:
         write_text_atomic(path, text)
     except OSError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,20 +29,21 @@ def quantize(
     The output appears only when complete and of the type asked for; Ctrl-C or a
     failure leaves nothing under its name.
     """
-    from ..models import local_path
+    from ..models import local_path, output_path, user_path
     from ..quantize import quantize as do_quantize
     from ..strategy import load_strategy
     from ..units import format_bytes
 
     strategy = load_strategy()
-    path = local_path(model) or Path(model).expanduser()
+    path = local_path(model) or user_path(model)  # ~user not here, a name too long for a file: NotFound
+    output = output_path(output)
 
     def warn(current: str) -> None:
         out.warning(f"{path.name} is already {current}: quality drops twice "
                     f"(its quantization loss and the new one add up)")
     status = out.status(f"Quantizing {path.name} to {to}…")
     with status:
-        result = do_quantize(path, output.expanduser(), to, threads=strategy.threads, force=force,
+        result = do_quantize(path, output, to, threads=strategy.threads, force=force,
                              allow_requantize=allow_requantize, on_requantize=warn,
                              on_tick=lambda s: status.update(f"Quantizing {path.name} to {to}… {s:.0f} s"))
     out.result({"input": str(result.src), "output": str(result.dst), "type": result.type_name,
