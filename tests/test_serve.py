@@ -45,7 +45,8 @@ class Server:
                 break
         self.info = json.loads((home / "server.json").read_text())
         self.url = f"http://127.0.0.1:{self.info['port']}"
-        threading.Thread(target=self._drain, daemon=True).start()
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
 
     def _drain(self) -> None:
         for line in self.proc.stderr:

@@ -19,31 +19,18 @@ import time
 from pathlib import Path
 
 import pytest
+from test_serve import Server
 
 MODEL = "gemma3-270m"
 
 
-class Serve:
-    """`orion serve --port 0` in its own process, its console kept (shown when a test fails)."""
+class Serve(Server):
+    """`orion serve --port 0` in its own process (tests/test_serve.py's Server), its console kept
+    (shown when a test fails); :meth:`request` answers (status, body)."""
 
     def __init__(self, home: Path, env: dict | None = None, *args: str) -> None:
-        self.home = home
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
-        self.env.update({"ORION_HOME": str(home), "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"} | (env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0", *args],
-                                     env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        while True:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"orion serve exited: {''.join(self.lines)}")
-            self.lines.append(line)
-            if line.startswith("orion serve on "):
-                break
-        self.port = json.loads((home / "server.json").read_text())["port"]
-        self.drain = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
-        self.drain.start()
+        super().__init__(home, *args, env=env)
+        self.port = self.info["port"]
 
     def request(self, method: str, path: str, body=None, timeout: float = 120) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
