@@ -360,3 +360,13 @@ def test_a_folder_is_still_an_encoder_by_path(orion, minilm, tmp_path, monkeypat
     proc = orion("embed", "-", "--jsonl", "--local", "--model", "bert", input="text\n")
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["embedding"]) == 384
+
+
+@pytest.mark.parametrize("var", ["ORION_HOME", "HF_HOME", "HF_HUB_CACHE", "XDG_CACHE_HOME"])
+@pytest.mark.parametrize("command", [["list"], ["strategy"], ["ps"], ["fetch", "gemma3-270m"]])
+def test_a_home_folder_variable_naming_an_unknown_user_is_one_config_error(orion, var, command):
+    done = orion(*command, env={var: "~nouser-orion-test/y"})
+    if var != "ORION_HOME" and var not in done.stderr:  # a command that never needs that cache
+        assert done.returncode != 70 and "Traceback" not in done.stderr, done.stderr
+        return
+    assert_clean_error(done, var, code=3)
