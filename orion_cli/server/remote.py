@@ -41,16 +41,25 @@ def _type_split(model: str, encoder: bool) -> tuple[str, str]:
         from ..convert import TARGETS
 
         base, at, suffix = model.rpartition("@")
-        if at and base and suffix.lower() in TARGETS and not _expand(model).exists():
+        if at and base and suffix.lower() in TARGETS and not _is(_expand(model), "exists"):
             return base, at + suffix
     return model, ""
 
 
 def _expand(text: str) -> Path:
+    """``text`` as this process reads a path (``~user`` for a user this machine does not have: NotFound)."""
+    from ..models import user_path
+
+    return user_path(text)
+
+
+def _is(path: Path, test: str) -> bool:
+    """``path.exists()`` or ``path.is_dir()``, False where the file system cannot say (a name too long
+    for it, a folder that may not be searched): this process's own resolution then says why."""
     try:
-        return Path(text).expanduser()
-    except RuntimeError:  # ~user, a user this machine does not have: left to this process's error
-        return Path(text)
+        return getattr(path, test)()
+    except OSError:
+        return False
 
 
 def local_path(model: str, *, encoder: bool = False) -> Path | None:
@@ -66,11 +75,11 @@ def local_path(model: str, *, encoder: bool = False) -> Path | None:
     if not text.strip():
         return None
     path = _expand(text)
-    if encoder and path.is_dir():
+    if encoder and _is(path, "is_dir"):
         return path
     shaped = text.startswith(("/", "./", "../", "~")) or (
         text.endswith(".gguf") and ("/" not in text or text.startswith(".")))
-    if not (shaped or path.exists()):
+    if not (shaped or _is(path, "exists")):
         return None
     from ..models import Registry, catalog
 
@@ -221,7 +230,7 @@ class EncoderSource:
             return None
         path = kept_here(info, self.model, encoder=True)
         if path is not None:  # a folder or GGUF of this machine, which the server does not take
-            if path.exists():  # (nothing there: this process's error says so)
+            if _is(path, "exists"):  # (nothing there: this process's error says so)
                 self._notice(f"{kept_notice(info, self.model)}; working in this process")
             return None
         try:
@@ -367,7 +376,7 @@ class ServedChat:
         """Answer ``name`` in this process from the start (a file the server does not take)."""
         path = self._kept(name)
         self.local = self._make_local(name)  # a wrong path raises here, before any notice
-        if path is not None and path.exists():
+        if path is not None and _is(path, "exists"):
             self._notice(kept_notice(self.server, name))
 
     def reply(self, prompt: str, **kwargs) -> Iterator[str]:
