@@ -129,16 +129,21 @@ def _classes() -> dict[str, type[OrionError]]:
     return found
 
 
+def signal_name(returncode: int) -> str:
+    """The signal a child's negative exit status names ("SIGSEGV"; "signal 77" for one Python lacks)."""
+    import signal
+
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def child_failure(returncode: int, what: str, last_line: str = "") -> OrionError:
     """The error for a child process that ended without reporting one: killed by SIGKILL (the
     kernel's out-of-memory killer, most often), by another signal (a native crash), or an exit code."""
-    import signal
-
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
+        name = signal_name(returncode)
         if name == "SIGKILL":
             return DoesNotFit(f"{what} was killed (SIGKILL): the system most likely ran out of memory",
                               hint="free memory, or use a smaller model or --ctx")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..errors import EXIT_NETWORK, EngineFault, OrionError, error_from_payload
+from ..errors import EXIT_NETWORK, EngineFault, OrionError, error_from_payload, signal_name
 from .spec import LoadSpec, Timings
 
 FROZEN_S = 15.0  # no heartbeat for this long: the runner is stopped or wedged
@@ -215,10 +214,7 @@ class RunnerModel:
         if not last:
             last = self._stderr[-1] if self._stderr else ""
         if returncode < 0:
-            try:
-                name = signal.Signals(-returncode).name
-            except ValueError:
-                name = f"signal {-returncode}"
+            name = signal_name(returncode)
             if name == "SIGKILL":
                 return "was killed (SIGKILL: the system may have run out of memory)"
             return f"crashed in llama.cpp ({name})" + (f": {last}" if last else "")
