@@ -95,6 +95,13 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     check_model_kind(model.path if model.source == "path" else model.name, header, embedding=embedding)
     projector = Path(model.projector_path) if model.projector_path else None
     proj_header = read_local_header(projector) if projector else None
+    # a runner process's own memory (the interpreter, llama_cpp, numpy) comes with the model: the part
+    # planned for this machine is what is left of its budget
+    base = engine.RUNNER_BASE_BYTES if runner else 0
+    if base:
+        import dataclasses
+
+        strategy = dataclasses.replace(strategy, memory_budget_bytes=max(0, strategy.memory_budget_bytes - base))
     plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=proj_header)
     name = model.path if model.source == "path" else model.name
     if plan.devices and not (plan.local_fits and plan.gpu_fits):
@@ -126,8 +133,6 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
             return engine.start_runner(spec, check=check, cancel=cancel, progress=progress, name=model.name)
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
-    # a runner process's own memory (the interpreter, llama_cpp, numpy) comes with the model
-    base = engine.RUNNER_BASE_BYTES if runner else 0
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
         return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
                        placement=plan.describe(), remote=plan.remote_parts if endpoints else ())

@@ -49,12 +49,18 @@ def _stop_list(stop) -> list[str]:
     return [s for s in stops if s]
 
 
+def llama_cpp_free_sampler(sampler) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_sampler_free(sampler)
+
+
 @dataclass
 class _Sequence:
     tokens: list[int]
     max_tokens: int
     sampler: object
-    out: queue.Queue
+    out: "queue.Queue"  # or any object with put(): each token's bytes, then None or an exception
     cancel: threading.Event
     seq_id: int = -1
     fed: int = 0  # prompt tokens already in the KV cache
@@ -68,6 +74,16 @@ class _Sequence:
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or (self.gone is not None and self.gone.is_set())
+
+    def fill(self, t: "Timings") -> None:
+        """Its timings, as of now (once it has ended: the whole of it)."""
+        t.prompt_tokens = len(self.tokens)
+        t.hit_limit = not self.eog and self.generated >= self.max_tokens
+        end = time.perf_counter()
+        first = self.first_token_at or end
+        t.prompt_s = first - self.started
+        t.gen_tokens = max(0, self.generated - 1)
+        t.gen_s = end - first
 
 
 # llama-cpp-python's words for a prompt longer than the context (Llama._create_completion, 0.3.x;
@@ -122,18 +138,8 @@ class ParallelDecoder:
         the next step, whether it runs or still waits for a free sequence."""
         import codecs
 
-        if not tokens:
-            raise InvalidValue("the prompt is empty", hint="give some text to continue")
-        room = self.n_ctx - len(tokens)
-        if room < 1:
-            raise prompt_too_long(len(tokens), self.n_ctx)
-        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
-                        queue.Queue(), threading.Event(), started=time.perf_counter(), gone=cancel)
-        with self._cond:
-            if self._closed:
-                raise ModelUnloaded("the model was unloaded", hint="send the request again: it is loaded anew")
-            self._waiting.append(seq)
-            self._cond.notify_all()
+        seq = self.submit(tokens, queue.Queue(), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, cancel=cancel)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
@@ -152,12 +158,27 @@ class ParallelDecoder:
                 yield tail
         finally:
             seq.cancel.set()
-            t.hit_limit = not seq.eog and seq.generated >= seq.max_tokens
-            end = time.perf_counter()
-            first = seq.first_token_at or end
-            t.prompt_s = first - seq.started
-            t.gen_tokens = max(0, seq.generated - 1)
-            t.gen_s = end - first
+            seq.fill(t)
+
+    def submit(self, tokens: Sequence[int], out, *, max_tokens: int = 256, temperature: float = 0.8,
+               top_p: float = 0.95, seed: int | None = None, cancel: threading.Event | None = None) -> _Sequence:
+        """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes, then None at
+        its end (or an exception), from its own thread (a runner sends them on from there: no thread
+        between the loop and the connection). :meth:`generate` reads them from a queue."""
+        if not tokens:
+            raise InvalidValue("the prompt is empty", hint="give some text to continue")
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise prompt_too_long(len(tokens), self.n_ctx)
+        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
+                        out, threading.Event(), started=time.perf_counter(), gone=cancel)
+        with self._cond:
+            if self._closed:
+                llama_cpp_free_sampler(seq.sampler)
+                raise ModelUnloaded("the model was unloaded", hint="send the request again: it is loaded anew")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return seq
 
     # ------------------------------------------------------------ the decode loop
 

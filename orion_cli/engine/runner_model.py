@@ -360,8 +360,11 @@ class RunnerModel:
     def generate_tokens(self, tokens: Sequence[int], *, timings: Timings | None = None,
                         cancel: threading.Event | None = None, **options) -> Iterator[str]:
         """The text of one sequence, as :meth:`ParallelDecoder.generate` streams it."""
+        import codecs
+
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # pieces come as each token's bytes
         start = time.perf_counter()
         first = 0.0
         pieces = 0
@@ -380,12 +383,17 @@ class RunnerModel:
                     if not first:
                         first = time.perf_counter()
                     pieces += 1
-                    yield value
+                    text = decode.decode(value)
+                    if text:
+                        yield text
                 elif head == "end":
                     ended = True
                     t.prompt_s, t.gen_tokens, t.gen_s = value["prompt_s"], value["gen_tokens"], value["gen_s"]
                     t.hit_limit = value["hit_limit"]
                     self.decode_steps = max(self.decode_steps, value["steps"])
+                    tail = decode.decode(b"", final=True)
+                    if tail:
+                        yield tail
                     return
                 else:
                     ended = True
