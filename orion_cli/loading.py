@@ -98,15 +98,24 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     # a runner process's own memory (the interpreter, llama_cpp, numpy) comes with the model: the part
     # planned for this machine is what is left of its budget
     base = engine.RUNNER_BASE_BYTES if runner else 0
+    full = strategy.memory_budget_bytes
     if base:
         import dataclasses
 
-        strategy = dataclasses.replace(strategy, memory_budget_bytes=max(0, strategy.memory_budget_bytes - base))
-    plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=proj_header)
-    name = model.path if model.source == "path" else model.name
-    if plan.devices and not (plan.local_fits and plan.gpu_fits):
-        raise DoesNotFit(f"{name} does not fit these machines together: {plan.refusal()}",
-                         hint="add an RPC server or memory (host:port=SIZE), or a smaller quantization or --ctx")
+        strategy = dataclasses.replace(strategy, memory_budget_bytes=max(0, full - base))
+    try:
+        plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=proj_header)
+        name = model.path if model.source == "path" else model.name
+        if plan.devices and not (plan.local_fits and plan.gpu_fits):
+            raise DoesNotFit(f"{name} does not fit these machines together: {plan.refusal()}",
+                             hint="add an RPC server or memory (host:port=SIZE), or a smaller quantization or --ctx")
+    except DoesNotFit as exc:
+        if base:  # the budget it names is what the runner leaves: say so
+            said = f"budget {format_bytes(strategy.memory_budget_bytes)}"
+            exc.message = exc.message.replace(said, f"{said} ({format_bytes(full)} less {format_bytes(base)} "
+                                                    "for its runner process)")
+            exc.args = (exc.message,)
+        raise
     if contexts is None:
         contexts = encoder_contexts(plan, threads) if embedding else 1
     extra_ram, extra_vram = pool_extra_bytes(plan, contexts)

@@ -389,7 +389,7 @@ def test_serve_with_an_unreachable_server_loads_what_fits_here_and_refuses_the_r
     error = doc["error"]
     assert error["code"] == "model_does_not_fit" and error["type"] == "insufficient_memory"
     assert f"cannot reach RPC server 127.0.0.1:{port}" in error["message"] and "does not fit without it" in \
-        error["message"] and "budget 200 MiB" in error["message"]
+        error["message"] and "(200 MiB less 41.0 MiB for its runner process)" in error["message"]
     assert "orion rpc-server" in error["hint"]
 
 
