@@ -33,7 +33,7 @@ def is_printable(text: str) -> bool:
 
 
 def json_safe(text: str) -> str:
-    """A JSON document with the characters :func:`printable` replaces written as ``\\uXXXX`` escapes
+    """A JSON document with the characters :func:`printable` replaces written as ``\\u`` escapes (four hex digits)
     (the same data: JSON escapes C0 controls already, but not DEL, C1 controls or bidi controls)."""
     return _UNSAFE_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 

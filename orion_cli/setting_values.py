@@ -1,0 +1,125 @@
+"""The strategy's settings checked and converted: :func:`coerce_setting` (one rule for the strategy
+file, the ``ORION_*`` variables and the flags), each whole-number setting bounded (:data:`MAXIMA`)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from ._text import clip
+from .errors import InvalidValue
+from .limits import MAX_BYTES, MAX_CTX, MAX_GPU_LAYERS, MAX_MODELS, MAX_THREADS, MIN_CTX
+from .quant_types import LEVELS as QUANT_LEVELS
+from .units import parse_keep_alive, parse_size
+
+if TYPE_CHECKING:
+    from .tiers import TierTable
+
+# The largest value of each whole-number setting (orion_cli.limits: the command line's too), and why.
+MAXIMA = {
+    "max_models": (MAX_MODELS, ""),
+    "n_ctx": (MAX_CTX, "past every model's trained context"),
+    "threads": (MAX_THREADS, f"4 × this machine's {os.cpu_count() or 1} CPUs; llama.cpp cannot start more"),
+    "n_gpu_layers": (MAX_GPU_LAYERS, ""),
+    "memory_budget_bytes": (MAX_BYTES, "1 EiB"),
+    "gpu_budget_bytes": (MAX_BYTES, "1 EiB"),
+}
+
+
+_WHOLE_RE = None
+
+
+def _as_int(value: Any, minimum: int) -> int | None:
+    """A whole number ≥ ``minimum`` from an int or its ASCII decimal digits; None for anything else.
+    A string of more than 30 digits is taken as "too large" (2**100): int() is never handed 5,000 of them."""
+    global _WHOLE_RE
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if _WHOLE_RE is None:
+            import re
+
+            _WHOLE_RE = re.compile(r"[+-]?[0-9]+")
+        text = value.strip()
+        if not _WHOLE_RE.fullmatch(text):
+            return None
+        digits = text.lstrip("+-")
+        value = int(text) if len(digits) <= 30 else (-1 if text.startswith("-") else 1) * 2**100
+    if isinstance(value, int):
+        return value if value >= minimum else None
+    return None
+
+
+def _at_most(key: str, n: int) -> int:
+    """``n``, when it is at most the setting's maximum (MAXIMA); raises ValueError saying the maximum."""
+    maximum, why = MAXIMA[key]
+    if n > maximum:
+        raise ValueError(f"at most {maximum}" + (f" ({why})" if why else ""))
+    return n
+
+
+def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
+    """A setting's value checked and converted; raises ValueError with what was expected."""
+    if key == "tier":
+        if isinstance(value, str) and value.strip().lower() in table.names:
+            return value.strip().lower()
+        raise ValueError(f"one of {', '.join(table.names)}")
+    if key == "quantization":
+        if isinstance(value, str) and value.strip().lower() in QUANT_LEVELS:
+            return value.strip().lower()
+        raise ValueError(f"one of {', '.join(QUANT_LEVELS)}")
+    if key in ("max_models", "threads", "n_ctx"):
+        minimum = MIN_CTX if key == "n_ctx" else 1
+        n = _as_int(value, minimum)
+        if n is None:
+            raise ValueError(f"a whole number ≥ {minimum}")
+        return _at_most(key, n)
+    if key == "n_gpu_layers":
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        n = _as_int(value, -1)
+        if n is None:
+            raise ValueError("auto or a whole number ≥ -1 (auto = as many as fit the GPU budget, -1 = all, 0 = CPU only)")
+        return _at_most(key, n)
+    if key == "keep_alive_s":
+        if value is None:
+            return None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                return parse_keep_alive(value)
+            except InvalidValue as exc:
+                if "longer than a year" in exc.message:
+                    raise ValueError("at most a year (365 days, 8760h), or null/'never'") from None
+        raise ValueError("seconds (300), a duration (5m, 1h) or null/'never'")
+    if key in ("memory_budget_bytes", "gpu_budget_bytes"):
+        if value is None and key == "gpu_budget_bytes":
+            return None
+        n = _as_int(value, 0)
+        if n is None and isinstance(value, str):
+            try:
+                n = parse_size(value)
+            except InvalidValue:
+                pass
+        if n is not None:
+            return _at_most(key, n)
+        raise ValueError("a byte count or a size like 6GB")
+    if key == "rpc_servers":
+        if value is None or value == [] or value == "":  # the usual case: no import (start-up time)
+            return ()
+        from .rpc_endpoints import format_rpc_servers, parse_rpc_servers
+
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
+        return tuple(format_rpc_servers(parse_rpc_servers(value)))
+    raise KeyError(key)
+
+
+def _shown(value: Any) -> str:
+    """A value as an error line echoes it: JSON (a string quoted), cut to a few dozen characters."""
+    import json
+
+    try:
+        text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    except (TypeError, ValueError):  # a YAML value JSON has no spelling for (a date, a set)
+        text = repr(value)
+    return clip(text, 60)
