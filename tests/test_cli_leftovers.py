@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -20,10 +19,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from test_discovery import not_orion  # noqa: F401 - the fixture: another program's /health
 from conftest import assert_clean_error
 
 RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -123,32 +122,9 @@ def test_ps_against_a_frozen_server_says_why(orion, orion_home):
     assert path.exists()
 
 
-@pytest.fixture
-def not_orion():
-    """An HTTP server on 127.0.0.1 whose /health is another program's."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"status": "ok", "service": "something-else"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
-def test_ps_against_a_stale_server_json_says_why(orion, orion_home, not_orion):
+def test_ps_against_a_stale_server_json_says_why(orion, orion_home, not_orion):  # noqa: F811 - the fixture
     path = _write_server_json(orion_home, not_orion)
     proc = orion("ps")
     assert_clean_error(proc, "no orion serve is running", "stale server.json", "is not orion serve", code=4)
