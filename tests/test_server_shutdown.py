@@ -13,29 +13,16 @@ import socket
 import threading
 import time
 
-import pytest
-from test_server_timeouts import (
+from test_server_timeouts import (  # noqa: F401 - home_template and start: the fixtures
     MODEL,
-    Servers,
     chat_body,
     closed_by_server,
     connect,
-    prepared_home,
+    home_template,
+    start,
 )
 
 MARGIN_S = 4.0  # signal to exit: the loop's 0.1 s ticks, unloading, the interpreter's exit, a busy machine
-
-
-@pytest.fixture(scope="module")
-def home_template(tmp_path_factory, gemma_q4, engine_check_cache):
-    return prepared_home(tmp_path_factory.mktemp("serve-shutdown-home"), gemma_q4, engine_check_cache)
-
-
-@pytest.fixture
-def start(home_template, tmp_path):
-    servers = Servers(home_template, tmp_path)
-    yield servers.start
-    servers.stop_all()
 
 
 def stopped_cleanly(s, signalled: float, within: float) -> float:
@@ -87,7 +74,7 @@ def wait_until(check, timeout: float, what: str):
     return got
 
 
-def test_sigterm_with_idle_half_sent_and_event_connections_exits_at_once(start):
+def test_sigterm_with_idle_half_sent_and_event_connections_exits_at_once(start):  # noqa: F811 - the fixture
     s = start({"ORION_SERVE_GRACE": "5", "ORION_HTTP_HEADER_TIMEOUT": "60", "ORION_HTTP_BODY_TIMEOUT": "60"})
     idle = [connect(s.port) for _ in range(20)]
     kept = socket.create_connection(("127.0.0.1", s.port), timeout=30)  # a kept-alive one, after a response
@@ -121,7 +108,7 @@ def test_sigterm_with_idle_half_sent_and_event_connections_exits_at_once(start):
     print(f"exited {took:.2f} s after SIGTERM")
 
 
-def test_sigterm_during_long_generations_answers_them_after_the_grace_period(start):
+def test_sigterm_during_long_generations_answers_them_after_the_grace_period(start):  # noqa: F811 - the fixture
     grace = 12.0  # the short request finishes within it even on a loaded 2-core machine (4 s did not, once)
     s = start({"ORION_SERVE_GRACE": str(grace), "ORION_CTX": "8192"})
     assert s.request("POST", "/v1/chat/completions", chat_body(1))[0] == 200  # loaded
