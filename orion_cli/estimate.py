@@ -54,6 +54,16 @@ OVERHEAD_BASE_BYTES = int(39.3 * MiB)
 OVERHEAD_PER_VOCAB_TOKEN_BYTES = 37
 
 
+# KV cache types orion offers: (values a block, bytes a block), as ggml stores them.
+KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+
+
+def kv_row_bytes(kv_type: str, n_values: int) -> int:
+    """Bytes of one KV cell's row of ``n_values`` in ``kv_type`` (ggml_row_size)."""
+    block, size = KV_TYPES[kv_type]
+    return n_values // block * size
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """The llama.cpp settings an estimate assumes; orion's engine loads with the same."""
@@ -63,7 +73,8 @@ class EngineSettings:
     flash_attn: bool = False
     repack: bool = True  # llama.cpp's extra buffer types (weight repacking)
     amx: bool = False  # ggml's AMX buffer among them (the engine check says whether it is active)
-    kv_bytes_per_value: int = 2  # f16 KV cache
+    type_k: str = "f16"  # the KV cache's K type: f16, q8_0 or q4_0 (KV_TYPES)
+    type_v: str = "f16"  # its V type (quantized only with flash attention: llama.cpp's rule)
     embed_pack: int = 1  # sequences an encoder decodes together (one llama_decode; its window × this)
 
 
@@ -157,8 +168,14 @@ def kv_per_layer(header: GGUFHeader, n_ctx: int, s: EngineSettings) -> list[int]
     window = header.sliding_window
     swa = swa_layers(header)
     cells_swa = cells_full if s.swa_full or not window else min(cells_full, _pad(window + s.n_ubatch))
-    per_cell = [kv * (header.head_dim_k + header.head_dim_v) * s.kv_bytes_per_value for kv in header.n_head_kv]
+    per_cell = _kv_cell_bytes(header, s)
     return [per_cell[i] * (cells_swa if swa[i] else cells_full) for i in range(header.n_layers)]
+
+
+def _kv_cell_bytes(header: GGUFHeader, s: EngineSettings) -> list[int]:
+    """Bytes of one KV cell of each layer: K and V rows in their types."""
+    return [kv_row_bytes(s.type_k, kv * header.head_dim_k) + kv_row_bytes(s.type_v, kv * header.head_dim_v)
+            for kv in header.n_head_kv]
 
 
 def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None = None) -> tuple[int, str, int]:
@@ -170,7 +187,7 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None
     window = header.sliding_window
     swa = swa_layers(header)
     cells_swa = cells_full if s.swa_full or not window else min(cells_full, _pad(window + s.n_ubatch))
-    per_cell = [kv * (header.head_dim_k + header.head_dim_v) * s.kv_bytes_per_value for kv in header.n_head_kv]
+    per_cell = _kv_cell_bytes(header, s)
     per_layer = kv_per_layer(header, n_ctx, s)
     total = sum(per_layer[: header.n_layers if first_gpu is None else first_gpu])
     n_swa = sum(swa)
@@ -179,7 +196,8 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None
     how = f"{n_full} layers × {cells_full} cells"
     if n_swa:
         how += f" + {n_swa} sliding-window layers × {cells_swa} cells"
-    how += f", {cell} a cell (K+V, f16)"
+    kinds = s.type_k if s.type_k == s.type_v else f"K {s.type_k}, V {s.type_v}"
+    how += f", {cell} a cell (K+V, {kinds})"
     if first_gpu is not None and first_gpu < header.n_layers:
         how = f"the {first_gpu} layers on the CPU of {how}"
     return total, how, cells_full if n_full else cells_swa

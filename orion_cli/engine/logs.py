@@ -29,3 +29,18 @@ def route_llama_log(verbose: bool) -> None:
     if _NULL_LOG is None:
         _NULL_LOG = C.llama_log_callback(lambda level, text, user_data: None)  # kept alive: C holds it
     C.llama_log_set(_NULL_LOG, None)
+
+
+_CAPTURE = None
+
+
+def capture_llama_log(lines: list[str]) -> None:
+    """llama.cpp's log appended to ``lines`` (a dry run reads its figures there)."""
+    global _CAPTURE
+    import llama_cpp.llama_cpp as C
+
+    def on_log(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    _CAPTURE = C.llama_log_callback(on_log)  # kept alive: C holds it
+    C.llama_log_set(_CAPTURE, None)

@@ -22,6 +22,20 @@ def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool =
                           embed_pack=ENCODER_GPU_PACK if embedding and offload else 1)
 
 
+def kv_settings(settings: EngineSettings, type_k: str = "f16", type_v: str = "f16") -> EngineSettings:
+    """``settings`` with a KV cache of ``type_k``/``type_v``. llama.cpp quantizes V only with flash
+    attention (it refuses the context otherwise), so a quantized V turns flash attention on."""
+    from dataclasses import replace
+
+    from ..estimate import KV_TYPES
+
+    for name in (type_k, type_v):
+        if name not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {name!r} (one of {', '.join(KV_TYPES)})")
+    flash = settings.flash_attn or type_v != "f16"
+    return replace(settings, type_k=type_k, type_v=type_v, flash_attn=flash)
+
+
 # Sequences an encoder on a GPU decodes together. Measured on an H200 (all-MiniLM-L6-v2 F16, 4,000
 # chunks of 700 characters, 8 contexts): 1 → 2,031 chunks/s, 2 → 2,472, 4 → 1,167, 8 → 824 (the
 # non-causal mask spans the whole micro-batch: its cost grows with the square of the packed length).

@@ -1,0 +1,193 @@
+"""llama.cpp's own dry run: what each device would hold for a model and its settings, with nothing
+allocated and no weight read.
+
+llama.cpp's ``--fit`` does the same (``common/fit.cpp``): the model is loaded with
+``llama_model_params.no_alloc`` (and no mmap, which asserts under no_alloc), a context made on it, and
+the sizes llama.cpp would allocate are logged: the compute buffer of each device (``sched_reserve:
+CUDA0 compute buffer size = ...``), the KV cache (``llama_kv_cache: size = ...``, which device holds
+each layer), the output buffer. No weight is read, so a file holding only the header (the rest
+sparse: ``sparse_copy``) gives the same figures as the downloaded model.
+
+It runs in a child process (``python -m orion_cli.engine.dryrun REQUEST_JSON``): an assertion in
+llama.cpp aborts the process, and the server must not be it. Results are cached by the header's
+bytes and the settings (``ORION_HOME/cache/dryrun``): a header read once is never dry-run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..estimate import EngineSettings
+from .spec import LoadSpec
+
+MiB = 1024**2
+DRY_RUN_TIMEOUT_S = 120.0
+
+# ggml's type ids of the KV cache types orion offers (ggml.h: GGML_TYPE_F16 = 1, Q4_0 = 2, Q8_0 = 8)
+KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What llama.cpp would allocate, by buffer name (``CPU``, ``CUDA0``, ``CUDA_Host``...)."""
+
+    compute: dict[str, int] = field(default_factory=dict)  # compute buffer of each device
+    kv_bytes: int = 0  # the whole KV cache (every layer, K + V)
+    kv_layers: dict[str, int] = field(default_factory=dict)  # device -> layers of the KV cache it holds
+    output: dict[str, int] = field(default_factory=dict)  # the output (logits/embeddings) buffer
+    log_tail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"compute": self.compute, "kv_bytes": self.kv_bytes, "kv_layers": self.kv_layers,
+                "output": self.output}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DryRun":
+        return cls(compute={k: int(v) for k, v in d["compute"].items()}, kv_bytes=int(d["kv_bytes"]),
+                   kv_layers={k: int(v) for k, v in d["kv_layers"].items()},
+                   output={k: int(v) for k, v in d["output"].items()})
+
+
+_COMPUTE = re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s+([\d.]+) MiB")
+_OUTPUT = re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB")
+_KV_SIZE = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB")
+_KV_LAYER = re.compile(r"llama_kv_cache: layer\s+\d+: dev = (\S+)")
+
+
+def parse_log(text: str) -> DryRun:
+    """The figures of a dry run from llama.cpp's log (sizes are logged in MiB with 2 decimals: within
+    5 KiB of the byte count). A context logs its compute buffer twice when it reserves again: the last
+    figure is the one it keeps."""
+    compute: dict[str, int] = {}
+    for name, mib in _COMPUTE.findall(text):
+        compute[name] = round(float(mib) * MiB)
+    output = {name: round(float(mib) * MiB) for name, mib in _OUTPUT.findall(text)}
+    kv = sum(round(float(mib) * MiB) for mib in _KV_SIZE.findall(text))
+    layers: dict[str, int] = {}
+    for dev in _KV_LAYER.findall(text):
+        layers[dev] = layers.get(dev, 0) + 1
+    return DryRun(compute=compute, kv_bytes=kv, kv_layers=layers, output=output, log_tail=text[-4000:])
+
+
+def header_digest(path: Path, data_offset: int) -> str:
+    """sha256 of a GGUF's header bytes (everything before its tensor data) and its size: what a dry
+    run depends on, the same for a header-only sparse copy and the downloaded file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = data_offset
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def sparse_copy(header_bytes: bytes, size: int, dest: Path) -> Path:
+    """A file of ``size`` bytes holding only ``header_bytes`` (the rest a hole: no disk used), which
+    llama.cpp's dry run reads as it would the real model."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as f:
+        f.write(header_bytes)
+        f.truncate(size)
+    return dest
+
+
+def cache_dir() -> Path:
+    from ..paths import orion_home
+
+    return orion_home() / "cache" / "dryrun"
+
+
+def spec_to_json(spec: LoadSpec) -> dict:
+    d = asdict(spec)
+    d["path"] = str(spec.path)
+    d["projector"] = str(spec.projector) if spec.projector else None
+    return d
+
+
+def spec_from_json(d: dict) -> LoadSpec:
+    d = dict(d)
+    d["path"] = Path(d["path"])
+    d["projector"] = Path(d["projector"]) if d.get("projector") else None
+    d["settings"] = EngineSettings(**d["settings"])
+    d["tensor_split"] = tuple(d["tensor_split"])
+    d["rpc_servers"] = tuple(d["rpc_servers"])
+    return LoadSpec(**d)
+
+
+def dry_run_key(spec: LoadSpec, digest: str) -> str:
+    """The cache key of a dry run: the header's digest and every setting but the path (and the threads,
+    which change no buffer)."""
+    d = spec_to_json(spec)
+    for k in ("path", "threads", "projector"):
+        d.pop(k)
+    return hashlib.sha256(f"{digest}|{json.dumps(d, sort_keys=True)}".encode()).hexdigest()[:32]
+
+
+def dry_run(spec: LoadSpec, digest: str, *, timeout: float = DRY_RUN_TIMEOUT_S, use_cache: bool = True) -> DryRun:
+    """llama.cpp's figures for loading ``spec`` (whose header hashes to ``digest``), from the cache or a
+    child process. Raises :class:`DryRunFailed` when llama.cpp gives none (the formula answers then)."""
+    if spec.rpc_servers:
+        raise DryRunFailed("a dry run cannot reach RPC servers")
+    path = cache_dir() / f"{dry_run_key(spec, digest)}.json"
+    if use_cache:
+        try:
+            return DryRun.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    name = spec.path.name
+    try:
+        proc = subprocess.run([sys.executable, "-m", "orion_cli.engine.dryrun", json.dumps(spec_to_json(spec))],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise DryRunFailed(f"llama.cpp's dry run of {name} took over {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise DryRunFailed(f"llama.cpp's dry run of {name} failed: {last[:300]}")
+    result = parse_log(proc.stdout)
+    if not result.compute:
+        raise DryRunFailed(f"llama.cpp's dry run of {name} reported no compute buffer")
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(result.to_dict()))
+            tmp.replace(path)
+        except OSError:
+            pass  # a cache that cannot be written costs a dry run next time, nothing else
+    return result
+
+
+class DryRunFailed(Exception):
+    """llama.cpp's dry run gave no figures (the formula answers instead)."""
+
+
+def _child(spec: LoadSpec) -> None:
+    """In the child: the loader's own load of ``spec`` with no_alloc; llama.cpp's log to stdout."""
+    from .loader import load
+
+    lines: list[str] = []
+    try:
+        load(spec, dry_run_log=lines)
+    except Exception as exc:  # llama.cpp refused: its log says why
+        sys.stdout.write("".join(lines))
+        sys.stderr.write(f"{exc}\n")
+        sys.stdout.flush()
+        os._exit(3)
+    sys.stdout.write("".join(lines))
+    sys.stdout.flush()
+    os._exit(0)  # no teardown: nothing was allocated
+
+
+if __name__ == "__main__":
+    _child(spec_from_json(json.loads(sys.argv[1])))

@@ -1,0 +1,78 @@
+"""Measure what loading a GGUF through orion's engine takes, with its context filled.
+
+Run as a child process (the measurement must not share a heap with pytest or the benchmark):
+    python tests/memory_probe.py REQUEST_JSON
+REQUEST: {"path", "n_ctx", "type_k", "type_v", "n_gpu_layers", "embedding", "threads"}. The model is
+loaded with orion's settings for this machine (the engine check's verdict, orion_cli.engine.settings_for)
+and the KV types asked; its context is filled with random tokens (an encoder: one full window). Prints
+one JSON line: rss growth after loading and after filling (VmRSS), the peak (VmHWM), all relative to
+VmRSS before loading (llama.cpp's library already started), and NVML's used memory growth on GPU 0.
+"""
+
+import json
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def nvml_used():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def main() -> None:
+    req = json.loads(sys.argv[1])
+    gpu0 = nvml_used()
+    from orion_cli import engine
+    from orion_cli.engine.settings import kv_settings
+
+    check = engine.current_check()
+    embedding = bool(req.get("embedding"))
+    offload = bool(req.get("n_gpu_layers"))
+    settings = kv_settings(engine.settings_for(check, embedding=embedding, offload=offload),
+                           req.get("type_k", "f16"), req.get("type_v", "f16"))
+    import llama_cpp.llama_cpp as C  # noqa: F401  (the library's own start-up is not the model's memory)
+
+    C.llama_backend_init()
+    before = status("VmRSS")
+    spec = engine.LoadSpec(Path(req["path"]), int(req["n_ctx"]), int(req.get("threads", 2)),
+                           n_gpu_layers=int(req.get("n_gpu_layers", 0)), embedding=embedding, settings=settings)
+    model = engine.load(spec, check=check)
+    loaded = status("VmRSS")
+    header = model.header
+    rng = random.Random(0)
+    llm = model._llm
+    if embedding:
+        n = int(req["n_ctx"]) * settings.embed_pack - 2
+        tokens = [rng.randrange(100, header.n_vocab) for _ in range(n)]
+        model.embed_tokens([tokens]) if hasattr(model, "embed_tokens") else llm.embed(tokens)
+    else:
+        n = int(req["n_ctx"]) - 8
+        tokens = [rng.randrange(300, header.n_vocab) for _ in range(n)]
+        llm.eval(tokens)
+    filled = status("VmRSS")
+    peak = status("VmHWM")
+    gpu1 = nvml_used()
+    print(json.dumps({"load_bytes": loaded - before, "filled_bytes": filled - before, "peak_bytes": peak - before,
+                      "tokens": n, "gpu_bytes": None if gpu0 is None or gpu1 is None else gpu1 - gpu0}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
