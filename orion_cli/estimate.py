@@ -92,6 +92,11 @@ class Estimate:
     repack_how: str
 
     @property
+    def fill_bytes(self) -> int:
+        """The part a decode makes resident (compute buffers), not there right after the load."""
+        return self.compute_bytes
+
+    @property
     def total_bytes(self) -> int:
         return (
             self.weights_bytes + self.repack_bytes + self.kv_bytes + self.compute_bytes

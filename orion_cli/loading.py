@@ -142,11 +142,15 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
             return engine.start_runner(spec, check=check, cancel=cancel, progress=progress, name=model.name)
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
+    ledger_key = engine.dry_run_key(spec, engine.header_digest(spec.path, header.data_offset))
+    fill = plan.cpu.fill_bytes * max(1, contexts)
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
         return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
-                       placement=plan.describe(), remote=plan.remote_parts if endpoints else ())
+                       placement=plan.describe(), remote=plan.remote_parts if endpoints else (),
+                       fill_bytes=fill, ledger_key=ledger_key)
     return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram + base, load, hint,
-                   gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "")
+                   gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "",
+                   fill_bytes=fill, ledger_key=ledger_key)
 
 
 def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> ModelManager:

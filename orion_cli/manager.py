@@ -91,6 +91,10 @@ class Request:
     gpu_bytes: int = 0  # VRAM estimate, counted against the GPU budget apart from RAM
     placement: str = ""  # where its layers go ("all 19 layers on the GPU ..."), shown on loading
     remote: tuple[tuple[str, int, int], ...] = ()  # (RPC server, bytes, that server's budget) of each part
+    # the part of estimate_bytes that only a decode makes resident (compute buffers a full context touches):
+    # what a measurement taken right after the load does not see yet
+    fill_bytes: int = 0
+    ledger_key: str = ""  # the model file (its header) and the settings it loads with: the memory ledger's key
 
 
 @dataclass
