@@ -146,7 +146,8 @@ def plan_fetch(
 ) -> FetchPlan:
     """Every candidate file of the model's repo with its estimate and verdict, and the choice.
 
-    ``settings``: the engine settings the estimates assume (default: this machine's).
+    ``settings``: the engine settings the estimates assume (default: this machine's, with the
+    strategy's KV cache types).
     ``gpu_budgets``: each GPU's budget (default: this machine's GPUs, where the engine can offload).
     With a GPU, each candidate gets an offload plan; its RAM part is what the budget must hold, and
     a file that fits wholly on the GPU is preferred to a larger one that spills onto the CPU.
@@ -157,7 +158,7 @@ def plan_fetch(
     from . import hub
     from .engine import machine_settings
 
-    settings = settings or machine_settings()
+    settings = settings or machine_settings(kv_type=strategy.kv_type)
     if gpu_budgets is None:
         gpu_budgets = _machine_gpu_budgets(strategy)
     gpu_budgets = tuple(gpu_budgets) if strategy.n_gpu_layers != 0 else ()

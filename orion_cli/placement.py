@@ -71,10 +71,20 @@ def rpc_settings(settings):
     return replace(settings, repack=False, amx=False)
 
 
+def with_kv_types(settings, strategy: Strategy, *, embedding: bool = False):
+    """``settings`` with the strategy's KV cache types (an encoder has no KV cache: left f16), so that
+    the estimate, the offload plan and the load all see the same cache."""
+    if embedding:
+        return settings
+    from .engine.settings import kv_settings
+
+    return kv_settings(settings, *strategy.kv_type)
+
+
 def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bool = False,
                  projector=None, gpu_budgets: list[int] | None = None, gpu_layers=None):
     """Where a model's layers go on this machine (and the strategy's RPC servers, for an LLM), and
-    the settings it loads with."""
+    the settings it loads with (the strategy's KV cache types among them)."""
     from . import engine
     from .offload import plan_offload
 
@@ -88,7 +98,7 @@ def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bo
                                hint="run it on this machine (without --rpc / ORION_RPC)")
         gpus = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
         gpus = gpus if check.gpu_offload else []
-        settings = rpc_settings(engine.settings_for(check, offload=bool(gpus)))
+        settings = with_kv_types(rpc_settings(engine.settings_for(check, offload=bool(gpus))), strategy)
         from .rpc import usable_devices_now
         from .rpc_endpoints import parse_rpc_servers
 
@@ -107,11 +117,12 @@ def offload_plan(header, n_ctx: int, strategy: Strategy, check, *, embedding: bo
     budgets = gpu_budgets_now(strategy) if gpu_budgets is None else gpu_budgets
     requested = strategy.n_gpu_layers if gpu_layers is None else gpu_layers
     if budgets and check.gpu_offload and requested != 0:
-        settings = engine.settings_for(check, embedding=embedding, offload=True)
+        settings = with_kv_types(engine.settings_for(check, embedding=embedding, offload=True), strategy,
+                                 embedding=embedding)
         plan = plan_offload(header, n_ctx, settings, budgets, requested, projector=projector, embedding=embedding)
         if plan.n_gpu_layers:
             return plan, settings
-    settings = engine.settings_for(check, embedding=embedding)
+    settings = with_kv_types(engine.settings_for(check, embedding=embedding), strategy, embedding=embedding)
     return plan_offload(header, n_ctx, settings, budgets, 0 if budgets else requested, projector=projector,
                         embedding=embedding, can_offload=check.gpu_offload), settings
 

@@ -103,6 +103,8 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
         if n is not None:
             return _at_most(key, n)
         raise ValueError("a byte count or a size like 6GB")
+    if key == "kv_type":
+        return parse_kv_type(value)
     if key == "rpc_servers":
         if value is None or value == [] or value == "":  # the usual case: no import (start-up time)
             return ()
@@ -112,6 +114,36 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
             raise ValueError("host:port[=SIZE] entries, comma-separated (127.0.0.1:50052,box:50052=6GB)")
         return tuple(format_rpc_servers(parse_rpc_servers(value)))
     raise KeyError(key)
+
+
+def kv_type_choices() -> str:
+    """What a KV cache type setting takes, as error lines and help say it."""
+    from .estimate import KV_TYPES
+
+    return f"one of {', '.join(KV_TYPES)} (for K and V), or K/V such as q8_0/q4_0"
+
+
+def parse_kv_type(value: Any) -> tuple[str, str]:
+    """The KV cache's (K type, V type) from one type for both (``q8_0``) or ``K/V`` (``q8_0/q4_0``),
+    each one of :data:`orion_cli.estimate.KV_TYPES`; raises ValueError with the choices."""
+    from .estimate import KV_TYPES
+
+    if isinstance(value, (list, tuple)) and len(value) == 2:  # an already parsed pair
+        parts = list(value)
+    elif isinstance(value, str):
+        parts = value.split("/")
+        parts = parts * 2 if len(parts) == 1 else parts
+    else:
+        parts = []
+    pair = tuple(p.strip().lower() if isinstance(p, str) else None for p in parts)
+    if len(pair) != 2 or not all(p in KV_TYPES for p in pair):
+        raise ValueError(kv_type_choices())
+    return pair  # type: ignore[return-value]
+
+
+def format_kv_type(pair: tuple[str, str]) -> str:
+    """A KV type pair as the strategy file and the output write it: ``q8_0``, or ``K/V`` when they differ."""
+    return pair[0] if pair[0] == pair[1] else f"{pair[0]}/{pair[1]}"
 
 
 def _shown(value: Any) -> str:

@@ -20,14 +20,14 @@ from .budget import Budget, gpu_budgets
 from .device import DeviceInfo
 from .errors import ConfigError, InvalidValue
 from .paths import strategy_path
-from .setting_values import _shown, coerce_setting
+from .setting_values import _shown, coerce_setting, format_kv_type
 from .tiers import Tier, TierTable, builtin_tiers
 from .units import format_bytes
 
 SCHEMA_VERSION = 1
 # Settings that follow the tier: switching tiers (flag or environment) brings
 # the new tier's defaults unless a setting is given at the same or higher level.
-TIER_KEYS = ("quantization", "max_models", "keep_alive_s", "n_ctx")
+TIER_KEYS = ("quantization", "max_models", "keep_alive_s", "n_ctx", "kv_type")
 # Settings that follow the device.
 DEVICE_KEYS = ("threads", "n_gpu_layers", "memory_budget_bytes", "gpu_budget_bytes", "rpc_servers")
 SETTING_KEYS = ("tier",) + TIER_KEYS + DEVICE_KEYS
@@ -38,6 +38,7 @@ ENV_VARS = {
     "max_models": "ORION_MAX_MODELS",
     "keep_alive_s": "ORION_KEEP_ALIVE",
     "n_ctx": "ORION_CTX",
+    "kv_type": "ORION_KV_TYPE",
     "threads": "ORION_THREADS",
     "n_gpu_layers": "ORION_GPU_LAYERS",
     "memory_budget_bytes": "ORION_MEMORY_BUDGET",
@@ -47,7 +48,7 @@ ENV_VARS = {
 # The command-line flag of each setting, as error messages name it.
 FLAG_NAMES = {"n_ctx": "--ctx", "n_gpu_layers": "--gpu-layers", "keep_alive_s": "--keep-alive",
               "quantization": "--quant", "memory_budget_bytes": "--memory-budget", "gpu_budget_bytes": "--gpu-budget",
-              "rpc_servers": "--rpc"}
+              "rpc_servers": "--rpc", "kv_type": "--kv-type"}
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
                    "engine", "bench")
 
@@ -59,6 +60,7 @@ class Strategy:
     max_models: int
     keep_alive_s: int | None
     n_ctx: int
+    kv_type: tuple[str, str]  # the KV cache's (K type, V type), each one of orion_cli.estimate.KV_TYPES
     threads: int
     n_gpu_layers: int | str  # "auto" (fit the GPU budget), -1 (all), 0 (CPU only) or a count
     memory_budget_bytes: int
@@ -89,6 +91,7 @@ class Strategy:
             "max_models": self.max_models,
             "keep_alive_s": self.keep_alive_s,
             "n_ctx": self.n_ctx,
+            "kv_type": format_kv_type(self.kv_type),
             "threads": self.threads,
             "n_gpu_layers": self.n_gpu_layers,
             "memory_budget_bytes": self.memory_budget_bytes,
@@ -135,6 +138,7 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
         max_models=tier.max_models,
         keep_alive_s=tier.keep_alive_s,
         n_ctx=tier.n_ctx,
+        kv_type=tier.kv_type,
         threads=_default_threads(device),
         n_gpu_layers="auto" if gpus else 0,
         memory_budget_bytes=budget.budget_bytes,
@@ -240,6 +244,7 @@ _COMMENTS = {
     "max_models": "Most models loaded at once; the least recently used idle one is unloaded first.",
     "keep_alive_s": "Unload a model after this many seconds without use; null = never.",
     "n_ctx": "Default context size in tokens (the KV cache grows with it).",
+    "kv_type": "KV cache type, for K and V or as K/V (q8_0/q4_0): f16, q8_0 (34/64 of f16's memory), q4_0 (18/64).",
     "threads": "CPU threads for llama.cpp (one per usable physical core).",
     "n_gpu_layers": "Layers offloaded to the GPU: auto = as many as fit the GPU budget, -1 = all, 0 = CPU only.",
     "memory_budget_bytes": "Memory that loaded models may take, in bytes.",
@@ -261,7 +266,7 @@ def render_strategy_yaml(strategy: Strategy) -> str:
         "# Every orion command reads this file; edit it freely, or run 'orion profile' again.",
         "# Precedence: command-line flag > ORION_* environment variable > this file > the tier's default.",
         "# Changing 'tier' here (or with ORION_TIER / --tier) also changes the defaults that follow it",
-        "# (quantization, max_models, keep_alive_s, n_ctx) unless those are set at the same level or above.",
+        f"# ({', '.join(TIER_KEYS)}) unless those are set at the same level or above.",
         f"schema_version: {SCHEMA_VERSION}",
         f"orion_version: {dump(__version__)}",
         f"created: {dump(strategy.created)}",

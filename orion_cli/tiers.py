@@ -19,6 +19,7 @@ class Tier:
     max_models: int
     keep_alive_s: int | None  # None: never unload for inactivity
     n_ctx: int
+    kv_type: tuple[str, str] = ("f16", "f16")  # the KV cache's (K, V) types
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class TierTable:
 
 
 def parse_tier_table(doc: dict) -> TierTable:
+    from .setting_values import parse_kv_type
+
     tiers = []
     for entry in doc["tiers"]:
         max_gb = entry.get("max_memory_gb")
@@ -65,6 +68,7 @@ def parse_tier_table(doc: dict) -> TierTable:
                 max_models=int(entry["max_models"]),
                 keep_alive_s=entry.get("keep_alive_s"),
                 n_ctx=int(entry["n_ctx"]),
+                kv_type=parse_kv_type(entry.get("kv_type", "f16")),
             )
         )
     pressure = doc["pressure"]

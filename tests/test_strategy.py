@@ -67,7 +67,8 @@ def test_yaml_is_commented_and_round_trips(tmp_path):
     assert doc["device"]["cpu_model"] == "Test CPU"
     write_text_atomic(path, text)
     back = read_strategy_file(path)
-    for key in ("tier", "quantization", "max_models", "keep_alive_s", "n_ctx", "threads", "memory_budget_bytes"):
+    for key in ("tier", "quantization", "max_models", "keep_alive_s", "n_ctx", "kv_type", "threads",
+                "memory_budget_bytes"):
         assert back[key] == getattr(s, key)
 
 
@@ -168,6 +169,8 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
         ("schema_version: 1\ntier: huge\n", "tier must be one of aggressive, balanced, light, minimal, not 'huge'"),
         ("schema_version: 1\nquantization: q5\n", "quantization must be one of q4, q8, q16, q32, not 'q5'"),
         ("schema_version: 1\nkeep_alive_s: [1]\n", "keep_alive_s must be seconds"),
+        ("schema_version: 1\nkv_type: q5_1\n", "kv_type must be one of f16, q8_0, q4_0 (for K and V), or K/V such as "
+                                                "q8_0/q4_0, not 'q5_1'"),
         ("schema_version: 1\nmax_model: 3\n", "unknown key 'max_model'"),
         ("schema_version: 1\npressure: {high: 2}\n", "pressure.high must be a fraction between 0 and 1, not 2"),
     ],
@@ -230,7 +233,7 @@ def test_bad_flag_values_name_the_flags_that_exist(tmp_path):
     from orion_cli.strategy import load_strategy
 
     for key, flag in (("n_ctx", "--ctx"), ("quantization", "--quant"), ("keep_alive_s", "--keep-alive"),
-                      ("n_gpu_layers", "--gpu-layers"), ("threads", "--threads")):
+                      ("n_gpu_layers", "--gpu-layers"), ("threads", "--threads"), ("kv_type", "--kv-type")):
         with pytest.raises(InvalidValue) as info:
             load_strategy({key: "nonsense"}, path=tmp_path / "none.yaml", env={}, device_probe=lambda: device())
         assert info.value.message.startswith(f"{flag} 'nonsense'"), info.value.message

@@ -16,6 +16,15 @@ def test_builtin_tiers_hold_the_design_notes_numbers():
     assert (table.pressure_high, table.pressure_critical) == (0.75, 0.90)
 
 
+def test_tiers_short_of_memory_take_a_q8_0_kv_cache():
+    """q8_0 holds the KV cache in 34/64 of f16's bytes: the two smallest tiers take it; q4_0 is offered
+    (--kv-type, ORION_KV_TYPE) but no tier's default."""
+    assert {t.name: t.kv_type for t in builtin_tiers().tiers} == {
+        "aggressive": ("q8_0", "q8_0"), "balanced": ("q8_0", "q8_0"),
+        "light": ("f16", "f16"), "minimal": ("f16", "f16"),
+    }
+
+
 @pytest.mark.parametrize(
     "limit,tier",
     [

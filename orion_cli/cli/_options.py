@@ -108,6 +108,9 @@ LocalModelArg = Annotated[str, typer.Argument(
     help="A .gguf file or a model name from 'orion list'.", autocompletion=model_names)]
 CtxOpt = Annotated[Optional[int], typer.Option(
     "--ctx", help="Context size in tokens (default: the strategy's).", metavar="N")]
+KvTypeOpt = Annotated[Optional[str], typer.Option(
+    "--kv-type", help="KV cache type, for K and V or as K/V: f16, q8_0 (34/64 of f16's memory) or q4_0 (18/64), "
+                      "e.g. q8_0/q4_0. Default: the tier's (orion strategy shows it).", metavar="TYPE[/TYPE]")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", help="CPU threads (default: the strategy's).", metavar="N")]
 GpuLayersOpt = Annotated[Optional[str], typer.Option(

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import CtxOpt, RpcOpt, json_option, model_names
+from ._options import CtxOpt, KvTypeOpt, RpcOpt, json_option, model_names
 from ._output import escape, examples, out
 
 EXAMPLES = examples(
@@ -26,6 +26,7 @@ def fetch(
     auto: Annotated[bool, typer.Option("--auto", help="Pick by the strategy: the best file at or below the tier's level that fits the budget and the disk (the default).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show every candidate with size, estimate and verdict; download nothing.")] = False,
     ctx: CtxOpt = None,
+    kv_type: KvTypeOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
     rpc: RpcOpt = None,
 ) -> None:
@@ -53,7 +54,7 @@ def fetch(
         normalise_quant(quant)  # a bad --quant is said before any network
     if name:
         valid_name(name)
-    strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
+    strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc})
     ref = resolve(model)
     if ref.source == "path":
         from .._text import clip

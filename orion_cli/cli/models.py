@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import CtxOpt, RpcOpt, json_option, model_names
+from ._options import CtxOpt, KvTypeOpt, RpcOpt, json_option, model_names
 from ._output import escape, examples, out, styled
 
 IMPORT_EXAMPLES = examples(
@@ -68,7 +68,7 @@ def import_(
         from ..estimate import estimate_memory
         from ..units import format_bytes
 
-        est = estimate_memory(header, strategy.n_ctx, machine_settings())
+        est = estimate_memory(header, strategy.n_ctx, machine_settings(kv_type=strategy.kv_type))
         fits = "fits" if est.total_bytes <= strategy.memory_budget_bytes else "does NOT fit"
         out.text(f"Imported [bold]{escape(model.name)}[/]: {escape(header.architecture)} {escape(header.file_type)}, "
                  f"{format_bytes(model.size_bytes)}, {escape(path)}")
@@ -89,7 +89,7 @@ def list_() -> None:
 
     strategy = load_strategy()
     budget = strategy.memory_budget_bytes
-    settings = machine_settings()
+    settings = machine_settings(kv_type=strategy.kv_type)
     rows = []
     for m in Registry().all().values():
         est_bytes = None
@@ -150,6 +150,7 @@ def rm(
 def inspect(
     model: Annotated[str, typer.Argument(help="A .gguf path, a model name, org/repo or org/repo/file.gguf.", autocompletion=model_names)],
     ctx: CtxOpt = None,
+    kv_type: KvTypeOpt = None,
     rpc: RpcOpt = None,
 ) -> None:
     """Show a GGUF's header (architecture, type, layers, heads, context) and its memory estimate.
@@ -162,7 +163,7 @@ def inspect(
     from ..models import on_disk, resolve
     from ..strategy import load_strategy
 
-    strategy = load_strategy({"n_ctx": ctx, "rpc_servers": rpc})
+    strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc})
     ref = resolve(model)
     projector = None
     if ref.path is not None:
@@ -197,7 +198,7 @@ def inspect(
 
     if strategy.rpc_servers:
         return _inspect_split(header, where, strategy)
-    est = estimate_memory(header, strategy.n_ctx, machine_settings(), projector=projector)
+    est = estimate_memory(header, strategy.n_ctx, machine_settings(kv_type=strategy.kv_type), projector=projector)
 
     def human() -> None:
         from ._render import estimate_table, header_table
@@ -220,7 +221,8 @@ def _inspect_split(header, where: str, strategy) -> None:
     from ..units import format_bytes
 
     servers = remote_devices_now(parse_rpc_servers(strategy.rpc_servers), strategy.pressure_high)
-    plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings()), remote=servers)
+    plan = split_plan(header, strategy.n_ctx, strategy, rpc_settings(machine_settings(kv_type=strategy.kv_type)),
+                      remote=servers)
     fits = plan.local_fits and plan.gpu_fits
 
     def human() -> None:

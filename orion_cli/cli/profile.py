@@ -211,6 +211,7 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     rows.append(("Tier", f"[bold cyan]{escape(strategy.tier)}[/]: {escape(strategy.tier_reason)}"))
     rows.append(("Defaults", f"quantization {strategy.quantization}, up to {strategy.max_models} model(s) loaded, "
                  f"{_unload(strategy.keep_alive_s)}, context {strategy.n_ctx} tokens, {strategy.threads} threads"))
+    rows.append(("KV cache", _kv_cache(strategy)))
     rows.append(("Budget", escape(strategy.budget_arithmetic)))
     if strategy.bench:
         b = strategy.bench
@@ -254,6 +255,16 @@ def _render_summary(device, strategy, level: str, path: Path) -> None:
     for label, value in rows:
         out.text(f"[bold]{label:<11}[/]{value}" if label or value else "")
     out.text(f"\nWrote {escape(str(path))}")
+
+
+def _kv_cache(strategy) -> str:
+    """The KV cache type in force and how to change it, in one line."""
+    from ..estimate import KV_TYPES
+    from ..setting_values import format_kv_type
+
+    memory = ", ".join(f"{name} {size / block / 2:.0%}" for name, (block, size) in KV_TYPES.items())
+    return (f"{format_kv_type(strategy.kv_type)}, the {strategy.tier} tier's default (the cache's memory against f16: "
+            f"{memory}); --kv-type or ORION_KV_TYPE set it, for K and V or as K/V (q8_0/q4_0)")
 
 
 def _unload(keep_alive_s: int | None) -> str:

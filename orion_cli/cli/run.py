@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import CtxOpt, GpuLayersOpt, LocalOpt, ModelArg, RpcOpt, ThreadsOpt, json_option
+from ._options import CtxOpt, GpuLayersOpt, KvTypeOpt, LocalOpt, ModelArg, RpcOpt, ThreadsOpt, json_option
 from ._output import examples, out
 
 EXAMPLES = examples(
@@ -38,6 +38,7 @@ def run(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold.", metavar="P")] = 0.95,
     seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable sampling.", metavar="N")] = None,
     ctx: CtxOpt = None,
+    kv_type: KvTypeOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (chat models).", metavar="TEXT")] = None,
@@ -52,7 +53,8 @@ def run(
     as 'orion fetch --auto'). Models load through the model manager, which
     keeps the strategy's cap, memory budget and keep-alive. With 'orion serve'
     running, the server answers, the REPL's too (the model stays loaded there);
-    --image, --ctx, --threads, --gpu-layers and --rpc work in this process.
+    --image, --ctx, --kv-type, --threads, --gpu-layers and --rpc work in this
+    process.
 
     With --rpc, a model too big for this machine is split with other machines
     running 'orion rpc-server': orion sizes each part from each machine's
@@ -69,7 +71,8 @@ def run(
     from ..strategy import load_strategy
 
     # the server's ranges (orion_cli.limits): what it would refuse is refused here, before any load
-    strategy = load_strategy({"n_ctx": ctx, "threads": threads, "n_gpu_layers": gpu_layers, "rpc_servers": rpc})
+    strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "threads": threads, "n_gpu_layers": gpu_layers,
+                              "rpc_servers": rpc})
     if not max_tokens_range(strategy.n_ctx).contains(max_tokens):
         raise InvalidValue(f"--max-tokens {max_tokens} must be at least 1 and at most the context ({strategy.n_ctx})",
                            hint="for example 256, or a larger --ctx")
@@ -116,7 +119,7 @@ def run(
         out.notice(f"{message}; " + ("the conversation goes on in this process" if repl else "answering in this process"))
 
     # the options only this process honours keep the work here
-    here = local_only or bool(images) or any(v is not None for v in (ctx, threads, gpu_layers, rpc))
+    here = local_only or bool(images) or any(v is not None for v in (ctx, kv_type, threads, gpu_layers, rpc))
     session = ChatSession(chat_backend(model, sampling, make_local, local=here, notice=moved), system=system)
     try:
         if repl:

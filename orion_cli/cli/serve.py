@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import GpuLayersOpt, RpcOpt, json_option, model_names
+from ._options import GpuLayersOpt, KvTypeOpt, RpcOpt, json_option, model_names
 from ._output import escape, examples, out
 
 SERVE_EXAMPLES = examples(
@@ -36,6 +36,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests a model takes at once (running + waiting); more get HTTP 503.", metavar="N")] = 8,
     parallel: Annotated[int, typer.Option(help="Chat requests to one model decoded together (they share its context).", metavar="N")] = 4,
     gpu_layers: GpuLayersOpt = None,
+    kv_type: KvTypeOpt = None,
     rpc: RpcOpt = None,
     allow_paths: Annotated[bool, typer.Option("--allow-paths", envvar="ORION_ALLOW_PATHS", show_envvar=True, help="Clients may also name a GGUF file (or an encoder folder) by absolute path; relative paths stay refused (they would resolve from this server's folder). Risk: any client can then load any model file this user can read, and learn which paths exist.")] = False,
     allow_fetch: Annotated[bool, typer.Option("--allow-fetch", envvar="ORION_ALLOW_FETCH", show_envvar=True, help="Clients may also name a Hub repo or catalog model that is not here: the server downloads it (the quantization that fits) and registers it. Risk: any client can then fill this disk and spend this network.")] = False,
@@ -68,7 +69,8 @@ def serve(
     access = ModelAccess(allow_paths=allow_paths, allow_fetch=allow_fetch)
     if allow_paths or allow_fetch:
         out.notice(f"clients may name the models registered here and {access.describe()}")
-    run_server(load_strategy({"n_gpu_layers": gpu_layers, "rpc_servers": rpc}), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
+    strategy = load_strategy({"n_gpu_layers": gpu_layers, "kv_type": kv_type, "rpc_servers": rpc})
+    run_server(strategy, host=host, port=port, api_key=api_key or None, max_queue=max_queue,
                parallel=parallel, access=access)
 
 

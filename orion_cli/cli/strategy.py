@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import CtxOpt, json_option
+from ._options import CtxOpt, KvTypeOpt, json_option
 from ._output import escape, examples, out
 
 EXAMPLES = examples(
@@ -23,6 +23,7 @@ def strategy(
     max_models: Annotated[Optional[int], typer.Option(help="Most models loaded at once.", metavar="N")] = None,
     keep_alive: Annotated[Optional[str], typer.Option(help="Unload after this much inactivity: 300, 5m, 1h or never.", metavar="TIME")] = None,
     ctx: CtxOpt = None,
+    kv_type: KvTypeOpt = None,
 ) -> None:
     """Show the strategy in force: each setting, its value and where it came from.
 
@@ -32,10 +33,12 @@ def strategy(
     from ..paths import strategy_path
     from ..strategy import ENV_VARS, SETTING_KEYS, load_strategy
 
-    flags = {"tier": tier, "quantization": quant, "max_models": max_models, "keep_alive_s": keep_alive, "n_ctx": ctx}
+    flags = {"tier": tier, "quantization": quant, "max_models": max_models, "keep_alive_s": keep_alive, "n_ctx": ctx,
+             "kv_type": kv_type}
     s = load_strategy(flags)
     path = strategy_path()
-    settings = {key: getattr(s, key) for key in SETTING_KEYS}
+    # kv_type as the strategy file writes it (q8_0, or K/V), not the pair
+    settings = {key: getattr(s, key) for key in SETTING_KEYS} | {"kv_type": s.to_dict()["kv_type"]}
 
     def human() -> None:
         from ..units import format_bytes, format_keep_alive

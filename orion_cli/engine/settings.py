@@ -51,12 +51,14 @@ def machine_check() -> EngineCheck | None:
     return cached_check(engine_key(model, flags))
 
 
-def machine_settings(*, embedding: bool = False) -> EngineSettings:
+def machine_settings(*, embedding: bool = False, kv_type: tuple[str, str] = ("f16", "f16")) -> EngineSettings:
     """The settings loads use on this machine, for estimates made without loading (list, inspect,
     fetch, eval): from the engine check's cached verdict; llama.cpp's defaults before any check
-    has run (``orion profile`` runs it). Never runs the canary itself."""
+    has run (``orion profile`` runs it). Never runs the canary itself. ``kv_type``: the strategy's
+    KV cache (K, V) types, as its loads use them (an encoder has no KV cache: left f16)."""
     check = machine_check()
-    return settings_for(check, embedding=embedding) if check else EngineSettings(flash_attn=embedding)
+    settings = settings_for(check, embedding=embedding) if check else EngineSettings(flash_attn=embedding)
+    return settings if embedding else kv_settings(settings, *kv_type)
 
 
 def peer_llama(path: Path | str, *, check: EngineCheck | None = None, **kwargs):
