@@ -145,16 +145,24 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     ledger_key = engine.dry_run_key(spec, engine.header_digest(spec.path, header.data_offset))
     fill = plan.cpu.fill_bytes * max(1, contexts)
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
+        local_gpus = tuple(g.total_bytes for e, g in zip(plan.endpoints, plan.gpus) if not e)
         return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
                        placement=plan.describe(), remote=plan.remote_parts if endpoints else (),
-                       fill_bytes=fill, ledger_key=ledger_key)
+                       fill_bytes=fill, ledger_key=ledger_key, gpu_parts=local_gpus, base_bytes=base)
+    gpu_parts = tuple(g.total_bytes + (extra_vram if i == 0 else 0) for i, g in enumerate(plan.gpus))
     return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram + base, load, hint,
                    gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "",
-                   fill_bytes=fill, ledger_key=ledger_key)
+                   fill_bytes=fill, ledger_key=ledger_key, gpu_parts=gpu_parts if plan.n_gpu_layers else (),
+                   base_bytes=base)
 
 
-def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> ModelManager:
+def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False, runners: bool = False) -> ModelManager:
+    """The manager a strategy sizes, measuring each load (``runners``: its models load in runner
+    processes) and recording it in ``$ORION_HOME/memory-ledger.json``."""
+    from . import engine
     from .device import memory_now
+    from .ledger import MemoryLedger
+    from .measure import LoadProbe
 
     def available() -> int:
         return memory_now().available_bytes
@@ -162,7 +170,9 @@ def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False) -> Mo
     budgets = gpu_budgets_now(strategy)
     return ModelManager(max_models=strategy.max_models, budget_bytes=strategy.memory_budget_bytes,
                         keep_alive_s=strategy.keep_alive_s, available_memory=available, on_event=on_event,
-                        timer=timer, gpu_budget_bytes=sum(budgets) if budgets else None)
+                        timer=timer, gpu_budget_bytes=sum(budgets) if budgets else None,
+                        probe=LoadProbe(in_process=not runners, prepare=engine.load_library),
+                        memory_ledger=MemoryLedger())
 
 
 def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None = None

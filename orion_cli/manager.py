@@ -10,9 +10,11 @@ One object used by ``run`` (and later ``embed`` and ``serve``):
   background timer in long-running processes;
 - ``pin`` keeps a model from eviction and keep-alive; events (loading, loaded,
   evicted, unloaded, refused, cancelled, failed, gone) go to a callback;
-- a model that ends by itself (its runner process crashed: :meth:`gone`) is forgotten at once.
+- a model that ends by itself (its runner process crashed: :meth:`gone`) is forgotten at once;
+- a probe measures what each load took on each device (:mod:`.measure`): the budget counts that, and the
+  memory ledger (:mod:`.ledger`) records it as the estimate of the model's next load.
 
-The clock, the memory probe and the loader are injected, so the policy is
+The clock, the memory probes and the loader are injected, so the policy is
 tested without sleeping and without loading real models.
 
 A model is closed outside the manager's lock (as ollama's scheduler unloads a runner outside the
@@ -27,9 +29,10 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from . import ledger
 from .errors import DoesNotFit, ModelInUse, OrionError
 from .units import format_bytes
 
@@ -47,18 +50,9 @@ class _WaitForLoads(Exception):
     use, or free again) before this request is refused."""
 
 
-def _loading_detail(request: "Request") -> str:
-    detail = f"{request.name}, estimate {format_bytes(request.estimate_bytes)}"
-    if request.remote:
-        detail += f" here ({request.placement})"
-    elif request.gpu_bytes:
-        detail += f" RAM + {format_bytes(request.gpu_bytes)} VRAM ({request.placement})"
-    return detail
-
-
 @dataclass(frozen=True)
 class Event:
-    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled, failed, gone
+    kind: str  # loading, loaded, evicted, unloaded, refused, cancelled, failed, gone, warning
     key: str
     detail: str = ""
     at: float = 0.0
@@ -77,6 +71,11 @@ class Entry:
     keep_alive_s: int | None = None  # this model's; the manager's default unless set
     gpu_bytes: int = 0  # its VRAM estimate (layers offloaded to GPUs)
     remote: tuple[tuple[str, int, int], ...] = ()  # (RPC server, bytes there, its budget) of each part sent away
+    memory: ledger.ModelMemory = field(default_factory=lambda: ledger.ModelMemory({}))  # by device
+
+    @property
+    def budget_bytes(self) -> int:  # the RAM it is counted for: the measured figure once there is one
+        return self.memory.ram_bytes if self.memory.estimate else self.estimate_bytes
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,9 @@ class Request:
     # what a measurement taken right after the load does not see yet
     fill_bytes: int = 0
     ledger_key: str = ""  # the model file (its header) and the settings it loads with: the memory ledger's key
+    gpu_parts: tuple[int, ...] = ()  # gpu_bytes by GPU, in device order (empty: all of it on GPU 0)
+    base_bytes: int = 0  # its runner process's own memory, in estimate_bytes (not the model's: not in the ledger)
+    estimate_source: str = ledger.ESTIMATED  # or ledger.RECORDED: the figures its last load measured
 
 
 @dataclass
@@ -111,6 +113,8 @@ class ManagerStatus:
     expires_in_s: float | None = None  # None: never unloaded for inactivity (pinned, in use, or no keep-alive)
     gpu_bytes: int = 0
     remote_bytes: int = 0  # on RPC servers
+    memory: ledger.ModelMemory | None = None  # by device (ram, gpu0..., rpc:HOST:PORT): estimate and measure
+    budget_bytes: int = 0  # the RAM the manager counts it for: the measured figure once known
 
 
 class ModelManager:
@@ -126,7 +130,11 @@ class ModelManager:
         timer: bool = False,
         gpu_budget_bytes: int | None = None,
         events_kept: int = 1000,
+        probe: Callable[[Request, Callable[[], Any]], tuple[Any, "ledger.Measured | None"]] | None = None,
+        memory_ledger: "ledger.MemoryLedger | None" = None,
     ) -> None:
+        """``probe(request, load)`` loads and returns the model and what it measured (:mod:`.measure`);
+        ``memory_ledger``: where measures are recorded and next loads' estimates read (None: none)."""
         self.max_models = max_models
         self.budget_bytes = budget_bytes
         self.gpu_budget_bytes = gpu_budget_bytes  # None: no GPU
@@ -134,6 +142,8 @@ class ModelManager:
         self._clock = clock
         self._available = available_memory
         self._on_event = on_event
+        self._probe = probe
+        self.ledger = memory_ledger
         self._entries: dict[str, Entry] = {}  # insertion order = LRU order (oldest first)
         self._loading: dict[str, threading.Event] = {}  # key -> cancel event
         # what is loading now, counted against the budget: loads run side by side (no lock across them)
@@ -171,6 +181,9 @@ class ModelManager:
                 self._cond.notify_all()
 
     def _acquire(self, request: Request) -> Entry:
+        if self.ledger is not None and request.ledger_key and request.key not in self._entries:
+            # its last load's measure is its estimate (read outside the lock: a file, if it changed)
+            request = ledger.recorded_estimate(request, self.ledger.get(request.ledger_key))
         with self._cond:
             while True:
                 if self._closed:
@@ -203,8 +216,11 @@ class ModelManager:
                 self._cond.notify_all()
             raise
         try:
-            self._emit("loading", request.key, _loading_detail(request))
-            model = request.load(cancel)
+            self._emit("loading", request.key, ledger.loading_detail(request))
+            if self._probe is not None:
+                model, measured = self._probe(request, lambda: request.load(cancel))
+            else:
+                model, measured = request.load(cancel), None
         except BaseException as exc:
             with self._cond:
                 self._loading.pop(request.key, None)
@@ -220,22 +236,45 @@ class ModelManager:
                 model.close()
                 raise ManagerClosed("the model manager is shutting down", hint="try again once it is up")
             now = self._clock()
+            memory = ledger.ModelMemory.of(request, measured)
             entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
-                          keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes, remote=request.remote)
+                          keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes, remote=request.remote,
+                          memory=memory)
             self._entries[request.key] = entry
-            self._emit("loaded", request.key, request.name)
+            self._emit("loaded", request.key, ledger.describe(request.name, memory.estimate, memory.measured,
+                                                              memory.source))
             self._cond.notify_all()
         on_gone = getattr(model, "on_gone", None)  # a model in a runner process says when that process ends
         if callable(on_gone):
             on_gone(lambda reason: self.gone(request.key, model, reason))
+        self._record(entry, first=True)
         return entry
 
+    def _record(self, entry: Entry, *, first: bool = False) -> None:
+        """Into the ledger, outside the lock: its measure after its load (``first``), or at its end if it grew."""
+        with self._cond:
+            self._observe(entry)
+            record = entry.memory.record(entry.name, entry.key.partition("|")[0], first=first)
+        if self.ledger is None or record is None:
+            return
+        try:
+            self.ledger.put(record)
+        except (OSError, OrionError) as exc:  # the measure still counts here; only the next load loses it
+            self._emit("warning", entry.key, f"the memory ledger {self.ledger.path} could not be written: {exc}")
+            return
+        with self._cond:
+            entry.memory.recorded = record.measured
+
+    @staticmethod
+    def _observe(entry: Entry) -> None:  # under the lock: a runner's heartbeat RSS may raise its measure
+        entry.memory.observe(getattr(entry.model, "rss_bytes", None))
+
     def _used_bytes(self) -> int:
-        return (sum(e.estimate_bytes for e in self._entries.values())
+        return (sum(e.budget_bytes for e in self._entries.values())
                 + sum(r.estimate_bytes for r in self._loading_requests.values()))
 
     def _used_gpu_bytes(self) -> int:
-        return (sum(e.gpu_bytes for e in self._entries.values())
+        return (sum(e.memory.gpu_bytes for e in self._entries.values())
                 + sum(r.gpu_bytes for r in self._loading_requests.values()))
 
     def _used_remote_bytes(self, endpoint: str) -> int:
@@ -272,6 +311,8 @@ class ModelManager:
 
         victims: list[tuple[Entry, str, str]] = []
         order = list(self._entries)  # the LRU order, for a refusal that gives them back
+        for entry in self._entries.values():
+            self._observe(entry)
 
         def lack() -> str:
             """What the request lacks now: 'count', 'ram', 'gpu', 'remote', 'available' ('' if nothing)."""
@@ -288,7 +329,7 @@ class ModelManager:
             # the victims taken so far are not closed yet: what they hold is as good as free; what other
             # loads will take is not taken yet
             loading = sum(r.estimate_bytes for r in self._loading_requests.values())
-            return "" if need + loading <= self._available() + sum(v.estimate_bytes for v, _, _ in victims) else "available"
+            return "" if need + loading <= self._available() + sum(v.budget_bytes for v, _, _ in victims) else "available"
 
         try:
             return self._choose_victims(request, lack, victims, need, gpu_budget)
@@ -343,6 +384,7 @@ class ModelManager:
         where it would hold every later load."""
         first: BaseException | None = None
         for entry, kind, detail in taken:
+            self._record(entry)  # what it grew to since its load (its last heartbeat)
             try:
                 entry.model.close()
             except BaseException as exc:  # noqa: BLE001 - raised below, once all are closed
@@ -393,6 +435,7 @@ class ModelManager:
             self._entries.pop(key)
             self._emit("gone", key, f"{entry.name}: {reason}")
             self._cond.notify_all()
+        self._record(entry)
         try:
             model.close()  # reaps what is left of it (the process has ended)
         except Exception:  # noqa: BLE001 - it is gone either way
@@ -441,9 +484,10 @@ class ModelManager:
                 expires = None
                 if not e.pinned and e.users == 0 and e.keep_alive_s is not None:
                     expires = max(0.0, e.last_used + e.keep_alive_s - now)
+                self._observe(e)
                 out.append(ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0,
                                          now - e.loaded_at, e.users, e.keep_alive_s, expires, e.gpu_bytes,
-                                         sum(b for _, b, _ in e.remote)))
+                                         sum(b for _, b, _ in e.remote), e.memory.copy(), e.budget_bytes))
             return out
 
     def _timer_loop(self) -> None:

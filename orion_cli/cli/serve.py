@@ -102,7 +102,11 @@ def ps(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", metavar="S")] = 1.0,
 ) -> None:
-    """Show the models the server has loaded: memory, idle time, keep-alive, pins, queues."""
+    """Show the models the server has loaded: memory, idle time, keep-alive, pins, queues.
+
+    Each model's memory on each device (ram, gpu0..., rpc:HOST:PORT): the estimate, what its load
+    measured and the error, (estimate - measured) / measured: negative when the estimate fell short.
+    The budget counts the measured figure once there is one."""
     from ..errors import InvalidValue
 
     if interval <= 0:
@@ -137,12 +141,11 @@ def _ps_view(doc: dict):
     table = Table(box=None, pad_edge=False)
     # short headings: the table must fit 80 columns (model names fold, nothing else wraps)
     table.add_column("model", overflow="fold")
-    for col in ("kind", "type", "estimate", "rss", "up", "idle", "unloads", "pin", "use", "queue"):
+    for col in ("kind", "type", "memory", "up", "idle", "unloads", "pin", "use", "queue"):
         table.add_column(col, no_wrap=True)
     for m in doc["models"]:
-        measured = format_bytes(m["measured_bytes"]) if m.get("measured_bytes") else "-"
         expires = "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f} s"
-        table.add_row(m["name"], m["kind"], m["type"], format_bytes(m["estimate_bytes"]), measured,
+        table.add_row(m["name"], m["kind"], m["type"], format_bytes(m.get("budget_bytes", m["estimate_bytes"])),
                       f"{m['loaded_for_s']:.0f} s", f"{m['idle_s']:.0f} s", expires, "yes" if m["pinned"] else "",
                       str(m["users"]), str(m["queue_depth"]))
     used, budget = doc["used_bytes"], doc["budget_bytes"]
@@ -157,7 +160,27 @@ def _ps_view(doc: dict):
                   style="dim")
     if not doc["models"]:
         return Group(Text("no models loaded"), bar, events)
-    return Group(table, bar, events)
+    return Group(table, _memory_view(doc), bar, events)
+
+
+def _memory_view(doc: dict):
+    """Each model's memory on each device: estimate, measured, error (and where the estimate came from)."""
+    from rich.table import Table
+
+    from ..units import format_bytes
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("model", overflow="fold")
+    for col in ("device", "estimate", "measured", "error", "estimate from"):
+        table.add_column(col, no_wrap=True)
+    for m in doc["models"]:
+        source = "its last load" if m.get("estimate_source", "estimate") != "estimate" else "the formula"
+        for i, row in enumerate(m.get("memory", [])):
+            measured, error = row["measured_bytes"], row["error"]
+            table.add_row(m["name"] if i == 0 else "", row["device"], format_bytes(row["estimate_bytes"]),
+                          "-" if measured is None else format_bytes(measured),
+                          "-" if error is None else f"{error * 100:+.1f} %", source if i == 0 else "")
+    return table
 
 
 @json_option("Print the server's answer as JSON.")

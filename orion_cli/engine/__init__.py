@@ -22,6 +22,7 @@ it with a canary child, and every load uses its verdict.
 from __future__ import annotations
 
 from ..enginecheck import EngineCheck, EngineCrashed, canary_command, check_engine, current_check, engine_key
+from ._binding import load_library
 from .children import build_features, quantize_command, rpc_server_command
 from .decoder import ParallelDecoder, prompt_tokens, prompt_too_long
 from .dryrun import DryRun, DryRunFailed, dry_run, dry_run_key, header_digest
@@ -39,5 +40,5 @@ __all__ = [
     "load", "local_gpu_devices", "machine_check", "machine_settings", "peer_llama", "prompt_tokens",
     "prompt_too_long", "quantize_command", "rpc_server_command", "rpc_supported", "settings_for", "validate",
     "RUNNER_BASE_BYTES", "RunnerGone", "RunnerModel", "start_runner",
-    "DryRun", "DryRunFailed", "dry_run", "dry_run_key", "header_digest",
+    "DryRun", "DryRunFailed", "dry_run", "dry_run_key", "header_digest", "load_library",
 ]

@@ -21,6 +21,12 @@ from typing import Callable, Iterator, Sequence
 PARAMS_LOCK = threading.Lock()
 
 
+def load_library() -> None:
+    """Import llama-cpp-python now (libllama, ggml's backends, numpy): a memory measure across a load
+    taken after this sees the model alone, not the library's first import."""
+    import llama_cpp  # noqa: F401
+
+
 @contextmanager
 def model_params(progress: Callable[[float], bool] | None = None, **fields) -> Iterator[None]:
     """Set llama_model_params fields that llama-cpp-python's Llama() does not expose.

@@ -52,8 +52,10 @@ class _Runner:
 
     def load(self, spec, check) -> bool:
         from ..device import process_memory_bytes
+        from ._binding import load_library
         from .loader import load
 
+        load_library()  # resident before the measure: rss_after - rss_before is the model's own
         before = process_memory_bytes()
         last = [0.0]
 

@@ -100,6 +100,9 @@ class RunnerModel:
         self.pid = 0
         self.measured_bytes: int | None = None  # the runner's resident memory once loaded (all of it is this model's)
         self.rss_bytes = 0  # the latest the runner reported
+        # its resident memory before the model loaded (the interpreter, llama.cpp's library), and what the load added
+        self.base_bytes: int | None = None
+        self.load_growth_bytes: int | None = None
         self.decode_steps = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -297,6 +300,8 @@ class RunnerModel:
                 self.is_vision = value["is_vision"]
                 self.measured_bytes = value["rss_after"]
                 self.rss_bytes = value["rss_after"]
+                self.base_bytes = value["rss_before"]
+                self.load_growth_bytes = max(0, value["rss_after"] - value["rss_before"])
                 return self
             else:  # failed: its own error, or the runner's end
                 self.close()

@@ -1,5 +1,9 @@
 """What the server says about itself: request counters (:class:`Metrics`), ``GET /api/ps``
-(:func:`ps_document`) and ``GET /metrics`` (:func:`metrics_text`, Prometheus text format)."""
+(:func:`ps_document`) and ``GET /metrics`` (:func:`metrics_text`, Prometheus text format).
+
+Each loaded model's memory is shown on each device (``ram``, ``gpu0``..., ``rpc:HOST:PORT``): the
+estimate, what its load measured, and the error ``(estimate - measured) / measured`` (a signed
+fraction: -0.022 is an estimate 2.2 % short)."""
 
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ class Metrics:
                 self.tokens[(model, direction)] = self.tokens.get((model, direction), 0) + n
 
     def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int],
-               decode_steps: dict[str, int] | None = None) -> str:
+               decode_steps: dict[str, int] | None = None,
+               devices: dict[tuple[str, str], tuple[int, int | None]] | None = None) -> str:
+        """``devices``: (model, device) -> (estimate, measured or None) of each loaded model."""
         def esc(text: str) -> str:
             return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
@@ -57,6 +63,15 @@ class Metrics:
         lines += ["# HELP orion_model_memory_bytes Estimated memory of each loaded model.",
                   "# TYPE orion_model_memory_bytes gauge"]
         lines += [f'orion_model_memory_bytes{{model="{esc(m)}"}} {n}' for m, n in sorted(memory.items())]
+        devices = devices or {}
+        lines += ["# HELP orion_model_memory_estimate_bytes Each loaded model's memory estimate, by device.",
+                  "# TYPE orion_model_memory_estimate_bytes gauge"]
+        lines += [f'orion_model_memory_estimate_bytes{{model="{esc(m)}",device="{esc(d)}"}} {est}'
+                  for (m, d), (est, _) in sorted(devices.items())]
+        lines += ["# HELP orion_model_memory_measured_bytes What each loaded model's load measured, by device.",
+                  "# TYPE orion_model_memory_measured_bytes gauge"]
+        lines += [f'orion_model_memory_measured_bytes{{model="{esc(m)}",device="{esc(d)}"}} {got}'
+                  for (m, d), (_, got) in sorted(devices.items()) if got is not None]
         lines += ["# HELP orion_decode_steps_total llama_decode calls of each loaded model's decoder (since it loaded);",
                   "# several chat requests share one step.", "# TYPE orion_decode_steps_total counter"]
         lines += [f'orion_decode_steps_total{{model="{esc(m)}"}} {n}' for m, n in sorted((decode_steps or {}).items())]
@@ -66,9 +81,25 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def memory_rows(status) -> list[dict]:
+    """A loaded model's memory on each device: ``device``, ``estimate_bytes``, ``measured_bytes``
+    (None: not measured) and ``error`` (``(estimate - measured) / measured``, None without a measure)."""
+    from ..ledger import error_of, shown_devices
+
+    rows = []
+    memory = status.memory
+    for device in shown_devices(memory.estimate, memory.measured):
+        estimate, measured = memory.estimate.get(device, 0), memory.measured.get(device)
+        error = error_of(estimate, measured)
+        rows.append({"device": device, "estimate_bytes": estimate, "measured_bytes": measured,
+                     "error": None if error is None else round(error, 4)})
+    return rows
+
+
 def ps_document(state: "ServerState") -> dict:
     """What ``GET /api/ps`` answers: each loaded model, memory against the budget, pressure (from the
-    state's memory probe: a container's limit, not the host's RAM), the latest events."""
+    state's memory probe: a container's limit, not the host's RAM), the latest events. ``used_bytes``
+    is what the manager counts: each model's measured RAM once it has one, else its estimate."""
     from ..budget import pressure_of
 
     depths = state.queue_depths()
@@ -77,12 +108,13 @@ def ps_document(state: "ServerState") -> dict:
     for s in statuses:
         served = state.by_key(s.key)
         model = state.manager.peek(s.key)
-        used += s.estimate_bytes
+        used += s.budget_bytes
         models.append({
             "name": served.name if served else s.name, "key": s.key, "kind": served.kind if served else "",
             "file": str(served.path) if served else "", "type": served.file_type if served else "",
             "model_id": served.model_id if served else "",
-            "estimate_bytes": s.estimate_bytes, "measured_bytes": served.measured_bytes if served else None,
+            "estimate_bytes": s.estimate_bytes, "measured_bytes": s.memory.measured.get("ram"),
+            "budget_bytes": s.budget_bytes, "estimate_source": s.memory.source, "memory": memory_rows(s),
             "gpu_bytes": s.gpu_bytes,
             "remote_bytes": s.remote_bytes,
             "loaded_for_s": round(s.loaded_for_s, 1), "idle_s": round(s.idle_s, 1),
@@ -96,7 +128,7 @@ def ps_document(state: "ServerState") -> dict:
     pressure = pressure_of(state.memory(), strategy.pressure_high, strategy.pressure_critical)
     return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": used,
             "gpu_budget_bytes": state.manager.gpu_budget_bytes,
-            "gpu_used_bytes": sum(s.gpu_bytes for s in statuses),
+            "gpu_used_bytes": sum(s.memory.gpu_bytes for s in statuses),
             "max_models": strategy.max_models, "pressure": pressure,
             "events": list(state.events.latest)[-10:]}
 
@@ -107,12 +139,15 @@ def metrics_text(state: "ServerState") -> str:
     for key, depth in state.queue_depths().items():
         served = state.by_key(key)
         queues[served.name if served else key] = depth
-    memory, steps = {}, {}
+    memory, steps, devices = {}, {}, {}
     for status in state.manager.status():
         served = state.by_key(status.key)
         name = served.name if served else status.name
         memory[name] = status.estimate_bytes
+        for row in memory_rows(status):
+            devices[(name, row["device"])] = (row["estimate_bytes"], row["measured_bytes"])
         if served is not None and served.kind == "llm":
             model = state.manager.peek(status.key)
             steps[name] = model.decode_steps if model is not None else 0
-    return state.metrics.render(queues=queues, memory=memory, events=dict(state.events.counts), decode_steps=steps)
+    return state.metrics.render(queues=queues, memory=memory, events=dict(state.events.counts), decode_steps=steps,
+                                devices=devices)

@@ -16,7 +16,6 @@ and tests call them directly.
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 import threading
 import time
@@ -45,7 +44,6 @@ class Served:
     kind: str  # "llm" or "encoder"
     n_ctx: int
     model_id: str = ""  # encoders: the id vectors are tagged with (MODEL@TYPE)
-    measured_bytes: int | None = None  # RSS growth when it was loaded
     dim: int = 0  # encoders: the vector size, read from the GGUF once, when resolved
     n_vocab: int = 0  # encoders: the vocabulary's size (token-array inputs are checked against it)
 
@@ -149,7 +147,8 @@ class ServerState:
         self.events = EventLog(on_line=on_line)
         rpc.warn = self.events.warning  # an RPC server left out at load time: an event, not only a line
         self.metrics = Metrics()
-        self.manager = manager_for(strategy, on_event=self.events, timer=True)
+        # each load measured (its runner's memory, or in-process the RSS it adds, one load at a time)
+        self.manager = manager_for(strategy, on_event=self.events, timer=True, runners=self.runners)
         self.started = time.time()
         self.stopping = threading.Event()  # set at SIGINT/SIGTERM: event streams end
         self._lock = threading.Lock()
@@ -157,7 +156,6 @@ class ServerState:
         self._names: dict[str, Served] = {}  # by "llm:NAME" or "encoder:NAME|PREFER_ID", as clients asked
         self._queues: dict[str, ModelQueue] = {}
         self._encoders: dict[str, SharedEncoder] = {}
-        self._loading_lock = threading.Lock()
         self._resolving: dict[str, list] = {}  # name -> [its lock, holders and waiters]: names being resolved
 
     # ------------------------------------------------------------ resolving names
@@ -177,7 +175,7 @@ class ServerState:
         local = self.access.local_model(name, self.strategy)
         if local.kind == "encoder":
             raise WrongModelKind(f"{name} is an encoder", hint="use it with /v1/embeddings")
-        request = self._measured(model_request(local, self.strategy, parallel=self.parallel, runner=self.runners))
+        request = model_request(local, self.strategy, parallel=self.parallel, runner=self.runners)
         return self._remember(f"llm:{name}", Served(name, request, Path(local.path), local.file_type, "llm",
                                                      self.strategy.n_ctx))
 
@@ -195,8 +193,7 @@ class ServerState:
         from ..loading import model_request
 
         local, model_id, max_tokens = self.access.encoder_model(name, self.strategy, prefer_id=prefer_id)
-        request = self._measured(model_request(local, self.strategy, n_ctx=max_tokens, embedding=True,
-                                               runner=self.runners))
+        request = model_request(local, self.strategy, n_ctx=max_tokens, embedding=True, runner=self.runners)
         header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
                                                 "encoder", max_tokens, model_id=model_id, dim=header.n_embd,
@@ -239,28 +236,6 @@ class ServerState:
             self._names[name_key] = served
             self._queues.setdefault(served.request.key, ModelQueue(served.name, self.max_queue))
             return served
-
-    def _measured(self, request: Request) -> Request:
-        """The same request, its load measuring its memory: a runner's resident memory once loaded
-        (the process is the model's alone, so loads run side by side); in-process, the RSS the load
-        adds (one in-process load at a time, so that it is its own)."""
-        def load(cancel):
-            from ..device import process_memory_bytes
-
-            if self.runners:
-                model = request.load(cancel)
-                measured = model.measured_bytes
-            else:
-                with self._loading_lock:
-                    before = process_memory_bytes()
-                    model = request.load(cancel)
-                    measured = max(0, process_memory_bytes() - before)
-            served = self._served.get(request.key)
-            if served is not None:
-                served.measured_bytes = measured
-            return model
-
-        return dataclasses.replace(request, load=load)
 
     def by_key(self, key: str) -> Served | None:
         with self._lock:
