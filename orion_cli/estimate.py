@@ -46,16 +46,22 @@ AMX_LAYOUT = {  # type: (n, bytes, align)
     "IQ4_XS": (256, 136 + 2, 256), "F16": (1, 2, 16),
 }
 
-# Runtime overhead beyond the buffers above: llama.cpp's vocabulary tables and
-# context bookkeeping, llama-cpp-python's per-vocabulary arrays, thread pools.
-# Two calibration points, measured as peak RSS growth minus the parts above:
-# gemma3-270m (262,144-token vocabulary) 48.5 MiB, all-MiniLM-L6-v2 (30,522) 40.4 MiB.
-OVERHEAD_BASE_BYTES = int(39.3 * MiB)
-OVERHEAD_PER_VOCAB_TOKEN_BYTES = 37
+# Runtime memory beyond llama.cpp's buffers: its vocabulary tables and context bookkeeping, the
+# thread pool, llama-cpp-python's arrays. Fitted over the random-weight architectures of
+# tests/arch_models.py (9 architectures, 12,000 to 32,000 tokens, n_ctx 512 to 8,192: within 1 MiB of
+# each, measured as resident growth with the context filled minus every buffer llama.cpp reports),
+# and checked on gemma3-270m (262,144 tokens); flash attention's kernels add a little, growing with
+# the context.
+RUNTIME_BASE_BYTES = int(4.2 * MiB)
+RUNTIME_PER_VOCAB_TOKEN_BYTES = 195
+FLASH_RUNTIME_BYTES = int(1.5 * MiB)
+FLASH_RUNTIME_PER_CELL_BYTES = 290
 
 
 # KV cache types orion offers: (values a block, bytes a block), as ggml stores them.
 KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+# their ggml type ids (ggml.h: GGML_TYPE_F16 = 1, Q4_0 = 2, Q8_0 = 8), as llama.cpp's type_k/type_v take them
+KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 def kv_row_bytes(kv_type: str, n_values: int) -> int:
@@ -90,6 +96,7 @@ class Estimate:
     kv_how: str
     compute_how: str
     repack_how: str
+    source: str = "formula"  # where the compute and output figures come from: "formula" or "llama.cpp dry run"
 
     @property
     def fill_bytes(self) -> int:
@@ -123,6 +130,7 @@ class Estimate:
         return {
             "n_ctx": self.n_ctx,
             "total_bytes": self.total_bytes,
+            "source": self.source,
             "parts": {name: {"bytes": b, "how": how} for name, b, how in self.parts()},
         }
 
@@ -241,8 +249,13 @@ def estimate_memory(
     repack_supported: bool = True,
     n_gpu_layers: int = 0,
     remote: bool = False,
+    parallel: int = 1,
+    dry=None,
 ) -> Estimate:
     """Resident memory (RAM) of the model loaded with ``n_ctx`` and a full context, by part.
+
+    ``dry``: llama.cpp's dry run of the same load (:class:`orion_cli.engine.DryRun`): its compute and
+    output buffers replace the formula's (which remains for what-ifs: other machines, budgets, contexts).
 
     With ``n_gpu_layers`` > 0, the part that stays on the CPU: the input layer, the layers below
     the first offloaded one, their KV cache, and the runtime (CUDA's host side included);
@@ -274,40 +287,73 @@ def estimate_memory(
             types = sorted({ggml_type_name(t.ggml_type) for t in header.tensors if t.name in amx})
             repack_how = f"{', '.join(types)} matrices copied into AMX tile layout"
 
-    # an encoder evaluates its packed window whole, in one micro-batch
-    n_ubatch = n_ctx * s.embed_pack if header.architecture in ENCODER_ARCHITECTURES else min(s.n_ubatch, n_ctx)
-    heads = max(header.n_head or [1])
-    n_ff = _n_ff(header)
-    kv_heads = max(header.n_head_kv or [heads])
-    activations = n_ubatch * 4 * (header.n_embd + 2 * n_ff + (heads + 2 * kv_heads) * header.head_dim_k)
-    scores = 0 if s.flash_attn else 2 * n_ubatch * heads * 4 * max_cells
-    compute_how = f"activations of {n_ubatch} tokens"
-    if first_gpu == 0:  # everything offloaded: the CPU only looks up the input embeddings
-        activations, scores = n_ubatch * 4 * header.n_embd, 0
-        compute_how = f"input embeddings of {n_ubatch} tokens (the rest runs on the GPU)"
-    elif scores:
-        compute_how += f" + attention scores {n_ubatch} × {max_cells} × {heads} heads (f32, ×2)"
-
-    overhead = OVERHEAD_BASE_BYTES + OVERHEAD_PER_VOCAB_TOKEN_BYTES * header.n_vocab
+    compute, compute_how = _cpu_compute(header, n_ctx, s, max_cells, parallel, offloaded=first_gpu == 0, dry=dry)
+    overhead = RUNTIME_BASE_BYTES + RUNTIME_PER_VOCAB_TOKEN_BYTES * header.n_vocab
+    if s.flash_attn:
+        overhead += FLASH_RUNTIME_BYTES + FLASH_RUNTIME_PER_CELL_BYTES * n_ctx
     if offloaded and not remote:
         overhead += CUDA_HOST_BYTES
-    # Loading maps the whole file and reads every tensor, the offloaded ones on their way to the GPU
-    # (llama.cpp unmaps those afterwards): the peak holds them all. Measured on an H200's host:
-    # peak RSS growth within 4 % of this with every layer offloaded (bench/gpu.py).
-    weights = header.tensor_bytes if offloaded and not remote else sum(
-        t.n_bytes for t in header.tensors if on_cpu(t.name))
+    # The weights that stay on the CPU. Loading maps the whole file and reads every tensor, the
+    # offloaded ones on their way to the GPU, then llama.cpp unmaps the ranges no CPU buffer uses:
+    # those are clean file pages during the load, not memory the model holds.
+    weights = sum(t.n_bytes for t in header.tensors if on_cpu(t.name))
     return Estimate(
         n_ctx=n_ctx,
         weights_bytes=weights,
         repack_bytes=repack,
         kv_bytes=kv_bytes,
-        compute_bytes=activations + scores,
+        compute_bytes=compute,
         overhead_bytes=overhead,
         projector_bytes=projector.tensor_bytes if projector is not None and not offloaded else 0,
         kv_how=kv_how,
         compute_how=compute_how,
         repack_how=repack_how,
+        source="formula" if dry is None else "llama.cpp dry run",
     )
+
+
+def _cpu_compute(header: GGUFHeader, n_ctx: int, s: EngineSettings, cells: int, parallel: int, *,
+                 offloaded: bool, dry=None) -> tuple[int, str]:
+    """What the CPU's compute side holds once a full context was decoded: llama.cpp's compute buffer
+    (allocated for the worst micro-batch and all touched by one at a full context), ggml-cpu's work
+    buffer (without flash attention: the softmaxed scores converted to f16 for the product with V,
+    which no dry run reports) and the output buffer (an encoder's holds every token of a window: its
+    logits and embeddings, as llama.cpp sizes it)."""
+    encoder = header.architecture in ENCODER_ARCHITECTURES
+    heads = max(header.n_head or [1])
+    tokens = n_ctx * s.embed_pack if encoder else min(s.n_ubatch, n_ctx)
+    if encoder:
+        cells = tokens
+    work = 0 if s.flash_attn or offloaded else 2 * heads * tokens * cells
+    if encoder:
+        output = (header.n_vocab + header.n_embd) * 4 * tokens
+    else:
+        output = header.n_vocab * 4 * max(1, parallel)
+    if dry is not None:
+        buffer = sum(v for k, v in dry.compute.items() if _host_buffer(k))
+        if not encoder:
+            output = sum(v for k, v in dry.output.items() if _host_buffer(k)) or output
+        how = "llama.cpp's dry run: compute buffer"
+    elif offloaded:  # everything on the GPU: the CPU only looks up the input embeddings
+        buffer = tokens * 4 * header.n_embd
+        how = f"input embeddings of {tokens} tokens (the rest runs on the GPU)"
+    else:
+        n_ff = _n_ff(header)
+        kv_heads = max(header.n_head_kv or [heads])
+        buffer = tokens * 4 * (header.n_embd + 2 * n_ff + (heads + 2 * kv_heads) * header.head_dim_k)
+        buffer += 2 * tokens * cells if s.flash_attn else 4 * (heads + 1) * tokens * cells
+        how = f"activations of {tokens} tokens"
+        if not s.flash_attn:
+            how += f" + attention scores {tokens} × {cells} × {heads} heads"
+    if work:
+        how += " + scores in f16 (work buffer)"
+    how += " + outputs"
+    return buffer + work + output, how
+
+
+def _host_buffer(name: str) -> bool:
+    """Whether one of llama.cpp's buffers is in this machine's RAM (CPU, CUDA's pinned host memory)."""
+    return name.startswith("CPU") or name.endswith("_Host")
 
 
 def _n_ff(header: GGUFHeader) -> int:
@@ -319,9 +365,15 @@ def _n_ff(header: GGUFHeader) -> int:
 
 # What a process that uses a CUDA GPU holds there beyond llama.cpp's buffers (the CUDA context,
 # cuBLAS, ggml-cuda's memory pool), and on the host (the CUDA runtime's libraries and pinned
-# staging buffers); measured on an H200 (docs/benchmarks.md, bench/gpu.py).
-CUDA_CONTEXT_BYTES = 608 * MiB
-CUDA_HOST_BYTES = 300 * MiB  # peak RSS growth 1,203 MiB for a 907 MiB model, all offloaded
+# staging buffers). Measured on an H200 with bench/estimate.py (docs/benchmarks.md): NVML's growth
+# minus the weights, KV cache and llama.cpp's dry-run compute buffers of 8 architectures fully
+# offloaded at 4,096 to 65,536 cells: 700 to 713 MiB, whatever the context.
+CUDA_CONTEXT_BYTES = 704 * MiB
+# An encoder's (no KV cache, no flash attention: fewer of CUDA's kernels loaded): 633 to 642 MiB
+# measured the same way for a random-weight BERT (768 wide, 12 layers) at windows of 128 to 512, and
+# about 608 for all-MiniLM-L6-v2 (head size 32; bench/gpu.py's pool of 8 and 12 contexts).
+CUDA_ENCODER_CONTEXT_BYTES = 620 * MiB
+CUDA_HOST_BYTES = 262 * MiB  # resident growth beyond the buffers, same runs: 220 to 276 MiB
 # Each further llama context on a GPU (an encoder's pool) beyond its compute buffer: its own CUDA
 # streams, cuBLAS handles and ggml-cuda memory pool. Calibrated on an H200 (all-MiniLM-L6-v2 F16,
 # 8 and 12 contexts: 1,493 and 1,961 MiB measured by NVML, 100 and 99 MiB a context beyond the rest).
@@ -329,7 +381,7 @@ CUDA_CONTEXT_EXTRA_BYTES = 100 * MiB
 
 
 def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, *, with_output: bool,
-                      embedding: bool = False) -> int:
+                      embedding: bool = False, outputs: int = 1) -> int:
     """The compute buffer llama.cpp reserves on a GPU (allocated whole there, unlike the CPU's,
     of which only the touched pages count): the peak of the graph for one micro-batch, which is
     the logits when the output layer is on that GPU (n_ubatch × vocabulary, f32), else the
@@ -351,7 +403,8 @@ def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, 
         layer_peak = max(ffn, attention)
     output_peak = 0
     if with_output and not embedding and header.architecture not in ENCODER_ARCHITECTURES:
-        output_peak = n_ubatch * 4 * (header.n_vocab + 2 * header.n_embd)
+        # the logits of one output a sequence (orion's loads ask for no more), the last activations
+        output_peak = max(1, outputs) * 4 * header.n_vocab + n_ubatch * 4 * 2 * header.n_embd
     return max(layer_peak, output_peak)
 
 
@@ -365,6 +418,7 @@ class GPUEstimate:
     compute_bytes: int
     runtime_bytes: int
     projector_bytes: int = 0
+    source: str = "formula"  # where the compute figure comes from: "formula" or "llama.cpp dry run"
 
     @property
     def n_layers(self) -> int:
@@ -383,7 +437,7 @@ class GPUEstimate:
     def to_dict(self) -> dict:
         return {"layers": list(self.layers), "total_bytes": self.total_bytes, "weights_bytes": self.weights_bytes,
                 "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes, "runtime_bytes": self.runtime_bytes,
-                "projector_bytes": self.projector_bytes}
+                "projector_bytes": self.projector_bytes, "source": self.source}
 
 
 def estimate_gpu(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first: int, last: int, *,
@@ -399,6 +453,8 @@ def estimate_gpu(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first
     if with_output and _tied_output(header):
         weights += sum(t.n_bytes for t in header.tensors if t.name == "token_embd.weight")  # the output's copy
     kv = sum(kv_per_layer(header, n_ctx, settings)[first: min(last, n - 1) + 1])
+    if runtime_bytes == CUDA_CONTEXT_BYTES and header.architecture in ENCODER_ARCHITECTURES:
+        runtime_bytes = CUDA_ENCODER_CONTEXT_BYTES
     return GPUEstimate(
         layers=(first, last),
         weights_bytes=weights,

@@ -169,6 +169,12 @@ def read_remote_header(repo_id: str, filename: str, size: int | None, revision: 
     return read_header_part(RemoteFile(repo_id, filename, size, revision))
 
 
+def read_remote_header_bytes(repo_id: str, filename: str, size: int | None, n: int, revision: str | None = None) -> bytes:
+    """The first ``n`` bytes of a file on the Hub (its header, for llama.cpp's dry run), one range request."""
+    _offline_guard(f"reading the header of {repo_id}/{filename}")
+    return RemoteFile(repo_id, filename, size, revision).read_at(0, n)
+
+
 # ---------------------------------------------------------------- the cache
 
 

@@ -7,6 +7,8 @@ to a file here), :func:`model_request` (its estimate and load, for the manager),
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +16,7 @@ from .errors import DoesNotFit, InvalidValue, NotFound, WrongModelKind
 from .estimate import ENCODER_ARCHITECTURES, estimate_memory
 from .gguf_header import read_local_header
 from .manager import ModelManager, Request
-from .placement import encoder_contexts, gpu_budgets_now, offload_plan, pool_extra_bytes
+from .placement import encoder_contexts, exact_plan, gpu_budgets_now, offload_plan, pool_extra_bytes
 from .models import PATH_HINT, LocalModel, Registry, on_disk, resolve, user_path
 from .strategy import Strategy
 from .units import format_bytes
@@ -123,6 +125,9 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     spec = engine.LoadSpec(Path(model.path), n_ctx, threads, plan.n_gpu_layers,
                            projector, embedding=embedding, settings=settings, parallel=parallel,
                            tensor_split=plan.tensor_split, contexts=contexts, rpc_servers=endpoints)
+    if os.environ.get("ORION_DRY_RUN", "1") != "0":  # llama.cpp's own figures for this load's buffers
+        plan = exact_plan(plan, spec, header, projector=proj_header)
+        extra_ram, extra_vram = pool_extra_bytes(plan, contexts)
     hint = ""
     ctx = n_ctx
     while ctx > 256:

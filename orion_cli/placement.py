@@ -8,6 +8,7 @@ memory no longer counts it (the manager does).
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Sequence
 
@@ -184,3 +185,56 @@ def encoder_contexts(plan, threads: int) -> int:
     return max(1, min(ENCODER_GPU_CONTEXTS, 1 + room))
 
 
+
+
+def exact_plan(plan, spec, header, *, projector=None):
+    """``plan`` with llama.cpp's own figures for this machine's devices: its dry run of ``spec`` (the
+    very load the plan makes) gives each device's compute and output buffers; the weights and the KV
+    cache, which the header fixes, stay the formula's (they are llama.cpp's to the byte). A split over
+    RPC servers, or a dry run that gives nothing, keeps the formula's plan."""
+    from dataclasses import replace
+
+    from . import engine
+    from .estimate import estimate_memory
+
+    if plan.devices or spec.rpc_servers:
+        return plan
+    try:
+        dry = engine.dry_run(spec, engine.header_digest(spec.path, header.data_offset))
+    except engine.DryRunFailed as exc:
+        from ._debug import debug_enabled
+
+        if debug_enabled():
+            import sys
+
+            print(f"orion: {exc}; the estimate is the formula's", file=sys.stderr)
+        return plan
+    cpu = estimate_memory(header, spec.n_ctx, spec.settings, projector=projector, n_gpu_layers=plan.n_gpu_layers,
+                          parallel=spec.parallel, dry=dry)
+    gpus = tuple(replace(g, compute_bytes=dry.compute[f"CUDA{i}"], source="llama.cpp dry run")
+                 if f"CUDA{i}" in dry.compute else g for i, g in enumerate(plan.gpus))
+    return replace(plan, cpu=cpu, gpus=gpus)
+
+
+def machine_plan(header, n_ctx: int, strategy: Strategy, *, path=None, header_bytes: bytes | None = None,
+                 projector=None):
+    """(plan, settings) of loading a model on this machine as ``orion run`` would, for the commands that
+    estimate without loading (inspect, fetch): the offload plan, with llama.cpp's dry run of that load
+    where it can run (a local file, or ``header_bytes``: a remote file's header, dry-run from a sparse
+    copy: nothing is downloaded). None before the engine check has run on this machine (``orion
+    profile`` runs it): the caller keeps the formula's CPU estimate."""
+    from . import engine
+    from .estimate import ENCODER_ARCHITECTURES
+
+    check = engine.machine_check()
+    if check is None:
+        return None
+    embedding = header.architecture in ENCODER_ARCHITECTURES
+    plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=projector)
+    if path is None and header_bytes is not None and header.parts == 1 and header.file_size:
+        path = engine.dryrun.cached_sparse_copy(header_bytes, header.file_size)
+    if path is None or os.environ.get("ORION_DRY_RUN", "1") == "0":
+        return plan, settings
+    spec = engine.LoadSpec(path, n_ctx, strategy.threads, plan.n_gpu_layers, embedding=embedding, settings=settings,
+                           tensor_split=plan.tensor_split)
+    return exact_plan(plan, spec, header, projector=projector), settings

@@ -34,7 +34,13 @@ def test_import_list_inspect_rm(orion, gemma_q4, engine_verdict):
     data = json.loads(orion("inspect", "gemma3-270m", "--ctx", "2048", "--json").stdout)
     assert data["header"]["architecture"] == "gemma3"
     assert data["estimate"]["n_ctx"] == 2048
-    assert data["estimate"]["total_bytes"] == estimate_memory(read_local_header(gemma_q4), 2048, settings).total_bytes
+    # inspect gives the figures a load would use: llama.cpp's dry run of that load for the buffers
+    from orion_cli.engine import LoadSpec, dry_run, header_digest
+
+    header = read_local_header(gemma_q4)
+    dry = dry_run(LoadSpec(gemma_q4, 2048, 1, settings=settings), header_digest(gemma_q4, header.data_offset))
+    assert data["estimate"]["source"] == "llama.cpp dry run"
+    assert data["estimate"]["total_bytes"] == estimate_memory(header, 2048, settings, dry=dry).total_bytes
     assert set(data["estimate"]["parts"]) >= {"weights", "KV cache", "compute", "runtime"}
     human = orion("inspect", str(gemma_q4)).stdout
     assert "sliding window" in human and "KV cache" in human and "total" in human

@@ -90,14 +90,14 @@ def test_projector_counts(gemma_header):
 @pytest.mark.parametrize("n_ctx", [512, 2048, 8192])
 def test_estimate_within_10_percent_of_measured_rss(gemma_q4, gemma_header, n_ctx, engine_verdict):
     """Load the real model in a child process (with this machine's engine settings), fill the
-    context, compare peak RSS growth with the estimate for the same settings."""
+    context (through orion's loader, as orion loads it), compare resident growth with the estimate."""
     from orion_cli.engine import settings_for
 
-    probe = Path(__file__).parent / "rss_probe.py"
-    proc = subprocess.run([sys.executable, str(probe), str(gemma_q4), str(n_ctx)],
+    probe = Path(__file__).parent / "memory_probe.py"
+    proc = subprocess.run([sys.executable, str(probe), json.dumps({"path": str(gemma_q4), "n_ctx": n_ctx})],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["filled_bytes"]
     estimated = estimate_memory(gemma_header, n_ctx, settings_for(engine_verdict)).total_bytes
     error = (estimated - measured) / measured
     print(f"n_ctx {n_ctx}: estimated {estimated / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB, {error:+.1%}")

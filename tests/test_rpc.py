@@ -133,7 +133,6 @@ def test_auto_sends_away_the_fewest_layers_and_refuses_with_the_arithmetic(gemma
     fewer = plan_split(header, 512, settings, 260 * MiB, [150 * MiB, 700 * MiB], names, [0, 0],
                        requested=plan.n_gpu_layers - 1, endpoints=ends)
     assert not fewer.local_fits  # one layer fewer away does not fit here
-    assert plan.cpu.total_bytes + plan.gpu_bytes > max(150, 700) * MiB  # no server alone either
     assert "here" in plan.describe() and "a:1" in plan.describe() and "b:2" in plan.describe()
     assert plan.remote_parts == tuple((e, g.total_bytes, b) for e, g, b in zip(ends, plan.gpus, plan.gpu_budgets))
 

@@ -166,6 +166,7 @@ def inspect(
     strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc})
     ref = resolve(model)
     projector = None
+    header_bytes = None
     if ref.path is not None:
         if not on_disk(ref.path):  # a name too long for a file names none
             from .._text import clip
@@ -190,6 +191,9 @@ def inspect(
             raise NotFound(f"no file {ref.repo}/{missing[0]} on the Hub", hint=f"run 'orion inspect {ref.repo}' to list its files")
         headers = [hub.read_remote_header(ref.repo, p, listing.get(p).size, listing.commit) for p in parts]
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
+        if len(parts) == 1:  # llama.cpp's dry run reads it from a sparse copy of the header
+            header_bytes = hub.read_remote_header_bytes(ref.repo, parts[0], listing.get(parts[0]).size,
+                                                        header.data_offset, listing.commit)
         where = f"{ref.repo}/{ref.filename} (read remotely)"
     else:
         return _inspect_repo(ref, strategy, ctx)
@@ -198,7 +202,15 @@ def inspect(
 
     if strategy.rpc_servers:
         return _inspect_split(header, where, strategy)
-    est = estimate_memory(header, strategy.n_ctx, machine_settings(kv_type=strategy.kv_type), projector=projector)
+    from ..placement import machine_plan
+
+    planned = machine_plan(header, strategy.n_ctx, strategy, path=ref.path, header_bytes=header_bytes,
+                           projector=projector)
+    plan = planned[0] if planned else None
+    est = plan.cpu if plan else estimate_memory(header, strategy.n_ctx, machine_settings(kv_type=strategy.kv_type),
+                                               projector=projector)
+    gpu_fits = plan.gpu_fits if plan else True
+    fits = est.total_bytes <= strategy.memory_budget_bytes and gpu_fits
 
     def human() -> None:
         from ._render import estimate_table, header_table
@@ -206,10 +218,20 @@ def inspect(
         out.text(header_table(header.summary(), title=where))
         out.text()
         out.text(estimate_table(est, strategy.memory_budget_bytes))
+        if plan is None:
+            out.text("figures from the formula (llama.cpp's dry run is used once 'orion profile' has checked the engine)")
+        else:
+            out.text(escape(f"figures from {est.source}"))
+        if plan and plan.n_gpu_layers:
+            out.text(escape(f"offload: {plan.describe()}"))
+            for i, g in enumerate(plan.gpus):
+                out.text(escape(f"  GPU {i}: {g.arithmetic()} ({g.source})"))
 
-    out.result({"source": where, "header": header.summary(), "estimate": est.to_dict(),
-                "budget_bytes": strategy.memory_budget_bytes, "fits": est.total_bytes <= strategy.memory_budget_bytes},
-               human)
+    doc = {"source": where, "header": header.summary(), "estimate": est.to_dict(),
+           "budget_bytes": strategy.memory_budget_bytes, "fits": fits}
+    if plan is not None:
+        doc["offload"] = plan.to_dict()
+    out.result(doc, human)
 
 
 def _inspect_split(header, where: str, strategy) -> None:

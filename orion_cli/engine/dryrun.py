@@ -30,8 +30,6 @@ from .spec import LoadSpec
 MiB = 1024**2
 DRY_RUN_TIMEOUT_S = 120.0
 
-# ggml's type ids of the KV cache types orion offers (ggml.h: GGML_TYPE_F16 = 1, Q4_0 = 2, Q8_0 = 8)
-KV_TYPE_IDS = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class DryRun:
     kv_bytes: int = 0  # the whole KV cache (every layer, K + V)
     kv_layers: dict[str, int] = field(default_factory=dict)  # device -> layers of the KV cache it holds
     output: dict[str, int] = field(default_factory=dict)  # the output (logits/embeddings) buffer
-    log_tail: str = ""
+    log_tail: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
         return {"compute": self.compute, "kv_bytes": self.kv_bytes, "kv_layers": self.kv_layers,
@@ -102,6 +100,18 @@ def sparse_copy(header_bytes: bytes, size: int, dest: Path) -> Path:
     return dest
 
 
+def cached_sparse_copy(header_bytes: bytes, size: int) -> Path:
+    """A sparse copy of a remote file's header (``sparse_copy``) in orion's cache, named by its digest."""
+    h = hashlib.sha256(header_bytes)
+    h.update(str(size).encode())
+    dest = cache_dir() / "headers" / f"{h.hexdigest()[:32]}.gguf"
+    if not dest.exists() or dest.stat().st_size != size:
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        sparse_copy(header_bytes, size, tmp)
+        tmp.replace(dest)
+    return dest
+
+
 def cache_dir() -> Path:
     from ..paths import orion_home
 
@@ -129,7 +139,7 @@ def dry_run_key(spec: LoadSpec, digest: str) -> str:
     """The cache key of a dry run: the header's digest and every setting but the path (and the threads,
     which change no buffer)."""
     d = spec_to_json(spec)
-    for k in ("path", "threads", "projector"):
+    for k in ("path", "threads", "projector", "contexts"):
         d.pop(k)
     return hashlib.sha256(f"{digest}|{json.dumps(d, sort_keys=True)}".encode()).hexdigest()[:32]
 
@@ -139,6 +149,9 @@ def dry_run(spec: LoadSpec, digest: str, *, timeout: float = DRY_RUN_TIMEOUT_S, 
     child process. Raises :class:`DryRunFailed` when llama.cpp gives none (the formula answers then)."""
     if spec.rpc_servers:
         raise DryRunFailed("a dry run cannot reach RPC servers")
+    from dataclasses import replace
+
+    spec = replace(spec, contexts=1, threads=1)  # one context's buffers: a pool holds that many more of each
     path = cache_dir() / f"{dry_run_key(spec, digest)}.json"
     if use_cache:
         try:

@@ -12,9 +12,9 @@ from typing import Callable
 from .._debug import debug_enabled
 from ..enginecheck import EngineCheck, current_check
 from ..errors import NotAGGUF, OrionError
+from ..estimate import KV_TYPE_IDS
 from ..gguf_header import GGUFHeader, read_local_header
 from . import ggml_rpc
-from .dryrun import KV_TYPE_IDS
 from ._binding import context_params, init_projector, model_params
 from .logs import capture_llama_log, route_llama_log, silence_mtmd
 from .model import LoadedModel
