@@ -12,7 +12,6 @@ VmRSS before loading (llama.cpp's library already started), and NVML's used memo
 import json
 import random
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -22,6 +21,24 @@ def status(key: str) -> int:
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def _mapped(path: str) -> tuple[int, int]:
+    """(resident bytes of the model file's mappings, of anonymous memory) from /proc/self/smaps."""
+    file_rss = anon = 0
+    current = ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                current = head[5] if len(head) > 5 else ""
+            elif line.startswith("Rss:"):
+                kb = int(head[1]) * 1024
+                if current == path:
+                    file_rss += kb
+                elif not current or current.startswith("["):
+                    anon += kb
+    return file_rss, anon
 
 
 def nvml_used():
@@ -59,19 +76,20 @@ def main() -> None:
     header = model.header
     rng = random.Random(0)
     llm = model._llm
-    if embedding:
-        n = int(req["n_ctx"]) * settings.embed_pack - 2
-        tokens = [rng.randrange(100, header.n_vocab) for _ in range(n)]
-        model.embed_tokens([tokens]) if hasattr(model, "embed_tokens") else llm.embed(tokens)
+    if embedding:  # full windows, as many as a decode packs
+        n = int(req["n_ctx"]) - 2
+        model.embed_tokens([[rng.randrange(100, header.n_vocab) for _ in range(n)]
+                            for _ in range(settings.embed_pack)])
     else:
         n = int(req["n_ctx"]) - 8
         tokens = [rng.randrange(300, header.n_vocab) for _ in range(n)]
         llm.eval(tokens)
     filled = status("VmRSS")
+    mapped = _mapped(req["path"])
     peak = status("VmHWM")
     gpu1 = nvml_used()
     print(json.dumps({"load_bytes": loaded - before, "filled_bytes": filled - before, "peak_bytes": peak - before,
-                      "tokens": n, "gpu_bytes": None if gpu0 is None or gpu1 is None else gpu1 - gpu0}), flush=True)
+                      "tokens": n, "file_rss_bytes": mapped[0], "anon_rss_bytes": mapped[1], "gpu_bytes": None if gpu0 is None or gpu1 is None else gpu1 - gpu0}), flush=True)
 
 
 if __name__ == "__main__":
