@@ -10,6 +10,8 @@ projector) into the Hugging Face cache and registers it under a short name.
 
 from __future__ import annotations
 
+import os
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,6 +170,7 @@ def plan_fetch(
         raise NotFound(f"{ref.name} is a local file, there is nothing to fetch", hint="use it directly")
     n_ctx = n_ctx or strategy.n_ctx
     listing = listing or hub.list_files(ref.repo)
+    read_header_default = read_header is None  # a caller's own headers (tests) have no bytes to dry-run
     read_header = read_header or (lambda repo, name, size: hub.read_remote_header(repo, name, size, listing.commit))
     on_disk = on_disk or (lambda name: hub.bytes_on_disk(ref.repo, listing.get(name), listing.commit))
     if free_disk_bytes is None:
@@ -226,8 +229,7 @@ def plan_fetch(
     budget = strategy.memory_budget_bytes
     projector_size = max(0, (listing.get(projector).size or 0) - on_disk(projector)) if projector else 0
 
-    judged: list[Candidate] = []
-    for c in candidates:
+    def judge(c: Candidate) -> Candidate:
         disk_needed = max(0, c.size_bytes - sum(on_disk(n) for n in c.parts)) + projector_size
         reasons = []
         if wanted and wanted not in LEVEL_TYPE:
@@ -244,19 +246,21 @@ def plan_fetch(
             reasons.append(f"the RPC servers' part does not fit ({c.offload.refusal()})")
         if disk_needed > free_disk_bytes:
             reasons.append(f"needs {format_bytes(disk_needed)} of disk, {format_bytes(free_disk_bytes)} free")
-        judged.append(replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons, disk_bytes=disk_needed))
+        return replace(c, verdict="; ".join(reasons) or "fits", fits=not reasons, disk_bytes=disk_needed)
 
-    chosen = None
-    if wanted in LEVEL_TYPE:
-        # --quant q4: the level's preferred type in order (Q4_K_M, else Q4_0)
-        for t in LEVEL_PREFERRED[wanted]:
-            chosen = next((c for c in judged if c.file_type.upper() == t and c.fits), None)
-            if chosen:
-                break
-    else:
-        # with a GPU, the best file that fits wholly on it, else the best that fits at all
-        chosen = next((c for c in judged if c.fits and c.offload is not None and c.offload.full), None) \
-            or next((c for c in judged if c.fits), None)
+    judged = [judge(c) for c in candidates]
+    dry_runs = read_header_default and not remote and os.environ.get("ORION_DRY_RUN", "1") != "0"
+    while True:
+        chosen = _choose(judged, wanted)
+        if chosen is None or not dry_runs or chosen.estimate.source != "formula":
+            break
+        # the choice's figures from llama.cpp's dry run of its header (a sparse copy: nothing downloaded);
+        # if they do not fit after all, the next candidate is judged the same way
+        exact = judge(_with_dry_run(chosen, ref, listing, n_ctx, strategy, settings, gpu_settings, projector_header))
+        judged = [exact if c is chosen else c for c in judged]
+        if exact.estimate.source == "formula" or exact.fits:
+            chosen = exact if exact.fits else _choose(judged, wanted)
+            break
     if chosen:
         judged = [replace(c, verdict="chosen") if c is chosen else c for c in judged]
 
@@ -265,6 +269,45 @@ def plan_fetch(
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
                      projector_size, hint, listing, strategy.bench, gpu_budgets)
+
+
+def _choose(judged: list[Candidate], wanted) -> Candidate | None:
+    if wanted in LEVEL_TYPE:
+        # --quant q4: the level's preferred type in order (Q4_K_M, else Q4_0)
+        for t in LEVEL_PREFERRED[wanted]:
+            found = next((c for c in judged if c.file_type.upper() == t and c.fits), None)
+            if found:
+                return found
+        return None
+    # with a GPU, the best file that fits wholly on it, else the best that fits at all
+    return next((c for c in judged if c.fits and c.offload is not None and c.offload.full), None) \
+        or next((c for c in judged if c.fits), None)
+
+
+def _with_dry_run(c: Candidate, ref, listing, n_ctx: int, strategy: Strategy, settings: EngineSettings,
+                  gpu_settings: EngineSettings, projector_header) -> Candidate:
+    """``c`` with llama.cpp's figures for the load it would get here (its RAM part, and the GPUs'),
+    dry-run from a sparse copy of its header; unchanged for a split file, before the engine check has
+    run, or when the dry run gives nothing."""
+    from . import engine, hub
+    from .placement import exact_plan
+
+    if len(c.parts) != 1 or engine.machine_check() is None or not c.header.file_size:
+        return c
+    head = hub.read_remote_header_bytes(ref.repo, c.parts[0], listing.get(c.parts[0]).size, c.header.data_offset,
+                                        listing.commit)
+    path = engine.dryrun.cached_sparse_copy(head, c.header.file_size)
+    if c.offload is not None:
+        spec = engine.LoadSpec(path, n_ctx, strategy.threads, c.offload.n_gpu_layers, settings=gpu_settings,
+                               tensor_split=c.offload.tensor_split)
+        plan = exact_plan(c.offload, spec, c.header, projector=projector_header)
+        return replace(c, estimate=plan.cpu, offload=plan)
+    spec = engine.LoadSpec(path, n_ctx, strategy.threads, settings=settings)
+    try:
+        dry = engine.dry_run(spec, engine.header_digest(path, c.header.data_offset))
+    except engine.DryRunFailed:
+        return c
+    return replace(c, estimate=estimate_memory(c.header, n_ctx, settings, projector=projector_header, dry=dry))
 
 
 def _machine_gpu_budgets(strategy: Strategy) -> list[int]:

@@ -99,6 +99,10 @@ def test_inspect_remote_file_without_downloading(orion, hub, gemma_ladder):
     assert data["header"]["file_type"] == "Q8_0"
     assert "read remotely" in data["source"]
     assert hub.sent(name) < gemma_ladder["Q8_0"].stat().st_size * 0.05
+    # its figures from llama.cpp's dry run of a sparse copy of the header: the downloaded file's own
+    local = json.loads(orion("inspect", str(gemma_ladder["Q8_0"]), "--json").stdout)
+    assert data["estimate"]["source"] == local["estimate"]["source"] == "llama.cpp dry run"
+    assert data["estimate"]["total_bytes"] == local["estimate"]["total_bytes"]
     table = orion("inspect", LADDER_REPO).stdout
     assert "Q4_K_M" in table and "F16" in table
 

@@ -67,6 +67,26 @@ def test_budget_only_lowers_quality(orion, hub, gemma_ladder, engine_verdict):
     assert [c["file_type"] for c in plan["candidates"]] == ["F16", "Q8_0", "Q4_K_M"]
 
 
+def test_the_choice_is_dry_run_from_its_header_alone(orion, hub, gemma_ladder, engine_verdict):
+    """fetch --auto checks its choice with llama.cpp's dry run of the file's header (a sparse copy of
+    the bytes before its tensors, one range request): the figure is the downloaded file's."""
+    from orion_cli.engine import LoadSpec, dry_run, header_digest, settings_for
+    from orion_cli.estimate import estimate_memory
+    from orion_cli.gguf_header import read_local_header
+
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    proc = orion("fetch", LADDER_REPO, "--dry-run", "--json", "--ctx", "2048")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)["plan"]
+    chosen = next(c for c in plan["candidates"] if c["verdict"] == "chosen")
+    assert chosen["estimate"]["source"] == "llama.cpp dry run"
+    assert all(c["estimate"]["source"] == "formula" for c in plan["candidates"] if c is not chosen)
+    local = gemma_ladder[chosen["file_type"]]
+    header, settings = read_local_header(local), settings_for(engine_verdict)
+    dry = dry_run(LoadSpec(local, 2048, 1, settings=settings), header_digest(local, header.data_offset), use_cache=False)
+    assert chosen["estimate_bytes"] == estimate_memory(header, 2048, settings, dry=dry).total_bytes
+
+
 def test_budget_too_small_for_anything(orion, hub):
     assert orion("profile", "--ram", "256MB").returncode == 0
     proc = orion("fetch", LADDER_REPO)
