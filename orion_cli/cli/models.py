@@ -220,8 +220,10 @@ def inspect(
         out.text(estimate_table(est, strategy.memory_budget_bytes))
         if plan is None:
             out.text("figures from the formula (llama.cpp's dry run is used once 'orion profile' has checked the engine)")
+        elif est.source == "formula":
+            out.text("figures from the formula (llama.cpp's dry run gave none for this file; --debug says why)")
         else:
-            out.text(escape(f"figures from {est.source}"))
+            out.text("compute and outputs from llama.cpp's dry run of this load; weights and KV cache from the header")
         if plan and plan.n_gpu_layers:
             out.text(escape(f"offload: {plan.describe()}"))
             for i, g in enumerate(plan.gpus):
