@@ -297,17 +297,11 @@ def _with_dry_run(c: Candidate, ref, listing, n_ctx: int, strategy: Strategy, se
     head = hub.read_remote_header_bytes(ref.repo, c.parts[0], listing.get(c.parts[0]).size, c.header.data_offset,
                                         listing.commit)
     path = engine.dryrun.cached_sparse_copy(head, c.header.file_size)
-    if c.offload is not None:
-        spec = engine.LoadSpec(path, n_ctx, strategy.threads, c.offload.n_gpu_layers, settings=gpu_settings,
-                               tensor_split=c.offload.tensor_split)
-        plan = exact_plan(c.offload, spec, c.header, projector=projector_header)
-        return replace(c, estimate=plan.cpu, offload=plan)
-    spec = engine.LoadSpec(path, n_ctx, strategy.threads, settings=settings)
-    try:
-        dry = engine.dry_run(spec, engine.header_digest(path, c.header.data_offset))
-    except engine.DryRunFailed:
-        return c
-    return replace(c, estimate=estimate_memory(c.header, n_ctx, settings, projector=projector_header, dry=dry))
+    plan = c.offload or plan_offload(c.header, n_ctx, settings, [], 0, projector=projector_header)
+    spec = engine.LoadSpec(path, n_ctx, strategy.threads, plan.n_gpu_layers,
+                           settings=gpu_settings if c.offload is not None else settings, tensor_split=plan.tensor_split)
+    plan = exact_plan(plan, spec, c.header, projector=projector_header)
+    return replace(c, estimate=plan.cpu, offload=plan if c.offload is not None else None)
 
 
 def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
