@@ -292,15 +292,27 @@ def _with_dry_run(c: Candidate, ref, listing, n_ctx: int, strategy: Strategy, se
     from . import engine, hub
     from .placement import exact_plan
 
+    from .errors import OrionError
+    from .estimate import ENCODER_ARCHITECTURES
+
     if len(c.parts) != 1 or engine.machine_check() is None or not c.header.file_size:
         return c
-    head = hub.read_remote_header_bytes(ref.repo, c.parts[0], listing.get(c.parts[0]).size, c.header.data_offset,
-                                        listing.commit)
-    path = engine.dryrun.cached_sparse_copy(head, c.header.file_size)
+    try:
+        head = hub.read_remote_header_bytes(ref.repo, c.parts[0], listing.get(c.parts[0]).size, c.header.data_offset,
+                                            listing.commit)
+    except OrionError:  # the Hub answered the header once and not now: the formula's figures stand
+        return c
+    path = engine.dryrun.cached_sparse_copy(head, c.header.file_size) if len(head) == c.header.data_offset else None
+    if path is None:
+        return c
     plan = c.offload or plan_offload(c.header, n_ctx, settings, [], 0, projector=projector_header)
     spec = engine.LoadSpec(path, n_ctx, strategy.threads, plan.n_gpu_layers,
+                           embedding=c.header.architecture in ENCODER_ARCHITECTURES,
                            settings=gpu_settings if c.offload is not None else settings, tensor_split=plan.tensor_split)
-    plan = exact_plan(plan, spec, c.header, projector=projector_header)
+    try:
+        plan = exact_plan(plan, spec, c.header, projector=projector_header)
+    finally:
+        path.unlink(missing_ok=True)  # its figures are cached; the copy has done its work
     return replace(c, estimate=plan.cpu, offload=plan if c.offload is not None else None)
 
 

@@ -147,7 +147,9 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
             return engine.start_runner(spec, check=check, cancel=cancel, progress=progress, name=model.name)
         return engine.load(spec, check=check, cancel=cancel, progress=progress)
 
-    ledger_key = engine.dry_run_key(spec, engine.header_digest(spec.path, header.data_offset))
+    # the ledger's key: the dry run's (file and settings) and what it leaves out, the pool and the projector
+    ledger_key = engine.dry_run_key(spec, engine.header_digest(spec.path, header.data_offset)) + (
+        f"-c{contexts}" + ("-p" if projector else ""))
     fill = plan.cpu.fill_bytes * max(1, contexts)
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
         local_gpus = tuple(g.total_bytes for e, g in zip(plan.endpoints, plan.gpus) if not e)

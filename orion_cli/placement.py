@@ -169,11 +169,13 @@ ENCODER_GPU_CONTEXTS = 8
 
 
 def pool_extra_bytes(plan, contexts: int) -> tuple[int, int]:
-    """(RAM, VRAM) that an encoder's contexts beyond the first hold: each its compute buffer, and on
-    a GPU its own CUDA streams, cuBLAS handles and ggml-cuda memory pool."""
+    """(RAM, VRAM) that an encoder's contexts beyond the first hold: each its compute and output buffers
+    in RAM (on a GPU, the host side of them), and on a GPU its own compute buffer, CUDA streams, cuBLAS
+    handles and ggml-cuda memory pool."""
+    ram = (contexts - 1) * plan.cpu.compute_bytes
     if not plan.n_gpu_layers:
-        return (contexts - 1) * plan.cpu.compute_bytes, 0
-    return 0, (contexts - 1) * (plan.gpus[0].compute_bytes + CUDA_CONTEXT_EXTRA_BYTES)
+        return ram, 0
+    return ram, (contexts - 1) * (plan.gpus[0].compute_bytes + CUDA_CONTEXT_EXTRA_BYTES)
 
 
 def encoder_contexts(plan, threads: int) -> int:
@@ -231,10 +233,17 @@ def machine_plan(header, n_ctx: int, strategy: Strategy, *, path=None, header_by
         return None
     embedding = header.architecture in ENCODER_ARCHITECTURES
     plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=projector)
+    if os.environ.get("ORION_DRY_RUN", "1") == "0":
+        return plan, settings
+    copy = None
     if path is None and header_bytes is not None and header.parts == 1 and header.file_size:
-        path = engine.dryrun.cached_sparse_copy(header_bytes, header.file_size)
-    if path is None or os.environ.get("ORION_DRY_RUN", "1") == "0":
+        copy = path = engine.dryrun.cached_sparse_copy(header_bytes, header.file_size)
+    if path is None:
         return plan, settings
     spec = engine.LoadSpec(path, n_ctx, strategy.threads, plan.n_gpu_layers, embedding=embedding, settings=settings,
                            tensor_split=plan.tensor_split)
-    return exact_plan(plan, spec, header, projector=projector), settings
+    try:
+        return exact_plan(plan, spec, header, projector=projector), settings
+    finally:
+        if copy is not None:
+            copy.unlink(missing_ok=True)  # its figures are cached; the copy has done its work

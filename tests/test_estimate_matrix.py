@@ -118,3 +118,19 @@ def test_a_log_without_figures_is_no_dry_run():
     log = "llama_context: n_ctx = 512\nsched_reserve:        CPU compute buffer size =    14.51 MiB\n"
     assert parse_log(log).compute == {"CPU": round(14.51 * MiB)}
     assert parse_log("nothing here").compute == {}
+
+
+def test_a_sparse_copy_that_cannot_be_had_leaves_the_formula(tmp_path, monkeypatch):
+    """A cache that cannot be written (here: a file where its folder should be) gives no sparse copy:
+    inspect and fetch keep the formula's figures rather than fail."""
+    from orion_cli.engine import dryrun
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setattr(dryrun, "cache_dir", lambda: blocker / "dryrun")
+    assert dryrun.cached_sparse_copy(b"GGUF" + bytes(60), 1 << 30) is None
+    monkeypatch.setattr(dryrun, "cache_dir", lambda: tmp_path / "dryrun")
+    copy = dryrun.cached_sparse_copy(b"GGUF" + bytes(60), 1 << 30)
+    assert copy is not None and copy.stat().st_size == 1 << 30
+    with open(copy, "rb") as f:
+        assert f.read(4) == b"GGUF"

@@ -254,6 +254,8 @@ def test_an_encoders_pool_on_a_gpu_counts_each_context():
     assert plan.gpus[0].compute_bytes > single.gpus[0].compute_bytes
     # the pool is sized from the budget: room for the model and each further context, at most the cap
     assert encoder_contexts(plan, 16) == ENCODER_GPU_CONTEXTS
+    # each further context holds its compute and output buffers' host side in RAM too
+    assert pool_extra_bytes(plan, 8)[0] == 7 * plan.cpu.compute_bytes > 0
     per_context = pool_extra_bytes(plan, 2)[1]
     tight = plan_offload(h, 256, settings, [plan.gpu_bytes + 2 * per_context + MiB], -1, embedding=True)
     assert encoder_contexts(tight, 16) == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -191,9 +193,18 @@ def inspect(
             raise NotFound(f"no file {ref.repo}/{missing[0]} on the Hub", hint=f"run 'orion inspect {ref.repo}' to list its files")
         headers = [hub.read_remote_header(ref.repo, p, listing.get(p).size, listing.commit) for p in parts]
         header = merge_parts(headers) if len(headers) > 1 else headers[0]
-        if len(parts) == 1:  # llama.cpp's dry run reads it from a sparse copy of the header
-            header_bytes = hub.read_remote_header_bytes(ref.repo, parts[0], listing.get(parts[0]).size,
-                                                        header.data_offset, listing.commit)
+        if len(parts) == 1 and not strategy.rpc_servers:  # llama.cpp's dry run reads a sparse copy of it
+            from ..engine import machine_check
+            from ..errors import OrionError
+
+            try:
+                if machine_check() is not None and os.environ.get("ORION_DRY_RUN", "1") != "0":
+                    header_bytes = hub.read_remote_header_bytes(ref.repo, parts[0], listing.get(parts[0]).size,
+                                                                header.data_offset, listing.commit)
+            except OrionError:
+                header_bytes = None  # the formula's figures then
+            if header_bytes is not None and len(header_bytes) != header.data_offset:
+                header_bytes = None
         where = f"{ref.repo}/{ref.filename} (read remotely)"
     else:
         return _inspect_repo(ref, strategy, ctx)

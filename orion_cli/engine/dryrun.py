@@ -100,15 +100,28 @@ def sparse_copy(header_bytes: bytes, size: int, dest: Path) -> Path:
     return dest
 
 
-def cached_sparse_copy(header_bytes: bytes, size: int) -> Path:
-    """A sparse copy of a remote file's header (``sparse_copy``) in orion's cache, named by its digest."""
+def cached_sparse_copy(header_bytes: bytes, size: int) -> Path | None:
+    """A sparse copy of a remote file's header (``sparse_copy``) in orion's cache, named by its digest;
+    None where it cannot be had: the cache not writable, or a filesystem without holes (the copy would
+    take the model's whole size on disk)."""
+    import tempfile
+
     h = hashlib.sha256(header_bytes)
     h.update(str(size).encode())
     dest = cache_dir() / "headers" / f"{h.hexdigest()[:32]}.gguf"
-    if not dest.exists() or dest.stat().st_size != size:
-        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
-        sparse_copy(header_bytes, size, tmp)
-        tmp.replace(dest)
+    try:
+        if dest.exists() and dest.stat().st_size == size:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".tmp")
+        os.close(fd)
+        sparse_copy(header_bytes, size, Path(tmp))
+        if os.stat(tmp).st_blocks * 512 > 2 * len(header_bytes) + (1 << 20):
+            os.unlink(tmp)  # no holes here: not worth a model-sized file
+            return None
+        os.replace(tmp, dest)
+    except OSError:
+        return None
     return dest
 
 
@@ -141,7 +154,18 @@ def dry_run_key(spec: LoadSpec, digest: str) -> str:
     d = spec_to_json(spec)
     for k in ("path", "threads", "projector", "contexts"):
         d.pop(k)
+    d["engine"] = _engine_version()  # another llama.cpp sizes its buffers its own way
+    d["gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return hashlib.sha256(f"{digest}|{json.dumps(d, sort_keys=True)}".encode()).hexdigest()[:32]
+
+
+def _engine_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama_cpp_python")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def dry_run(spec: LoadSpec, digest: str, *, timeout: float = DRY_RUN_TIMEOUT_S, use_cache: bool = True) -> DryRun:
@@ -159,11 +183,15 @@ def dry_run(spec: LoadSpec, digest: str, *, timeout: float = DRY_RUN_TIMEOUT_S, 
         except (OSError, ValueError, KeyError, TypeError):
             pass
     name = spec.path.name
+    from .._proc import die_with_parent
+
     try:
         proc = subprocess.run([sys.executable, "-m", "orion_cli.engine.dryrun", json.dumps(spec_to_json(spec))],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired as exc:
         raise DryRunFailed(f"llama.cpp's dry run of {name} took over {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise DryRunFailed(f"llama.cpp's dry run of {name} could not start: {exc}") from exc
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise DryRunFailed(f"llama.cpp's dry run of {name} failed: {last[:300]}")
@@ -187,8 +215,13 @@ class DryRunFailed(Exception):
 
 def _child(spec: LoadSpec) -> None:
     """In the child: the loader's own load of ``spec`` with no_alloc; llama.cpp's log to stdout."""
+    import llama_cpp.llama_cpp as C
+
     from .loader import load
 
+    if "no_alloc" not in {f[0] for f in C.llama_model_params._fields_}:  # else this would be a real load
+        sys.stderr.write("this llama-cpp-python has no no_alloc: no dry run\n")
+        os._exit(5)
     lines: list[str] = []
     try:
         load(spec, dry_run_log=lines)
