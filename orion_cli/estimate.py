@@ -97,11 +97,12 @@ class Estimate:
     compute_how: str
     repack_how: str
     source: str = "formula"  # where the compute and output figures come from: "formula" or "llama.cpp dry run"
+    compute_at_load_bytes: int = 0  # of compute_bytes, what is resident once loaded (pinned host buffers, outputs)
 
     @property
     def fill_bytes(self) -> int:
         """The part a decode makes resident (compute buffers), not there right after the load."""
-        return self.compute_bytes
+        return self.compute_bytes - self.compute_at_load_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -287,7 +288,8 @@ def estimate_memory(
             types = sorted({ggml_type_name(t.ggml_type) for t in header.tensors if t.name in amx})
             repack_how = f"{', '.join(types)} matrices copied into AMX tile layout"
 
-    compute, compute_how = _cpu_compute(header, n_ctx, s, max_cells, parallel, offloaded=first_gpu == 0, dry=dry)
+    compute, compute_how, at_load = _cpu_compute(header, n_ctx, s, max_cells, parallel, offloaded=first_gpu == 0,
+                                                 dry=dry)
     overhead = RUNTIME_BASE_BYTES + RUNTIME_PER_VOCAB_TOKEN_BYTES * header.n_vocab
     if s.flash_attn:
         overhead += FLASH_RUNTIME_BYTES + FLASH_RUNTIME_PER_CELL_BYTES * n_ctx
@@ -309,16 +311,18 @@ def estimate_memory(
         compute_how=compute_how,
         repack_how=repack_how,
         source="formula" if dry is None else "llama.cpp dry run",
+        compute_at_load_bytes=at_load,
     )
 
 
 def _cpu_compute(header: GGUFHeader, n_ctx: int, s: EngineSettings, cells: int, parallel: int, *,
-                 offloaded: bool, dry=None) -> tuple[int, str]:
+                 offloaded: bool, dry=None) -> tuple[int, str, int]:
     """What the CPU's compute side holds once a full context was decoded: llama.cpp's compute buffer
     (allocated for the worst micro-batch and all touched by one at a full context), ggml-cpu's work
     buffer (without flash attention: the softmaxed scores converted to f16 for the product with V,
     which no dry run reports) and the output buffer (an encoder's holds every token of a window: its
-    logits and embeddings, as llama.cpp sizes it)."""
+    logits and embeddings, as llama.cpp sizes it). The third value is the part resident as soon as the
+    model is loaded: the output buffer llama.cpp clears at the start, and CUDA's pinned host buffers."""
     encoder = header.architecture in ENCODER_ARCHITECTURES
     heads = max(header.n_head or [1])
     tokens = n_ctx * s.embed_pack if encoder else min(s.n_ubatch, n_ctx)
@@ -327,12 +331,16 @@ def _cpu_compute(header: GGUFHeader, n_ctx: int, s: EngineSettings, cells: int, 
     work = 0 if s.flash_attn or offloaded else 2 * heads * tokens * cells
     if encoder:
         output = (header.n_vocab + header.n_embd) * 4 * tokens
+        at_load = (header.n_vocab + header.n_embd) * 4 * min(tokens, 256)  # llama-cpp-python's n_seq_max
     else:
-        output = header.n_vocab * 4 * max(1, parallel)
+        output = at_load = header.n_vocab * 4 * max(1, parallel)
     if dry is not None:
         buffer = sum(v for k, v in dry.compute.items() if _host_buffer(k))
+        reserved = sum(v for k, v in dry.output.items() if _host_buffer(k))
+        at_load = reserved or at_load
         if not encoder:
-            output = sum(v for k, v in dry.output.items() if _host_buffer(k)) or output
+            output = reserved or output
+        at_load += sum(v for k, v in dry.compute.items() if k.endswith("_Host"))
         how = "llama.cpp's dry run: compute buffer"
     elif offloaded:  # everything on the GPU: the CPU only looks up the input embeddings
         buffer = tokens * 4 * header.n_embd
@@ -348,7 +356,7 @@ def _cpu_compute(header: GGUFHeader, n_ctx: int, s: EngineSettings, cells: int, 
     if work:
         how += " + scores in f16 (work buffer)"
     how += " + outputs"
-    return buffer + work + output, how
+    return buffer + work + output, how, min(at_load, buffer + work + output)
 
 
 def _host_buffer(name: str) -> bool:

@@ -134,3 +134,19 @@ def test_a_sparse_copy_that_cannot_be_had_leaves_the_formula(tmp_path, monkeypat
     assert copy is not None and copy.stat().st_size == 1 << 30
     with open(copy, "rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_what_a_decode_adds_leaves_out_what_the_load_holds(models, engine_verdict):
+    """The ledger measures right after a load and adds ``fill_bytes`` (what a decode makes resident):
+    the output buffer (cleared by llama.cpp at the start) and CUDA's pinned host buffers (resident once
+    allocated) are already in the measure, so they are not in it."""
+    from orion_cli.engine import DryRun
+
+    header = read_local_header(models["llama"])
+    s = settings_for(engine_verdict)
+    plain = estimate_memory(header, 2048, s, dry=DryRun(compute={"CPU": 10 * MiB}, output={"CPU": MiB}))
+    assert plain.compute_at_load_bytes == MiB and plain.fill_bytes == plain.compute_bytes - MiB
+    pinned = estimate_memory(header, 2048, s, dry=DryRun(compute={"CPU": 10 * MiB, "CUDA_Host": 5 * MiB},
+                                                         output={"CUDA_Host": MiB}))
+    assert pinned.compute_bytes == plain.compute_bytes + 5 * MiB
+    assert pinned.fill_bytes == plain.fill_bytes  # the pinned compute buffer is resident at load
