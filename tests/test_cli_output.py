@@ -101,6 +101,23 @@ def test_output_modes(capsys):
         out.set_mode("yaml")
 
 
+def test_notices_and_warnings_are_one_line_whatever_the_width(capsys, monkeypatch):
+    """A notice naming a long path is one line on stderr, even where COLUMNS is set (the terminal wraps
+    it if it must; Rich does not cut it into lines)."""
+    from orion_cli.cli._output import Output, err_console
+
+    monkeypatch.setenv("COLUMNS", "40")
+    err_console.cache_clear()
+    try:
+        out = Output()
+        for say in (out.notice, out.warning, out.note, out.error):
+            say("the server takes only its registered models, not /a/very/long/path/" + "d" * 120 + "/model.gguf")
+        lines = capsys.readouterr().err.splitlines()
+    finally:
+        err_console.cache_clear()
+    assert len(lines) == 4 and all(line.endswith("/model.gguf") for line in lines)
+
+
 def test_the_mode_is_set_for_each_command(orion):
     """JSON and human runs of the same command (each process sets its mode before the command runs)."""
     doc = json.loads(orion("list", "--json").stdout)

@@ -200,13 +200,13 @@ class Output:
 
     def note(self, line: str) -> None:
         """A dim line on stderr: what happens meanwhile (a split, timings, the manager's events)."""
-        err_console().print(f"[dim]{escape(line)}[/]", markup=True)
+        err_console().print(f"[dim]{escape(line)}[/]", soft_wrap=True, markup=True)
 
     def notice(self, line: str) -> None:
-        err_console().print(f"[yellow]notice:[/] {escape(line)}", markup=True)
+        err_console().print(f"[yellow]notice:[/] {escape(line)}", soft_wrap=True, markup=True)
 
     def warning(self, line: str) -> None:
-        err_console().print(f"[bold yellow]warning:[/] {escape(line)}", markup=True)
+        err_console().print(f"[bold yellow]warning:[/] {escape(line)}", soft_wrap=True, markup=True)
 
     def error(self, line: str) -> None:
         """The one line of an error: whatever the message holds (a newline, an escape sequence), one line."""
