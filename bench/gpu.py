@@ -33,17 +33,11 @@ MiB = 1024**2
 
 
 def nvml_used() -> int | None:
-    """GPU 0's memory in use (bytes), from NVML; None without it."""
-    try:
-        import pynvml
+    """GPU 0's memory in use (bytes), through orion's NVML reading; None without it."""
+    from orion_cli.measure import nvml_memory
 
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
+    found = nvml_memory()
+    return None if found is None else found.used.get(0)
 
 
 def child_llm(args) -> None:

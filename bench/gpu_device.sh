@@ -11,18 +11,7 @@
 #     conversion of it (orion convert, 43 MB); bench/minilm_from_gguf.py rebuilds the float32
 #     safetensors from it there for sentence-transformers (64 MiB holds one of the two, not both)
 # then run, carrying .gpu:   BENCH_ARGS="--stages vram,speed,embed" bash bench/gpu_device.sh
-T0=$(date +%s)
-export ORION_HOME=/tmp/oh PYTHONUNBUFFERED=1
-PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site"
-$PIP .gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
-mkdir -p /tmp/b && tar xzf .gpu/llama_cpp_python-0.3.36.tar.gz -C /tmp/b
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-  python3 -m pip wheel -q --no-deps --no-build-isolation /tmp/b/llama_cpp_python-0.3.36 -w /tmp/w \
-  > /tmp/build.log 2>&1 || { tail -50 /tmp/build.log; exit 1; }
-echo "engine built after $(( $(date +%s) - T0 )) s"
-$PIP /tmp/w/*.whl || exit 1
-$PIP --no-build-isolation . || exit 1   # --upgrade: a warm machine keeps the last call's /tmp/site
+source bench/device_engine.sh
 mkdir -p /tmp/gw && cp -r .gpu/minilm /tmp/gw/minilm && cp .gpu/minilm-f16.gguf /tmp/gw/minilm-f16.gguf
 python3 bench/minilm_from_gguf.py .gpu/minilm-f16.gguf /tmp/gw/minilm/model.safetensors
 LEFT=$(( ${LIMIT:-570} - ($(date +%s) - T0) ))

@@ -42,16 +42,11 @@ def _mapped(path: str) -> tuple[int, int]:
 
 
 def nvml_used():
-    try:
-        import pynvml
+    """GPU 0's memory in use (bytes), through orion's NVML reading; None without a GPU."""
+    from orion_cli.measure import nvml_memory
 
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
+    found = nvml_memory()
+    return None if found is None else found.used.get(0)
 
 
 def main() -> None:

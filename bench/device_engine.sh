@@ -1,0 +1,17 @@
+# Sourced by bench/gpu_device.sh and bench/estimate_device.sh on the GPU machine (no network): the
+# wheels of .gpu/whl into /tmp/site, llama-cpp-python built there with CUDA from the trimmed sdist
+# (once a machine: a warm one keeps /tmp/w), then orion itself. Sets T0, PIP, PYTHONPATH, ORION_HOME.
+T0=$(date +%s)
+export ORION_HOME=/tmp/oh PYTHONUNBUFFERED=1
+PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site"
+export PYTHONPATH=/tmp/site
+if ! ls /tmp/w/*.whl >/dev/null 2>&1; then
+  $PIP .gpu/whl/*.whl || exit 1
+  mkdir -p /tmp/b && tar xzf .gpu/llama_cpp_python-0.3.36.tar.gz -C /tmp/b
+  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    python3 -m pip wheel -q --no-deps --no-build-isolation /tmp/b/llama_cpp_python-0.3.36 -w /tmp/w \
+    > /tmp/build.log 2>&1 || { tail -50 /tmp/build.log; exit 1; }
+  echo "engine built after $(( $(date +%s) - T0 )) s"
+  $PIP /tmp/w/*.whl || exit 1
+fi
+$PIP --no-build-isolation . >/dev/null || exit 1   # --upgrade: a warm machine keeps the last call's /tmp/site
