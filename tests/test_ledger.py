@@ -18,16 +18,9 @@ from orion_cli.ledger import Measured, MemoryLedger, Record
 from orion_cli.manager import ModelDoesNotFit, ModelManager, Request
 from orion_cli.measure import GPUMemory, LoadProbe, vram_of
 
+from test_manager import FakeModel
+
 MiB = 1024**2
-
-
-class FakeModel:
-    def __init__(self, name):
-        self.name = name
-        self.closed = False
-
-    def close(self):
-        self.closed = True
 
 
 class Probe:
