@@ -8,7 +8,10 @@ by tests/test_engine.py against the pinned version, so an upgrade that breaks on
   perplexity decode on (:func:`raw_context`, :func:`raw_model`);
 - ``Llama._model.token_get_text`` (a template's BOS/EOS text), ``Llava15ChatHandler._init_mtmd_context``
   (a projector loaded at once), llama-cpp-python's log printer;
-- a ``llama_batch`` backed by numpy arrays, and glibc's ``malloc_trim`` after a close.
+- a ``llama_batch`` backed by numpy arrays, and glibc's ``malloc_trim`` after a close;
+- the dry run (:mod:`.dryrun`): ``llama_model_params.no_alloc`` and ``load_mode``, and llama.cpp's log lines
+  of its buffer sizes (``sched_reserve: ... compute buffer size``, ``llama_kv_cache: size``, ``output buffer
+  size``), checked against real loads by tests/test_estimate_matrix.py (an unparsed log fails them).
 """
 
 from __future__ import annotations

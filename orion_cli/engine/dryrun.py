@@ -31,7 +31,6 @@ MiB = 1024**2
 DRY_RUN_TIMEOUT_S = 120.0
 
 
-
 @dataclass(frozen=True)
 class DryRun:
     """What llama.cpp would allocate, by buffer name (``CPU``, ``CUDA0``, ``CUDA_Host``...)."""
