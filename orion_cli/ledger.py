@@ -107,6 +107,7 @@ class ModelMemory:
     estimate_base_bytes: int = 0  # and in estimate["ram"] (the request's)
     ledger_key: str = ""
     recorded: dict[str, int] | None = None  # the model's own figures the ledger has from this load
+    figures: str = "formula"  # an estimate's buffers: "formula" or "llama.cpp dry run" (the request's)
 
     @classmethod
     def of(cls, request, measured: Measured | None) -> "ModelMemory":
@@ -114,7 +115,8 @@ class ModelMemory:
         a decode makes resident (``request.fill_bytes``, which the estimate is for): it is added, so
         that both are for a full context."""
         memory = cls(estimate_by_device(request), source=request.estimate_source, base_bytes=request.base_bytes,
-                     estimate_base_bytes=request.base_bytes, ledger_key=request.ledger_key)
+                     estimate_base_bytes=request.base_bytes, ledger_key=request.ledger_key,
+                     figures=getattr(request, "figures", "formula"))
         if measured is None:
             return memory
         if measured.base_bytes is not None:

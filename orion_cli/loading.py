@@ -155,12 +155,13 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
         local_gpus = tuple(g.total_bytes for e, g in zip(plan.endpoints, plan.gpus) if not e)
         return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
                        placement=plan.describe(), remote=plan.remote_parts if endpoints else (),
-                       fill_bytes=fill, ledger_key=ledger_key, gpu_parts=local_gpus, base_bytes=base)
+                       fill_bytes=fill, ledger_key=ledger_key, gpu_parts=local_gpus, base_bytes=base,
+                       figures=plan.cpu.source)
     gpu_parts = tuple(g.total_bytes + (extra_vram if i == 0 else 0) for i, g in enumerate(plan.gpus))
     return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram + base, load, hint,
                    gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "",
                    fill_bytes=fill, ledger_key=ledger_key, gpu_parts=gpu_parts if plan.n_gpu_layers else (),
-                   base_bytes=base)
+                   base_bytes=base, figures=plan.cpu.source)
 
 
 def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False, runners: bool = False) -> ModelManager:

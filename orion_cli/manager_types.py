@@ -56,6 +56,7 @@ class Request:
     gpu_parts: tuple[int, ...] = ()  # gpu_bytes by GPU, in device order (empty: all of it on GPU 0)
     base_bytes: int = 0  # its runner process's own memory, in estimate_bytes (not the model's: not in the ledger)
     estimate_source: str = ledger.ESTIMATED  # or ledger.RECORDED: the figures its last load measured
+    figures: str = "formula"  # where an estimate's buffers came from: "formula" or "llama.cpp dry run"
 
 
 @dataclass

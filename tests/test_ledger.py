@@ -389,7 +389,8 @@ def test_ps_metrics_and_the_cli_show_estimate_measured_and_error_and_a_restart_r
             row = next(line for line in table.stdout.splitlines() if " ram " in line)
             assert f"{ram['error'] * 100:+.1f} %" in row
             if start == "first":
-                assert m["estimate_source"] == "estimate" and "the formula" in row
+                assert m["estimate_source"] == "estimate" and m["estimate_figures"] == "llama.cpp dry run"
+                assert "llama.cpp's dry run" in row
                 # what the ledger holds: the model's own figure (the runner's interpreter and library apart)
                 (rec,) = json.loads((home / "memory-ledger.json").read_text())["records"]
                 assert rec["name"] == "gemma3-270m" and rec["file"].endswith(".gguf")

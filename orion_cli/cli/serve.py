@@ -174,7 +174,8 @@ def _memory_view(doc: dict):
     for col in ("device", "estimate", "measured", "error", "estimate from"):
         table.add_column(col, no_wrap=True)
     for m in doc["models"]:
-        source = "its last load" if m.get("estimate_source", "estimate") != "estimate" else "the formula"
+        source = ("its last load" if m.get("estimate_source", "estimate") != "estimate"
+                  else "llama.cpp's dry run" if m.get("estimate_figures") == "llama.cpp dry run" else "the formula")
         for i, row in enumerate(m.get("memory", [])):
             measured, error = row["measured_bytes"], row["error"]
             table.add_row(m["name"] if i == 0 else "", row["device"], format_bytes(row["estimate_bytes"]),
