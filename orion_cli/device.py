@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -334,47 +335,59 @@ def parse_cuda_version(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
-    """GPUs through NVML (the nvidia-ml-py package), or None when it is not usable."""
+@contextmanager
+def nvml():
+    """NVML (the nvidia-ml-py package) initialised for the block and shut down after it; None inside
+    where it is not usable (not installed, no driver loaded)."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
     except Exception:  # NVML raises its own error types when no driver is loaded
-        return None
-
-    def text(value) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
+        yield None
+        return
     try:
-        driver = text(pynvml.nvmlSystemGetDriverVersion())
-        cuda = None
-        try:
-            v = int(pynvml.nvmlSystemGetCudaDriverVersion_v2())
-            cuda = f"{v // 1000}.{v % 1000 // 10}"
-        except Exception:  # older drivers: no CUDA version through NVML
-            pass
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            try:
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                cc = f"{major}.{minor}"
-            except Exception:
-                cc = None
-            gpus.append(GPUInfo(i, text(pynvml.nvmlDeviceGetName(handle)), int(mem.total), int(mem.free),
-                                driver, cc, cuda))
-        return tuple(gpus)
-    except Exception:
-        return None
+        yield pynvml
     finally:
         try:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def _nvml_gpus() -> tuple[GPUInfo, ...] | None:
+    """GPUs through NVML (the nvidia-ml-py package), or None when it is not usable."""
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    with nvml() as pynvml:
+        if pynvml is None:
+            return None
+        try:
+            driver = text(pynvml.nvmlSystemGetDriverVersion())
+            cuda = None
+            try:
+                v = int(pynvml.nvmlSystemGetCudaDriverVersion_v2())
+                cuda = f"{v // 1000}.{v % 1000 // 10}"
+            except Exception:  # older drivers: no CUDA version through NVML
+                pass
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                try:
+                    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                    cc = f"{major}.{minor}"
+                except Exception:
+                    cc = None
+                gpus.append(GPUInfo(i, text(pynvml.nvmlDeviceGetName(handle)), int(mem.total), int(mem.free),
+                                    driver, cc, cuda))
+            return tuple(gpus)
+        except Exception:
+            return None
 
 
 def detect_gpus(run: Callable[..., "subprocess.CompletedProcess"] | None = None) -> tuple[GPUInfo, ...]:

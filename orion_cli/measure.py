@@ -35,37 +35,29 @@ class GPUMemory:
 
 def nvml_memory() -> GPUMemory | None:
     """Each GPU's memory through NVML (the nvidia-ml-py package), or None when it is not usable."""
-    try:
-        import pynvml  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # NVML raises its own error types when no driver is loaded
-        return None
-    try:
-        used: dict[int, int] = {}
-        by_pid: dict[int, dict[int, int]] = {}
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            used[i] = max(0, int(mem.total) - int(mem.free))  # as device.GPUInfo counts it
-            procs: dict[int, int] = {}
-            try:
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    if p.usedGpuMemory is not None:  # None: the driver does not say (some vGPUs, MIG)
-                        procs[int(p.pid)] = procs.get(int(p.pid), 0) + int(p.usedGpuMemory)
-            except Exception:  # noqa: BLE001 - not supported here: the used-memory growth answers
-                pass
-            by_pid[i] = procs
-        return GPUMemory(used, by_pid)
-    except Exception:  # noqa: BLE001 - a GPU that fails its query: no measure, never a failed load
-        return None
-    finally:
+    from .device import nvml
+
+    with nvml() as pynvml:
+        if pynvml is None:
+            return None
         try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+            used: dict[int, int] = {}
+            by_pid: dict[int, dict[int, int]] = {}
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                used[i] = max(0, int(mem.total) - int(mem.free))  # as device.GPUInfo counts it
+                procs: dict[int, int] = {}
+                try:
+                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                        if p.usedGpuMemory is not None:  # None: the driver does not say (some vGPUs, MIG)
+                            procs[int(p.pid)] = procs.get(int(p.pid), 0) + int(p.usedGpuMemory)
+                except Exception:  # noqa: BLE001 - not supported here: the used-memory growth answers
+                    pass
+                by_pid[i] = procs
+            return GPUMemory(used, by_pid)
+        except Exception:  # noqa: BLE001 - a GPU that fails its query: no measure, never a failed load
+            return None
 
 
 def gpu_memory_now() -> GPUMemory | None:
