@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ..estimate import EngineSettings
@@ -75,7 +76,14 @@ def parse_log(text: str) -> DryRun:
 
 def header_digest(path: Path, data_offset: int) -> str:
     """sha256 of a GGUF's header bytes (everything before its tensor data) and its size: what a dry
-    run depends on, the same for a header-only sparse copy and the downloaded file."""
+    run depends on, the same for a header-only sparse copy and the downloaded file. Read once a
+    process for a file that did not change (a load asks for it for the dry run and for the ledger)."""
+    st = path.stat()
+    return _digest(str(path), data_offset, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _digest(path: str, data_offset: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         remaining = data_offset
@@ -85,7 +93,7 @@ def header_digest(path: Path, data_offset: int) -> str:
                 break
             h.update(chunk)
             remaining -= len(chunk)
-    h.update(str(path.stat().st_size).encode())
+    h.update(str(size).encode())
     return h.hexdigest()
 
 
