@@ -10,6 +10,7 @@ every layer offloaded, NVML's used memory (VRAM) and resident growth (RAM).
     python bench/estimate.py --device cpu                      # this machine's CPU
     python bench/estimate.py --device gpu --contexts 4096,16384,65536
     python bench/estimate.py --shapes small --archs llama,bert  # the make-test sizes
+    python bench/estimate.py --device gpu --cells llama:16384:f16,llama:4096:f16:Q8_0,me:512:f16 --model me=M.gguf
 
 Prints the table (estimate, measured, error of each cell) and writes it as JSON (--out).
 """
@@ -74,6 +75,11 @@ def main() -> None:
     ap.add_argument("--archs", default="", help="comma-separated (default: all of the shapes)")
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--kv", default="f16,q8_0")
+    ap.add_argument("--weights", default="F16", help="the matrices' type in the GGUFs written: F16, Q8_0, Q4_0")
+    ap.add_argument("--cells", default="",
+                    help="instead of the product: ARCH:N_CTX:KV[:WEIGHTS],... (ARCH may name a --model)")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="a GGUF of your own to measure as architecture NAME (with --cells, or alone)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/orion-bench-estimate"))
     ap.add_argument("--out", type=Path, default=None)
@@ -82,51 +88,63 @@ def main() -> None:
 
     from arch_models import SHAPES, write_model
 
+    from orion_cli.gguf_header import read_local_header
+
     start = time.monotonic()
     shapes = SHAPES[args.shapes]
-    archs = [a for a in (args.archs.split(",") if args.archs else shapes)]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    kvs = args.kv.split(",")
+    models = dict(m.split("=", 1) for m in args.model)
+    if args.cells:
+        cells = [(c.split(":") + ["", "", args.weights])[:4] for c in args.cells.split(",")]
+        cells = [(a, int(n), kv or "f16", w or args.weights) for a, n, kv, w in cells]
+    else:
+        cells = []
+        for arch in (args.archs.split(",") if args.archs else [*shapes, *models]):
+            encoder = (read_local_header(Path(models[arch])).architecture if arch in models
+                       else shapes[arch]["arch"]) == "bert"
+            for n_ctx in (ENCODER_CONTEXTS if encoder else [int(c) for c in args.contexts.split(",")]):
+                for kv in (("f16",) if encoder else args.kv.split(",")):
+                    cells.append((arch, n_ctx, kv, args.weights))
     gpu = args.device == "gpu"
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'arch':11s} {'n_ctx':>6s} {'kv':5s} | {'RAM est':>9s} {'measured':>9s} {'error':>7s} {'formula':>7s}"
+    print(f"{'arch':11s} {'n_ctx':>6s} {'kv':5s} {'w':4s} | {'RAM est':>9s} {'measured':>9s} {'error':>7s} {'formula':>7s}"
           + (f" | {'VRAM est':>9s} {'measured':>9s} {'error':>7s} {'formula':>7s}" if gpu else ""), flush=True)
-    for arch in archs:
-        shape = dict(shapes[arch])
-        name = shape.pop("arch")
-        path = args.work / f"{arch}-{args.shapes}.gguf"
-        if not path.exists():
-            write_model(path.with_suffix(".tmp"), name, **shape)
-            path.with_suffix(".tmp").replace(path)
-        embedding = name == "bert"
-        for n_ctx in (ENCODER_CONTEXTS if embedding else contexts):
-            for kv in (("f16",) if embedding else kvs):
-                if args.deadline and time.monotonic() - start > args.deadline:
-                    print("deadline reached: the remaining cells are not measured", flush=True)
-                    return finish(rows, args)
-                est = estimates(path, n_ctx, kv, gpu=gpu, embedding=embedding, threads=args.threads)
-                try:
-                    got = measure(path, n_ctx, kv, gpu_layers=est["n_gpu_layers"], embedding=embedding,
-                                  threads=args.threads, timeout=600)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    print(f"{arch:11s} {n_ctx:6d} {kv:5s} | failed: {exc}", flush=True)
-                    continue
-                row = {"arch": arch, "n_ctx": n_ctx, "kv": kv, "device": args.device, **est,
-                       "ram_measured": got["filled_bytes"], "ram_peak": got["peak_bytes"],
-                       "vram_measured": got["gpu_bytes"], "file_rss": got.get("file_rss_bytes"),
-                       "anon_rss": got.get("anon_rss_bytes")}
-                row["ram_error"] = (row["ram"] - row["ram_measured"]) / row["ram_measured"]
-                row["ram_formula_error"] = (row["ram_formula"] - row["ram_measured"]) / row["ram_measured"]
-                line = (f"{arch:11s} {n_ctx:6d} {kv:5s} | {row['ram'] / MiB:9.1f} {row['ram_measured'] / MiB:9.1f} "
-                        f"{row['ram_error']:+7.1%} {row['ram_formula_error']:+7.1%}")
-                if gpu and row["vram_measured"]:
-                    row["vram_error"] = (row["vram"] - row["vram_measured"]) / row["vram_measured"]
-                    row["vram_formula_error"] = (row["vram_formula"] - row["vram_measured"]) / row["vram_measured"]
-                    line += (f" | {row['vram'] / MiB:9.1f} {row['vram_measured'] / MiB:9.1f} {row['vram_error']:+7.1%} "
-                             f"{row['vram_formula_error']:+7.1%}")
-                print(line, flush=True)
-                rows.append(row)
+    for arch, n_ctx, kv, weights in cells:
+        if arch in models:
+            path, weights = Path(models[arch]), "file"
+        else:
+            shape = dict(shapes[arch])
+            path = args.work / f"{arch}-{args.shapes}-{weights.lower()}.gguf"
+            if not path.exists():
+                write_model(path.with_suffix(".tmp"), shape.pop("arch"), weight_type=weights, **shape)
+                path.with_suffix(".tmp").replace(path)
+        embedding = read_local_header(path).architecture == "bert"
+        if args.deadline and time.monotonic() - start > args.deadline:
+            print("deadline reached: the remaining cells are not measured", flush=True)
+            break
+        label = f"{arch:11s} {n_ctx:6d} {kv:5s} {weights:4s}"
+        est = estimates(path, n_ctx, kv, gpu=gpu, embedding=embedding, threads=args.threads)
+        try:
+            got = measure(path, n_ctx, kv, gpu_layers=est["n_gpu_layers"], embedding=embedding,
+                          threads=args.threads, timeout=600)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"{label} | failed: {exc}", flush=True)
+            continue
+        row = {"arch": arch, "n_ctx": n_ctx, "kv": kv, "weights": weights, "device": args.device, **est,
+               "ram_measured": got["filled_bytes"], "ram_peak": got["peak_bytes"],
+               "vram_measured": got["gpu_bytes"], "file_rss": got.get("file_rss_bytes"),
+               "anon_rss": got.get("anon_rss_bytes")}
+        row["ram_error"] = (row["ram"] - row["ram_measured"]) / row["ram_measured"]
+        row["ram_formula_error"] = (row["ram_formula"] - row["ram_measured"]) / row["ram_measured"]
+        line = (f"{label} | {row['ram'] / MiB:9.1f} {row['ram_measured'] / MiB:9.1f} "
+                f"{row['ram_error']:+7.1%} {row['ram_formula_error']:+7.1%}")
+        if gpu and row["vram_measured"]:
+            row["vram_error"] = (row["vram"] - row["vram_measured"]) / row["vram_measured"]
+            row["vram_formula_error"] = (row["vram_formula"] - row["vram_measured"]) / row["vram_measured"]
+            line += (f" | {row['vram'] / MiB:9.1f} {row['vram_measured'] / MiB:9.1f} {row['vram_error']:+7.1%} "
+                     f"{row['vram_formula_error']:+7.1%}")
+        print(line, flush=True)
+        rows.append(row)
     finish(rows, args)
 
 
