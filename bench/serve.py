@@ -16,6 +16,12 @@
 (e) Models in runner processes (the default) against models in the server's own process
     (ORION_RUNNERS=0), in the same run, rounds interleaved: (b), (c) at 4 clients and (d) for each,
     and the memory of each runner (its VmHWM) beside the server's.
+(f) The prompt cache: time to first token at turns 1, 5 and 10 of a conversation (each turn resends
+    the whole of it, as chat clients do; streamed, temperature 0), with the cache and with
+    ``cache_prompt: false`` (every prompt evaluated from its first token, as before the cache), and
+    chat tokens/s with 4 clients each way, in the same server.
+
+    python bench/serve.py --parts f        # (f) alone
 
 Loopback only; every server is started and stopped by this script.
 """
@@ -152,8 +158,76 @@ def chat_rate(port: int, model: str, clients: int, tokens: int) -> tuple[float, 
     return total / (time.perf_counter() - start), total
 
 
+TURNS = ["Tell me about lighthouses.", "Who keeps them?", "What did a keeper do at night?",
+         "And in a storm?", "How did they signal ships?", "Were there famous keepers?", "What about women keepers?",
+         "How are lighthouses run today?", "Which one is the oldest?", "Sum up what we said."]
+
+
+def first_token_s(port: int, body: dict) -> tuple[float, str, dict]:
+    """Seconds to the first piece of a streamed chat, the whole answer, and its usage."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body | {"stream": True,
+                                                                   "stream_options": {"include_usage": True}}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    first, text, usage = 0.0, "", {}
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        doc = json.loads(line[6:])
+        if doc.get("usage"):
+            usage = doc["usage"]
+        for choice in doc.get("choices", []):
+            piece = choice.get("delta", {}).get("content")
+            if piece:
+                first = first or time.perf_counter() - start
+                text += piece
+    conn.close()
+    return first, text, usage
+
+
+def conversation(port: int, model: str, cache: bool, tokens: int = 32) -> dict[int, tuple[float, int, int]]:
+    """Turn number -> (time to first token, prompt tokens, cached prompt tokens) over TURNS."""
+    messages, out = [], {}
+    for k, question in enumerate(TURNS, 1):
+        messages.append({"role": "user", "content": question})
+        ttft, answer, usage = first_token_s(port, {"model": model, "messages": messages, "max_tokens": tokens,
+                                                  "temperature": 0, "cache_prompt": cache})
+        messages.append({"role": "assistant", "content": answer})
+        out[k] = (ttft, usage.get("prompt_tokens", 0), usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+    return out
+
+
+def prompt_cache_part(env: dict, tokens: int) -> None:
+    srv = OrionServer(env)
+    try:
+        chat_rate(srv.port, "gemma3-270m", 1, 4)  # loaded, warm
+        got = {}
+        for cache in (False, True, False, True):  # interleaved: the same machine load for both
+            turns = conversation(srv.port, "gemma3-270m", cache)
+            rate = chat_rate(srv.port, "gemma3-270m", 4, tokens)[0]
+            best = got.setdefault(cache, {"turns": turns, "rate": rate})
+            best["turns"] = {k: min(best["turns"][k], v) for k, v in turns.items()}
+            best["rate"] = max(best["rate"], rate)
+    finally:
+        srv.stop()
+    for cache in (False, True):
+        t = got[cache]["turns"]
+        label = "with the prompt cache" if cache else "cache_prompt false  "
+        print(f"(f) {label}: first token at turn 1 {t[1][0] * 1000:.0f} ms ({t[1][1]} prompt tokens), "
+              f"turn 5 {t[5][0] * 1000:.0f} ms ({t[5][1]}, {t[5][2]} cached), turn 10 {t[10][0] * 1000:.0f} ms "
+              f"({t[10][1]}, {t[10][2]} cached): turn 10 / turn 1 {t[10][0] / t[1][0]:.2f}x (goal <= 1.3x); "
+              f"chat 4 clients {got[cache]['rate']:.1f} tok/s")
+    print(f"    chat 4 clients with / without the cache: {got[True]['rate'] / got[False]['rate']:.2f}x (goal >= 1x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", choices=("all", "f"), default="all", help="f: the prompt cache's part alone")
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -183,6 +257,9 @@ def main() -> None:
     # the encoder converted once, outside the measurement
     subprocess.run(orion + ["embed", "-", "--jsonl", "--local"], env=env, input=b"warm-up\n", check=True,
                    capture_output=True)
+
+    if args.parts == "f":
+        return prompt_cache_part(env, args.chat_tokens)
 
     # (a) memory
     local_wall, local_peaks = run_clients(
@@ -301,6 +378,7 @@ def main() -> None:
     print(f"             kept-alive round trip {run['rtt'] * 1000:.2f} / {own['rtt'] * 1000:.2f} ms")
     print(f"             peak memory: server {own_peak / mib:.0f} MiB, runners "
           + ", ".join(f"{name} {peak / mib:.0f} MiB" for name, peak in runner_memory.items()))
+    prompt_cache_part(env, args.chat_tokens)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class _Ends:
 class Generation:
     """One generation (run it in a worker thread): :meth:`pieces` yields the text as it comes.
 
-    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``. ``chat``: None lets the model
+    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``cache_prompt``. ``chat``: None lets the model
     decide (its template applies when it has one), False asks for a plain completion of the text.
     """
 
@@ -100,4 +100,5 @@ class Generation:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.timings.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.timings.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.timings.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.timings.cached_tokens}}

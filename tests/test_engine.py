@@ -215,7 +215,48 @@ def test_parallel_decoder_alone_matches_llama_cpp_python(gemma_q4):
         import llama_cpp
 
         memory = llama_cpp.llama_get_memory(model._llm._ctx.ctx)
+        kept = model.decoder()._cached  # the prompt cache keeps finished sequences' cells, and only those
+        assert kept and all(llama_cpp.llama_memory_seq_pos_max(memory, s) == len(kept[s]) - 1 if s in kept else
+                            llama_cpp.llama_memory_seq_pos_max(memory, s) == -1 for s in range(4))
+        model.decoder().forget_cache()
         assert all(llama_cpp.llama_memory_seq_pos_max(memory, s) == -1 for s in range(4))  # every cell freed
+    finally:
+        model.close()
+
+
+def test_the_prompt_cache_reuses_a_conversation_and_gives_the_exact_modes_text(gemma_q4):
+    """A chat's next turn resends the conversation: the decoder evaluates only what its cells do not
+    hold (the earlier prompt and answer), and the greedy answer is the exact mode's (cache_prompt
+    False: every token evaluated again). A prompt that parts from the kept one early reuses only the
+    common start; another sequence's room takes kept cells back."""
+    from orion_cli.engine import Timings, prompt_tokens
+
+    model = load(LoadSpec(gemma_q4, 1024, 2, parallel=2))
+    try:
+        dec = model.decoder()
+        first, _ = prompt_tokens(model, "The capital of France is")
+        t1 = Timings()
+        answer = "".join(dec.generate(first, max_tokens=8, temperature=0.0, timings=t1))
+        assert t1.cached_tokens == 0 and answer
+        kept = next(iter(dec._cached.values()))
+        assert kept[: len(first)] == first and len(kept) == len(first) + 7  # the last token drawn is not fed
+        follow = kept + model.tokenize(" And the capital of Spain is", special=False)
+        t2, exact = Timings(), Timings()
+        cached = "".join(dec.generate(follow, max_tokens=8, temperature=0.0, timings=t2))
+        assert t2.cached_tokens == len(kept) and t2.prompt_tokens == len(follow)
+        fresh = "".join(dec.generate(follow, max_tokens=8, temperature=0.0, timings=exact, cache_prompt=False))
+        assert exact.cached_tokens == 0 and cached == fresh
+        # a prompt that shares only its first tokens reuses those
+        other, _ = prompt_tokens(model, "The capital of Italy is")
+        t3 = Timings()
+        "".join(dec.generate(other, max_tokens=2, temperature=0.0, timings=t3))
+        common = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
+        assert 0 < t3.cached_tokens == common
+        # a prompt that needs the whole context takes the kept cells back
+        long = model.tokenize("word " * 900, special=False)[:1000]
+        t4 = Timings()
+        assert "".join(dec.generate(long, max_tokens=4, temperature=0.0, timings=t4)) is not None
+        assert t4.cached_tokens == 0 and sum(len(v) for v in dec._cached.values()) <= 1024
     finally:
         model.close()
 

@@ -9,7 +9,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from ..errors import InvalidValue, OrionError
@@ -71,6 +71,16 @@ class _Sequence:
     first_token_at: float = 0.0
     gone: threading.Event | None = None  # the caller's: its client went away
     eog: bool = False  # it ended on its own (an end-of-generation token)
+    cache: bool = True  # its prompt may start from cells an earlier sequence left (the prompt cache)
+    reused: int = 0  # prompt tokens found in the KV cache, not evaluated again
+    out_tokens: list[int] = field(default_factory=list)  # the tokens sampled
+
+    def in_cache(self) -> list[int]:
+        """The tokens whose cells it holds now: the prompt as far as it was fed, then each sampled
+        token but the last (a token is fed at the step after it was drawn)."""
+        if self.fed < len(self.tokens):
+            return self.tokens[: self.fed]
+        return self.tokens + self.out_tokens[: max(0, self.generated - 1)]
 
     def cancelled(self) -> bool:
         return self.cancel.is_set() or (self.gone is not None and self.gone.is_set())
@@ -78,6 +88,7 @@ class _Sequence:
     def fill(self, t: "Timings") -> None:
         """Its timings, as of now (once it has ended: the whole of it)."""
         t.prompt_tokens = len(self.tokens)
+        t.cached_tokens = self.reused
         t.hit_limit = not self.eog and self.generated >= self.max_tokens
         end = time.perf_counter()
         first = self.first_token_at or end
@@ -109,7 +120,15 @@ class ParallelDecoder:
     request waits until its prompt and ``max_tokens`` fit beside the others.
 
     :meth:`generate` yields text pieces like :meth:`LoadedModel.generate`; closing the iterator
-    ends the sequence (its cells are freed at the next step)."""
+    ends the sequence at the next step.
+
+    **The prompt cache**: a finished sequence's cells stay in the KV cache, with the tokens they
+    hold, until their room is needed; a new prompt that starts with those tokens (a chat's next turn
+    resends the whole conversation) takes that sequence and evaluates only the rest, as llama.cpp's
+    server does with ``cache_prompt``. The reused cells were computed in other batches than a fresh
+    prompt's would be, so the logits may differ in their last bits: ``cache_prompt=False`` evaluates
+    the prompt from its first token, for runs that must be exact. A model with a sliding window
+    reuses cells only where the window still holds what the rest of the prompt attends to."""
 
     def __init__(self, model: "LoadedModel") -> None:
         import llama_cpp
@@ -123,6 +142,10 @@ class ParallelDecoder:
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self._waiting: list[_Sequence] = []
         self._running: dict[int, _Sequence] = {}
+        self._cached: dict[int, list[int]] = {}  # a free sequence id -> the tokens its cells still hold
+        self._cached_at: dict[int, int] = {}  # -> when (a count of finished sequences): the oldest goes first
+        self._finished = 0
+        self._n_swa = llama_cpp.llama_model_n_swa(raw_model(model._llm))
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0
@@ -133,13 +156,14 @@ class ParallelDecoder:
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                  top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[str]:
+                 cancel: threading.Event | None = None, cache_prompt: bool = True) -> Iterator[str]:
         """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
-        the next step, whether it runs or still waits for a free sequence."""
+        the next step, whether it runs or still waits for a free sequence. ``cache_prompt``: see the
+        class's docstring."""
         import codecs
 
         seq = self.submit(tokens, queue.Queue(), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, cancel=cancel)
+                          seed=seed, cancel=cancel, cache_prompt=cache_prompt)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
@@ -161,7 +185,8 @@ class ParallelDecoder:
             seq.fill(t)
 
     def submit(self, tokens: Sequence[int], out, *, max_tokens: int = 256, temperature: float = 0.8,
-               top_p: float = 0.95, seed: int | None = None, cancel: threading.Event | None = None) -> _Sequence:
+               top_p: float = 0.95, seed: int | None = None, cancel: threading.Event | None = None,
+               cache_prompt: bool = True) -> _Sequence:
         """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes, then None at
         its end (or an exception), from its own thread (a runner sends them on from there: no thread
         between the loop and the connection). :meth:`generate` reads them from a queue."""
@@ -171,7 +196,7 @@ class ParallelDecoder:
         if room < 1:
             raise prompt_too_long(len(tokens), self.n_ctx)
         seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
-                        out, threading.Event(), started=time.perf_counter(), gone=cancel)
+                        out, threading.Event(), started=time.perf_counter(), gone=cancel, cache=cache_prompt)
         with self._cond:
             if self._closed:
                 llama_cpp_free_sampler(seq.sampler)
@@ -183,7 +208,8 @@ class ParallelDecoder:
     # ------------------------------------------------------------ the decode loop
 
     def _admit(self) -> None:
-        """Waiting requests take free sequences while their prompt and max_tokens fit the cache."""
+        """Waiting requests take free sequences while their prompt and max_tokens fit the cache
+        (cells other free sequences keep for the prompt cache give way, the oldest first)."""
         free = [i for i in range(self.n_seq) if i not in self._running]
         reserved = sum(len(q.tokens) + q.max_tokens for q in self._running.values())
         for seq in [q for q in self._waiting if q.cancelled()]:  # its client went away while it waited
@@ -194,25 +220,86 @@ class ParallelDecoder:
             seq.out.put(None)  # its reader ends
         while self._waiting and free:
             seq = self._waiting[0]
-            if self._running and reserved + len(seq.tokens) + seq.max_tokens > self.n_ctx:
+            slot, prefix = self._slot_for(seq, free)
+            need = len(seq.tokens) + seq.max_tokens
+            others = [i for i in free if i != slot and i in self._cached]
+            while others and reserved + need + sum(len(self._cached[i]) for i in others) > self.n_ctx:
+                oldest = min(others, key=self._cached_at.__getitem__)
+                self._forget(oldest)
+                others.remove(oldest)
+            if self._running and reserved + need > self.n_ctx:
                 break  # it waits for room
             self._waiting.pop(0)
-            seq.seq_id = free.pop(0)
-            self._forget(seq.seq_id)  # whatever another user of the context left there
-            reserved += len(seq.tokens) + seq.max_tokens
-            self._running[seq.seq_id] = seq
+            free.remove(slot)
+            seq.seq_id = slot
+            seq.fed = seq.reused = self._reuse(slot, seq, prefix)
+            reserved += need
+            self._running[slot] = seq
+
+    def _slot_for(self, seq: _Sequence, free: list[int]) -> tuple[int, int]:
+        """The free sequence id for ``seq`` and how many of its prompt's tokens that id's cells hold:
+        the longest match; with none, an id that keeps nothing, else the oldest kept."""
+        best, best_len = -1, 0
+        if seq.cache:
+            for i in free:
+                kept = self._cached.get(i)
+                if kept:
+                    n = _common_prefix(kept, seq.tokens)
+                    if n > best_len:
+                        best, best_len = i, n
+        if best >= 0:
+            return best, best_len
+        empty = [i for i in free if i not in self._cached]
+        return (empty[0] if empty else min(free, key=self._cached_at.__getitem__)), 0
+
+    def _reuse(self, slot: int, seq: _Sequence, prefix: int) -> int:
+        """Keep the first ``prefix`` cells of ``slot`` for ``seq`` (at least its last prompt token is
+        evaluated again: its logits give the first token) and drop the rest; what was kept."""
+        import llama_cpp
+
+        kept = self._cached.pop(slot, None)
+        self._cached_at.pop(slot, None)
+        reuse = min(prefix, len(seq.tokens) - 1)
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        if reuse > 0 and memory and kept is not None:
+            # the cells must still be there (nothing else cleared the context) and, with a sliding
+            # window, still hold what the tokens after ``reuse`` attend to (llama.cpp's server's rule)
+            intact = llama_cpp.llama_memory_seq_pos_max(memory, slot) == len(kept) - 1
+            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, slot)
+            if not intact or (self._n_swa > 0 and pos_min > max(0, reuse - self._n_swa)):
+                reuse = 0
+            elif not llama_cpp.llama_memory_seq_rm(memory, slot, reuse, -1):
+                reuse = 0  # a recurrent model cannot cut a sequence: evaluate it all
+        else:
+            reuse = 0
+        if reuse == 0 and memory:
+            llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)  # whatever another user left there
+        return reuse
 
     def _forget(self, seq_id: int) -> None:
         import llama_cpp
 
+        self._cached.pop(seq_id, None)
+        self._cached_at.pop(seq_id, None)
         memory = llama_cpp.llama_get_memory(self._ctx)
         if memory:
             llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
 
+    def forget_cache(self) -> None:
+        """Drop what the prompt cache keeps (another user of the context is about to clear it)."""
+        with self._cond:
+            for seq_id in list(self._cached):
+                self._forget(seq_id)
+
     def _finish(self, seq: _Sequence, error: BaseException | None = None) -> None:
         import llama_cpp
 
-        self._forget(seq.seq_id)
+        kept = seq.in_cache() if error is None and seq.cache else []
+        if kept:
+            self._finished += 1
+            self._cached[seq.seq_id], self._cached_at[seq.seq_id] = kept, self._finished
+        else:
+            self._forget(seq.seq_id)
         llama_cpp.llama_sampler_free(seq.sampler)
         self._running.pop(seq.seq_id, None)
         seq.out.put(error if error is not None else None)
@@ -280,6 +367,7 @@ class ParallelDecoder:
                     token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
                     seq.logits_at = -1
                     seq.generated += 1
+                    seq.out_tokens.append(token)
                     if seq.generated == 1:
                         seq.first_token_at = time.perf_counter()
                     if llama_cpp.llama_vocab_is_eog(self._vocab, token) or seq.cancelled():
@@ -327,6 +415,14 @@ class ParallelDecoder:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:

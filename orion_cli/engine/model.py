@@ -83,6 +83,7 @@ class LoadedModel:
         timings: Timings | None = None,
         history: Sequence[dict] = (),
         chat: bool | None = None,
+        cache_prompt: bool = True,
     ) -> Iterator[str]:
         """Stream the model's continuation of ``prompt`` (its chat template when it has one;
         ``chat=False``: a plain completion of the text, as /v1/completions asks), cut at the
@@ -94,7 +95,7 @@ class LoadedModel:
             return
         tokens, stops = prompt_tokens(self, prompt, system=system, history=history, chat=chat)
         pieces = self.decoder().generate(tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                         seed=seed, timings=timings)
+                                         seed=seed, timings=timings, cache_prompt=cache_prompt)
         yield from cut_at_stops(pieces, stops)
 
     def _generate_vision(self, prompt: str, system: str | None, images: Sequence[Path], history: Sequence[dict],
@@ -147,6 +148,8 @@ class LoadedModel:
         import llama_cpp
         import numpy as np
 
+        if self._decoder is not None:  # the window is evaluated in an emptied context
+            self._decoder.forget_cache()
         ctx = raw_context(self._llm)
         n_vocab = self._llm.n_vocab()
         batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)

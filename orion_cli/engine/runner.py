@@ -113,6 +113,7 @@ class _Runner:
                         box[0].fill(t)
                         runner.send((rid, "end", {"prompt_s": t.prompt_s, "gen_tokens": t.gen_tokens,
                                                   "gen_s": t.gen_s, "hit_limit": t.hit_limit,
+                                                  "cached_tokens": t.cached_tokens,
                                                   "steps": runner.model.decode_steps}))
                     else:
                         runner.send((rid, "error", _payload(item)))

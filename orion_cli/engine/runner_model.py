@@ -395,6 +395,7 @@ class RunnerModel:
                     ended = True
                     t.prompt_s, t.gen_tokens, t.gen_s = value["prompt_s"], value["gen_tokens"], value["gen_s"]
                     t.hit_limit = value["hit_limit"]
+                    t.cached_tokens = value.get("cached_tokens", 0)
                     self.decode_steps = max(self.decode_steps, value["steps"])
                     tail = decode.decode(b"", final=True)
                     if tail:

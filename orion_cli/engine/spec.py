@@ -40,6 +40,7 @@ class Timings:
     gen_tokens: int = 0
     gen_s: float = 0.0
     hit_limit: bool = False  # generation stopped at max_tokens or the end of the context (not on its own)
+    cached_tokens: int = 0  # of prompt_tokens, those whose cells an earlier request left in the KV cache
 
     @property
     def prompt_tok_s(self) -> float:

@@ -208,6 +208,9 @@ def generation_options(doc: dict, n_ctx: int) -> dict:
         "temperature": in_range(doc, "temperature", 1.0, limits.TEMPERATURE),
         "top_p": in_range(doc, "top_p", 1.0, limits.TOP_P),
         "seed": in_range(doc, "seed", None, limits.SEED),
+        # llama.cpp's server's name: reuse the cells an earlier request left for the same start (false:
+        # the prompt is evaluated from its first token, the exact mode)
+        "cache_prompt": boolean(doc, "cache_prompt", True),
     }
 
 
