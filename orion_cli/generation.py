@@ -40,7 +40,8 @@ class _Ends:
 class Generation:
     """One generation (run it in a worker thread): :meth:`pieces` yields the text as it comes.
 
-    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``cache_prompt``. ``chat``: None lets the model
+    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``cache_prompt``, ``response_format``
+    (checked by the server: its grammar is made where the model is). ``chat``: None lets the model
     decide (its template applies when it has one), False asks for a plain completion of the text.
     """
 
@@ -49,6 +50,7 @@ class Generation:
         from .engine import Timings
 
         self.model, self.prompt, self.options, self.stops = model, prompt, dict(options), list(stops)
+        self.response_format = self.options.pop("response_format", None)  # made a grammar by check_fits
         self.chat, self.system, self.history = chat, system, list(history or [])
         self.timings = Timings()
         self.text = ""
@@ -67,6 +69,9 @@ class Generation:
         """Raise the prompt-too-long error now (before a stream's first byte) rather than mid-stream."""
         from .engine.decoder import prompt_too_long
 
+        if self.response_format is not None:  # a schema llama.cpp cannot follow: an error now too
+            self.options["grammar"] = self.model.grammar_for(self.response_format)
+            self.response_format = None
         n_tokens = len(self.prompt_tokens()[0])
         if n_tokens >= self.model.spec.n_ctx:
             raise prompt_too_long(n_tokens, self.model.spec.n_ctx)
@@ -76,6 +81,8 @@ class Generation:
         of one held back); a set ``cancel`` ends it after the next piece (the client went away)."""
         from .engine.decoder import cut_at_stops
 
+        if self.response_format is not None:
+            self.check_fits()
         tokens, template_stops = self.prompt_tokens()
         stops = self.stops + [s for s in template_stops if s not in self.stops]
         decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, cancel=cancel, **self.options))

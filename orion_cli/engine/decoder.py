@@ -156,14 +156,15 @@ class ParallelDecoder:
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
                  top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None,
-                 cancel: threading.Event | None = None, cache_prompt: bool = True) -> Iterator[str]:
+                 cancel: threading.Event | None = None, cache_prompt: bool = True,
+                 grammar: str | None = None) -> Iterator[str]:
         """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
         the next step, whether it runs or still waits for a free sequence. ``cache_prompt``: see the
-        class's docstring."""
+        class's docstring. ``grammar``: GBNF the text follows (:mod:`.grammar`)."""
         import codecs
 
         seq = self.submit(tokens, queue.Queue(), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, cancel=cancel, cache_prompt=cache_prompt)
+                          seed=seed, cancel=cancel, cache_prompt=cache_prompt, grammar=grammar)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
@@ -186,7 +187,7 @@ class ParallelDecoder:
 
     def submit(self, tokens: Sequence[int], out, *, max_tokens: int = 256, temperature: float = 0.8,
                top_p: float = 0.95, seed: int | None = None, cancel: threading.Event | None = None,
-               cache_prompt: bool = True) -> _Sequence:
+               cache_prompt: bool = True, grammar: str | None = None) -> _Sequence:
         """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes, then None at
         its end (or an exception), from its own thread (a runner sends them on from there: no thread
         between the loop and the connection). :meth:`generate` reads them from a queue."""
@@ -195,7 +196,7 @@ class ParallelDecoder:
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise prompt_too_long(len(tokens), self.n_ctx)
-        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed)),
+        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed, grammar), self._vocab),
                         out, threading.Event(), started=time.perf_counter(), gone=cancel, cache=cache_prompt)
         with self._cond:
             if self._closed:

@@ -84,6 +84,7 @@ class LoadedModel:
         history: Sequence[dict] = (),
         chat: bool | None = None,
         cache_prompt: bool = True,
+        grammar: str | None = None,
     ) -> Iterator[str]:
         """Stream the model's continuation of ``prompt`` (its chat template when it has one;
         ``chat=False``: a plain completion of the text, as /v1/completions asks), cut at the
@@ -91,11 +92,11 @@ class LoadedModel:
         server's requests; a vision model through llama-cpp-python's chat handler (the images)."""
         if self.is_vision:
             yield from self._generate_vision(prompt, system, images, history, max_tokens,
-                                             Sampling(temperature, top_p, seed), timings)
+                                             Sampling(temperature, top_p, seed, grammar), timings)
             return
         tokens, stops = prompt_tokens(self, prompt, system=system, history=history, chat=chat)
         pieces = self.decoder().generate(tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                         seed=seed, timings=timings, cache_prompt=cache_prompt)
+                                         seed=seed, timings=timings, cache_prompt=cache_prompt, grammar=grammar)
         yield from cut_at_stops(pieces, stops)
 
     def _generate_vision(self, prompt: str, system: str | None, images: Sequence[Path], history: Sequence[dict],
@@ -141,6 +142,12 @@ class LoadedModel:
                       chat: bool | None = None) -> tuple[list[int], list[str]]:
         """The tokens a prompt is evaluated as, and the template's stop strings (:func:`.decoder.prompt_tokens`)."""
         return prompt_tokens(self, prompt, system=system, history=history, chat=chat)
+
+    def grammar_for(self, response_format: dict | None) -> str | None:
+        """The grammar of a response format (:func:`.grammar.grammar_for`), made where llama_cpp is."""
+        from .grammar import grammar_for
+
+        return grammar_for(response_format)
 
     def perplexity_window(self, tokens: Sequence[int], first_scored: int):
         """Negative log-likelihoods of ``tokens[j + 1]`` given ``tokens[: j + 1]`` for j from

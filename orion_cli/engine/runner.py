@@ -22,7 +22,8 @@ import threading
 import time
 
 # What a client may call on the loaded model (nothing else is reachable through the connection).
-CALLS = frozenset({"tokenize", "tokenize_many", "count_tokens", "prompt_tokens", "embed_tokens", "chat_mode"})
+CALLS = frozenset({"tokenize", "tokenize_many", "count_tokens", "prompt_tokens", "embed_tokens", "chat_mode",
+                   "grammar_for"})
 BEAT_S = 1.0
 
 

@@ -359,6 +359,9 @@ class RunnerModel:
     def embed_tokens(self, sequences: Sequence[Sequence[int]]):
         return self._call("embed_tokens", [list(s) for s in sequences])
 
+    def grammar_for(self, response_format: dict | None) -> str | None:
+        return self._call("grammar_for", response_format)
+
     def decoder(self) -> "_RunnerDecoder":
         return _RunnerDecoder(self)
 

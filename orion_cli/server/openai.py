@@ -211,7 +211,33 @@ def generation_options(doc: dict, n_ctx: int) -> dict:
         # llama.cpp's server's name: reuse the cells an earlier request left for the same start (false:
         # the prompt is evaluated from its first token, the exact mode)
         "cache_prompt": boolean(doc, "cache_prompt", True),
+        "response_format": response_format(doc),
     }
+
+
+def response_format(doc: dict) -> dict | None:
+    """OpenAI's ``response_format``, checked: ``{"type": "text"}``, ``{"type": "json_object"}`` or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}`` (the grammar is made
+    from it where the model is: :mod:`orion_cli.engine.grammar`)."""
+    value = doc.get("response_format")
+    if value is None:
+        return None
+    kinds = ("text", "json_object", "json_schema")
+    if not isinstance(value, dict) or value.get("type") not in kinds:
+        raise APIError(400, f"'response_format' must be an object whose 'type' is one of {', '.join(kinds)}, "
+                            f"not {_shown(value)}", param="response_format", code="invalid_value")
+    if value["type"] != "json_schema":
+        return None if value["type"] == "text" else {"type": value["type"]}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise APIError(400, "'response_format.json_schema' must be an object with a 'schema' object",
+                       param="response_format.json_schema", code="invalid_value")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise APIError(400, "'response_format.json_schema.name' must be a string",
+                       param="response_format.json_schema.name", code="invalid_value")
+    # OpenAI's default when no schema is given is any JSON object
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": spec.get("schema") or {"type": "object"}}}
 
 
 def chat_parts(doc: dict) -> tuple[str | None, list[dict], str]:

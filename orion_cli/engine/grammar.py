@@ -1,0 +1,67 @@
+"""Structured outputs: a response format (OpenAI's ``response_format``) as a llama.cpp grammar.
+
+``json_object`` is llama.cpp's JSON grammar (any object); ``json_schema`` is the schema turned into
+GBNF by llama-cpp-python's port of llama.cpp's ``json-schema-to-grammar`` (the one llama.cpp's server
+uses), so every token drawn keeps the text a prefix of a document the schema accepts. The grammar
+sampler leads each sequence's chain (:func:`orion_cli.engine.sampling.sampler_chain`).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import InvalidValue
+
+
+# Keywords that constrain a value and that the converter does not turn into grammar: a schema with
+# one is refused (naming it) rather than followed in part. Annotations (title, description, default,
+# examples...) do not constrain and are fine.
+UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+              "minProperties", "maxProperties", "not", "if", "then", "else", "patternProperties", "contains",
+              "minContains", "maxContains", "dependentRequired", "dependentSchemas", "propertyNames",
+              "unevaluatedProperties", "unevaluatedItems")
+
+
+def _unenforced(schema, path: str) -> tuple[str, str] | None:
+    """The first (path, keyword) in ``schema`` that the grammar would not enforce."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            if (found := _unenforced(item, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for key in UNENFORCED:
+        if key in schema:
+            return path, key
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            for name, sub in value.items():
+                if (found := _unenforced(sub, f"{path}.{key}.{name}")) is not None:
+                    return found
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            if (found := _unenforced(value, f"{path}.{key}")) is not None:
+                return found
+    return None
+
+
+def grammar_for(response_format: dict | None) -> str | None:
+    """The GBNF of a checked ``response_format`` (``{"type": "text"}`` or none: no grammar)."""
+    if not response_format or response_format.get("type") == "text":
+        return None
+    from llama_cpp import llama_grammar
+
+    if response_format["type"] == "json_object":
+        return llama_grammar.JSON_GBNF
+    schema = response_format["json_schema"]["schema"]
+    found = _unenforced(schema, "schema")
+    if found is not None:
+        where, key = found
+        raise InvalidValue(f"response_format.json_schema.{where} has '{key}', which orion's grammar does not enforce",
+                           hint=f"leave '{key}' out of the schema (and check it in your code), or ask without a schema")
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
+        raise InvalidValue(f"response_format.json_schema.schema cannot be followed: {exc}",
+                           hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports "
+                                "(type, properties, required, items, enum, const, anyOf, minLength...)") from None
