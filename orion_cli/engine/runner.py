@@ -101,7 +101,7 @@ class _Runner:
 
         class Sink:
             def put(self, item) -> None:
-                if isinstance(item, bytes):
+                if isinstance(item, (bytes, tuple)):  # a token's bytes (and its record, with logprobs)
                     runner.send((rid, "piece", item))
                     return
                 submitted.wait()  # (the loop may end a sequence before submit() has returned it)
