@@ -197,18 +197,140 @@ def stop_strings(doc: dict) -> list[str]:
     return stops
 
 
-def generation_options(doc: dict, n_ctx: int) -> dict:
+# ---------------------------------------------------------------- the parameters of chat and completions
+#
+# Every key of a /v1/chat/completions or /v1/completions body is in one of these sets, or the request
+# is refused with a 400 that names it: nothing a client asks for is silently ignored. The table of
+# docs/openai-parameters.md says the same, with the reasons.
+
+# Read and honoured (each checked where it is parsed).
+HONOURED_CHAT = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "n"})
+HONOURED_COMPLETIONS = frozenset({
+    "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
+    "presence_penalty", "frequency_penalty", "logprobs", "n", "best_of", "echo", "suffix"})
+# Accepted and not used: nothing they say can change the text (who the end user is, whether OpenAI
+# should store the answer, its tags, a billing tier, a cache key): a client library that sends them by
+# default still works.
+HARMLESS = frozenset({"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
+# What a client may leave at its default and still be served (the values that mean the feature is
+# off); any other value is refused.
+REFUSED_CHAT: dict[str, tuple] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True),
+    "logit_bias": (None, {}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+REFUSED_COMPLETIONS: dict[str, tuple] = {"logit_bias": (None, {})}
+# Why each is refused: what the client should do instead.
+_WHY_REFUSED = {
+    "response_format": "structured outputs are not supported yet by orion serve; leave 'response_format' out "
+                       "(or give {\"type\": \"text\"})",
+    "tools": "tool calls are not supported yet by orion serve; leave 'tools' out",
+    "tool_choice": "tool calls are not supported yet by orion serve; leave 'tool_choice' out (or give \"none\")",
+    "functions": "function calls are not supported yet by orion serve; leave 'functions' out",
+    "function_call": "function calls are not supported yet by orion serve; leave 'function_call' out",
+    "parallel_tool_calls": "tool calls are not supported yet by orion serve; leave 'parallel_tool_calls' out",
+    "logit_bias": "'logit_bias' is not supported by orion serve; leave it out (or give {})",
+    "modalities": "orion serve answers with text only; leave 'modalities' out (or give [\"text\"])",
+    "audio": "orion serve answers with text only; leave 'audio' out",
+    "prediction": "predicted outputs are not supported by orion serve; leave 'prediction' out",
+    "reasoning_effort": "'reasoning_effort' is not supported by orion serve; leave it out",
+    "verbosity": "'verbosity' is not supported by orion serve; leave it out",
+    "web_search_options": "orion serve does not search the web; leave 'web_search_options' out",
+}
+
+def check_parameters(doc: dict, *, chat: bool) -> None:
+    """Refuse, with a 400 that names it, a key the route does not know and a feature it does not
+    have; pass the honoured and the harmless ones (see the sets above)."""
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    honoured = HONOURED_CHAT if chat else HONOURED_COMPLETIONS
+    refused = REFUSED_CHAT if chat else REFUSED_COMPLETIONS
+    for key, value in doc.items():
+        if key in honoured or key in HARMLESS:
+            continue
+        if key in refused:
+            if not any(value == ok and type(value) is type(ok) for ok in refused[key]):
+                raise APIError(400, f"{_WHY_REFUSED[key]} (not {_shown(value)})", param=key,
+                               code="unsupported_parameter")
+            continue
+        other = "/v1/completions" if chat else "/v1/chat/completions"
+        known_there = key in (HONOURED_COMPLETIONS if chat else HONOURED_CHAT) or key in (
+            REFUSED_COMPLETIONS if chat else REFUSED_CHAT)
+        hint = (f"'{key}' is a parameter of {other}" if known_there
+                else "docs/openai-parameters.md lists the parameters orion serve takes")
+        raise APIError(400, f"unknown parameter {_shown(key)} for {route}", param=key, code="unknown_parameter",
+                       hint=hint)
+    if not chat:
+        if number(doc, "best_of", 1, 1, 1, integer=True) != 1:
+            raise APIError(400, "'best_of' must be 1: orion serve makes one completion a request", param="best_of",
+                           code="unsupported_parameter")
+        if boolean(doc, "echo"):
+            raise APIError(400, "'echo' is not supported by orion serve; leave it out (or give false)", param="echo",
+                           code="unsupported_parameter")
+        suffix = doc.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            raise APIError(400, f"'suffix' must be a string, not {_shown(suffix)}", param="suffix", code="invalid_value")
+        if suffix:
+            raise APIError(400, "'suffix' (insertion) is not supported by orion serve; leave it out (or give \"\")",
+                           param="suffix", code="unsupported_parameter")
+
+
+def _max_tokens(doc: dict, n_ctx: int) -> int:
+    """``max_tokens``, or ``max_completion_tokens`` (its new name, what current OpenAI clients and
+    LangChain send): the same limit; both given, they must agree."""
+    from .. import limits
+
+    allowed = limits.max_tokens_range(n_ctx)
+    old = in_range(doc, "max_tokens", None, allowed)
+    new = in_range(doc, "max_completion_tokens", None, allowed)
+    if old is not None and new is not None and old != new:
+        raise APIError(400, f"'max_completion_tokens' ({new}) and 'max_tokens' ({old}) disagree; give one of them",
+                       param="max_completion_tokens", code="invalid_value")
+    return next((v for v in (new, old) if v is not None), DEFAULT_MAX_TOKENS)
+
+
+def _logprobs(doc: dict, *, chat: bool) -> int | None:
+    """How many of the most likely tokens to list beside each token's own log-probability (None: no
+    log-probabilities). Chat: ``logprobs`` true, ``top_logprobs`` 0..20; completions: ``logprobs`` 0..5."""
+    if not chat:
+        return number(doc, "logprobs", None, 0, 5, integer=True)
+    wanted = boolean(doc, "logprobs")
+    top = number(doc, "top_logprobs", None, 0, 20, integer=True)
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return (top or 0) if wanted else None
+
+
+def generation_options(doc: dict, n_ctx: int, *, chat: bool = True) -> dict:
     """The sampling options, each within the range :mod:`orion_cli.limits` gives the CLI's flag."""
     from .. import limits
 
     if number(doc, "n", 1, 1, 1, integer=True) != 1:
-        raise APIError(400, "'n' must be 1", param="n")
-    return {
-        "max_tokens": in_range(doc, "max_tokens", DEFAULT_MAX_TOKENS, limits.max_tokens_range(n_ctx)),
+        raise APIError(400, "'n' must be 1: orion serve makes one choice a request", param="n",
+                       code="unsupported_parameter")
+    options = {
+        "max_tokens": _max_tokens(doc, n_ctx),
         "temperature": in_range(doc, "temperature", 1.0, limits.TEMPERATURE),
         "top_p": in_range(doc, "top_p", 1.0, limits.TOP_P),
         "seed": in_range(doc, "seed", None, limits.SEED),
+        "presence_penalty": in_range(doc, "presence_penalty", 0.0, limits.PENALTY),
+        "frequency_penalty": in_range(doc, "frequency_penalty", 0.0, limits.PENALTY),
     }
+    logprobs = _logprobs(doc, chat=chat)
+    if logprobs is not None:
+        options["logprobs"] = logprobs
+    return options
 
 
 def chat_parts(doc: dict) -> tuple[str | None, list[dict], str]:
@@ -265,6 +387,7 @@ class Asked:
 
     @classmethod
     def parse(cls, doc: dict, *, chat: bool) -> Asked:
+        check_parameters(doc, chat=chat)
         stream = boolean(doc, "stream")
         options = doc.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -333,14 +456,27 @@ def check_dimensions(doc: dict, model_id: str, dim: int) -> None:
 # ---------------------------------------------------------------- response documents
 
 
+def _token_text(raw: bytes) -> str:
+    """A token's text as the logprobs show it (a token that holds part of a character: U+FFFD for it;
+    its ``bytes`` say which)."""
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass
 class Reply:
-    """The documents of one chat or text completion: the whole answer, or its stream's chunks."""
+    """The documents of one chat or text completion: the whole answer, or its stream's chunks.
+
+    ``logprobs`` (None: not asked for) is how many of the likeliest tokens each token's entry lists;
+    ``prompt`` is what a completion's ``text_offset`` counts from (OpenAI's offsets are into the
+    prompt followed by the text, with or without ``echo``)."""
 
     chat: bool
     model: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: int | None = None
+    prompt: str = ""
+    _before: bytes = b""  # a completion's text so far, in the records' bytes (for text_offset)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
@@ -349,9 +485,38 @@ class Reply:
     def kind(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def whole(self, text: str, finish_reason: str, usage: dict, timings: dict) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-                  if self.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason})
+    def logprobs_document(self, records: list) -> dict | None:
+        """The ``logprobs`` of a choice (or a chunk's) for these tokens' records: chat's
+        ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}``, a completion's
+        ``{tokens, token_logprobs, top_logprobs, text_offset}``; None when not asked for."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            content = [{"token": _token_text(raw), "logprob": lp, "bytes": list(raw),
+                        "top_logprobs": [{"token": _token_text(t), "logprob": tl, "bytes": list(t)}
+                                         for t, tl in top[:self.logprobs]]}
+                       for raw, lp, top in records]
+            return {"content": content, "refusal": None}
+        doc: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for raw, lp, top in records:
+            doc["tokens"].append(_token_text(raw))
+            doc["token_logprobs"].append(lp)
+            likeliest: dict = {}
+            for t, tl in [*top[:self.logprobs], (raw, lp)]:  # OpenAI's: the sampled token always, so up to n + 1
+                likeliest.setdefault(_token_text(t), tl)
+            doc["top_logprobs"].append(likeliest)
+            doc["text_offset"].append(len(self.prompt) + len(self._before.decode("utf-8", "ignore")))
+            self._before += raw
+        return doc
+
+    def whole(self, text: str, finish_reason: str, usage: dict, timings: dict, records: list | None = None) -> dict:
+        logprobs = self.logprobs_document(records or [])
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage, "timings": timings}
 
@@ -363,15 +528,19 @@ class Reply:
         """What a stream says before the first piece (a chat's role)."""
         return [self.piece({"role": "assistant", "content": ""})] if self.chat else []
 
-    def piece(self, delta_or_text, finish_reason: str | None = None) -> dict:
+    def piece(self, delta_or_text, finish_reason: str | None = None, records: list | None = None) -> dict:
+        logprobs = self.logprobs_document(records) if records is not None else None
         if self.chat:
             body = {"index": 0, "delta": delta_or_text, "finish_reason": finish_reason}
+            if logprobs is not None:
+                body["logprobs"] = logprobs
         else:
-            body = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            body = {"index": 0, "text": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._chunk([body])
 
-    def text_piece(self, text: str) -> dict:
-        return self.piece({"content": text} if self.chat else text)
+    def text_piece(self, text: str, records: list | None = None) -> dict:
+        """One piece of the text; ``records``: those of the tokens it begins (with logprobs)."""
+        return self.piece({"content": text} if self.chat else text, records=records)
 
     def end(self, finish_reason: str) -> dict:
         return self.piece({} if self.chat else "", finish_reason)
