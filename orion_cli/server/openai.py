@@ -277,8 +277,11 @@ def check_parameters(doc: dict, *, chat: bool) -> None:
                 else "docs/openai-parameters.md lists the parameters orion serve takes")
         raise APIError(400, f"unknown parameter {_shown(key)} for {route}", param=key, code="unknown_parameter",
                        hint=hint)
+    if number(doc, "n", 1, 1, 2**31 - 1, integer=True) != 1:
+        raise APIError(400, "'n' must be 1: orion serve makes one choice a request; leave it out", param="n",
+                       code="unsupported_parameter")
     if not chat:
-        if number(doc, "best_of", 1, 1, 1, integer=True) != 1:
+        if number(doc, "best_of", 1, 1, 2**31 - 1, integer=True) != 1:
             raise APIError(400, "'best_of' must be 1: orion serve makes one completion a request; leave it out",
                            param="best_of", code="unsupported_parameter")
         if boolean(doc, "echo"):
@@ -322,9 +325,6 @@ def generation_options(doc: dict, n_ctx: int, *, chat: bool = True) -> dict:
     """The sampling options, each within the range :mod:`orion_cli.limits` gives the CLI's flag."""
     from .. import limits
 
-    if number(doc, "n", 1, 1, 1, integer=True) != 1:
-        raise APIError(400, "'n' must be 1: orion serve makes one choice a request; leave it out", param="n",
-                       code="unsupported_parameter")
     options = {
         "max_tokens": _max_tokens(doc, n_ctx),
         "temperature": in_range(doc, "temperature", 1.0, limits.TEMPERATURE),
