@@ -322,3 +322,26 @@ def test_langchains_plain_calls(server):
     assert streamed
     plain = OpenAI(base_url=f"{server.url}/v1", api_key="none", model=MODEL, max_retries=0, max_tokens=8)
     assert plain.invoke(PROMPT)
+
+
+def test_logprobs_and_penalties_in_process_are_the_runners(client, gemma_q4):
+    """The server's models run in runner processes (a token's record crosses the connection with its
+    bytes); the same generation in this process, through the decoder itself, gives the same tokens
+    and log-probabilities, penalised alike."""
+    from orion_cli.engine import LoadSpec, load
+    from orion_cli.generation import Generation
+
+    options = {"max_tokens": 10, "temperature": 0, "top_p": 1.0, "seed": 7, "frequency_penalty": 1.5,
+               "presence_penalty": 0.5, "logprobs": 2}
+    served = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, logprobs=2, temperature=0, seed=7,
+                                       frequency_penalty=1.5, presence_penalty=0.5).choices[0]
+    model = load(LoadSpec(gemma_q4, 2048, 2))
+    try:
+        gen = Generation(model, PROMPT, options, chat=False)
+        assert gen.run() == served.text
+        records = gen.new_records()
+    finally:
+        model.close()
+    assert [raw.decode("utf-8", "replace") for raw, _, _ in records] == served.logprobs.tokens
+    assert [lp for _, lp, _ in records] == pytest.approx(served.logprobs.token_logprobs, abs=1e-3)
+    assert all(len(top) == 2 for _, _, top in records)
