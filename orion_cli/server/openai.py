@@ -482,7 +482,7 @@ class Reply:
     created: int = field(default_factory=lambda: int(time.time()))
     logprobs: int | None = None
     prompt: str = ""
-    _before: bytes = b""  # a completion's text so far, in the records' bytes (for text_offset)
+    _before: bytes = field(default=b"", init=False, repr=False)  # a completion's tokens so far (text_offset)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
