@@ -40,9 +40,12 @@ class _Ends:
 class Generation:
     """One generation (run it in a worker thread): :meth:`pieces` yields the text as it comes.
 
-    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``cache_prompt``, ``response_format``
-    (checked by the server: its grammar is made where the model is). ``chat``: None lets the model
-    decide (its template applies when it has one), False asks for a plain completion of the text.
+    ``options``: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``presence_penalty``,
+    ``frequency_penalty``, ``cache_prompt``, ``response_format`` (checked by the server: its grammar
+    is made where the model is), and ``logprobs`` (a count: each token's log-probability is recorded,
+    with that many of the likeliest tokens beside it; :meth:`new_records` hands them out with the text
+    that holds them). ``chat``: None lets the model decide (its template applies when it has one),
+    False asks for a plain completion of the text.
     """
 
     def __init__(self, model, prompt: str, options: dict, stops: Sequence[str] = (), *, chat: bool | None = None,
@@ -57,6 +60,11 @@ class Generation:
         self.finish_reason = "stop"
         self.completion_tokens = 0
         self._tokens: tuple[list[int], list[str]] | None = None
+        # with logprobs: each generated token's (bytes, logprob, top), in order, as the decoder made them
+        self.records: list | None = [] if self.options.get("logprobs") is not None else None
+        self._emitted = 0  # UTF-8 bytes of the text given out so far
+        self._taken = 0  # records handed out by new_records
+        self._taken_bytes = 0  # their bytes
 
     def prompt_tokens(self) -> tuple[list[int], list[str]]:
         """The prompt's tokens and the template's stop strings (computed once)."""
@@ -85,19 +93,33 @@ class Generation:
             self.check_fits()
         tokens, template_stops = self.prompt_tokens()
         stops = self.stops + [s for s in template_stops if s not in self.stops]
-        decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, cancel=cancel, **self.options))
+        options = self.options if self.records is None else self.options | {"records": self.records}
+        decoded = _Ends(self.model.decoder().generate(tokens, timings=self.timings, cancel=cancel, **options))
         stream = cut_at_stops(decoded, stops)
         try:
             for piece in stream:
                 if cancel is not None and cancel.is_set():
                     return
                 self.text += piece
+                self._emitted += len(piece.encode("utf-8", "surrogatepass"))
                 yield piece
         finally:
             stream.close()
         self.completion_tokens = len(self.model.tokenize(self.text, special=False)) if self.text else 0
         if decoded.ended and self.timings.hit_limit:  # max_tokens, or the context ran out before it
             self.finish_reason = "length"
+
+    def new_records(self) -> list:
+        """The records of the tokens that begin in the text given out so far and were not handed
+        out yet (a stream's piece carries those of the tokens it begins): the tokens of a stop string
+        cut off are never handed out, a token that straddles the cut is. Empty without logprobs."""
+        out = []
+        records = self.records or []
+        while self._taken < len(records) and self._taken_bytes < self._emitted:
+            out.append(records[self._taken])
+            self._taken_bytes += len(records[self._taken][0])
+            self._taken += 1
+        return out
 
     def run(self, cancel: threading.Event | None = None) -> str:
         """The whole text at once; a set ``cancel`` ends it early (the client went away)."""

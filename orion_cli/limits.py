@@ -82,6 +82,9 @@ def _num(x: float) -> str:
 TEMPERATURE = Range(0.0, 2.0, integer=False, example="0.8")
 TOP_P = Range(0.0, 1.0, integer=False, example="0.95")
 SEED = Range(INT64_MIN, INT64_MAX)
+# presence_penalty and frequency_penalty: OpenAI's range (subtracted from a token's logit once it has
+# appeared, and for each time it has)
+PENALTY = Range(-2.0, 2.0, integer=False, example="0.5")
 
 
 def max_tokens_range(n_ctx: int) -> Range:

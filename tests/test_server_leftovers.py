@@ -162,7 +162,8 @@ def test_the_servers_sampling_ranges_are_the_clis(monkeypatch):
 
     n_ctx = 512
     ranges = {"temperature": limits.TEMPERATURE, "top_p": limits.TOP_P, "seed": limits.SEED,
-              "max_tokens": limits.max_tokens_range(n_ctx)}
+              "max_tokens": limits.max_tokens_range(n_ctx), "presence_penalty": limits.PENALTY,
+              "frequency_penalty": limits.PENALTY}
     for key, allowed in ranges.items():
         values = [allowed.low, allowed.high, allowed.low - 1, allowed.high + 1, (allowed.low + allowed.high) / 2,
                   0.5, 2.0, 10**400, float("inf"), "1", True]

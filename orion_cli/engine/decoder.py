@@ -71,6 +71,7 @@ class _Sequence:
     first_token_at: float = 0.0
     gone: threading.Event | None = None  # the caller's: its client went away
     eog: bool = False  # it ended on its own (an end-of-generation token)
+    logprobs: int | None = None  # each token's log-probability, and this many of the likeliest beside it
     cache: bool = True  # its prompt may start from cells an earlier sequence left (the prompt cache)
     reused: int = 0  # prompt tokens found in the KV cache, not evaluated again
     out_tokens: list[int] = field(default_factory=list)  # the tokens sampled
@@ -155,16 +156,20 @@ class ParallelDecoder:
     # ------------------------------------------------------------ requests
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.8,
-                 top_p: float = 0.95, seed: int | None = None, timings: Timings | None = None,
-                 cancel: threading.Event | None = None, cache_prompt: bool = True,
-                 grammar: str | None = None) -> Iterator[str]:
+                 top_p: float = 0.95, seed: int | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logprobs: int | None = None, records: list | None = None,
+                 timings: Timings | None = None, cancel: threading.Event | None = None,
+                 cache_prompt: bool = True, grammar: str | None = None) -> Iterator[str]:
         """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
-        the next step, whether it runs or still waits for a free sequence. ``cache_prompt``: see the
-        class's docstring. ``grammar``: GBNF the text follows (:mod:`.grammar`)."""
+        the next step, whether it runs or still waits for a free sequence. With ``logprobs`` (a count),
+        each token's :func:`token_record` is appended to ``records`` before the text that holds it is
+        yielded. ``cache_prompt``: see the class's docstring. ``grammar``: GBNF the text follows
+        (:mod:`.grammar`)."""
         import codecs
 
         seq = self.submit(tokens, queue.Queue(), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, cancel=cancel, cache_prompt=cache_prompt, grammar=grammar)
+                          seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                          logprobs=logprobs, cancel=cancel, cache_prompt=cache_prompt, grammar=grammar)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
@@ -175,6 +180,10 @@ class ParallelDecoder:
                     raise item
                 if item is None:
                     break
+                if isinstance(item, tuple):  # (its bytes, its record): logprobs were asked for
+                    item, record = item
+                    if records is not None:
+                        records.append(record)
                 text = decode.decode(item)
                 if text:
                     yield text
@@ -186,18 +195,27 @@ class ParallelDecoder:
             seq.fill(t)
 
     def submit(self, tokens: Sequence[int], out, *, max_tokens: int = 256, temperature: float = 0.8,
-               top_p: float = 0.95, seed: int | None = None, cancel: threading.Event | None = None,
-               cache_prompt: bool = True, grammar: str | None = None) -> _Sequence:
-        """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes, then None at
-        its end (or an exception), from its own thread (a runner sends them on from there: no thread
-        between the loop and the connection). :meth:`generate` reads them from a queue."""
+               top_p: float = 0.95, seed: int | None = None, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, logprobs: int | None = None,
+               cancel: threading.Event | None = None, cache_prompt: bool = True,
+               grammar: str | None = None) -> _Sequence:
+        """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes (with
+        ``logprobs``: a tuple of its bytes and its :func:`token_record`), then None at its end (or an
+        exception), from its own thread (a runner sends them on from there: no thread between the
+        loop and the connection). :meth:`generate` reads them from a queue."""
         if not tokens:
             raise InvalidValue("the prompt is empty", hint="give some text to continue")
         room = self.n_ctx - len(tokens)
         if room < 1:
             raise prompt_too_long(len(tokens), self.n_ctx)
-        seq = _Sequence(list(tokens), min(max_tokens, room), sampler_chain(Sampling(temperature, top_p, seed, grammar), self._vocab),
-                        out, threading.Event(), started=time.perf_counter(), gone=cancel, cache=cache_prompt)
+        import llama_cpp
+
+        max_tokens = min(max_tokens, room)
+        sampling = Sampling(temperature, top_p, seed, presence_penalty, frequency_penalty, grammar=grammar)
+        chain = sampler_chain(sampling, n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab), window=max_tokens,
+                              vocab=self._vocab)
+        seq = _Sequence(list(tokens), max_tokens, chain, out, threading.Event(), started=time.perf_counter(),
+                        gone=cancel, logprobs=logprobs, cache=cache_prompt)
         with self._cond:
             if self._closed:
                 llama_cpp_free_sampler(seq.sampler)
@@ -366,6 +384,7 @@ class ParallelDecoder:
                     if seq.logits_at < 0:
                         continue  # its prompt is not all in yet
                     token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+                    record = self._record(seq, token) if seq.logprobs is not None else None
                     seq.logits_at = -1
                     seq.generated += 1
                     seq.out_tokens.append(token)
@@ -375,7 +394,8 @@ class ParallelDecoder:
                         seq.eog = not seq.cancelled()
                         self._finish(seq)
                         continue
-                    seq.out.put(self._piece(token))
+                    piece = self._piece(token)
+                    seq.out.put(piece if record is None else (piece, record))
                     if seq.generated >= seq.max_tokens:
                         self._finish(seq)
                     else:
@@ -391,6 +411,14 @@ class ParallelDecoder:
         if logits:
             seq.logits_at = n
         return n + 1
+
+    def _record(self, seq: _Sequence, token: int) -> tuple:
+        """The sampled ``token``'s :func:`token_record`, from the logits of ``seq``'s row."""
+        import llama_cpp
+
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.logits_at)
+        return token_record(logits, n_vocab, token, seq.logprobs, self._piece)
 
     def _piece(self, token: int) -> bytes:
         import ctypes
@@ -424,6 +452,24 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def token_record(logits, n_vocab: int, token: int, top: int, piece) -> tuple:
+    """``(bytes, logprob, [(bytes, logprob), ...])``: the sampled ``token``'s text and log-probability,
+    and the ``top`` likeliest tokens' (most likely first), from one row of ``logits`` (a ctypes float
+    pointer, ``n_vocab`` long) by log-softmax: the model's own distribution, before the penalties,
+    ``top_p`` and the temperature reshape it for the draw. ``piece`` gives a token's bytes."""
+    import numpy as np
+
+    row = np.ctypeslib.as_array(logits, shape=(n_vocab,)).astype(np.float64)
+    peak = row.max()
+    log_total = peak + np.log(np.exp(row - peak).sum())
+    best: list = []
+    if top > 0:
+        ids = np.argpartition(-row, top - 1)[:top] if top < n_vocab else np.arange(n_vocab)
+        ids = ids[np.lexsort((ids, -row[ids]))]  # likeliest first; a tie by token id
+        best = [(piece(int(i)), float(row[i] - log_total)) for i in ids]
+    return piece(token), float(row[token] - log_total), best
 
 
 def cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:

@@ -80,6 +80,8 @@ class LoadedModel:
         temperature: float = 0.8,
         top_p: float = 0.95,
         seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         timings: Timings | None = None,
         history: Sequence[dict] = (),
         chat: bool | None = None,
@@ -92,11 +94,14 @@ class LoadedModel:
         server's requests; a vision model through llama-cpp-python's chat handler (the images)."""
         if self.is_vision:
             yield from self._generate_vision(prompt, system, images, history, max_tokens,
-                                             Sampling(temperature, top_p, seed, grammar), timings)
+                                             Sampling(temperature, top_p, seed, presence_penalty,
+                                                      frequency_penalty, grammar=grammar), timings)
             return
         tokens, stops = prompt_tokens(self, prompt, system=system, history=history, chat=chat)
         pieces = self.decoder().generate(tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                         seed=seed, timings=timings, cache_prompt=cache_prompt, grammar=grammar)
+                                         seed=seed, presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty, timings=timings,
+                                         cache_prompt=cache_prompt, grammar=grammar)
         yield from cut_at_stops(pieces, stops)
 
     def _generate_vision(self, prompt: str, system: str | None, images: Sequence[Path], history: Sequence[dict],

@@ -9,8 +9,8 @@ native crash, an abort, or a lost RPC server ends this process, never the server
 Messages to the runner: ``("load", spec, check)`` first, then ``("call", id, method, args, kwargs)``
 for the methods in :data:`CALLS`, ``("generate", id, tokens, options)``, ``("cancel", id)`` and
 ``("close",)``. From it: ``("progress", fraction)`` while it loads, then ``("loaded", info)`` or
-``("failed", error)``; ``(id, "ok", result)``, ``(id, "error", error)``, ``(id, "piece", text)``,
-``(id, "end", timings)``; and ``("beat", info)`` every second (the parent's watchdog reads them).
+``("failed", error)``; ``(id, "ok", result)``, ``(id, "error", error)``, ``(id, "piece", bytes)`` (a
+token's; with logprobs ``(bytes, record)``, :func:`~.decoder.token_record`'s), ``(id, "end", timings)``; and ``("beat", info)`` every second (the parent's watchdog reads them).
 Errors travel as :func:`orion_cli.errors.error_payload` dicts.
 """
 
@@ -102,7 +102,7 @@ class _Runner:
 
         class Sink:
             def put(self, item) -> None:
-                if isinstance(item, bytes):
+                if isinstance(item, (bytes, tuple)):  # a token's bytes (and its record, with logprobs)
                     runner.send((rid, "piece", item))
                     return
                 submitted.wait()  # (the loop may end a sequence before submit() has returned it)

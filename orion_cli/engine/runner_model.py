@@ -366,8 +366,10 @@ class RunnerModel:
         return _RunnerDecoder(self)
 
     def generate_tokens(self, tokens: Sequence[int], *, timings: Timings | None = None,
-                        cancel: threading.Event | None = None, **options) -> Iterator[str]:
-        """The text of one sequence, as :meth:`ParallelDecoder.generate` streams it."""
+                        cancel: threading.Event | None = None, records: list | None = None,
+                        **options) -> Iterator[str]:
+        """The text of one sequence, as :meth:`ParallelDecoder.generate` streams it (``options`` go to
+        the runner's :meth:`ParallelDecoder.submit`; each token's record comes back with its bytes)."""
         import codecs
 
         t = timings if timings is not None else Timings()
@@ -391,6 +393,10 @@ class RunnerModel:
                     if not first:
                         first = time.perf_counter()
                     pieces += 1
+                    if isinstance(value, tuple):  # (its bytes, its record): logprobs were asked for
+                        value, record = value
+                        if records is not None:
+                            records.append(record)
                     text = decode.decode(value)
                     if text:
                         yield text

@@ -1,9 +1,9 @@
 """One sampler chain for every path: the CLI's runs, the server's batched requests, the REPL.
 
-``top_p`` then ``temperature`` then a seeded draw (greedy at temperature 0), as OpenAI's parameters
-say and nothing more: llama-cpp-python's own defaults (top_k 40, min_p 0.05) are not applied
-anywhere, so the same request with the same seed gives the same text in-process and through
-``orion serve``.
+The penalties (only when the request gives one), ``top_p``, then ``temperature``, then a seeded draw
+(greedy at temperature 0), as OpenAI's parameters say and nothing more: llama-cpp-python's own
+defaults (top_k 40, min_p 0.05, repeat_penalty 1.1) are not applied anywhere, so the same request with
+the same seed gives the same text in-process and through ``orion serve``.
 """
 
 from __future__ import annotations
@@ -19,17 +19,27 @@ class Sampling:
     temperature: float = 0.8
     top_p: float = 0.95
     seed: int | None = None  # None: a fresh random seed
+    # OpenAI's: subtracted from the logit of a token already generated, once (presence) and for each
+    # time it was (frequency); the prompt's tokens do not count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     grammar: str | None = None  # GBNF the text must follow (structured outputs: orion_cli.engine.grammar)
 
     def seed32(self) -> int:
         """The seed as llama.cpp's 32-bit sampler takes it (any integer a client sends, reduced)."""
         return random.getrandbits(32) if self.seed is None else self.seed & 0xFFFFFFFF
 
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
-def sampler_chain(sampling: Sampling, vocab=None):
+
+def sampler_chain(sampling: Sampling, *, n_vocab: int = 0, window: int = 0, vocab=None):
     """A new ``llama_sampler`` chain for one sequence (the caller frees it with llama_sampler_free).
+    ``window``: how many of the latest generated tokens the penalties count (the whole completion:
+    its ``max_tokens``); ``n_vocab``, the model's vocabulary size, as llama.cpp's penalties take it.
     With a grammar (``vocab``: the model's), its sampler comes first: the tokens the grammar forbids
-    are gone before top_p and the draw."""
+    are gone before the penalties, top_p and the draw."""
     import llama_cpp
 
     from ..errors import InvalidValue
@@ -42,6 +52,12 @@ def sampler_chain(sampling: Sampling, vocab=None):
             raise InvalidValue("llama.cpp could not parse the grammar of this response format",
                                hint="run the server with --debug to see llama.cpp's message")
         llama_cpp.llama_sampler_chain_add(chain, grammar)
+    if sampling.penalised:
+        # (n_vocab, penalty_last_n, penalty_repeat: 1.0 is off, penalty_freq, penalty_present): the
+        # signature of llama-cpp-python 0.3.36's binding and its library; the generated tokens are
+        # counted as llama_sampler_sample accepts them
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+            n_vocab, max(1, window), 1.0, sampling.frequency_penalty, sampling.presence_penalty))
     if sampling.temperature <= 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
     else:
@@ -53,10 +69,11 @@ def sampler_chain(sampling: Sampling, vocab=None):
 
 def llama_cpp_sampling_kwargs(sampling: Sampling) -> dict:
     """The same chain as keyword arguments of llama-cpp-python's ``create_chat_completion`` (the
-    vision path, which llama-cpp-python's chat handler drives): its extra samplers turned off."""
+    vision path, which llama-cpp-python's chat handler drives): its extra samplers turned off, the
+    penalties as asked (llama-cpp-python counts them over its last 64 tokens)."""
     kwargs = {"temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed32(),
-              "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "frequency_penalty": 0.0,
-              "presence_penalty": 0.0}
+              "top_k": 0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0,
+              "frequency_penalty": sampling.frequency_penalty, "presence_penalty": sampling.presence_penalty}
     if sampling.grammar:
         from llama_cpp.llama_grammar import LlamaGrammar
 

@@ -101,8 +101,8 @@ class Routes:
         asked = Asked.parse(doc, chat=chat)
         served = await in_thread(self.state.llm, name)
         request.state.model = served.name  # labelled once it is a model served here (bounded)
-        options = openai.generation_options(doc, served.n_ctx)
-        reply = Reply(chat, name)
+        options = openai.generation_options(doc, served.n_ctx, chat=chat)
+        reply = Reply(chat, name, logprobs=options.get("logprobs"), prompt=asked.prompt)
         lease = self.state.lease(served)
         if not asked.stream:
             cancel = threading.Event()  # set when the client goes away: the worker stops at its next token
@@ -120,7 +120,7 @@ class Routes:
                     raise shutting_down(STOPPED) from exc
                 raise
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen),
-                                            gen.timings.to_dict()))
+                                            gen.timings.to_dict(), gen.new_records()))
         # Streaming: take the queue place and load the model before answering, so a full queue or a
         # model that does not fit is a real HTTP error, not a broken stream. From here the lease is
         # given back exactly once, whatever happens (the response holds it once it exists).
@@ -137,7 +137,7 @@ class Routes:
                 emit(doc)
             try:
                 for piece in gen.pieces(cancel):
-                    emit(reply.text_piece(piece))
+                    emit(reply.text_piece(piece, gen.new_records() if gen.records is not None else None))
             except ModelUnloaded as exc:
                 if self.state.stopping.is_set():
                     raise OrionError(STOPPED, hint="send the request again once the server is back") from exc

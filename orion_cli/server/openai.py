@@ -197,22 +197,151 @@ def stop_strings(doc: dict) -> list[str]:
     return stops
 
 
-def generation_options(doc: dict, n_ctx: int) -> dict:
+# ---------------------------------------------------------------- the parameters of chat and completions
+#
+# Every key of a /v1/chat/completions or /v1/completions body is in one of these sets, or the request
+# is refused with a 400 that names it: nothing a client asks for is silently ignored. The table of
+# docs/openai-parameters.md says the same, with the reasons.
+
+# Read and honoured (each checked where it is parsed); n, best_of, echo and suffix only at the value
+# that asks for nothing more (1, 1, false, ""): any other is refused.
+HONOURED_CHAT = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "n",
+    "response_format", "cache_prompt"})
+HONOURED_COMPLETIONS = frozenset({
+    "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
+    "presence_penalty", "frequency_penalty", "logprobs", "n", "best_of", "echo", "suffix", "response_format",
+    "cache_prompt"})
+# Accepted and not used: nothing they say can change the text (who the end user is, whether OpenAI
+# should store the answer, its tags, a billing tier, how long a prompt cache lives): a client library
+# that sends them by default still works.
+HARMLESS_CHAT = frozenset({"user", "safety_identifier", "store", "metadata", "service_tier", "prompt_cache_key",
+                           "prompt_cache_options", "prompt_cache_retention"})
+HARMLESS_COMPLETIONS = frozenset({"user"})
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A feature orion serve does not have: what it is, and the values that leave it off (accepted)."""
+
+    feature: str
+    off: tuple = (None,)
+    later: bool = False  # another task builds it: "not supported yet"
+
+    def allows(self, value) -> bool:
+        return any(value == ok and type(value) is type(ok) for ok in self.off)
+
+    def message(self, key: str) -> str:
+        shown = [json.dumps(ok) for ok in self.off if ok is not None]
+        give = f" or give {shown[0]}" if shown else ""
+        return (f"'{key}' is not supported {'yet ' if self.later else ''}by orion serve ({self.feature}): "
+                f"leave it out{give}")
+
+
+REFUSED_CHAT: dict[str, Refused] = {
+    "tools": Refused("tool calls", (None, []), later=True),
+    "tool_choice": Refused("tool calls", (None, "none"), later=True),
+    "parallel_tool_calls": Refused("tool calls", (None, True), later=True),
+    "functions": Refused("function calls", (None, []), later=True),
+    "function_call": Refused("function calls", (None, "none"), later=True),
+    "logit_bias": Refused("biasing tokens", (None, {})),
+    "modalities": Refused("it answers with text only", (None, ["text"])),
+    "audio": Refused("it answers with text only"),
+    "prediction": Refused("predicted outputs"),
+    "reasoning_effort": Refused("reasoning models' effort"),
+    "verbosity": Refused("reasoning models' verbosity"),
+    "web_search_options": Refused("it does not search the web"),
+    "moderation": Refused("it does not moderate requests or answers"),
+}
+REFUSED_COMPLETIONS: dict[str, Refused] = {"logit_bias": REFUSED_CHAT["logit_bias"]}
+
+
+def check_parameters(doc: dict, *, chat: bool) -> None:
+    """Refuse, with a 400 that names it, a key the route does not know and a feature it does not
+    have; pass the honoured and the harmless ones (see the sets above)."""
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    honoured = HONOURED_CHAT if chat else HONOURED_COMPLETIONS
+    harmless = HARMLESS_CHAT if chat else HARMLESS_COMPLETIONS
+    refused = REFUSED_CHAT if chat else REFUSED_COMPLETIONS
+    for key, value in doc.items():
+        if key in honoured or key in harmless:
+            continue
+        if key in refused:
+            if not refused[key].allows(value):
+                raise APIError(400, refused[key].message(key), param=key, code="unsupported_parameter")
+            continue
+        other = "/v1/completions" if chat else "/v1/chat/completions"
+        known_there = key in (HONOURED_COMPLETIONS | HARMLESS_COMPLETIONS | set(REFUSED_COMPLETIONS) if chat
+                              else HONOURED_CHAT | HARMLESS_CHAT | set(REFUSED_CHAT))
+        hint = (f"'{key}' is a parameter of {other}" if known_there
+                else "docs/openai-parameters.md lists the parameters orion serve takes")
+        raise APIError(400, f"unknown parameter {_shown(key)} for {route}", param=key, code="unknown_parameter",
+                       hint=hint)
+    if number(doc, "n", 1, 1, 2**31 - 1, integer=True) != 1:
+        raise APIError(400, "'n' must be 1: orion serve makes one choice a request; leave it out", param="n",
+                       code="unsupported_parameter")
+    if not chat:
+        if number(doc, "best_of", 1, 1, 2**31 - 1, integer=True) != 1:
+            raise APIError(400, "'best_of' must be 1: orion serve makes one completion a request; leave it out",
+                           param="best_of", code="unsupported_parameter")
+        if boolean(doc, "echo"):
+            raise APIError(400, "'echo' is not supported by orion serve (the prompt in the answer): leave it out "
+                                "or give false", param="echo", code="unsupported_parameter")
+        suffix = doc.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            raise APIError(400, f"'suffix' must be a string, not {_shown(suffix)}", param="suffix", code="invalid_value")
+        if suffix:
+            raise APIError(400, "'suffix' is not supported by orion serve (text inserted before it): leave it out "
+                                "or give \"\"", param="suffix", code="unsupported_parameter")
+
+
+def _max_tokens(doc: dict, n_ctx: int) -> int:
+    """``max_tokens``, or ``max_completion_tokens`` (its new name, what current OpenAI clients and
+    LangChain send): the same limit; both given, they must agree."""
+    from .. import limits
+
+    allowed = limits.max_tokens_range(n_ctx)
+    old = in_range(doc, "max_tokens", None, allowed)
+    new = in_range(doc, "max_completion_tokens", None, allowed)
+    if old is not None and new is not None and old != new:
+        raise APIError(400, f"'max_completion_tokens' ({new}) and 'max_tokens' ({old}) disagree; give one of them",
+                       param="max_completion_tokens", code="invalid_value")
+    return next((v for v in (new, old) if v is not None), DEFAULT_MAX_TOKENS)
+
+
+def _logprobs(doc: dict, *, chat: bool) -> int | None:
+    """How many of the most likely tokens to list beside each token's own log-probability (None: no
+    log-probabilities). Chat: ``logprobs`` true, ``top_logprobs`` 0..20; completions: ``logprobs`` 0..5."""
+    if not chat:
+        return number(doc, "logprobs", None, 0, 5, integer=True)
+    wanted = boolean(doc, "logprobs")
+    top = number(doc, "top_logprobs", None, 0, 20, integer=True)
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    return (top or 0) if wanted else None
+
+
+def generation_options(doc: dict, n_ctx: int, *, chat: bool = True) -> dict:
     """The sampling options, each within the range :mod:`orion_cli.limits` gives the CLI's flag."""
     from .. import limits
 
-    if number(doc, "n", 1, 1, 1, integer=True) != 1:
-        raise APIError(400, "'n' must be 1", param="n")
-    return {
-        "max_tokens": in_range(doc, "max_tokens", DEFAULT_MAX_TOKENS, limits.max_tokens_range(n_ctx)),
+    options = {
+        "max_tokens": _max_tokens(doc, n_ctx),
         "temperature": in_range(doc, "temperature", 1.0, limits.TEMPERATURE),
         "top_p": in_range(doc, "top_p", 1.0, limits.TOP_P),
         "seed": in_range(doc, "seed", None, limits.SEED),
+        "presence_penalty": in_range(doc, "presence_penalty", 0.0, limits.PENALTY),
+        "frequency_penalty": in_range(doc, "frequency_penalty", 0.0, limits.PENALTY),
         # llama.cpp's server's name: reuse the cells an earlier request left for the same start (false:
         # the prompt is evaluated from its first token, the exact mode)
         "cache_prompt": boolean(doc, "cache_prompt", True),
         "response_format": response_format(doc),
     }
+    logprobs = _logprobs(doc, chat=chat)
+    if logprobs is not None:
+        options["logprobs"] = logprobs
+    return options
 
 
 def response_format(doc: dict) -> dict | None:
@@ -294,6 +423,7 @@ class Asked:
 
     @classmethod
     def parse(cls, doc: dict, *, chat: bool) -> Asked:
+        check_parameters(doc, chat=chat)
         stream = boolean(doc, "stream")
         options = doc.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -362,14 +492,27 @@ def check_dimensions(doc: dict, model_id: str, dim: int) -> None:
 # ---------------------------------------------------------------- response documents
 
 
+def _token_text(raw: bytes) -> str:
+    """A token's text as the logprobs show it (a token that holds part of a character: U+FFFD for it;
+    its ``bytes`` say which)."""
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass
 class Reply:
-    """The documents of one chat or text completion: the whole answer, or its stream's chunks."""
+    """The documents of one chat or text completion: the whole answer, or its stream's chunks.
+
+    ``logprobs`` (None: not asked for) is how many of the likeliest tokens each token's entry lists;
+    ``prompt`` is what a completion's ``text_offset`` counts from (OpenAI's offsets are into the
+    prompt followed by the text, with or without ``echo``)."""
 
     chat: bool
     model: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: int | None = None
+    prompt: str = ""
+    _before: bytes = field(default=b"", init=False, repr=False)  # a completion's tokens so far (text_offset)
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
@@ -378,9 +521,38 @@ class Reply:
     def kind(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def whole(self, text: str, finish_reason: str, usage: dict, timings: dict) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-                  if self.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason})
+    def logprobs_document(self, records: list) -> dict | None:
+        """The ``logprobs`` of a choice (or a chunk's) for these tokens' records: chat's
+        ``{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}``, a completion's
+        ``{tokens, token_logprobs, top_logprobs, text_offset}``; None when not asked for."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            content = [{"token": _token_text(raw), "logprob": lp, "bytes": list(raw),
+                        "top_logprobs": [{"token": _token_text(t), "logprob": tl, "bytes": list(t)}
+                                         for t, tl in top[:self.logprobs]]}
+                       for raw, lp, top in records]
+            return {"content": content, "refusal": None}
+        doc: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for raw, lp, top in records:
+            doc["tokens"].append(_token_text(raw))
+            doc["token_logprobs"].append(lp)
+            likeliest: dict = {}
+            for t, tl in [*top[:self.logprobs], (raw, lp)]:  # OpenAI's: the sampled token always, so up to n + 1
+                likeliest.setdefault(_token_text(t), tl)
+            doc["top_logprobs"].append(likeliest)
+            doc["text_offset"].append(len(self.prompt) + len(self._before.decode("utf-8", "ignore")))
+            self._before += raw
+        return doc
+
+    def whole(self, text: str, finish_reason: str, usage: dict, timings: dict, records: list | None = None) -> dict:
+        logprobs = self.logprobs_document(records or [])
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage, "timings": timings}
 
@@ -392,15 +564,19 @@ class Reply:
         """What a stream says before the first piece (a chat's role)."""
         return [self.piece({"role": "assistant", "content": ""})] if self.chat else []
 
-    def piece(self, delta_or_text, finish_reason: str | None = None) -> dict:
+    def piece(self, delta_or_text, finish_reason: str | None = None, records: list | None = None) -> dict:
+        logprobs = self.logprobs_document(records) if records is not None else None
         if self.chat:
             body = {"index": 0, "delta": delta_or_text, "finish_reason": finish_reason}
+            if logprobs is not None:
+                body["logprobs"] = logprobs
         else:
-            body = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            body = {"index": 0, "text": delta_or_text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._chunk([body])
 
-    def text_piece(self, text: str) -> dict:
-        return self.piece({"content": text} if self.chat else text)
+    def text_piece(self, text: str, records: list | None = None) -> dict:
+        """One piece of the text; ``records``: those of the tokens it begins (with logprobs)."""
+        return self.piece({"content": text} if self.chat else text, records=records)
 
     def end(self, finish_reason: str) -> dict:
         return self.piece({} if self.chat else "", finish_reason)
