@@ -2,7 +2,7 @@
 
 - :mod:`.state`: the model manager, the models clients named, the shared encoders;
   :mod:`.scheduler`: per-model queues, leases given back exactly once, the embedding batcher;
-  :mod:`.events` and :mod:`.metrics`: the manager's events, ``/api/ps`` and ``/metrics``;
+  :mod:`.events` and :mod:`.metrics`: the manager's events, ``/api/orion/ps`` and ``/metrics``;
 - :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API), thin over
   :mod:`.openai` (request parsing, response documents), :mod:`.streaming` (server-sent events)
   and :mod:`.http_errors` (the one table of errors, shared with the client);

@@ -307,7 +307,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
             return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}",
                                            code="method_not_allowed"))
         return error_response(APIError(404, f"no route {request.url.path}", code="not_found",
-                                       hint="the OpenAI routes are under /v1; orion's own under /api"))
+                                       hint="the OpenAI routes are under /v1; orion's own under /api/orion"))
 
     table = [
         route("/health", routes.health, "GET", auth=False),
@@ -315,12 +315,12 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         route("/v1/chat/completions", routes.chat_completions, "POST"),
         route("/v1/completions", routes.completions, "POST"),
         route("/v1/embeddings", routes.embeddings, "POST"),
-        route("/api/encoder", routes.encoder_info, "POST"),
-        route("/api/chunk", routes.chunk, "POST"),
-        route("/api/ps", routes.ps, "GET"),
-        route("/api/load", routes.load, "POST"),
-        route("/api/unload", routes.unload, "POST"),
-        route("/api/events", routes.events, "GET"),
+        route("/api/orion/encoder", routes.encoder_info, "POST"),
+        route("/api/orion/chunk", routes.chunk, "POST"),
+        route("/api/orion/ps", routes.ps, "GET"),
+        route("/api/orion/load", routes.load, "POST"),
+        route("/api/orion/unload", routes.unload, "POST"),
+        route("/api/orion/events", routes.events, "GET"),
         route("/metrics", routes.metrics, "GET"),
     ]
     return Starlette(routes=table, exception_handlers={404: not_found, 405: not_found})
