@@ -373,7 +373,7 @@ MATRIX: list[Bad] = [
         ("GET", "/api/orion/load"), ("GET", "/api/orion/unload"), ("GET", "/api/orion/encoder"), ("GET", "/api/orion/chunk"),
         ("PATCH", "/api/orion/unload"), ("POST", "/api/orion/events"), ("OPTIONS", COMPLETIONS)]],
     *[Bad(f"no-route-{i}", method, path, 404, code="not_found") for i, (method, path) in enumerate([
-        ("GET", "/"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/nothing"),
+        ("GET", "/"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/orion/nothing"),
         ("GET", "/v1/models/extra"), ("GET", "/%ff%00"), ("GET", "/" + "a" * 300)])],
     # ------------------------------------------------------------ the API key
     Bad("key-missing-models", "GET", "/v1/models", 401, auth=False, code="invalid_api_key"),

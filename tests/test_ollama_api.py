@@ -182,6 +182,41 @@ def test_errors_are_ollamas_shape(server):
     assert status == 403 and "--allow-fetch" in json.loads(payload)["error"]
 
 
+@pytest.mark.parametrize("method, path, body, status, named", [
+    ("POST", "/api/chat", b"{not json", 400, "JSON"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
+     400, "images"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400, "user"),
+    ("POST", "/api/chat", {"model": MODEL, "messages": [], "stream": "false"}, 400, "stream"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": ["a"]}, 400, "prompt"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": "a", "raw": True, "system": "s"}, 400, "system"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": "a", "context": [1, 2]}, 400, "context"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": "a", "options": [1]}, 400, "options"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": "a", "options": {"num_predict": 0}}, 400, "num_predict"),
+    ("POST", "/api/generate", {"model": MODEL, "prompt": "a", "options": {"stop": [""]}}, 400, "stop"),
+    ("POST", "/api/generate", {"prompt": "a"}, 400, "model"),
+    ("POST", "/api/generate", {"model": "minilm", "prompt": "a"}, 400, "encoder"),
+    ("POST", "/api/embed", {"model": "minilm", "input": [1, 2]}, 400, "input"),
+    ("POST", "/api/embed", {"model": "minilm"}, 400, "input"),
+    ("POST", "/api/embeddings", {"model": "minilm", "prompt": ["a"]}, 400, "prompt"),
+    ("POST", "/api/embed", {"model": MODEL, "input": "a"}, 400, "embed"),
+    ("POST", "/api/show", {}, 400, "model"),
+    ("POST", "/api/pull", {"model": "hf.co/org/repo:Q9_Z"}, 400, "Q9_Z"),
+    ("POST", "/api/delete", {"model": MODEL}, 405, "DELETE"),
+])
+def test_a_bad_ollama_request_is_one_clear_error(server, method, path, body, status, named):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, headers, payload = server.request(method, path, raw=raw)
+    assert got == status, payload
+    assert headers["content-type"].startswith("application/json")
+    error = json.loads(payload)["error"]
+    text = error if isinstance(error, str) else error["message"]  # a 405 is answered before any route
+    assert named.lower() in text.lower() and "Traceback" not in text and "\n" not in text, text
+
+
 def test_the_api_key_guards_ollamas_routes(tmp_path_factory, gemma_q4, engine_check_cache):
     home = tmp_path_factory.mktemp("ollama-key")
     shutil.copy(engine_check_cache, home / "engine-check.json")
