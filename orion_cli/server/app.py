@@ -288,7 +288,8 @@ class Routes:
 
     def _facts(self, path, sha256: str | None = None):
         """(the GGUF header or None for a folder, a digest) of a model file: its sha256 from the Hub
-        where it was fetched, else the digest of its header bytes and size (read once a process)."""
+        where it was fetched, else the digest of its header bytes and size (read once a process);
+        no digest ("") for a folder that was not fetched, rather than one made up."""
         from pathlib import Path
 
         from ..errors import OrionError
@@ -296,11 +297,11 @@ class Routes:
 
         path = Path(path)
         if path.is_dir():
-            return None, "sha256:" + (sha256 or "")
+            return None, f"sha256:{sha256}" if sha256 else ""
         try:
             header = read_local_header(path)
         except OrionError:  # gone or damaged since it was registered: listed without its details
-            return None, "sha256:" + (sha256 or "")
+            return None, f"sha256:{sha256}" if sha256 else ""
         if sha256 is None:
             from ..engine.dryrun import header_digest
 

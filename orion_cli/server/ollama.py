@@ -360,7 +360,8 @@ def tag_row(model, header, digest: str) -> dict:
 def show_document(model, header, capabilities: list[str]) -> dict:
     template = (header.get("tokenizer.chat_template") or "") if header is not None else ""
     return {"modelfile": "", "parameters": "", "template": template if isinstance(template, str) else "",
-            "details": details(header, model.kind, model.file_type), "model_info": model_info(header) if header is not None else {},
+            "details": details(header, model.kind, model.file_type),
+            "model_info": model_info(header) if header is not None else {},
             "capabilities": capabilities, "modified_at": modified_at(model)}
 
 
