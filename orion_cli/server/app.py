@@ -287,7 +287,7 @@ class Routes:
         return await in_thread(lambda: ollama.orion_name(name, Registry().all()))
 
     def _facts(self, path, sha256: str | None = None):
-        """(the GGUF header or None for a folder, a digest) of a model file: its sha256 from the Hub
+        """(the GGUF header or None for a folder, a digest, hex as Ollama's) of a model file: its sha256 from the Hub
         where it was fetched, else the digest of its header bytes and size (read once a process);
         no digest ("") for a folder that was not fetched, rather than one made up."""
         from pathlib import Path
@@ -297,16 +297,16 @@ class Routes:
 
         path = Path(path)
         if path.is_dir():
-            return None, f"sha256:{sha256}" if sha256 else ""
+            return None, sha256 or ""
         try:
             header = read_local_header(path)
         except OrionError:  # gone or damaged since it was registered: listed without its details
-            return None, f"sha256:{sha256}" if sha256 else ""
+            return None, sha256 or ""
         if sha256 is None:
             from ..engine.dryrun import header_digest
 
             sha256 = header_digest(path, header.data_offset)
-        return header, "sha256:" + sha256
+        return header, sha256
 
     async def ollama_tags(self, request: Request) -> Response:
         def listing():
@@ -375,8 +375,9 @@ class Routes:
             if key is not None:
                 await in_thread(self.state.manager.unload, key)
             return JSONResponse(reply.end("", "unload", {}))
+        loading = time.perf_counter()
         await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
-        load_s = time.perf_counter() - started
+        load_s = time.perf_counter() - loading
         if asked.empty:
             return JSONResponse(reply.end("", "load", {"total_duration": int((time.perf_counter() - started) * 1e9),
                                                         "load_duration": int(load_s * 1e9)}))
@@ -455,8 +456,9 @@ class Routes:
         request.state.model = served.name
         ollama.refuse_embed_options(doc, served.n_ctx)
         openai.check_dimensions(doc, served.model_id, served.dim)
+        loading = time.perf_counter()
         await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
-        load_s = time.perf_counter() - started
+        load_s = time.perf_counter() - loading
         vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
         self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
         if truncated and not truncate:

@@ -365,10 +365,22 @@ def show_document(model, header, capabilities: list[str]) -> dict:
             "capabilities": capabilities, "modified_at": modified_at(model)}
 
 
+# Ollama's expiry for a model never unloaded for inactivity: now + the longest Go duration (~292
+# years); clients parse expires_at as a timestamp and some cannot take null
+NEVER_S = (2**63 - 1) / 1e9
+
+
 def ps_row(served, status, header, digest: str) -> dict:
-    """One loaded model as Ollama's /api/ps shows it (``expires_at`` null: never unloaded for
-    inactivity, being pinned, in use or without a keep-alive)."""
-    expires = None if status.expires_in_s is None else now_iso(time.time() + status.expires_in_s)
+    """One loaded model as Ollama's /api/ps shows it. ``expires_at``: when its keep-alive unloads
+    it; one in use counts from now (its keep-alive starts when it is let go); pinned or without a
+    keep-alive, Ollama's never."""
+    if status.expires_in_s is not None:
+        expires_in = status.expires_in_s
+    elif status.pinned or status.keep_alive_s is None:
+        expires_in = NEVER_S
+    else:
+        expires_in = status.keep_alive_s
+    expires = now_iso(time.time() + expires_in)
     return {"name": served.name, "model": served.name, "size": status.budget_bytes, "size_vram": status.gpu_bytes,
             "digest": digest, "details": details(header, served.kind, served.file_type),
             "expires_at": expires, "context_length": served.n_ctx}
