@@ -257,6 +257,8 @@ def test_pull_through_the_hub_then_use_and_delete(hub, tmp_path, engine_check_ca
         listed = {m.model: m for m in client.list().models}
         assert len(listed) == 1 and next(iter(listed.values())).details.quantization_level == "Q8_0"
         assert client.pull(name, stream=False).status == "success"  # here already: nothing fetched again
+        again = list(client.pull(next(iter(listed)), stream=True))  # by the name it is registered under
+        assert again[-1].status == "success" and not [x for x in again if x.total]
 
         answer = client.generate(model=name, prompt="Monday, Tuesday, Wednesday,", raw=True,
                                  options={"temperature": 0, "num_predict": 4})

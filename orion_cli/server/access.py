@@ -192,6 +192,9 @@ class ModelAccess:
         if not self.allow_fetch:
             raise PullRefused(f"this server does not fetch models for clients ({text!r} was asked)",
                               hint="on the server's machine: orion fetch MODEL; or start it with --allow-fetch")
+        registered = Registry().get(text)
+        if registered is not None and quant is None:  # a name of this server's: nothing to pull
+            return registered
         ref = _hub_ref(text)
         if ref is None:
             raise NotFound(f"{text!r} is not a catalog name or a Hub repo (org/repo)",

@@ -287,9 +287,9 @@ class Routes:
         return await in_thread(lambda: ollama.orion_name(name, Registry().all()))
 
     def _facts(self, path, sha256: str | None = None):
-        """(the GGUF header or None for a folder, a digest, hex as Ollama's) of a model file: its sha256 from the Hub
-        where it was fetched, else the digest of its header bytes and size (read once a process);
-        no digest ("") for a folder that was not fetched, rather than one made up."""
+        """(the GGUF header or None for a folder, a digest in hex as Ollama's) of a model file: its
+        sha256 from the Hub where it was fetched, else the digest of its header bytes and size (read
+        once a process); no digest ("") for a folder that was not fetched, rather than one made up."""
         from pathlib import Path
 
         from ..errors import OrionError
