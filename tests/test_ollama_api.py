@@ -270,3 +270,22 @@ def test_pull_through_the_hub_then_use_and_delete(hub, tmp_path, engine_check_ca
         assert err.value.status_code == 404
     finally:
         assert s.stop() == 0
+
+
+def test_options_as_orion_takes_them():
+    from orion_cli.server import ollama as wire
+    from orion_cli.server.http_errors import APIError
+
+    assert wire.generation_options({}, 2048) == ({"max_tokens": 2048, "temperature": 0.8, "top_p": 0.9,
+                                                  "seed": None}, [])
+    options, stops = wire.generation_options({"options": {"num_predict": -1, "seed": -1, "num_ctx": 2048,
+                                                          "temperature": 0, "top_p": 1, "stop": "\n",
+                                                          "top_k": None}}, 2048)
+    assert options == {"max_tokens": 2048, "temperature": 0.0, "top_p": 1.0, "seed": None} and stops == ["\n"]
+    assert wire.generation_options({"options": {"num_predict": 5, "seed": 3}}, 2048)[0]["max_tokens"] == 5
+    for bad in ({"num_predict": 4096}, {"num_ctx": 4096}, {"top_k": 40}, {"seed": 1.5}, {"top_p": 2}):
+        with pytest.raises(APIError) as err:
+            wire.generation_options({"options": bad}, 2048)
+        assert err.value.status == 400 and next(iter(bad)) in err.value.message
+    assert wire.orion_name("hf.co/org/repo:Q8_0", {}) == "org/repo"
+    assert wire.model_name({"model": "gemma3-270m:latest"}) == "gemma3-270m"

@@ -106,6 +106,7 @@ def _number(options: dict, key: str, allowed):
 def generation_options(doc: dict, n_ctx: int) -> tuple[dict, list[str]]:
     """Ollama ``options`` as orion's generation options and stop strings; any option orion cannot
     honour is a 400 naming it. ``num_predict`` -1 (Ollama's default) and -2 run to the context's end;
+    ``seed`` -1 is a random one, as left out;
     ``num_ctx`` is the server's context (``orion serve --ctx``), which one request cannot change."""
     from .. import limits
 
@@ -125,7 +126,7 @@ def generation_options(doc: dict, n_ctx: int) -> tuple[dict, list[str]]:
         out["temperature"] = _number(given, "temperature", limits.TEMPERATURE)
     if "top_p" in given:
         out["top_p"] = _number(given, "top_p", limits.TOP_P)
-    if "seed" in given:
+    if "seed" in given and given["seed"] != -1:  # -1: llama.cpp's and Ollama's "a random seed"
         out["seed"] = _number(given, "seed", limits.SEED)
     if "num_predict" in given:
         value = given["num_predict"]
