@@ -174,6 +174,31 @@ def test_an_option_orion_cannot_honour_is_refused_by_name(client, call, named):
     assert err.value.status_code == 400 and named in err.value.error
 
 
+def test_a_client_that_leaves_a_stream_gives_the_model_back(server):
+    """A streamed chat left after its first line: the worker stops at its next token and the model
+    is in use no more (polled with a deadline), and the next request is answered."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.info["port"], timeout=60)
+    conn.request("POST", "/api/generate", body=json.dumps({
+        "model": MODEL, "prompt": "Count from one to a thousand:", "raw": True, "options": {"num_predict": 1500}}))
+    response = conn.getresponse()
+    first = json.loads(response.readline())
+    assert first["done"] is False
+    conn.sock.shutdown(2)  # gone, in the middle
+    conn.close()
+    deadline = time.monotonic() + 20
+    while True:
+        models = {m["name"]: m for m in server.json("GET", "/api/orion/ps")["models"]}
+        if not models[MODEL]["in_use"] and not models[MODEL]["queue_depth"]:
+            break
+        assert time.monotonic() < deadline, models[MODEL]
+        time.sleep(0.05)  # polling a state the server changes, with a deadline
+    after = ollama.Client(host=server.url).generate(model=MODEL, prompt="One, two,", raw=True,
+                                                    options={"num_predict": 2, "temperature": 0})
+    assert after.done and after.eval_count == 2
+
+
 def test_errors_are_ollamas_shape(server):
     status, _, payload = server.request("POST", "/api/chat", {"model": "nope", "messages": []})
     assert status == 404 and isinstance(json.loads(payload)["error"], str)
