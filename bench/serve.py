@@ -118,7 +118,7 @@ class OrionServer:
     def runners(self) -> dict[str, int]:
         """Each loaded model's runner process (name -> pid); empty in-process."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("GET", "/api/ps")
+        conn.request("GET", "/api/orion/ps")
         doc = json.loads(conn.getresponse().read())
         conn.close()
         return {m["name"]: m["runner_pid"] for m in doc["models"] if m.get("runner_pid")}

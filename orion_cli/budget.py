@@ -47,7 +47,7 @@ def pressure_level(used_bytes: int, limit_bytes: int, high: float, critical: flo
 
 
 def pressure_of(memory, high: float, critical: float) -> dict:
-    """``{"level", "ratio"}`` of a :class:`orion_cli.device.MemoryNow` (what ``/api/ps`` reports)."""
+    """``{"level", "ratio"}`` of a :class:`orion_cli.device.MemoryNow` (what ``/api/orion/ps`` reports)."""
     return {"level": pressure_level(memory.in_use_bytes, memory.limit_bytes, high, critical),
             "ratio": round(memory.ratio, 3)}
 

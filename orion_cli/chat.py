@@ -8,7 +8,7 @@ server layer gives (``orion_cli.server.remote``: the running ``orion serve``). A
 - ``keeps_turns`` (whether the last answer came from a chat template: a plain completion model
   keeps no conversation),
 - ``reply(prompt, *, system, history, images, timings)``: the answer, piece by piece,
-- ``load(name)`` (switch models), ``loaded()`` (what is loaded, as ``GET /api/ps`` shapes it),
+- ``load(name)`` (switch models), ``loaded()`` (what is loaded, as ``GET /api/orion/ps`` shapes it),
   ``close()``.
 """
 
@@ -173,7 +173,7 @@ class LocalChat:
         self.local, self.request = local, request
 
     def loaded(self) -> dict:
-        """The models loaded here, shaped as ``GET /api/ps`` answers, with this manager's keep-alive."""
+        """The models loaded here, shaped as ``GET /api/orion/ps`` answers, with this manager's keep-alive."""
         models = [{"name": s.name, "estimate_bytes": s.estimate_bytes, "in_use": s.in_use, "idle_s": s.idle_s,
                    "pinned": s.pinned} for s in self.manager.status()]
         return {"models": models, "max_models": self.manager.max_models, "budget_bytes": self.manager.budget_bytes,

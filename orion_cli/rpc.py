@@ -318,7 +318,7 @@ def _say_on_stderr(line: str) -> None:
 
 
 # Where the line about a server left out goes: the CLI's stderr; under orion serve its ServerState
-# sets it to its event log (an event in /api/ps and /api/events, and the same line on its console).
+# sets it to its event log (an event in /api/orion/ps and /api/orion/events, and the same line on its console).
 warn: Callable[[str], None] = _say_on_stderr
 
 

@@ -63,7 +63,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
 
 
 # The longest keep-alive orion takes as a number (a year): past it, 'never' says what is meant, and a
-# 321-digit number no longer overflows the clock arithmetic of the manager and /api/ps.
+# 321-digit number no longer overflows the clock arithmetic of the manager and /api/orion/ps.
 MAX_KEEP_ALIVE_S = 365 * 24 * 3600
 
 

@@ -3,7 +3,7 @@
 and fetches allowed so that the core's own resolution is exercised). Each gets a JSON error
 ``{"error": {...}}`` with its expected status (never a 500), names the parameter where one is at
 fault, and leaves no traceback or "internal error" in the server's console; after the whole matrix
-the server still answers a chat and an embedding request, /metrics and /api/ps, and exits 0.
+the server still answers a chat and an embedding request, /metrics and /api/orion/ps, and exits 0.
 
 The console is read from the server's stderr pipe after each answer, without blocking: what the
 server logged while answering was written before the answer was sent, so it is there to read.
@@ -165,10 +165,10 @@ GOOD = {  # a body each POST route would take, for the cases that break one thin
     CHAT: {"model": "gemma3-270m", "messages": HI, "max_tokens": 2},
     COMPLETIONS: {"model": "gemma3-270m", "prompt": "hi", "max_tokens": 2},
     EMBEDDINGS: {"model": "minilm", "input": "hi"},
-    "/api/load": {"model": "minilm"},
-    "/api/unload": {"model": "minilm"},
-    "/api/encoder": {"model": "minilm"},
-    "/api/chunk": {"model": "minilm", "text": "hi"},
+    "/api/orion/load": {"model": "minilm"},
+    "/api/orion/unload": {"model": "minilm"},
+    "/api/orion/encoder": {"model": "minilm"},
+    "/api/orion/chunk": {"model": "minilm", "text": "hi"},
 }
 POSTS = list(GOOD)
 LONG = "x" * 5000
@@ -251,7 +251,7 @@ MATRIX: list[Bad] = [
     chat("model-a-directory", 422, param="model", model="/tmp"),
     chat("model-an-encoder", 400, param="model", code="wrong_model_kind", model="minilm"),
     chat("model-hub-offline", 502, code="network_error", model="orion-test/no-such-repo"),
-    post("/api/load", "model-hub-offline", {"model": "orion-test/no-such-repo"}, 502, code="network_error"),
+    post("/api/orion/load", "model-hub-offline", {"model": "orion-test/no-such-repo"}, 502, code="network_error"),
     embedding("model-tmp", 404, param="model", model="/tmp"),
     embedding("model-root", 404, param="model", model="/"),
     embedding("model-proc", 404, param="model", model="/proc"),
@@ -261,18 +261,18 @@ MATRIX: list[Bad] = [
     embedding("model-unknown-home", param="model", model="~nosuchuser"),
     embedding("prefer-id-a-number", param="prefer_id", prefer_id=5),
     embedding("prefer-id-5000-chars", param="prefer_id", prefer_id=LONG),
-    post("/api/encoder", "model-tmp", {"model": "/tmp"}, 404, param="model"),
-    post("/api/encoder", "model-a-number", {"model": 5}, param="model"),
-    post("/api/encoder", "model-empty", {"model": ""}, param="model"),
-    post("/api/encoder", "model-an-llm", {"model": "gemma3-270m"}, param="model", code="wrong_model_kind"),
-    post("/api/encoder", "prefer-id-a-list", {"prefer_id": []}, param="prefer_id"),
-    post("/api/chunk", "model-proc", {"model": "/proc", "text": "x"}, 404, param="model"),
-    post("/api/load", "model-root-as-encoder", {"model": "/", "embedding": True}, 404, param="model"),
-    post("/api/load", "model-unknown", {"model": "no-such-model"}, 404, param="model"),
-    post("/api/load", "model-missing", {"keep_alive": "5m"}, param="model", code="missing_model"),
-    post("/api/unload", "not-loaded", {"model": "no-such-model"}, 404, param="model", code="model_not_loaded"),
-    post("/api/unload", "model-a-list", {"model": ["minilm"]}, param="model"),
-    post("/api/unload", "model-missing", {}, param="model", code="missing_model"),
+    post("/api/orion/encoder", "model-tmp", {"model": "/tmp"}, 404, param="model"),
+    post("/api/orion/encoder", "model-a-number", {"model": 5}, param="model"),
+    post("/api/orion/encoder", "model-empty", {"model": ""}, param="model"),
+    post("/api/orion/encoder", "model-an-llm", {"model": "gemma3-270m"}, param="model", code="wrong_model_kind"),
+    post("/api/orion/encoder", "prefer-id-a-list", {"prefer_id": []}, param="prefer_id"),
+    post("/api/orion/chunk", "model-proc", {"model": "/proc", "text": "x"}, 404, param="model"),
+    post("/api/orion/load", "model-root-as-encoder", {"model": "/", "embedding": True}, 404, param="model"),
+    post("/api/orion/load", "model-unknown", {"model": "no-such-model"}, 404, param="model"),
+    post("/api/orion/load", "model-missing", {"keep_alive": "5m"}, param="model", code="missing_model"),
+    post("/api/orion/unload", "not-loaded", {"model": "no-such-model"}, 404, param="model", code="model_not_loaded"),
+    post("/api/orion/unload", "model-a-list", {"model": ["minilm"]}, param="model"),
+    post("/api/orion/unload", "model-missing", {}, param="model", code="missing_model"),
     # ------------------------------------------------------------ chat fields
     chat("messages-missing", param="messages", messages=None),
     chat("messages-a-string", param="messages", messages="hi"),
@@ -345,42 +345,42 @@ MATRIX: list[Bad] = [
     embedding("dimensions-other", param="dimensions", dimensions=5),
     embedding("dimensions-a-string", param="dimensions", dimensions="384"),
     embedding("dimensions-10e400", param="dimensions", dimensions=10**400),
-    # ------------------------------------------------------------ /api/load, /api/chunk fields
-    post("/api/load", "keep-alive-401-digits", {"model": "minilm", "keep_alive": "1" * 401}, param="keep_alive"),
-    post("/api/load", "keep-alive-1e400-string", {"model": "minilm", "keep_alive": "1e400"}, param="keep_alive"),
-    post("/api/load", "keep-alive-nan-string", {"model": "minilm", "keep_alive": "nan"}, param="keep_alive"),
-    post("/api/load", "keep-alive-10000000h", {"model": "minilm", "keep_alive": "10000000h"}, param="keep_alive"),
-    post("/api/load", "keep-alive-10e400", {"model": "minilm", "keep_alive": 10**400}, param="keep_alive"),
-    Bad("load-keep-alive-1e400", "POST", "/api/load", 400, raw=b'{"model": "minilm", "keep_alive": 1e400}',
+    # ------------------------------------------------------------ /api/orion/load, /api/orion/chunk fields
+    post("/api/orion/load", "keep-alive-401-digits", {"model": "minilm", "keep_alive": "1" * 401}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-1e400-string", {"model": "minilm", "keep_alive": "1e400"}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-nan-string", {"model": "minilm", "keep_alive": "nan"}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-10000000h", {"model": "minilm", "keep_alive": "10000000h"}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-10e400", {"model": "minilm", "keep_alive": 10**400}, param="keep_alive"),
+    Bad("load-keep-alive-1e400", "POST", "/api/orion/load", 400, raw=b'{"model": "minilm", "keep_alive": 1e400}',
         param="keep_alive"),
-    post("/api/load", "keep-alive-a-list", {"model": "minilm", "keep_alive": [1]}, param="keep_alive"),
-    post("/api/load", "keep-alive-true", {"model": "minilm", "keep_alive": True}, param="keep_alive"),
-    post("/api/load", "keep-alive-soon", {"model": "minilm", "keep_alive": "soon"}, param="keep_alive"),
-    post("/api/load", "keep-alive-arabic-digits", {"model": "minilm", "keep_alive": "٣٠٠"}, param="keep_alive"),
-    post("/api/load", "pin-a-string", {"model": "minilm", "pin": "yes"}, param="pin"),
-    post("/api/load", "embedding-a-string", {"model": "minilm", "embedding": "yes"}, param="embedding",
+    post("/api/orion/load", "keep-alive-a-list", {"model": "minilm", "keep_alive": [1]}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-true", {"model": "minilm", "keep_alive": True}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-soon", {"model": "minilm", "keep_alive": "soon"}, param="keep_alive"),
+    post("/api/orion/load", "keep-alive-arabic-digits", {"model": "minilm", "keep_alive": "٣٠٠"}, param="keep_alive"),
+    post("/api/orion/load", "pin-a-string", {"model": "minilm", "pin": "yes"}, param="pin"),
+    post("/api/orion/load", "embedding-a-string", {"model": "minilm", "embedding": "yes"}, param="embedding",
          code="invalid_value"),
-    post("/api/load", "embedding-the-string-false", {"model": "gemma3-270m", "embedding": "false"},
+    post("/api/orion/load", "embedding-the-string-false", {"model": "gemma3-270m", "embedding": "false"},
          param="embedding", code="invalid_value"),
-    post("/api/load", "embedding-a-number", {"model": "minilm", "embedding": 1}, param="embedding"),
-    post("/api/chunk", "text-missing", {"model": "minilm"}, param="text"),
-    post("/api/chunk", "text-a-number", {"model": "minilm", "text": 5}, param="text"),
-    post("/api/chunk", "text-a-list", {"model": "minilm", "text": ["a"]}, param="text"),
+    post("/api/orion/load", "embedding-a-number", {"model": "minilm", "embedding": 1}, param="embedding"),
+    post("/api/orion/chunk", "text-missing", {"model": "minilm"}, param="text"),
+    post("/api/orion/chunk", "text-a-number", {"model": "minilm", "text": 5}, param="text"),
+    post("/api/orion/chunk", "text-a-list", {"model": "minilm", "text": ["a"]}, param="text"),
     # ------------------------------------------------------------ methods and routes
     *[Bad(f"{method}-{_short(path)}", method, path, 405, code="method_not_allowed") for method, path in [
-        ("POST", "/api/ps"), ("POST", "/metrics"), ("POST", "/v1/models"), ("POST", "/health"),
-        ("DELETE", "/v1/models"), ("PUT", "/api/load"), ("GET", CHAT), ("GET", COMPLETIONS), ("GET", EMBEDDINGS),
-        ("GET", "/api/load"), ("GET", "/api/unload"), ("GET", "/api/encoder"), ("GET", "/api/chunk"),
-        ("PATCH", "/api/unload"), ("POST", "/api/events"), ("OPTIONS", COMPLETIONS)]],
+        ("POST", "/api/orion/ps"), ("POST", "/metrics"), ("POST", "/v1/models"), ("POST", "/health"),
+        ("DELETE", "/v1/models"), ("PUT", "/api/orion/load"), ("GET", CHAT), ("GET", COMPLETIONS), ("GET", EMBEDDINGS),
+        ("GET", "/api/orion/load"), ("GET", "/api/orion/unload"), ("GET", "/api/orion/encoder"), ("GET", "/api/orion/chunk"),
+        ("PATCH", "/api/orion/unload"), ("POST", "/api/orion/events"), ("OPTIONS", COMPLETIONS)]],
     *[Bad(f"no-route-{i}", method, path, 404, code="not_found") for i, (method, path) in enumerate([
-        ("GET", "/"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/nothing"),
+        ("GET", "/"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/orion/nothing"),
         ("GET", "/v1/models/extra"), ("GET", "/%ff%00"), ("GET", "/" + "a" * 300)])],
     # ------------------------------------------------------------ the API key
     Bad("key-missing-models", "GET", "/v1/models", 401, auth=False, code="invalid_api_key"),
-    Bad("key-missing-ps", "GET", "/api/ps", 401, auth=False, code="invalid_api_key"),
+    Bad("key-missing-ps", "GET", "/api/orion/ps", 401, auth=False, code="invalid_api_key"),
     Bad("key-missing-metrics", "GET", "/metrics", 401, auth=False, code="invalid_api_key"),
     Bad("key-missing-chat", "POST", CHAT, 401, doc=GOOD[CHAT], auth=False, code="invalid_api_key"),
-    Bad("key-missing-load", "POST", "/api/load", 401, doc=GOOD["/api/load"], auth=False, code="invalid_api_key"),
+    Bad("key-missing-load", "POST", "/api/orion/load", 401, doc=GOOD["/api/orion/load"], auth=False, code="invalid_api_key"),
     Bad("key-wrong", "GET", "/v1/models", 401, headers={"Authorization": "Bearer s3cret"}, code="invalid_api_key"),
     Bad("key-latin1-prefix", "GET", "/v1/models", 401,
         headers={"Authorization": "Bearer clé-ünïcode-".encode("latin-1")}, code="invalid_api_key"),
@@ -396,7 +396,7 @@ MATRIX: list[Bad] = [
 def test_the_matrix_is_large_and_its_cases_distinct():
     assert len(MATRIX) >= 110, len(MATRIX)
     assert len({c.id for c in MATRIX}) == len(MATRIX)
-    assert {c.path for c in MATRIX} >= {*POSTS, "/api/ps", "/metrics", "/v1/models", "/health"}
+    assert {c.path for c in MATRIX} >= {*POSTS, "/api/orion/ps", "/metrics", "/v1/models", "/health"}
 
 
 def _send(server: Serve, case: Bad) -> tuple[int, dict, bytes]:
@@ -479,7 +479,7 @@ def test_the_key_of_any_characters_works_for_the_cli_and_a_wrong_one_does_not(se
 
 
 def test_after_every_bad_request_the_server_still_answers(server):
-    """Run last: a good chat, a good embedding (and its stream-options twin), /api/ps and /metrics."""
+    """Run last: a good chat, a good embedding (and its stream-options twin), /api/orion/ps and /metrics."""
     status, _, payload = server.request("POST", CHAT, body=json.dumps(
         {"model": "gemma3-270m", "messages": HI, "max_tokens": 4, "temperature": 0, "stream": False,
          "stream_options": None}).encode())
@@ -490,7 +490,7 @@ def test_after_every_bad_request_the_server_still_answers(server):
     assert status == 200, payload[:500]
     vectors = [d["embedding"] for d in json.loads(payload)["data"]]
     assert len(vectors) == 2 and all(len(v) == 384 for v in vectors)
-    status, _, payload = server.request("GET", "/api/ps")
+    status, _, payload = server.request("GET", "/api/orion/ps")
     assert status == 200 and "models" in json.loads(payload)
     status, _, payload = server.request("GET", "/metrics")
     assert status == 200 and b"orion_requests_total" in payload

@@ -66,7 +66,7 @@ def chat_requests(server: Server) -> int:
 
 
 def loaded(server: Server) -> list[str]:
-    return [m["name"] for m in server.json("GET", "/api/ps")["models"]]
+    return [m["name"] for m in server.json("GET", "/api/orion/ps")["models"]]
 
 
 def kept_notices(proc) -> list[str]:
@@ -174,7 +174,7 @@ def test_embed_and_search_with_a_folder_model(strict, allowing, tmp_path):
                 (notice,) = kept_notices(proc)
                 assert notice.endswith("(orion import it, or start the server with --allow-paths); working in this "
                                        "process") and folder in notice
-            assert not [m for m in server.json("GET", "/api/ps")["models"] if m["kind"] == "encoder"]
+            assert not [m for m in server.json("GET", "/api/orion/ps")["models"] if m["kind"] == "encoder"]
         else:
             assert not kept_notices(embed) and not kept_notices(search)
             assert folder in loaded(server)  # sent absolute, loaded there

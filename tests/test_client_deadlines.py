@@ -108,7 +108,7 @@ def test_a_busy_server_that_answers_health_is_waited_for(loopback):
     asked /health twice, so the client must have waited past its deadline twice."""
     client = _client(loopback.port, timeout=0.3)
     got: dict = {}
-    asked = threading.Thread(target=lambda: got.update(doc=client.post("/api/load", {"model": "m"})))
+    asked = threading.Thread(target=lambda: got.update(doc=client.post("/api/orion/load", {"model": "m"})))
     asked.start()
     held, probes = None, 0
     while asked.is_alive():  # the server's side: every /health answered, the request once probed twice
@@ -120,7 +120,7 @@ def test_a_busy_server_that_answers_health_is_waited_for(loopback):
             _json_reply(conn, HEALTH)
             probes += 1
         else:
-            assert head.startswith(b"POST /api/load ") and held is None
+            assert head.startswith(b"POST /api/orion/load ") and held is None
             held = conn
         if held is not None and probes == 2:
             _json_reply(held, {"model": "m", "kind": "text"})
@@ -163,7 +163,7 @@ def test_a_server_that_is_not_there_fails_at_once():
     sock.close()  # nothing listens there now
     started = time.monotonic()
     with pytest.raises(ServerGone):
-        _client(port, timeout=30).get("/api/ps")
+        _client(port, timeout=30).get("/api/orion/ps")
     assert time.monotonic() - started < 5
 
 

@@ -1,7 +1,7 @@
 """The memory ledger: records persisted, bounded and read back (a corrupt file ignored); the manager
 measuring each load through an injected probe, budgeting by the measure, and giving the next load of
 the same model (same ledger key, also after a restart) the recorded figure as its estimate; the
-default probe's arithmetic with injected memory readings; /api/ps, /metrics and `orion ps` on a real
+default probe's arithmetic with injected memory readings; /api/orion/ps, /metrics and `orion ps` on a real
 `orion serve`. Nothing here needs a GPU: VRAM comes through the injected probes."""
 
 from __future__ import annotations
@@ -361,8 +361,8 @@ def test_ps_metrics_and_the_cli_show_estimate_measured_and_error_and_a_restart_r
     for start in ("first", "restarted"):
         s = Server(home, env={"ORION_CTX": "1024"})
         try:
-            assert s.request("POST", "/api/load", {"model": "gemma3-270m"})[0] == 200
-            doc = s.json("GET", "/api/ps")
+            assert s.request("POST", "/api/orion/load", {"model": "gemma3-270m"})[0] == 200
+            doc = s.json("GET", "/api/orion/ps")
             (m,) = doc["models"]
             (ram,) = [row for row in m["memory"] if row["device"] == "ram"]
             assert ram["estimate_bytes"] == m["estimate_bytes"] and ram["measured_bytes"] == m["measured_bytes"]

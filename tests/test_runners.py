@@ -51,11 +51,11 @@ def _zombie(pid: int) -> bool:
 
 
 def runner_pids(s: Server) -> list[int]:
-    return [m["runner_pid"] for m in s.json("GET", "/api/ps")["models"] if m.get("runner_pid")]
+    return [m["runner_pid"] for m in s.json("GET", "/api/orion/ps")["models"] if m.get("runner_pid")]
 
 
 def runner_of(s: Server, name: str) -> int:
-    for m in s.json("GET", "/api/ps")["models"]:
+    for m in s.json("GET", "/api/orion/ps")["models"]:
         if m["name"] == name:
             assert m["runner_pid"] and m["runner_pid"] != s.proc.pid
             return m["runner_pid"]
@@ -108,15 +108,15 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def gone_events(s: Server) -> list[dict]:
-    return [e for e in s.json("GET", "/api/ps")["events"] if e["kind"] == "gone"]
+    return [e for e in s.json("GET", "/api/orion/ps")["events"] if e["kind"] == "gone"]
 
 
 def test_sigkill_of_a_runner_mid_stream_costs_its_requests_only(served):
     """The acceptance: 4 streamed chats and 3 embedding clients; the chat model's runner is killed
     with SIGKILL mid-answer. The embedding clients all finish, each stream ends in an error event,
-    /api/ps shows the event, the next request loads the model again, no runner outlives the server."""
+    /api/orion/ps shows the event, the next request loads the model again, no runner outlives the server."""
     s = served("--parallel", "4")
-    assert s.json("POST", "/api/load", {"model": "gemma3-270m"})["loaded"]
+    assert s.json("POST", "/api/orion/load", {"model": "gemma3-270m"})["loaded"]
     assert s.request("POST", "/v1/embeddings", {"model": "minilm", "input": "warm"})[0] == 200
     chat_pid, encoder_pid = runner_of(s, "gemma3-270m"), runner_of(s, "minilm")
     assert chat_pid != encoder_pid
@@ -150,7 +150,7 @@ def test_sigkill_of_a_runner_mid_stream_costs_its_requests_only(served):
         err = st.error
         assert err is not None, st.events[-3:]
         assert err["status"] >= 500 and "runner" in err["message"] and "SIGKILL" in err["message"], err
-    events = wait_until(lambda: gone_events(s), 10, "a 'gone' event in /api/ps")
+    events = wait_until(lambda: gone_events(s), 10, "a 'gone' event in /api/orion/ps")
     assert "gemma3-270m" in events[-1]["detail"] and "SIGKILL" in events[-1]["detail"]
     assert runner_of(s, "minilm") == encoder_pid  # the encoder's runner never noticed
     status, _, payload = s.request("POST", "/v1/chat/completions", CHAT | {"max_tokens": 4})
@@ -165,13 +165,13 @@ def test_a_native_crash_in_a_runner_is_a_json_error_and_the_server_stays(served,
     JSON 5xx naming the crash, other models keep serving, the model loads again on the next request."""
     s = served()
     assert s.request("POST", "/v1/embeddings", {"model": "minilm", "input": "warm"})[0] == 200
-    assert s.json("POST", "/api/load", {"model": "gemma3-270m"})["loaded"]
+    assert s.json("POST", "/api/orion/load", {"model": "gemma3-270m"})["loaded"]
     pid = runner_of(s, "gemma3-270m")
     answers: list = []
     worker = threading.Thread(target=lambda: answers.append(
         s.request("POST", "/v1/chat/completions", CHAT | {"max_tokens": 1500})), daemon=True)
     worker.start()
-    wait_until(lambda: any(m["in_use"] for m in s.json("GET", "/api/ps")["models"] if m["name"] == "gemma3-270m"),
+    wait_until(lambda: any(m["in_use"] for m in s.json("GET", "/api/orion/ps")["models"] if m["name"] == "gemma3-270m"),
                60, "the request is on the model")
     os.kill(pid, sig)
     worker.join(60)
@@ -189,7 +189,7 @@ def test_a_frozen_runner_is_ended_by_its_watchdog(served):
     an error within the deadline, the server and the other model serve on."""
     s = served(env={"ORION_RUNNER_TIMEOUT": "2"})
     assert s.request("POST", "/v1/embeddings", {"model": "minilm", "input": "warm"})[0] == 200
-    assert s.json("POST", "/api/load", {"model": "gemma3-270m"})["loaded"]
+    assert s.json("POST", "/api/orion/load", {"model": "gemma3-270m"})["loaded"]
     pid = runner_of(s, "gemma3-270m")
     os.kill(pid, signal.SIGSTOP)
     start = time.monotonic()
@@ -205,13 +205,13 @@ def test_a_frozen_runner_is_ended_by_its_watchdog(served):
 
 def test_models_load_side_by_side_and_the_runner_memory_is_reported(served):
     """No server-wide load lock: two models load at once; each runner's resident memory is its
-    model's measured_bytes in /api/ps."""
+    model's measured_bytes in /api/orion/ps."""
     s = served()
     with ThreadPoolExecutor(2) as pool:
-        loads = list(pool.map(lambda name: s.request("POST", "/api/load", {"model": name})[0],
+        loads = list(pool.map(lambda name: s.request("POST", "/api/orion/load", {"model": name})[0],
                               ["gemma3-270m", "minilm"]))
     assert loads == [200, 200]
-    models = {m["name"]: m for m in s.json("GET", "/api/ps")["models"]}
+    models = {m["name"]: m for m in s.json("GET", "/api/orion/ps")["models"]}
     for name in ("gemma3-270m", "minilm"):
         m = models[name]
         assert m["runner_pid"] and m["measured_bytes"] > 20 * 2**20 and m["rss_bytes"] > 20 * 2**20, m

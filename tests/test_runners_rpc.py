@@ -26,7 +26,7 @@ LOCAL_BUDGET = "320MB"
 def test_a_peer_that_stalls_after_the_probe_costs_one_load_not_the_server(served):  # noqa: F811
     """The issue's freeze: a peer answers the probe, then never answers llama.cpp. The split model's
     request fails within ORION_RPC_TIMEOUT + a margin with a JSON error naming the server; meanwhile
-    the server answers /health, /api/ps and /metrics at once, and an embedding request is answered
+    the server answers /health, /api/orion/ps and /metrics at once, and an embedding request is answered
     (once the stalled load is given up, its room is free); SIGTERM then stops the server (the fixture
     checks exit 0)."""
     with FakeRpcPeer("stall_after_probe", free_bytes=2 * 2**30) as peer:
@@ -38,7 +38,7 @@ def test_a_peer_that_stalls_after_the_probe_costs_one_load_not_the_server(served
             s.request("POST", "/v1/chat/completions", CHAT | {"max_tokens": 8})), daemon=True)
         chat.start()
         assert peer.wait_stalled(60), peer.received  # llama.cpp (in the runner) now waits on the peer
-        for path in ("/health", "/api/ps", "/metrics"):
+        for path in ("/health", "/api/orion/ps", "/metrics"):
             t = time.monotonic()
             assert s.request("GET", path)[0] == 200
             assert time.monotonic() - t < 2, path
@@ -50,7 +50,7 @@ def test_a_peer_that_stalls_after_the_probe_costs_one_load_not_the_server(served
         err = json.loads(payload)["error"]
         assert status >= 500 and peer.endpoint in err["message"] and "no answer" in err["message"], (status, err)
         assert took < RPC_TIMEOUT + 60, took
-        events = [e for e in s.json("GET", "/api/ps")["events"] if e["kind"] == "failed"]
+        events = [e for e in s.json("GET", "/api/orion/ps")["events"] if e["kind"] == "failed"]
         assert events and peer.endpoint in events[-1]["detail"]
         assert not any("Traceback" in line for line in s.lines), "".join(s.lines)
 

@@ -213,12 +213,12 @@ def test_each_error_class_is_an_openai_error(server):
         ("POST", "/v1/completions", b"x" * (9 * 1024 * 1024), 413, "request_too_large"),
         ("GET", "/v1/nothing-here", None, 404, "not_found"),
         ("GET", "/v1/embeddings", None, 405, "method_not_allowed"),
-        ("POST", "/api/unload", json.dumps({"model": "mistral"}).encode(), 404, "model_not_loaded"),
+        ("POST", "/api/orion/unload", json.dumps({"model": "mistral"}).encode(), 404, "model_not_loaded"),
         ("POST", "/v1/embeddings", json.dumps({"model": "minilm", "input": "x", "prefer_id": 7}).encode(), 400,
          "invalid_value"),
-        ("POST", "/api/chunk", json.dumps({"model": ["minilm"], "text": "x"}).encode(), 400, "invalid_value"),
-        ("POST", "/api/chunk", json.dumps({"model": "minilm"}).encode(), 400, None),
-        ("POST", "/api/load", json.dumps({"model": "gemma3-270m", "pin": "yes"}).encode(), 400, None),
+        ("POST", "/api/orion/chunk", json.dumps({"model": ["minilm"], "text": "x"}).encode(), 400, "invalid_value"),
+        ("POST", "/api/orion/chunk", json.dumps({"model": "minilm"}).encode(), 400, None),
+        ("POST", "/api/orion/load", json.dumps({"model": "gemma3-270m", "pin": "yes"}).encode(), 400, None),
     ]
     # a prompt past the context (2,048 here) on every generating route, streamed or not: a 400
     # before any stream begins
@@ -255,7 +255,7 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     for stream in streams:
         stream.close()  # the clients go away: their sequences end at the next step
     deadline = time.monotonic() + 120
-    while server.json("GET", "/api/ps")["models"][0]["queue_depth"]:
+    while server.json("GET", "/api/orion/ps")["models"][0]["queue_depth"]:
         assert time.monotonic() < deadline, "the closed streams still hold the queue"
     done = client.chat.completions.create(model="gemma3-270m", messages=messages, max_tokens=2)
     assert done.choices[0].message.content is not None
@@ -300,7 +300,7 @@ def _decoder_steps(server) -> int:
 def test_ps_load_unload_events_and_metrics(server):
     events = []
     conn = http.client.HTTPConnection("127.0.0.1", server.info["port"], timeout=120)
-    conn.request("GET", "/api/events")
+    conn.request("GET", "/api/orion/events")
     stream = conn.getresponse()
 
     def read_events():
@@ -324,7 +324,7 @@ def test_ps_load_unload_events_and_metrics(server):
     cli(server, "load", "gemma3-270m", "--unpin")
     stop = cli(server, "stop", "gemma3-270m")
     assert stop.returncode == 0, stop.stderr
-    assert "gemma3-270m" not in [m["name"] for m in server.json("GET", "/api/ps")["models"]]
+    assert "gemma3-270m" not in [m["name"] for m in server.json("GET", "/api/orion/ps")["models"]]
     reader.join(timeout=60)
     conn.close()
     kinds = [e["kind"] for e in events]
@@ -416,7 +416,7 @@ def test_three_concurrent_embeds_share_one_encoder(server, tmp_path):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
         assert json.loads(out)["encoded_by"] == server.url
-    encoders = [m for m in server.json("GET", "/api/ps")["models"] if m["kind"] == "encoder"]
+    encoders = [m for m in server.json("GET", "/api/orion/ps")["models"] if m["kind"] == "encoder"]
     assert len(encoders) == 1
     db = sqlite3.connect(server.home / "embeddings.db")
     (cid,) = db.execute("SELECT id FROM collections WHERE name='shared'").fetchone()
@@ -437,18 +437,18 @@ def test_keep_alive_lru_and_pin_through_the_api(tmp_path_factory, gemma_q4, engi
     shutil.copy(engine_check_cache, home / "engine-check.json")
     s = Server(home, env={"ORION_MAX_MODELS": "1", "ORION_CTX": "512", "ORION_KEEP_ALIVE": "never"})
     try:
-        assert s.request("POST", "/api/load", {"model": "minilm", "keep_alive": "1s"})[0] == 200
+        assert s.request("POST", "/api/orion/load", {"model": "minilm", "keep_alive": "1s"})[0] == 200
         deadline = time.monotonic() + 30  # its own keep-alive: unloaded by the server's timer
-        while s.json("GET", "/api/ps")["models"]:
+        while s.json("GET", "/api/orion/ps")["models"]:
             assert time.monotonic() < deadline, "minilm was never unloaded"
-        assert s.request("POST", "/api/load", {"model": "minilm"})[0] == 200
-        assert s.request("POST", "/api/load", {"model": "gemma3-270m"})[0] == 200  # the cap is 1: LRU eviction
-        assert [m["name"] for m in s.json("GET", "/api/ps")["models"]] == ["gemma3-270m"]
-        assert any(e["kind"] == "evicted" for e in s.json("GET", "/api/ps")["events"])
-        assert s.request("POST", "/api/load", {"model": "gemma3-270m", "pin": True})[0] == 200
-        status, _, payload = s.request("POST", "/api/load", {"model": "minilm"})
+        assert s.request("POST", "/api/orion/load", {"model": "minilm"})[0] == 200
+        assert s.request("POST", "/api/orion/load", {"model": "gemma3-270m"})[0] == 200  # the cap is 1: LRU eviction
+        assert [m["name"] for m in s.json("GET", "/api/orion/ps")["models"]] == ["gemma3-270m"]
+        assert any(e["kind"] == "evicted" for e in s.json("GET", "/api/orion/ps")["events"])
+        assert s.request("POST", "/api/orion/load", {"model": "gemma3-270m", "pin": True})[0] == 200
+        status, _, payload = s.request("POST", "/api/orion/load", {"model": "minilm"})
         assert status == 507 and json.loads(payload)["error"]["code"] == "model_does_not_fit"
-        assert s.request("POST", "/api/load", {"model": "gemma3-270m", "keep_alive": "soon"})[0] == 400
+        assert s.request("POST", "/api/orion/load", {"model": "gemma3-270m", "keep_alive": "soon"})[0] == 400
     finally:
         assert s.stop() == 0
 
@@ -471,7 +471,7 @@ def test_api_key_and_loopback(tmp_path, gemma_q4):
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").models.list()
         assert s.client(api_key="s3cret").models.list().data
-        assert s.request("GET", "/api/ps", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.request("GET", "/api/orion/ps", headers={"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         assert s.stop(signal.SIGINT) == 0
     assert not (s.home / "server.json").exists()
@@ -553,7 +553,7 @@ def test_bounded_load_test_only_200_and_503_and_memory_back_to_idle(tmp_path_fac
 
         def unload_all() -> None:
             for model in ("gemma3-270m", "minilm"):
-                assert s.request("POST", "/api/unload", {"model": model})[0] == 200
+                assert s.request("POST", "/api/orion/unload", {"model": model})[0] == 200
 
         # The idle level: after a first burst of the same shape and unloading. The first burst starts
         # what stays for the server's life (llama.cpp's backend, the worker threads and the OpenMP
@@ -568,7 +568,7 @@ def test_bounded_load_test_only_200_and_503_and_memory_back_to_idle(tmp_path_fac
         assert not any("internal error" in line for line in s.lines), "".join(s.lines)
         assert statuses.count(200) >= 250
         unload_all()
-        assert s.json("GET", "/api/ps")["models"] == []
+        assert s.json("GET", "/api/orion/ps")["models"] == []
         after = s.rss_bytes()
         print(f"load test: {statuses.count(200)} x 200, {statuses.count(503)} x 503; server RSS idle "
               f"{idle / 2**20:.1f} MiB, after unloading {after / 2**20:.1f} MiB")

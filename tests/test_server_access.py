@@ -27,9 +27,9 @@ ROUTES = {  # every route that names a model, with a body that is valid but for 
     "/v1/chat/completions": lambda m: {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
     "/v1/completions": lambda m: {"model": m, "prompt": "hi", "max_tokens": 1},
     "/v1/embeddings": lambda m: {"model": m, "input": "hi"},
-    "/api/load": lambda m: {"model": m},
-    "/api/encoder": lambda m: {"model": m},
-    "/api/chunk": lambda m: {"model": m, "text": "hi"},
+    "/api/orion/load": lambda m: {"model": m},
+    "/api/orion/encoder": lambda m: {"model": m},
+    "/api/orion/chunk": lambda m: {"model": m, "text": "hi"},
 }
 
 
@@ -119,14 +119,14 @@ def test_registered_models_the_hub_names_they_came_from_and_minilm_are_served(se
                                                       "max_tokens": 2, "temperature": 0})
     assert done["choices"][0]["text"]
     for name in (LADDER_REPO, f"{LADDER_REPO}/{LADDER_Q4}", "ladder-q4"):
-        assert call_json(app, "POST", "/api/load", {"model": name})["kind"] == "llm"
-    info = call_json(app, "POST", "/api/encoder", {})  # no model: the built-in encoder
+        assert call_json(app, "POST", "/api/orion/load", {"model": name})["kind"] == "llm"
+    info = call_json(app, "POST", "/api/orion/encoder", {})  # no model: the built-in encoder
     assert info["dim"] == 384 and info["id"].startswith("minilm@")
-    assert call_json(app, "POST", "/api/encoder", {"model": info["id"]})["id"] == info["id"]  # MODEL@TYPE
+    assert call_json(app, "POST", "/api/orion/encoder", {"model": info["id"]})["id"] == info["id"]  # MODEL@TYPE
     doc = call_json(app, "POST", "/v1/embeddings", {"model": "minilm", "input": ["one", "two"]})
     assert len(doc["data"]) == 2 and len(doc["data"][0]["embedding"]) == 384
-    assert call_json(app, "POST", "/api/chunk", {"model": "minilm", "text": "a line\n"})["chunks"]
-    assert call_json(app, "POST", "/api/load", {"model": "minilm"})["kind"] == "encoder"
+    assert call_json(app, "POST", "/api/orion/chunk", {"model": "minilm", "text": "a line\n"})["chunks"]
+    assert call_json(app, "POST", "/api/orion/load", {"model": "minilm"})["kind"] == "encoder"
     status, _, payload = call(app, "POST", "/v1/completions", {"model": "minilm", "prompt": "x"})
     assert status == 400 and b"wrong_model_kind" in payload  # an encoder, said as before
     assert hub.requests == []
@@ -143,14 +143,14 @@ def test_the_built_in_encoder_not_here_is_fetched_once_by_default(serve_app, hub
         if f.is_file():
             hub.add_file(repo, str(f.relative_to(folder)), f)
     _, app = serve_app()
-    refused_body(app, "/api/encoder", repo.split("/")[0] + "/other-encoder")
+    refused_body(app, "/api/orion/encoder", repo.split("/")[0] + "/other-encoder")
     assert hub.requests == []
-    assert call_json(app, "POST", "/api/encoder", {})["dim"] == 384
+    assert call_json(app, "POST", "/api/orion/encoder", {})["dim"] == 384
     assert any(path.endswith("model.safetensors") for _, path, _ in hub.requests)
     assert Registry().get("minilm").repo == repo
     # once here, its repo names it too (without asking the hub again)
     asked = len(hub.requests)
-    assert call_json(app, "POST", "/api/encoder", {"model": repo})["dim"] == 384
+    assert call_json(app, "POST", "/api/orion/encoder", {"model": repo})["dim"] == 384
     assert len(hub.requests) == asked
 
 
@@ -161,7 +161,7 @@ def test_a_repo_fetched_twice_is_named_by_its_models_not_guessed(serve_app, gemm
         Registry().add(LocalModel(name=f"ladder-{quant}", kind="llm", path=str(gemma_q4), source="hub",
                                   repo=LADDER_REPO, filename=f"gemma-{quant}.gguf"))
     _, app = serve_app()
-    status, _, payload = call(app, "POST", "/api/load", {"model": LADDER_REPO})
+    status, _, payload = call(app, "POST", "/api/orion/load", {"model": LADDER_REPO})
     assert status == 404 and b"ladder-q4, ladder-q8" in payload and b"name one of them" in payload
 
 
@@ -176,14 +176,14 @@ def test_allow_paths_takes_absolute_gguf_paths_only(serve_app, hub, gemma_q4, tm
     done = call_json(app, "POST", "/v1/completions", {"model": str(gemma_q4), "prompt": "One, two,",
                                                       "max_tokens": 2, "temperature": 0})
     assert done["choices"][0]["text"]
-    assert call_json(app, "POST", "/api/load", {"model": str(gemma_q4)})["kind"] == "llm"
+    assert call_json(app, "POST", "/api/orion/load", {"model": str(gemma_q4)})["kind"] == "llm"
     bodies = {refused_body(app, route, name) for route in ROUTES
               for name in (gemma_q4.name, f"./{gemma_q4.name}", f"../{gemma_q4.parent.name}/{gemma_q4.name}",
                            "~/model.gguf", LADDER_REPO, "mistral")}
     assert len(bodies) == 1
-    status, _, payload = call(app, "POST", "/api/load", {"model": str(tmp_path / "missing.gguf")})
+    status, _, payload = call(app, "POST", "/api/orion/load", {"model": str(tmp_path / "missing.gguf")})
     assert status == 404 and b"no such file" in payload
-    status, _, payload = call(app, "POST", "/api/load", {"model": str(tmp_path)})
+    status, _, payload = call(app, "POST", "/api/orion/load", {"model": str(tmp_path)})
     assert status == 422 and b"is a directory" in payload
     assert hub.requests == []
 
@@ -195,14 +195,14 @@ def test_allow_fetch_fetches_a_hub_model_that_is_not_here(serve_app, hub, gemma_
     monkeypatch.chdir(tmp_path)
     _, app = serve_app(allow_fetch=True)
     for name in ("here.gguf", "../x", str(gemma_q4)):  # paths stay refused: fetching is not reading files
-        refused_body(app, "/api/load", name)
+        refused_body(app, "/api/orion/load", name)
     assert hub.requests == []
     name = f"{LADDER_REPO}/{LADDER_Q4}"
-    assert call_json(app, "POST", "/api/load", {"model": name})["kind"] == "llm"
+    assert call_json(app, "POST", "/api/orion/load", {"model": name})["kind"] == "llm"
     assert any(m == "GET" and path.endswith(LADDER_Q4) for m, path, _ in hub.requests), hub.requests
     (fetched,) = [m for m in Registry().all().values() if m.repo == LADDER_REPO]
     assert fetched.filename == LADDER_Q4 and Path(fetched.path).stat().st_size == gemma_q4.stat().st_size
-    status, _, payload = call(app, "POST", "/api/load", {"model": "orion-test/no-such-repo"})
+    status, _, payload = call(app, "POST", "/api/orion/load", {"model": "orion-test/no-such-repo"})
     assert status == 404 and b"not a model this server has" not in payload  # the hub's own answer
 
 
@@ -221,7 +221,7 @@ def test_a_clients_fetch_never_replaces_another_model_registered_under_its_name(
     before = Registry().all()
     _, app = serve_app(allow_fetch=True)
     for name, taken in names.items():
-        status, _, payload = call(app, "POST", "/api/load", {"model": name})
+        status, _, payload = call(app, "POST", "/api/orion/load", {"model": name})
         err = json.loads(payload)["error"]
         assert status == 400 and err["code"] == "invalid_value", (name, status, payload)
         assert f"another model named {taken!r}" in err["message"] and "--name" in err["hint"], err
@@ -229,7 +229,7 @@ def test_a_clients_fetch_never_replaces_another_model_registered_under_its_name(
     assert Registry().all() == before
     assert not any(path.endswith(".gguf") for _, path, _ in hub.requests), hub.requests  # nothing downloaded
     Registry().remove(names[LADDER_REPO])  # a free name: fetched and registered as before
-    assert call_json(app, "POST", "/api/load", {"model": LADDER_REPO})["kind"] == "llm"
+    assert call_json(app, "POST", "/api/orion/load", {"model": LADDER_REPO})["kind"] == "llm"
     assert Registry().get(names[LADDER_REPO]).repo == LADDER_REPO
     assert Registry().get(names[f"{LADDER_REPO}/{LADDER_Q4}"]).path == str(other)
 
@@ -318,7 +318,7 @@ def test_orion_serve_options_and_a_cli_user_naming_a_path(tmp_path, gemma_q4, en
         there = cli(strict, "run", str(gemma_q4), "Monday,", "--max-tokens", "2", "--temperature", "0")
         assert there.returncode == 0 and there.stdout.strip(), there.stderr
         assert "answering in this process" in there.stderr and "--allow-paths" in there.stderr, there.stderr
-        assert strict.json("GET", "/api/ps")["models"] == []  # nothing was sent to the server
+        assert strict.json("GET", "/api/orion/ps")["models"] == []  # nothing was sent to the server
         here = cli(strict, "run", str(gemma_q4), "Monday,", "--max-tokens", "2", "--temperature", "0", "--local")
         assert here.returncode == 0 and here.stdout.strip(), here.stderr
         assert_clean_error(cli(strict, "load", gemma_q4.name, cwd=gemma_q4.parent), "not a model this server has",
@@ -332,7 +332,7 @@ def test_orion_serve_options_and_a_cli_user_naming_a_path(tmp_path, gemma_q4, en
         assert loaded.returncode == 0, loaded.stderr
         sent = Path(json.loads(loaded.stdout)["model"])  # the client's folder's path, absolute
         assert sent.is_absolute() and sent.samefile(gemma_q4)
-        status, _, payload = allowing.request("POST", "/api/load", {"model": gemma_q4.name})
+        status, _, payload = allowing.request("POST", "/api/orion/load", {"model": gemma_q4.name})
         assert status == 404 and b"not a model this server has" in payload  # a relative path, sent as it is
     finally:
         assert allowing.stop() == 0

@@ -87,12 +87,12 @@ def test_a_client_that_hangs_up_while_its_model_loads_leaves_it_free(serve, gemm
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     deadline = time.monotonic() + 120
-    while not any(e["kind"] == "loading" for e in s.json("GET", "/api/ps")["events"]):
+    while not any(e["kind"] == "loading" for e in s.json("GET", "/api/orion/ps")["events"]):
         assert time.monotonic() < deadline, "the server never began loading"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # a reset: the client is gone while the model loads
     while True:
-        models = s.json("GET", "/api/ps")["models"]
+        models = s.json("GET", "/api/orion/ps")["models"]
         if models and not models[0]["in_use"] and models[0]["queue_depth"] == 0:
             break
         assert time.monotonic() < deadline, f"the model is still held: {models}"

@@ -104,15 +104,15 @@ def make_state(monkeypatch):
 
 
 def _wait_until_released(app, model_file: str, timeout_s: float = 60.0) -> dict:
-    """Poll /api/ps until the model is loaded, not in use, with an empty queue (a deadline, no sleeps)."""
+    """Poll /api/orion/ps until the model is loaded, not in use, with an empty queue (a deadline, no sleeps)."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
-        models = [m for m in call_json(app, "GET", "/api/ps")["models"] if m["file"] == model_file]
+        models = [m for m in call_json(app, "GET", "/api/orion/ps")["models"] if m["file"] == model_file]
         if models and not models[0]["in_use"] and models[0]["queue_depth"] == 0 and not models[0].get("users"):
             return models[0]
-        assert time.monotonic() < deadline, f"the model is still held: {models}; {call_json(app, 'GET', '/api/ps')}"
+        assert time.monotonic() < deadline, f"the model is still held: {models}; {call_json(app, 'GET', '/api/orion/ps')}"
 
 
 # ---------------------------------------------------------------- a client that goes away
@@ -267,9 +267,9 @@ def test_the_vector_size_is_read_once_and_no_encoder_is_built_per_request(make_s
 
     _, app = make_state()
     name = str(minilm_gguf)
-    info = call_json(app, "POST", "/api/encoder", {"model": name})  # resolved (and its header read) here
+    info = call_json(app, "POST", "/api/orion/encoder", {"model": name})  # resolved (and its header read) here
     assert info["dim"] == 384
-    call_json(app, "POST", "/api/chunk", {"model": name, "text": "warm up\n"})
+    call_json(app, "POST", "/api/orion/chunk", {"model": name, "text": "warm up\n"})
 
     reads, caches = [], []
     real_read, real_cache_init = gguf_header.read_local_header, embeddings.HotCache.__init__
@@ -279,8 +279,8 @@ def test_the_vector_size_is_read_once_and_no_encoder_is_built_per_request(make_s
     for i in range(3):
         doc = call_json(app, "POST", "/v1/embeddings", {"model": name, "input": f"text {i}", "dimensions": 384})
         assert len(doc["data"][0]["embedding"]) == 384
-        assert call_json(app, "POST", "/api/encoder", {"model": name})["dim"] == 384
-        chunks = call_json(app, "POST", "/api/chunk", {"model": name, "text": f"line one\n\nline {i}\n"})["chunks"]
+        assert call_json(app, "POST", "/api/orion/encoder", {"model": name})["dim"] == 384
+        chunks = call_json(app, "POST", "/api/orion/chunk", {"model": name, "text": f"line one\n\nline {i}\n"})["chunks"]
         assert chunks and chunks[0][0].startswith("line one")
     status, _, payload = call(app, "POST", "/v1/embeddings", {"model": name, "input": "x", "dimensions": 12})
     assert status == 400 and b"384-dimensional" in payload
@@ -316,7 +316,7 @@ def test_ps_pressure_comes_from_the_injected_probe_a_containers_limit(make_state
     state, app = make_state(memory=container)
     high, critical = state.strategy.pressure_high, state.strategy.pressure_critical
     assert pressure_of(host_only, high, critical)["level"] == "normal"
-    pressure = call_json(app, "GET", "/api/ps")["pressure"]
+    pressure = call_json(app, "GET", "/api/orion/ps")["pressure"]
     assert pressure == {"level": "high", "ratio": 0.85}
 
 

@@ -2,7 +2,7 @@
 them; /metrics keeps one series per model served, not one per name a client made up; the sampling
 ranges are the CLI's own (orion_cli.limits); a request the connection answered itself (408, or 503
 when the grace period is over) is counted as what its client got, not as a client that left; an RPC
-server left out at load time is an event in /api/ps and /api/events.
+server left out at load time is an event in /api/orion/ps and /api/orion/events.
 
 The app runs over a real ServerState (models in this process, ORION_RUNNERS=0), driven at the ASGI
 level (tests/test_server_inprocess.py's ``call``) or behind uvicorn with orion's own HTTP protocol in
@@ -122,9 +122,9 @@ def test_names_that_resolve_to_nothing_add_no_metrics_series(states, gemma_q4):
     for i in range(300):  # a client that makes up names: each the same refusal, under one label
         route, body = [("/v1/chat/completions", {"model": f"made-up-{i}", "messages": HI}),
                        ("/v1/embeddings", {"model": f"made-up-{i}", "input": "x"}),
-                       ("/api/load", {"model": f"made-up-{i}"})][i % 3]
+                       ("/api/orion/load", {"model": f"made-up-{i}"})][i % 3]
         assert call(app, "POST", route, body)[0] == 404
-    assert call(app, "POST", "/api/unload", {"model": "made-up-x"})[0] == 404
+    assert call(app, "POST", "/api/orion/unload", {"model": "made-up-x"})[0] == 404
     # a name that resolved is its model's label, even when the request is refused after that
     status, _, payload = call(app, "POST", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 5})
     assert status == 400 and json.loads(payload)["error"]["param"] == "temperature"
@@ -132,8 +132,8 @@ def test_names_that_resolve_to_nothing_add_no_metrics_series(states, gemma_q4):
     assert "made-up" not in text
     assert counted(state, "/v1/chat/completions") == {("-", 404): 100}
     assert counted(state, "/v1/embeddings") == {("-", 404): 100}
-    assert counted(state, "/api/load") == {("-", 404): 100}
-    assert counted(state, "/api/unload") == {("-", 404): 1}
+    assert counted(state, "/api/orion/load") == {("-", 404): 100}
+    assert counted(state, "/api/orion/unload") == {("-", 404): 1}
     assert counted(state, "/v1/completions") == {(MODEL, 400): 1}
     assert len(state.metrics.requests) == 5 + 1  # and /metrics itself, unlabelled
 
@@ -144,11 +144,11 @@ def test_load_takes_embedding_as_a_json_boolean_only(states, gemma_q4):
     import_gguf(gemma_q4, name=MODEL)
     state, app = states()
     for value in ("yes", "false", 1, [True]):
-        status, _, payload = call(app, "POST", "/api/load", {"model": MODEL, "embedding": value})
+        status, _, payload = call(app, "POST", "/api/orion/load", {"model": MODEL, "embedding": value})
         err = json.loads(payload)["error"]
         assert status == 400 and err["param"] == "embedding" and err["code"] == "invalid_value", payload
     assert state.manager.status() == []  # nothing was loaded as an encoder, nor as anything
-    assert call_json(app, "POST", "/api/load", {"model": MODEL, "embedding": False})["kind"] == "llm"
+    assert call_json(app, "POST", "/api/orion/load", {"model": MODEL, "embedding": False})["kind"] == "llm"
 
 
 # ---------------------------------------------------------------- sampling ranges: one rule
@@ -273,14 +273,14 @@ def test_a_generation_answered_503_at_the_end_of_the_grace_period_is_counted_503
 
     import_gguf(gemma_q4, name=MODEL)
     state, app = states()
-    assert call_json(app, "POST", "/api/load", {"model": MODEL})["loaded"]
+    assert call_json(app, "POST", "/api/orion/load", {"model": MODEL})["loaded"]
     server = Uvicorn(state, HTTPLimits())
     try:
         body = json.dumps({"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 900, "temperature": 0})
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
             sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
-            wait_until(lambda: any(m["name"] == MODEL and m["users"] for m in call_json(app, "GET", "/api/ps")["models"]),
+            wait_until(lambda: any(m["name"] == MODEL and m["users"] for m in call_json(app, "GET", "/api/orion/ps")["models"]),
                        60, "the generation never started")
             server.give_up()
             reply = read_all(sock)
@@ -297,7 +297,7 @@ def test_a_generation_answered_503_at_the_end_of_the_grace_period_is_counted_503
 
 def test_an_rpc_server_left_out_at_load_time_is_an_event(states, gemma_q4):
     """The warning orion_cli.placement gives (the model fits without the server) is, under the server,
-    an event of /api/events and /api/ps, and the console's ``warning:`` line, as the CLI says it."""
+    an event of /api/orion/events and /api/orion/ps, and the console's ``warning:`` line, as the CLI says it."""
     from orion_cli.models import import_gguf
     from orion_cli.strategy import load_strategy
 
@@ -309,7 +309,7 @@ def test_an_rpc_server_left_out_at_load_time_is_an_event(states, gemma_q4):
     state, app = states(load_strategy({"rpc_servers": f"127.0.0.1:{port}"}), on_line=lines.append)
 
     async def watch() -> list[dict]:
-        """/api/events, open while the model is loaded through /api/load; its documents until a warning."""
+        """/api/orion/events, open while the model is loaded through /api/orion/load; its documents until a warning."""
         opened, warned, leave = asyncio.Event(), asyncio.Event(), asyncio.Event()
         docs: list[dict] = []
 
@@ -328,12 +328,12 @@ def test_an_rpc_server_left_out_at_load_time_is_an_event(states, gemma_q4):
                         warned.set()
 
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": "/api/events", "raw_path": b"/api/events",
+                 "method": "GET", "scheme": "http", "path": "/api/orion/events", "raw_path": b"/api/orion/events",
                  "query_string": b"", "root_path": "", "headers": [], "server": ("127.0.0.1", 0),
                  "client": ("127.0.0.1", 1)}
         stream = asyncio.ensure_future(app(scope, receive, send))
         await asyncio.wait_for(opened.wait(), 30)
-        loaded = await asyncio.to_thread(call_json, app, "POST", "/api/load", {"model": MODEL})
+        loaded = await asyncio.to_thread(call_json, app, "POST", "/api/orion/load", {"model": MODEL})
         assert loaded["loaded"]
         await asyncio.wait_for(warned.wait(), 30)
         leave.set()
@@ -345,7 +345,7 @@ def test_an_rpc_server_left_out_at_load_time_is_an_event(states, gemma_q4):
     assert f"cannot reach RPC server 127.0.0.1:{port}" in warning["detail"], warning
     assert "on this machine alone" in warning["detail"], warning
     assert [d["kind"] for d in docs].index("warning") < [d["kind"] for d in docs].index("loaded"), docs
-    ps = call_json(app, "GET", "/api/ps")
+    ps = call_json(app, "GET", "/api/orion/ps")
     assert [e["detail"] for e in ps["events"] if e["kind"] == "warning"] == [warning["detail"]], ps["events"]
     assert 'orion_model_events_total{kind="warning"} 1' in call(app, "GET", "/metrics")[2].decode()
     assert [line for line in lines if line.startswith("warning: ")] == [f"warning: {warning['detail']}"], lines

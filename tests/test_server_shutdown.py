@@ -1,5 +1,5 @@
 """SIGTERM always ends `orion serve` within its grace period (issue 20): whatever its connections are
-doing (idle, half-sent headers or body, an open /api/events stream, long generations streamed or
+doing (idle, half-sent headers or body, an open /api/orion/events stream, long generations streamed or
 not), `kill -TERM` ends the process within ``grace + ~1 s``, exit code 0, server.json removed, the
 models unloaded; requests that finish within the grace period are answered, those still generating
 after it get an error. Real `orion serve` processes (ORION_SERVE_GRACE), real Gemma 3 270M."""
@@ -87,7 +87,7 @@ def test_sigterm_with_idle_half_sent_and_event_connections_exits_at_once(start):
     head = connect(s.port)
     head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
     events = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-    events.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    events.sendall(b"GET /api/orion/events HTTP/1.1\r\nHost: x\r\n\r\n")
     read_until(events, b": orion events")  # the stream is open
     events.setblocking(False)
     signalled = time.monotonic()

@@ -1,6 +1,6 @@
 """The server's listening socket and what asyncio does with the connections it accepts: TCP_NODELAY
 on each (issue 'a server that lives on', item 10: without it a reply on a kept-alive connection
-waited ~40 ms for the client's delayed ACK), and a bounded keep_alive through /api/load."""
+waited ~40 ms for the client's delayed ACK), and a bounded keep_alive through /api/orion/load."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ def test_a_huge_keep_alive_is_a_400_and_the_server_goes_on(tmp_path, monkeypatch
     state = ServerState(load_strategy({}))
     try:
         app = create_app(state)
-        status, _, body = call(app, "POST", "/api/load", {"model": "minilm", "keep_alive": 10**320})
+        status, _, body = call(app, "POST", "/api/orion/load", {"model": "minilm", "keep_alive": 10**320})
         assert status == 400 and b"longer than a year" in body
-        assert call_json(app, "GET", "/api/ps")["models"] == []  # /api/ps still answers
+        assert call_json(app, "GET", "/api/orion/ps")["models"] == []  # /api/orion/ps still answers
         status, _, _ = call(app, "GET", "/metrics")
         assert status == 200
     finally:

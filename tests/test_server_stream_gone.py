@@ -51,8 +51,8 @@ def test_a_client_gone_mid_stream_under_asgi_2_4_stops_the_worker(make_state, ge
     try:
         asyncio.run_coroutine_threadsafe(go(), loop).result(timeout=120)
         gone_at = time.monotonic()
-        while True:  # poll /api/ps with a deadline: the worker lets go at its next token
-            models = [m for m in call_json(app, "GET", "/api/ps")["models"] if m["file"] == str(gemma_q4.absolute())]
+        while True:  # poll /api/orion/ps with a deadline: the worker lets go at its next token
+            models = [m for m in call_json(app, "GET", "/api/orion/ps")["models"] if m["file"] == str(gemma_q4.absolute())]
             if models and not models[0]["in_use"] and models[0]["queue_depth"] == 0:
                 break
             assert time.monotonic() - gone_at < 10, f"the gone client's worker still decodes: {models} {raised} {sent[:3]}"

@@ -48,7 +48,7 @@ class Serve(Server):
         return json.loads(payload)
 
     def model(self) -> dict | None:
-        return next((m for m in self.json("GET", "/api/ps")["models"] if m["name"] == MODEL), None)
+        return next((m for m in self.json("GET", "/api/orion/ps")["models"] if m["name"] == MODEL), None)
 
     def decode_steps(self) -> int:
         text = self.request("GET", "/metrics")[1].decode()
@@ -191,7 +191,7 @@ def test_idle_and_half_sent_connections_are_closed_at_their_deadlines(start):
             assert b"connection: close" in head.lower()
             err = json.loads(body)["error"]
             assert err["code"] == "request_timeout" and what in err["message"].encode(), err
-    # the server goes on: nothing of theirs is left in /api/ps, and it answers
+    # the server goes on: nothing of theirs is left in /api/orion/ps, and it answers
     assert s.model()["queue_depth"] == 0
     assert s.request("GET", "/health")[0] == 200
     assert "Traceback" not in s.console() and "Exception in ASGI" not in s.console(), s.console()
@@ -219,7 +219,7 @@ def test_requests_past_the_connection_limit_get_503(start):
     s = start({"ORION_HTTP_MAX_CONNECTIONS": "20", "ORION_HTTP_IDLE_TIMEOUT": "30", "ORION_HTTP_HEADER_TIMEOUT": "30"})
     held = [connect(s.port) for _ in range(25)]
     try:
-        deadline = time.monotonic() + 10  # the server has accepted them all: /api/ps is refused
+        deadline = time.monotonic() + 10  # the server has accepted them all: /api/orion/ps is refused
         while True:
             conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
             try:

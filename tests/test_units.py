@@ -51,7 +51,7 @@ def test_format_bytes():
 
 @pytest.mark.parametrize("text", [10**320, "9" * 401, "8785h", 400 * 24 * 3600])
 def test_a_keep_alive_past_a_year_is_refused_in_one_line(text):
-    """A 321-digit keep_alive given to /api/load was taken, then /api/ps, /metrics and the keep-alive
+    """A 321-digit keep_alive given to /api/orion/load was taken, then /api/orion/ps, /metrics and the keep-alive
     timer ended in OverflowError for every model (issue 'a server that lives on', item 4)."""
     with pytest.raises(InvalidValue, match="longer than a year") as caught:
         parse_keep_alive(text)
@@ -65,7 +65,7 @@ def test_a_year_of_keep_alive_is_taken():
 @pytest.mark.parametrize("text", ["1" * 401, "1e400", "nan", "NaN", "10000000h", 1e400, float("nan"), float("-inf"),
                                   True, [1], {"s": 1}, "٣٠٠", "３００", "5 minutes", "-5", "1" * 100_000 + "h"])
 def test_a_keep_alive_that_is_not_a_bounded_duration_is_refused_in_one_short_line(text):
-    """What /api/load hands over as it came in JSON: numbers past a year or not finite (1e400 is
+    """What /api/orion/load hands over as it came in JSON: numbers past a year or not finite (1e400 is
     infinity once parsed, and was taken for 'inf', never), strings that are not durations, other
     types, digits of other scripts; the message quotes at most the start of the value."""
     with pytest.raises(InvalidValue) as caught:

@@ -113,7 +113,7 @@ def ps(
         raise InvalidValue(f"--interval {interval} must be above 0", hint="for example 1")
     client = _client()
     if out.json or not watch:
-        doc = client.get("/api/ps")
+        doc = client.get("/api/orion/ps")
         out.result(doc, lambda: _ps_view(doc))
         return
     import time
@@ -123,10 +123,10 @@ def ps(
     from rich.live import Live
 
     try:
-        with Live(_ps_view(client.get("/api/ps")), console=console(), auto_refresh=False) as live:
+        with Live(_ps_view(client.get("/api/orion/ps")), console=console(), auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
-                live.update(_ps_view(client.get("/api/ps")), refresh=True)
+                live.update(_ps_view(client.get("/api/orion/ps")), refresh=True)
     except KeyboardInterrupt:
         return
 
@@ -200,11 +200,11 @@ def load(
     if keep_alive is not None:
         parse_keep_alive(keep_alive, what="--keep-alive")  # a bad value is a usage error here, not a 400
         body["keep_alive"] = keep_alive
-    doc = _client().post("/api/load", body)
+    doc = _client().post("/api/orion/load", body)
     out.result(doc, lambda: f"loaded {escape(doc['model'])} ({escape(doc['kind'])})" + (r" \[pinned]" if pin else ""))
 
 
 def stop(model: Annotated[str, typer.Argument(help="The model to unload (as 'orion ps' names it).", autocompletion=model_names)]) -> None:
     """Unload a model from the running server."""
-    _client().post("/api/unload", {"model": model})
+    _client().post("/api/orion/unload", {"model": model})
     out.text(f"unloaded {escape(model)}")

@@ -2,10 +2,11 @@
 
 - :mod:`.state`: the model manager, the models clients named, the shared encoders;
   :mod:`.scheduler`: per-model queues, leases given back exactly once, the embedding batcher;
-  :mod:`.events` and :mod:`.metrics`: the manager's events, ``/api/ps`` and ``/metrics``;
-- :mod:`.app`: the HTTP routes (OpenAI-compatible, and orion's management API), thin over
-  :mod:`.openai` (request parsing, response documents), :mod:`.streaming` (server-sent events)
-  and :mod:`.http_errors` (the one table of errors, shared with the client);
+  :mod:`.events` and :mod:`.metrics`: the manager's events, ``/api/orion/ps`` and ``/metrics``;
+- :mod:`.app`: the HTTP routes (OpenAI-compatible under ``/v1``, Ollama's under ``/api``, orion's
+  management API under ``/api/orion``), thin over :mod:`.openai` and :mod:`.ollama` (request
+  parsing, response documents), :mod:`.streaming` (server-sent events, NDJSON) and
+  :mod:`.http_errors` (the one table of errors, shared with the client);
 - :mod:`.http_limits`: deadlines for a request's headers and body, idle connections, the
   connection limit (uvicorn's h11 protocol, subclassed);
 - :mod:`.discovery` and :mod:`.client`: how the CLI finds a running server and talks to it

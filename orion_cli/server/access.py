@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from ..errors import InvalidValue, NotFound, WrongModelKind
+from ..errors import InvalidValue, NotFound, OrionError, WrongModelKind
 from ..models import LocalModel, ModelRef, Registry, catalog, default_name_for
 
 BUILTIN_ENCODER = "minilm"  # the default encoder: served by default, fetched once when it is not here
@@ -183,3 +183,40 @@ class ModelAccess:
 
             target = fetch_snapshot(_unclaimed(ref), registry=_NoReplace()).name + allowed.suffix
         return encoder_model(target, strategy, prefer_id=prefer_id)
+
+    def pull(self, text: str, strategy, *, quant: str | None = None, on_file=None, on_bytes=None) -> LocalModel:
+        """What a client's pull (Ollama's ``/api/pull``) asks: the catalog name or Hub repo ``text``
+        fetched as ``orion fetch`` picks (``quant``: a level or an exact type) and registered, never
+        replacing a registration; one already here is answered as it is. Only with ``allow_fetch``:
+        a strict server starts no download for a client (:class:`PullRefused`)."""
+        if not self.allow_fetch:
+            raise PullRefused(f"this server does not fetch models for clients ({text!r} was asked)",
+                              hint="on the server's machine: orion fetch MODEL; or start it with --allow-fetch")
+        registered = Registry().get(text)
+        if registered is not None and quant is None:  # a name of this server's: nothing to pull
+            return registered
+        ref = _hub_ref(text)
+        if ref is None:
+            raise NotFound(f"{text!r} is not a catalog name or a Hub repo (org/repo)",
+                           hint="give hf.co/OWNER/REPO[:QUANT], org/repo or a catalog name")
+        here = [m for m in Registry().all().values() if m.repo == ref.repo
+                and (quant is None or (m.file_type or "").upper() == quant.upper())
+                and (ref.filename is None or m.filename == ref.filename)]
+        if here:
+            return here[0]
+        if ref.format == "safetensors":
+            from ..fetch import fetch_snapshot
+
+            return fetch_snapshot(_unclaimed(ref), registry=_NoReplace())
+        from dataclasses import replace
+
+        from ..fetch import fetch, plan_fetch
+
+        if quant:  # a type of its own beside the repo's other files here: its own name
+            ref = replace(ref, name=f"{ref.name}-{quant.lower()}")
+        plan = plan_fetch(_unclaimed(ref), strategy, quant=quant)
+        return fetch(plan, registry=_NoReplace(), on_file=on_file, on_bytes=on_bytes)
+
+
+class PullRefused(OrionError):
+    """A client asked this server to download a model, which it does only with ``--allow-fetch``."""

@@ -1,6 +1,9 @@
-"""The HTTP face of ``orion serve`` (Starlette): OpenAI-compatible routes and the management API.
+"""The HTTP face of ``orion serve`` (Starlette): OpenAI-compatible routes (``/v1``), Ollama's API
+(``/api``, its shapes in :mod:`.ollama`, NDJSON streams and ``{"error": "..."}`` errors) and orion's
+own management API (``/api/orion``).
 
-Thin routes: each parses its request (:mod:`.openai`), calls the state or the core, and answers.
+Thin routes: each parses its request (:mod:`.openai`, :mod:`.ollama`), calls the state or the core,
+and answers.
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the status of its row in
 :mod:`.http_errors` (400 bad input, 401 key, 404 unknown model or route, 409 in use, 413 too large,
 422 not a GGUF, 503 queue full with Retry-After, 507 does not fit); a 5xx never carries a traceback
@@ -24,7 +27,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
-from . import openai
+from . import ollama, openai
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection, shutting_down
 from .metrics import metrics_text, ps_document
@@ -35,6 +38,11 @@ from .streaming import LeasedStream, run_until_gone, stream_from_thread
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def ollama_error(err: APIError) -> JSONResponse:
+    """An error in Ollama's shape, ``{"error": "..."}``, with its status."""
+    return JSONResponse(ollama.error_body(err), status_code=err.status, headers=err.headers)
 
 
 async def in_thread(fn, *args):
@@ -267,6 +275,289 @@ class Routes:
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(metrics_text(self.state), media_type="text/plain; version=0.0.4")
 
+    # ------------------------------------------------------------ Ollama's API (its shapes: .ollama)
+
+    async def _ollama_model(self, doc: dict) -> str:
+        """The orion name for the model an Ollama request names (``hf.co/OWNER/REPO:QUANT`` included)."""
+        from ..models import Registry
+
+        name = ollama.model_name(doc)
+        if ollama.hub_name(name) is None:
+            return name
+        return await in_thread(lambda: ollama.orion_name(name, Registry().all()))
+
+    def _facts(self, path, sha256: str | None = None):
+        """(the GGUF header or None for a folder, a digest in hex as Ollama's) of a model file: its
+        sha256 from the Hub where it was fetched, else the digest of its header bytes and size (read
+        once a process); no digest ("") for a folder that was not fetched, rather than one made up."""
+        from pathlib import Path
+
+        from ..errors import OrionError
+        from ..gguf_header import read_local_header
+
+        path = Path(path)
+        if path.is_dir():
+            return None, sha256 or ""
+        try:
+            header = read_local_header(path)
+        except OrionError:  # gone or damaged since it was registered: listed without its details
+            return None, sha256 or ""
+        if sha256 is None:
+            from ..engine.dryrun import header_digest
+
+            sha256 = header_digest(path, header.data_offset)
+        return header, sha256
+
+    async def ollama_tags(self, request: Request) -> Response:
+        def listing():
+            from ..models import Registry
+
+            rows = []
+            for model in Registry().all().values():
+                header, digest = self._facts(model.path, model.sha256)
+                rows.append(ollama.tag_row(model, header, digest))
+            return {"models": rows}
+
+        return JSONResponse(await in_thread(listing))
+
+    async def ollama_show(self, request: Request) -> Response:
+        doc = await read_json(request)
+        name = await self._ollama_model(doc)
+
+        def show():
+            from ..models import LocalModel, Registry
+
+            allowed = self.state.access.check(name)
+            if allowed.how == "registered":
+                model = Registry().get(allowed.name)
+            elif allowed.how == "path":
+                from pathlib import Path
+
+                model = LocalModel(name, "llm", name, "path", size_bytes=Path(name).stat().st_size)
+            else:  # a Hub name not here: shown once it is pulled
+                from .access import refusal
+
+                raise refusal(name)
+            header, _ = self._facts(model.path, model.sha256)
+            if header is not None and not model.file_type:
+                from dataclasses import replace
+
+                model = replace(model, file_type=header.file_type)
+            kinds = {"llm": ["completion"], "vision": ["completion", "vision"], "encoder": ["embedding"]}
+            return ollama.show_document(model, header, kinds.get(model.kind, []))
+
+        return JSONResponse(await in_thread(show))
+
+    async def ollama_chat(self, request: Request) -> Response:
+        return await self._ollama_generate(request, chat=True)
+
+    async def ollama_generate(self, request: Request) -> Response:
+        return await self._ollama_generate(request, chat=False)
+
+    async def _ollama_generate(self, request: Request, *, chat: bool) -> Response:
+        """/api/chat and /api/generate: the same Generation as /v1, Ollama's options and lines.
+        The model is loaded first (``keep_alive`` given to the manager), so ``load_duration`` is
+        the load's own time; an empty prompt only loads it (keep_alive 0: unloads it), as Ollama does."""
+        from ..engine.decoder import ModelUnloaded
+
+        started = time.perf_counter()
+        doc = await read_json(request)
+        shown = ollama.model_name(doc)
+        name = await self._ollama_model(doc)
+        asked = ollama.Asked.parse_chat(doc) if chat else ollama.Asked.parse_generate(doc)
+        keep = ollama.keep_alive(doc)
+        served = await in_thread(self.state.llm, name)
+        request.state.model = served.name
+        options, stops = ollama.generation_options(doc, served.n_ctx)
+        reply = ollama.Reply(chat, shown)
+        if asked.empty and keep == 0:
+            key = self.state.loaded_key(served.name)
+            if key is not None:
+                await in_thread(self.state.manager.unload, key)
+            return JSONResponse(reply.end("", "unload", {}))
+        loading = time.perf_counter()
+        await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
+        load_s = time.perf_counter() - loading
+        if asked.empty:
+            return JSONResponse(reply.end("", "load", {"total_duration": int((time.perf_counter() - started) * 1e9),
+                                                        "load_duration": int(load_s * 1e9)}))
+        lease = self.state.lease(served)
+        if not asked.stream:
+            cancel = threading.Event()  # set when the client goes away: the worker stops at its next token
+
+            def run():
+                with lease as model:
+                    gen = asked.generation(model, options, stops)
+                    gen.run(cancel)
+                    return gen
+
+            try:
+                gen = await run_until_gone(run, request.receive, cancel)
+            except ModelUnloaded as exc:
+                if self.state.stopping.is_set():
+                    raise shutting_down(STOPPED) from exc
+                raise
+            self._count(served, gen)
+            return JSONResponse(reply.end(gen.text, gen.finish_reason, ollama.counters(gen, started, load_s)))
+        try:  # as /v1 streams: the queue place and the prompt's fit are HTTP errors, not a broken stream
+            model = await in_thread(lease.acquire)
+            gen = asked.generation(model, options, stops)
+            await in_thread(gen.check_fits)
+        except BaseException:
+            lease.release()
+            raise
+
+        def work(emit, cancel):
+            try:
+                for piece in gen.pieces(cancel):
+                    emit(reply.piece(piece))
+            except ModelUnloaded as exc:
+                if self.state.stopping.is_set():
+                    raise OrionError(STOPPED, hint="send the request again once the server is back") from exc
+                raise
+            self._count(served, gen)
+            emit(reply.end("", gen.finish_reason, ollama.counters(gen, started, load_s)))
+
+        cancel = threading.Event()
+        return LeasedStream(lease, self._lines(stream_from_thread(work, lease, cancel)), cancel=cancel,
+                            media_type="application/x-ndjson", headers={"Cache-Control": "no-cache",
+                                                                        "X-Accel-Buffering": "no"})
+
+    async def _lines(self, items):
+        """NDJSON lines of a stream's documents; an error in the middle is Ollama's ``{"error"}`` line."""
+        async for item in items:
+            if isinstance(item, BaseException):
+                if isinstance(item, OrionError):
+                    err = api_error(item)
+                else:
+                    self.log("internal error in a stream: " + "".join(traceback.format_exception(item)))
+                    err = APIError(500, f"internal error ({type(item).__name__})", type_="server_error")
+                yield ollama.line(ollama.error_body(err))
+                break
+            yield ollama.line(item)
+
+    async def ollama_embed(self, request: Request) -> Response:
+        return await self._ollama_embed(request, legacy=False)
+
+    async def ollama_embeddings(self, request: Request) -> Response:
+        return await self._ollama_embed(request, legacy=True)
+
+    async def _ollama_embed(self, request: Request, *, legacy: bool) -> Response:
+        """/api/embed (``input``: a string or a list; ``embeddings``) and the older /api/embeddings
+        (``prompt``; ``embedding``), through the shared encoder as /v1/embeddings."""
+        started = time.perf_counter()
+        doc = await read_json(request)
+        shown = ollama.model_name(doc)
+        name = await self._ollama_model(doc)
+        inputs = ollama.embed_inputs(doc, "prompt" if legacy else "input")
+        truncate = openai.boolean(doc, "truncate", True)
+        keep = ollama.keep_alive(doc)
+        served = await in_thread(self.state.encoder, name, None)
+        request.state.model = served.name
+        ollama.refuse_embed_options(doc, served.n_ctx)
+        openai.check_dimensions(doc, served.model_id, served.dim)
+        loading = time.perf_counter()
+        await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
+        load_s = time.perf_counter() - loading
+        vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
+        self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
+        if truncated and not truncate:
+            raise ollama.bad("truncate", f"{truncated} of the inputs are longer than {served.model_id}'s window of "
+                             f"{served.n_ctx} tokens", hint="send shorter inputs, or leave truncate out (true)")
+        if legacy:
+            return JSONResponse({"embedding": vectors[0].tolist()})
+        return JSONResponse({"model": shown, "embeddings": [v.tolist() for v in vectors],
+                             "total_duration": int((time.perf_counter() - started) * 1e9),
+                             "load_duration": int(load_s * 1e9), "prompt_eval_count": n_tokens})
+
+    async def ollama_ps(self, request: Request) -> Response:
+        def rows():
+            out = []
+            for status in self.state.manager.status():
+                served = self.state.by_key(status.key)
+                if served is None:  # loading for a name not yet remembered
+                    continue
+                header, digest = self._facts(served.path)
+                out.append(ollama.ps_row(served, status, header, digest))
+            return {"models": out}
+
+        return JSONResponse(await in_thread(rows))
+
+    async def ollama_version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    async def ollama_pull(self, request: Request) -> Response:
+        """A model fetched as ``orion fetch`` picks it (only where the server allows clients to
+        fetch), with Ollama's status lines while it downloads."""
+        from .access import PullRefused
+
+        doc = await read_json(request)
+        name = ollama.model_name(doc)
+        stream = openai.boolean(doc, "stream", True)
+        if openai.boolean(doc, "insecure"):
+            raise ollama.bad("insecure", "orion does not fetch over insecure connections", hint="leave it out")
+        hub = ollama.hub_name(name)
+        text, quant = (hub.repo, hub.quant) if hub is not None else (name, None)
+        if quant:
+            from ..errors import InvalidValue
+            from ..fetch import normalise_quant
+
+            try:
+                normalise_quant(quant)
+            except InvalidValue as exc:
+                raise ollama.bad("model", exc.message, hint=exc.hint) from exc
+        if not self.state.access.allow_fetch:  # said as an HTTP error, before a stream starts
+            try:
+                self.state.access.pull(text, self.state.strategy, quant=quant)
+            except PullRefused as exc:
+                raise APIError(403, exc.message, code="fetch_not_allowed", hint=exc.hint) from exc
+
+        def work(emit, cancel):
+            emit({"status": "pulling manifest"})
+            shown = {"file": "", "total": 0, "done": 0, "said": -1}
+
+            def on_file(filename: str, total: int, have: int) -> None:
+                shown.update(file=filename, total=total, done=have, said=-1)
+                emit({"status": f"pulling {filename}", "total": total, "completed": have})
+
+            def on_bytes(n: int) -> None:
+                if cancel.is_set():
+                    raise OrionError("the pull was given up: its client went away")
+                shown["done"] += n
+                percent = shown["done"] * 100 // max(1, shown["total"])
+                if percent != shown["said"]:  # a line a percent, not one a chunk
+                    shown["said"] = percent
+                    emit({"status": f"pulling {shown['file']}", "total": shown["total"], "completed": shown["done"]})
+
+            model = self.state.access.pull(text, self.state.strategy, quant=quant, on_file=on_file, on_bytes=on_bytes)
+            emit({"status": f"registered as {model.name}"})
+            emit({"status": "success"})
+
+        if stream:
+            return StreamingResponse(self._lines(stream_from_thread(work)), media_type="application/x-ndjson")
+        await in_thread(lambda: work(lambda doc: None, threading.Event()))
+        return JSONResponse({"status": "success"})
+
+    async def ollama_delete(self, request: Request) -> Response:
+        """A registered model forgotten (a fetched one's files deleted, as ``orion rm``), unloaded
+        first; only where clients may change what is here (``--allow-fetch``)."""
+        from ..models import remove_model
+
+        doc = await read_json(request)
+        name = await self._ollama_model(doc)
+        if not self.state.access.allow_fetch:
+            raise APIError(403, f"this server does not delete models for clients ({name!r} was asked)",
+                           code="delete_not_allowed",
+                           hint="on the server's machine: orion rm MODEL; or start it with --allow-fetch")
+        key = self.state.loaded_key(name)
+        if key is not None:
+            try:
+                await in_thread(self.state.manager.unload, key)
+            except ModelInUse as exc:
+                raise ModelInUse(f"{name} is in use", hint=exc.hint) from exc
+        await in_thread(remove_model, name)
+        return JSONResponse({})
+
 
 # ---------------------------------------------------------------- the app
 
@@ -276,8 +567,9 @@ def create_app(state: ServerState, *, api_key: str | None = None,
     """The Starlette application over ``state``."""
     routes = Routes(state, log)
 
-    def route(path: str, fn, method: str, *, auth: bool = True) -> Route:
-        """``fn`` behind the API key, its errors answered as JSON, each answer counted."""
+    def route(path: str, fn, method: str, *, auth: bool = True, answer=error_response) -> Route:
+        """``fn`` behind the API key, its errors answered as JSON (by ``answer``: OpenAI's shape, or
+        Ollama's on its routes), each answer counted."""
         async def handler(request: Request) -> Response:
             start = time.perf_counter()
             request.state.model = "-"
@@ -288,12 +580,12 @@ def create_app(state: ServerState, *, api_key: str | None = None,
             except ClientDisconnect:  # gone while it sent its request: no one to answer, nothing to log
                 response = Response(status_code=499)
             except APIError as exc:
-                response = error_response(exc)
+                response = answer(exc)
             except OrionError as exc:
-                response = error_response(api_error(exc))
+                response = answer(api_error(exc))
             except Exception as exc:  # a bug: the console gets the traceback, the client one line
                 log(f"internal error on {path}: {traceback.format_exc()}")
-                response = error_response(internal_error(exc))
+                response = answer(internal_error(exc))
             # the connection may have answered it itself (408: its body came too slowly; 503: the server
             # stopped), the route then seeing its client gone: counted as what the client got
             status = answered_by_connection(request.scope) or response.status_code
@@ -306,8 +598,10 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         if exc.status_code == 405:
             return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}",
                                            code="method_not_allowed"))
-        return error_response(APIError(404, f"no route {request.url.path}", code="not_found",
-                                       hint="the OpenAI routes are under /v1; orion's own under /api"))
+        err = APIError(404, f"no route {request.url.path}", code="not_found",
+                       hint="the OpenAI routes are under /v1, Ollama's under /api, orion's own under /api/orion")
+        ollamas = request.url.path.startswith("/api/") and not request.url.path.startswith("/api/orion/")
+        return ollama_error(err) if ollamas else error_response(err)
 
     table = [
         route("/health", routes.health, "GET", auth=False),
@@ -315,13 +609,26 @@ def create_app(state: ServerState, *, api_key: str | None = None,
         route("/v1/chat/completions", routes.chat_completions, "POST"),
         route("/v1/completions", routes.completions, "POST"),
         route("/v1/embeddings", routes.embeddings, "POST"),
-        route("/api/encoder", routes.encoder_info, "POST"),
-        route("/api/chunk", routes.chunk, "POST"),
-        route("/api/ps", routes.ps, "GET"),
-        route("/api/load", routes.load, "POST"),
-        route("/api/unload", routes.unload, "POST"),
-        route("/api/events", routes.events, "GET"),
+        route("/api/orion/encoder", routes.encoder_info, "POST"),
+        route("/api/orion/chunk", routes.chunk, "POST"),
+        route("/api/orion/ps", routes.ps, "GET"),
+        route("/api/orion/load", routes.load, "POST"),
+        route("/api/orion/unload", routes.unload, "POST"),
+        route("/api/orion/events", routes.events, "GET"),
         route("/metrics", routes.metrics, "GET"),
+        # Ollama's API, in its shapes (errors too): for the tools that speak only it
+        *[route(path, fn, method, answer=ollama_error) for path, fn, method in (
+            ("/api/version", routes.ollama_version, "GET"),
+            ("/api/tags", routes.ollama_tags, "GET"),
+            ("/api/show", routes.ollama_show, "POST"),
+            ("/api/chat", routes.ollama_chat, "POST"),
+            ("/api/generate", routes.ollama_generate, "POST"),
+            ("/api/embed", routes.ollama_embed, "POST"),
+            ("/api/embeddings", routes.ollama_embeddings, "POST"),
+            ("/api/ps", routes.ollama_ps, "GET"),
+            ("/api/pull", routes.ollama_pull, "POST"),
+            ("/api/delete", routes.ollama_delete, "DELETE"),
+        )],
     ]
     return Starlette(routes=table, exception_handlers={404: not_found, 405: not_found})
 

@@ -1,8 +1,8 @@
-"""The manager's events as the server keeps them: the latest for ``/api/ps``, a count of each kind
-for ``/metrics``, a line on the console for each, and a live feed for ``/api/events`` subscribers.
+"""The manager's events as the server keeps them: the latest for ``/api/orion/ps``, a count of each kind
+for ``/metrics``, a line on the console for each, and a live feed for ``/api/orion/events`` subscribers.
 
 The server's warnings are events too (kind ``warning``, :meth:`EventLog.warning`): an RPC server left
-out at load time (:data:`orion_cli.rpc.warn`) is in ``/api/ps`` and ``/api/events``, and on the
+out at load time (:data:`orion_cli.rpc.warn`) is in ``/api/orion/ps`` and ``/api/orion/events``, and on the
 console as the CLI says it (``warning: ...``)."""
 
 from __future__ import annotations

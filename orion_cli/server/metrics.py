@@ -1,4 +1,4 @@
-"""What the server says about itself: request counters (:class:`Metrics`), ``GET /api/ps``
+"""What the server says about itself: request counters (:class:`Metrics`), ``GET /api/orion/ps``
 (:func:`ps_document`) and ``GET /metrics`` (:func:`metrics_text`, Prometheus text format).
 
 Each loaded model's memory is shown on each device (``ram``, ``gpu0``..., ``rpc:HOST:PORT``): the
@@ -97,7 +97,7 @@ def memory_rows(status) -> list[dict]:
 
 
 def ps_document(state: "ServerState") -> dict:
-    """What ``GET /api/ps`` answers: each loaded model, memory against the budget, pressure (from the
+    """What ``GET /api/orion/ps`` answers: each loaded model, memory against the budget, pressure (from the
     state's memory probe: a container's limit, not the host's RAM), the latest events. ``used_bytes``
     is what the manager counts: each model's measured RAM once it has one, else its estimate."""
     from ..budget import pressure_of

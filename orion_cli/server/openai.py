@@ -172,7 +172,7 @@ def model_name(doc: dict) -> str:
     return checked_name(name.strip())
 
 
-# The fields that name a model (an encoder's, on /api/encoder and /api/chunk), checked as names.
+# The fields that name a model (an encoder's, on /api/orion/encoder and /api/orion/chunk), checked as names.
 NAME_FIELDS = ("model", "prefer_id")
 
 

@@ -121,7 +121,7 @@ class RemoteEncoder:
         """``fallback(model_id)`` makes a local encoder for the same model and type, if the server goes."""
         self.client = client
         self.model = server_name(model or "minilm", encoder=True)  # a folder or GGUF of this machine: absolute
-        info = client.post("/api/encoder", {"model": self.model, "prefer_id": prefer_id})
+        info = client.post("/api/orion/encoder", {"model": self.model, "prefer_id": prefer_id})
         self.model_id: str = info["id"]
         self.dim: int = int(info["dim"])
         self.max_tokens: int = int(info["max_tokens"])
@@ -143,7 +143,8 @@ class RemoteEncoder:
 
         if self.local is None:
             try:
-                doc = self.client.post("/api/chunk", {"model": self.model, "prefer_id": self.model_id, "text": text})
+                doc = self.client.post("/api/orion/chunk",
+                                       {"model": self.model, "prefer_id": self.model_id, "text": text})
                 return [Chunk(*row) for row in doc["chunks"]]
             except ServerGone as exc:
                 self._go_local(exc)
@@ -304,13 +305,13 @@ class RemoteChat:
 
     def load(self, name: str) -> None:
         name = server_name(name)
-        self.client.post("/api/load", {"model": name})
+        self.client.post("/api/orion/load", {"model": name})
         self.name = name  # only once loaded: a wrong name keeps the model talked to
 
     def loaded(self) -> dict:
-        """The server's ``/api/ps``: ``models`` (name, estimate_bytes, in_use, idle_s, pinned...),
+        """The server's ``/api/orion/ps``: ``models`` (name, estimate_bytes, in_use, idle_s, pinned...),
         ``max_models``, ``budget_bytes``."""
-        return self.client.get("/api/ps")
+        return self.client.get("/api/orion/ps")
 
     def close(self) -> None:
         return None

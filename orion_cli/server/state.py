@@ -126,7 +126,7 @@ def runners_enabled(env=None) -> bool:
 class ServerState:
     """Everything ``orion serve`` owns; the routes call into it from worker threads.
 
-    ``memory``: the probe ``/api/ps`` reports pressure from (default :func:`orion_cli.device.memory_now`,
+    ``memory``: the probe ``/api/orion/ps`` reports pressure from (default :func:`orion_cli.device.memory_now`,
     which reads a container's cgroup limit where it is below the RAM); tests inject one."""
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4, access: ModelAccess | None = None,
