@@ -33,6 +33,12 @@ from .state import ServerState
 from .streaming import LeasedStream, run_until_gone, stream_from_thread
 
 
+# The format a chat or completion's prompt was built in (orion_cli.messages.chat_format: "gguf", a
+# fallback such as "gemma" or "transcript" for a model without a chat template, "none" for plain
+# text), also in the response's "timings" as "chat_template": clients ignore both.
+CHAT_TEMPLATE_HEADER = "x-orion-chat-template"
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -120,7 +126,8 @@ class Routes:
                     raise shutting_down(STOPPED) from exc
                 raise
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen),
-                                            gen.timings.to_dict()))
+                                            gen.timings.to_dict() | {"chat_template": gen.chat_format}),
+                                headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
         # Streaming: take the queue place and load the model before answering, so a full queue or a
         # model that does not fit is a real HTTP error, not a broken stream. From here the lease is
         # given back exactly once, whatever happens (the response holds it once it exists).
@@ -145,11 +152,12 @@ class Routes:
             usage = self._count(served, gen)
             emit(reply.end(gen.finish_reason))
             if asked.include_usage:
-                emit(reply.usage_chunk(usage, gen.timings.to_dict()))
+                emit(reply.usage_chunk(usage, gen.timings.to_dict() | {"chat_template": gen.chat_format}))
 
         cancel = threading.Event()  # set when the response ends, however: the worker stops at its next token
         return LeasedStream(lease, self._events(stream_from_thread(work, lease, cancel)), cancel=cancel,
-                            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                                     CHAT_TEMPLATE_HEADER: gen.chat_format})
 
     def _count(self, served, gen) -> dict:
         usage = gen.usage()
