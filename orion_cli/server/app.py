@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
-from . import openai
+from . import openai, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection, shutting_down
 from .metrics import metrics_text, ps_document
@@ -37,6 +37,8 @@ from .streaming import LeasedStream, run_until_gone, stream_from_thread
 # fallback such as "gemma" or "transcript" for a model without a chat template, "none" for plain
 # text), also in the response's "timings" as "chat_template": clients ignore both.
 CHAT_TEMPLATE_HEADER = "x-orion-chat-template"
+# How many of an embeddings request's inputs were cut to the encoder's window (also usage.truncated_inputs).
+TRUNCATED_HEADER = "x-orion-truncated-inputs"
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -188,10 +190,12 @@ class Routes:
         served = await in_thread(self.state.encoder, name, optional_text(doc, "prefer_id"))
         request.state.model = served.name
         openai.check_dimensions(doc, served.model_id, served.dim)
-        openai.check_token_ids(inputs, served.n_vocab)
-        vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
+        texts = await in_thread(token_arrays.as_text, inputs)  # OpenAI's token arrays are cl100k ids, not the encoder's
+        vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, texts)
         self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
-        return JSONResponse(openai.embeddings_document(vectors, fmt, served.model_id, n_tokens, truncated))
+        # named as the client named it (served.model_id, minilm@q8_0, is what /api/encoder says)
+        return JSONResponse(openai.embeddings_document(vectors, fmt, name, n_tokens, truncated),
+                            headers={TRUNCATED_HEADER: str(truncated)})
 
     # ------------------------------------------------------------ orion's own: encoders and chunks
 
