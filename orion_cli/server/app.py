@@ -79,18 +79,17 @@ class Routes:
                              "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch})
 
     async def models(self, request: Request) -> Response:
-        """What this server would serve (its :attr:`~.state.ServerState.access`): the models registered
-        here and the built-in encoder; the catalog's names too only where clients may fetch."""
-        def listing():
-            from ..models import Registry, catalog
-            from .access import BUILTIN_ENCODER
+        """What this server has (:meth:`~.state.ServerState.models_here`), not what it could fetch."""
+        return JSONResponse({"object": "list", "data": await in_thread(self.state.models_here)})
 
-            fetched = list(catalog()) if self.state.access.allow_fetch else []
-            names = dict.fromkeys([*Registry().all(), BUILTIN_ENCODER, *fetched])
-            created = int(self.state.started)
-            return [{"id": n, "object": "model", "created": created, "owned_by": "orion"} for n in names]
-
-        return JSONResponse({"object": "list", "data": await in_thread(listing)})
+    async def model(self, request: Request) -> Response:
+        """One model of :meth:`models`, as OpenAI's ``GET /v1/models/{id}`` answers (``client.models.retrieve``)."""
+        name = openai.checked_name(request.path_params["id"])
+        found = await in_thread(self.state.model_here, name)
+        if found is None:
+            raise APIError(404, f"the model {name!r} does not exist here", param="model", code="model_not_found",
+                           hint=openai.MODELS_HINT)
+        return JSONResponse(found)
 
     # ------------------------------------------------------------ chat and completions
 
@@ -324,6 +323,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
     table = [
         route("/health", routes.health, "GET", auth=False),
         route("/v1/models", routes.models, "GET"),
+        route("/v1/models/{id:path}", routes.model, "GET"),
         route("/v1/chat/completions", routes.chat_completions, "POST"),
         route("/v1/completions", routes.completions, "POST"),
         route("/v1/embeddings", routes.embeddings, "POST"),
