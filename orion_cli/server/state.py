@@ -45,7 +45,6 @@ class Served:
     n_ctx: int
     model_id: str = ""  # encoders: the id vectors are tagged with (MODEL@TYPE)
     dim: int = 0  # encoders: the vector size, read from the GGUF once, when resolved
-    n_vocab: int = 0  # encoders: the vocabulary's size (token-array inputs are checked against it)
 
 
 class SharedEncoder:
@@ -196,8 +195,7 @@ class ServerState:
         request = model_request(local, self.strategy, n_ctx=max_tokens, embedding=True, runner=self.runners)
         header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
-                                                "encoder", max_tokens, model_id=model_id, dim=header.n_embd,
-                                                n_vocab=header.n_vocab))
+                                                "encoder", max_tokens, model_id=model_id, dim=header.n_embd))
 
     def resolve_any(self, name: str, embedding: bool) -> Served:
         """An LLM, or an encoder when the name is one (or ``embedding`` says so)."""
