@@ -95,7 +95,7 @@ def run(
 
     def on_model(model) -> None:
         watchdog.watch(lambda: model.decode_steps)
-        if debug_enabled() and not model.has_chat_template and not model.is_vision:
+        if not repl and debug_enabled() and not model.has_chat_template and not model.is_vision:
             from ..messages import fallback_format
 
             out.note(f"no chat template in this model: a first prompt is continued as plain text, a conversation "
