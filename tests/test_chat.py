@@ -258,5 +258,13 @@ def test_a_family_without_a_known_format_is_chatted_with_in_a_transcript(gemma_q
         answer = "".join(model.generate("Who am I?", system="Be terse.", history=history, max_tokens=48,
                                         temperature=0.0))
         assert "\nUser:" in uncut and answer == uncut[:uncut.index("\nUser:")] and "Ada" in answer
+        # gemma's turns (llama-cpp-python's format_gemma): an answer stopped before its first piece is a
+        # turn of its own, closed, not the open turn the model answers in
+        model.header = SimpleNamespace(architecture="gemma3")
+        tokens, stops = model.prompt_tokens("Who am I?", history=[{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": ""}])
+        assert stops == ["<end_of_turn>"] and model._llm.detokenize(tokens, special=True).decode() == (
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n <end_of_turn>\n"
+            "<start_of_turn>user\nWho am I?<end_of_turn>\n<start_of_turn>model\n")
     finally:
         model.close()

