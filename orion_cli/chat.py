@@ -5,8 +5,8 @@ whoever answers: :class:`LocalChat` in this process, through the model manager, 
 server layer gives (``orion_cli.server.remote``: the running ``orion serve``). A backend has:
 
 - ``name`` (the model talked to), ``via`` (the server's URL; None in this process),
-- ``keeps_turns`` (whether the last answer came from a chat template: a plain completion model
-  keeps no conversation),
+- ``keeps_turns`` (whether the turns are passed on: every model of orion's keeps them now, a model
+  without a chat template in its family's format or a transcript, :func:`orion_cli.messages.chat_format`),
 - ``reply(prompt, *, system, history, images, timings)``: the answer, piece by piece,
 - ``load(name)`` (switch models), ``loaded()`` (what is loaded, as ``GET /api/orion/ps`` shapes it),
   ``close()``.
@@ -131,7 +131,8 @@ class ChatSession:
 
 class LocalChat:
     """The backend that answers in this process, through the model manager (the strategy's cap,
-    budget and keep-alive); the session's history is passed on when the model has a chat template.
+    budget and keep-alive); the session's history is passed on (a model without a chat template gets
+    it in a fallback format: :func:`orion_cli.messages.chat_format`).
     ``progress`` draws the first load; ``on_model(model)`` sees the model once it is loaded."""
 
     via = None
@@ -145,7 +146,7 @@ class LocalChat:
         self.strategy = strategy
         self.sampling = sampling
         self.request = model_request(local, strategy, progress=progress)
-        self.keeps_turns = False  # known once the model is loaded
+        self.keeps_turns = True
         self._on_model = on_model
 
     @property
@@ -159,9 +160,8 @@ class LocalChat:
                 timings.load_s = model.load_s
             if self._on_model is not None:
                 self._on_model(model)
-            self.keeps_turns = model.has_chat_template
-            yield from model.generate(prompt, system=system, images=images,
-                                      history=history if self.keeps_turns else (), timings=timings, **self.sampling)
+            yield from model.generate(prompt, system=system, images=images, history=history, timings=timings,
+                                      **self.sampling)
 
     def load(self, name: str) -> None:
         from .loading import local_model, model_request

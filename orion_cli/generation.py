@@ -66,6 +66,12 @@ class Generation:
         self._taken = 0  # records handed out by new_records
         self._taken_bytes = 0  # their bytes
 
+    @property
+    def chat_format(self) -> str:
+        """The format the prompt is evaluated in (:func:`orion_cli.messages.chat_format`: ``gguf``, a
+        fallback's name such as ``gemma`` or ``transcript``, or ``none`` for plain text)."""
+        return self.model.chat_format(self.system, self.history, self.chat)
+
     def prompt_tokens(self) -> tuple[list[int], list[str]]:
         """The prompt's tokens and the template's stop strings (computed once)."""
         if self._tokens is None:

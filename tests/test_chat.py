@@ -192,8 +192,9 @@ def test_without_a_server_the_backend_is_this_process(orion_home):
 
 
 def test_a_real_model_through_the_manager(gemma_q4):
-    """The test Gemma has no chat template: a plain completion, which keeps no conversation (a
-    chat model's turns are kept; the fakes above show it)."""
+    """The test Gemma has no chat template: its first prompt is a plain continuation, and the turns
+    are kept (given to the model in gemma's turn format: the second prompt holds the first)."""
+    from orion_cli.engine import Timings
     from orion_cli.loading import manager_for
     from orion_cli.models import LocalModel
     from orion_cli.strategy import load_strategy
@@ -203,10 +204,67 @@ def test_a_real_model_through_the_manager(gemma_q4):
     backend = LocalChat(manager_for(strategy), local, strategy, {"max_tokens": 4, "temperature": 0.0})
     session = ChatSession(backend)
     try:
-        first = session.send("Count: one, two, three,")
+        first_t, second_t = Timings(), Timings()
+        first = session.send("Count: one, two, three,", timings=first_t)
         assert first.text and first.via is None and first.model == "g"
-        assert not backend.keeps_turns and session.history == []
+        assert backend.keeps_turns and [m["role"] for m in session.history] == ["user", "assistant"]
+        session.send("Count: one, two, three,", timings=second_t)
+        assert len(session.history) == 4 and second_t.prompt_tokens > 2 * first_t.prompt_tokens
         assert [m["name"] for m in session.loaded()["models"]] == ["g"]
         assert session.loaded()["keep_alive_s"] == strategy.keep_alive_s
     finally:
         session.close()
+
+
+def test_the_fallback_formats_keep_every_message():
+    from orion_cli.messages import chat_format, fallback_format, system_in_first_turn, transcript
+
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi, I am Ada."},
+                {"role": "assistant", "content": "Hello Ada."}, {"role": "user", "content": "Who am I?"}]
+    text, stops = transcript(messages)
+    assert text == "Be terse.\n\nUser: Hi, I am Ada.\nAssistant: Hello Ada.\nUser: Who am I?\nAssistant:"
+    assert stops == ["\nUser:"]
+    assert system_in_first_turn(messages) == [{"role": "user", "content": "Be terse.\n\nHi, I am Ada."}] + messages[2:]
+    assert system_in_first_turn(messages[:1]) == [{"role": "user", "content": "Be terse."}]
+    assert fallback_format("gemma3") == "gemma" and fallback_format("qwen2") == "chatml"
+    assert fallback_format("mamba") == "transcript"
+    # which applies: the GGUF's own template always; without one, a chat once there are earlier turns
+    history = messages[1:3]
+    assert chat_format(True, False, "gemma3", None, (), None) == "gguf"
+    assert chat_format(False, False, "gemma3", "Be terse.", (), None) == "none"
+    assert chat_format(False, False, "gemma3", None, history, None) == "gemma"
+    assert chat_format(False, False, "mamba", None, history, None) == "transcript"
+    assert chat_format(False, False, "gemma3", None, (), True) == "gemma"
+    assert chat_format(True, False, "gemma3", None, history, False) == "none"
+    assert chat_format(False, True, "llama", None, (), None) == "chat-handler"
+
+
+def test_a_family_without_a_known_format_is_chatted_with_in_a_transcript(gemma_q4):
+    """The test Gemma taken for an architecture llama-cpp-python has no format for: the prompt is the
+    transcript, every turn in it, and the answer stops where the model would write the user's turn."""
+    from types import SimpleNamespace
+
+    from orion_cli.engine import LoadSpec, load
+
+    model = load(LoadSpec(gemma_q4, 512, 2))
+    try:
+        model.header = SimpleNamespace(architecture="mamba")
+        history = [{"role": "user", "content": "Hi, I am Ada."}, {"role": "assistant", "content": "Hello Ada."}]
+        tokens, stops = model.prompt_tokens("Who am I?", system="Be terse.", history=history)
+        assert stops == ["\nUser:"] and model.chat_format("Be terse.", history, None) == "transcript"
+        assert model._llm.detokenize(tokens).decode() == (
+            "Be terse.\n\nUser: Hi, I am Ada.\nAssistant: Hello Ada.\nUser: Who am I?\nAssistant:")
+        uncut = "".join(model.decoder().generate(tokens, max_tokens=48, temperature=0.0))
+        answer = "".join(model.generate("Who am I?", system="Be terse.", history=history, max_tokens=48,
+                                        temperature=0.0))
+        assert "\nUser:" in uncut and answer == uncut[:uncut.index("\nUser:")] and "Ada" in answer
+        # gemma's turns (llama-cpp-python's format_gemma): an answer stopped before its first piece is a
+        # turn of its own, closed, not the open turn the model answers in
+        model.header = SimpleNamespace(architecture="gemma3")
+        tokens, stops = model.prompt_tokens("Who am I?", history=[{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": ""}])
+        assert stops == ["<end_of_turn>"] and model._llm.detokenize(tokens, special=True).decode() == (
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n <end_of_turn>\n"
+            "<start_of_turn>user\nWho am I?<end_of_turn>\n<start_of_turn>model\n")
+    finally:
+        model.close()

@@ -34,6 +34,8 @@ def test_import_list_inspect_rm(orion, gemma_q4, engine_verdict):
     data = json.loads(orion("inspect", "gemma3-270m", "--ctx", "2048", "--json").stdout)
     assert data["header"]["architecture"] == "gemma3"
     assert data["estimate"]["n_ctx"] == 2048
+    # no tokenizer.chat_template in this GGUF: a conversation is given in gemma's turns (as served)
+    assert data["chat_template"] == {"name": "gemma", "fallback": True}
     # inspect gives the figures a load would use: llama.cpp's dry run of that load for the buffers
     from orion_cli.engine import LoadSpec, dry_run, header_digest
 
@@ -44,6 +46,7 @@ def test_import_list_inspect_rm(orion, gemma_q4, engine_verdict):
     assert set(data["estimate"]["parts"]) >= {"weights", "KV cache", "compute", "runtime"}
     human = orion("inspect", str(gemma_q4)).stdout
     assert "sliding window" in human and "KV cache" in human and "total" in human
+    assert "no chat template in the GGUF: a conversation is given in the gemma format" in " ".join(human.split())
 
     proc = orion("rm", "gemma3-270m")
     assert proc.returncode == 0 and "untouched" in proc.stdout

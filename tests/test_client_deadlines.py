@@ -446,6 +446,10 @@ def test_kill_9_in_the_middle_of_a_repl_answer_then_the_repl_goes_on_here(served
         numbers = _numbers(answer.split(COUNT, 1)[-1])
         assert numbers and numbers == sorted(set(numbers)) and numbers[0] == 5, said
         assert "cut short" in " ".join(after.split()) and "Traceback" not in said
+        # the cut answer is kept in the conversation (a base model's next turn would continue it in gemma's
+        # turns): a fresh one, so the next prompt is a plain continuation
+        term.send("/clear")
+        term.expect(r"conversation cleared[\s\S]*>>> ")
         term.send("Monday, Tuesday, Wednesday,")  # the next turn: one notice, then answered here
         term.expect(r"notice:[\s\S]*Thursday")
         term.proc.send_signal(signal.SIGINT)  # Ctrl-C: 200 tokens here would take minutes on a busy machine

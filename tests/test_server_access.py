@@ -234,19 +234,24 @@ def test_a_clients_fetch_never_replaces_another_model_registered_under_its_name(
     assert Registry().get(names[f"{LADDER_REPO}/{LADDER_Q4}"]).path == str(other)
 
 
-def test_v1_models_lists_what_this_server_would_serve(serve_app, gemma_q4):
-    """Registered models and the built-in encoder (even before it is here); the catalog only where
-    clients may fetch; a request without a model says where the names are."""
-    from orion_cli.models import catalog, import_gguf
+def test_v1_models_lists_what_is_here(serve_app, gemma_q4):
+    """The models here (registered, their files on this machine), whatever clients may fetch: not the
+    built-in encoder before it is here, nor the catalog's names (each an error offline); a request
+    without a model says where the names are."""
+    from orion_cli.models import Registry, import_gguf
 
     import_gguf(gemma_q4, name="gemma3-270m")
     strict = [m["id"] for m in call_json(serve_app()[1], "GET", "/v1/models")["data"]]
-    assert strict == ["gemma3-270m", "minilm"], strict
+    assert strict == ["gemma3-270m"], strict
     fetching = [m["id"] for m in call_json(serve_app(allow_fetch=True)[1], "GET", "/v1/models")["data"]]
-    assert fetching[:2] == ["gemma3-270m", "minilm"] and set(fetching) == {"gemma3-270m", "minilm", *catalog()}
-    assert len(fetching) == len(set(fetching))
+    assert fetching == strict
     paths = [m["id"] for m in call_json(serve_app(allow_paths=True)[1], "GET", "/v1/models")["data"]]
     assert paths == strict
+    from dataclasses import replace
+
+    gone, _ = import_gguf(gemma_q4, name="gone")  # registered, its file since deleted: not here
+    Registry().add(replace(gone, path=str(gemma_q4.parent / "deleted.gguf")), replace=True)
+    assert [m["id"] for m in call_json(serve_app()[1], "GET", "/v1/models")["data"]] == strict
     status, _, payload = call(serve_app()[1], "POST", "/v1/completions", {"prompt": "hi"})
     err = json.loads(payload)["error"]
     assert status == 400 and err["code"] == "missing_model", payload

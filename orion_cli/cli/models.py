@@ -227,6 +227,9 @@ def inspect(
         from ._render import estimate_table, header_table
 
         out.text(header_table(header.summary(), title=where))
+        template = _chat_template(header)
+        if template is not None and template["fallback"]:
+            out.text(escape(f"no chat template in the GGUF: a conversation is given in the {template['name']} format"))
         out.text()
         out.text(estimate_table(est, strategy.memory_budget_bytes))
         if plan is None:
@@ -240,11 +243,24 @@ def inspect(
             for i, g in enumerate(plan.gpus):
                 out.text(escape(f"  GPU {i}: {g.arithmetic()} ({g.source})"))
 
-    doc = {"source": where, "header": header.summary(), "estimate": est.to_dict(),
-           "budget_bytes": strategy.memory_budget_bytes, "fits": fits}
+    doc = {"source": where, "header": header.summary(), "chat_template": _chat_template(header),
+           "estimate": est.to_dict(), "budget_bytes": strategy.memory_budget_bytes, "fits": fits}
     if plan is not None:
         doc["offload"] = plan.to_dict()
     out.result(doc, human)
+
+
+def _chat_template(header) -> dict | None:
+    """The format a chat with the model is given in (``name`` as a response's x-orion-chat-template
+    says it): the GGUF's own template, or the fallback chosen by its architecture; None for an encoder."""
+    from ..estimate import ENCODER_ARCHITECTURES
+    from ..messages import OWN_TEMPLATE, fallback_format
+
+    if header.architecture in ENCODER_ARCHITECTURES:
+        return None
+    if header.get("tokenizer.chat_template"):
+        return {"name": OWN_TEMPLATE, "fallback": False}
+    return {"name": fallback_format(header.architecture), "fallback": True}
 
 
 def _inspect_split(header, where: str, strategy) -> None:

@@ -96,7 +96,10 @@ def run(
     def on_model(model) -> None:
         watchdog.watch(lambda: model.decode_steps)
         if not repl and debug_enabled() and not model.has_chat_template and not model.is_vision:
-            out.note("no chat template in this model: plain completion")
+            from ..messages import fallback_format
+
+            out.note(f"no chat template in this model: a first prompt is continued as plain text, a conversation "
+                     f"is given in the {fallback_format(model.header.architecture)} format")
 
     def make_local(name: str) -> LocalChat:
         local = local_model(name, strategy, fetch_progress=_fetch_progress())

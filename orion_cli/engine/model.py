@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 from ..gguf_header import GGUFHeader
 from ._binding import decode_alone, raw_context, return_freed_memory
+from .. import messages
 from ..messages import chat_messages
 from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long, prompt_tokens
 from .encoder_pool import EncoderPool
@@ -60,12 +61,13 @@ class LoadedModel:
 
     def chat_mode(self, prompt: str, system: str | None, history: Sequence[dict],
                   chat: bool | None) -> tuple[str, str | None, bool]:
-        """(prompt, system, whether the chat template applies): a model without a template gets
-        the system text ahead of the prompt; ``chat`` forces the choice (False: a plain completion)."""
-        if system and not self.has_chat_template and not self.is_vision and not chat:
-            prompt, system = f"{system}\n\n{prompt}", None  # no template to put it in: it leads the text
-        use_chat = self.has_chat_template or self.is_vision or system is not None or bool(history)
-        return prompt, system, use_chat if chat is None else chat
+        """(prompt, system, whether a chat format applies): :func:`orion_cli.messages.chat_mode`."""
+        return messages.chat_mode(self.has_chat_template, self.is_vision, prompt, system, history, chat)
+
+    def chat_format(self, system: str | None, history: Sequence[dict], chat: bool | None) -> str:
+        """The name of the format a prompt is evaluated in (:func:`orion_cli.messages.chat_format`)."""
+        return messages.chat_format(self.has_chat_template, self.is_vision, self.header.architecture,
+                                    system, history, chat)
 
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode(), add_bos=True, special=True))

@@ -350,7 +350,16 @@ class RunnerModel:
         return self._call("count_tokens", text)
 
     def chat_mode(self, prompt: str, system: str | None, history: Sequence[dict], chat: bool | None):
-        return self._call("chat_mode", prompt, system, list(history), chat)
+        """Answered here (the rule needs only what the runner said at its load)."""
+        from ..messages import chat_mode
+
+        return chat_mode(self.has_chat_template, self.is_vision, prompt, system, history, chat)
+
+    def chat_format(self, system: str | None, history: Sequence[dict], chat: bool | None) -> str:
+        from ..messages import chat_format
+
+        architecture = self.header.architecture if self.header is not None else "unknown"
+        return chat_format(self.has_chat_template, self.is_vision, architecture, system, history, chat)
 
     def prompt_tokens(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
                       chat: bool | None = None) -> tuple[list[int], list[str]]:

@@ -27,13 +27,21 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
-from . import ollama, openai
+from . import ollama, openai, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection, shutting_down
 from .metrics import metrics_text, ps_document
 from .openai import Asked, Reply, model_name, optional_text, sse
 from .state import ServerState
 from .streaming import LeasedStream, run_until_gone, stream_from_thread
+
+
+# The format a chat or completion's prompt was built in (orion_cli.messages.chat_format: "gguf", a
+# fallback such as "gemma" or "transcript" for a model without a chat template, "none" for plain
+# text), also in the response's "timings" as "chat_template": clients ignore both.
+CHAT_TEMPLATE_HEADER = "x-orion-chat-template"
+# How many of an embeddings request's inputs were cut to the encoder's window (also usage.truncated_inputs).
+TRUNCATED_HEADER = "x-orion-truncated-inputs"
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -79,18 +87,17 @@ class Routes:
                              "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch})
 
     async def models(self, request: Request) -> Response:
-        """What this server would serve (its :attr:`~.state.ServerState.access`): the models registered
-        here and the built-in encoder; the catalog's names too only where clients may fetch."""
-        def listing():
-            from ..models import Registry, catalog
-            from .access import BUILTIN_ENCODER
+        """What this server has (:meth:`~.state.ServerState.models_here`), not what it could fetch."""
+        return JSONResponse({"object": "list", "data": await in_thread(self.state.models_here)})
 
-            fetched = list(catalog()) if self.state.access.allow_fetch else []
-            names = dict.fromkeys([*Registry().all(), BUILTIN_ENCODER, *fetched])
-            created = int(self.state.started)
-            return [{"id": n, "object": "model", "created": created, "owned_by": "orion"} for n in names]
-
-        return JSONResponse({"object": "list", "data": await in_thread(listing)})
+    async def model(self, request: Request) -> Response:
+        """One model of :meth:`models`, as OpenAI's ``GET /v1/models/{id}`` answers (``client.models.retrieve``)."""
+        name = openai.checked_name(request.path_params["id"])
+        found = await in_thread(self.state.model_here, name)
+        if found is None:
+            raise APIError(404, f"the model {name!r} does not exist here", param="model", code="model_not_found",
+                           hint=openai.MODELS_HINT)
+        return JSONResponse(found)
 
     # ------------------------------------------------------------ chat and completions
 
@@ -128,7 +135,9 @@ class Routes:
                     raise shutting_down(STOPPED) from exc
                 raise
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen),
-                                            gen.timings.to_dict(), gen.new_records()))
+                                            gen.timings.to_dict() | {"chat_template": gen.chat_format},
+                                            gen.new_records()),
+                                headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
         # Streaming: take the queue place and load the model before answering, so a full queue or a
         # model that does not fit is a real HTTP error, not a broken stream. From here the lease is
         # given back exactly once, whatever happens (the response holds it once it exists).
@@ -153,11 +162,12 @@ class Routes:
             usage = self._count(served, gen)
             emit(reply.end(gen.finish_reason))
             if asked.include_usage:
-                emit(reply.usage_chunk(usage, gen.timings.to_dict()))
+                emit(reply.usage_chunk(usage, gen.timings.to_dict() | {"chat_template": gen.chat_format}))
 
         cancel = threading.Event()  # set when the response ends, however: the worker stops at its next token
         return LeasedStream(lease, self._events(stream_from_thread(work, lease, cancel)), cancel=cancel,
-                            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                                     CHAT_TEMPLATE_HEADER: gen.chat_format})
 
     def _count(self, served, gen) -> dict:
         usage = gen.usage()
@@ -188,10 +198,12 @@ class Routes:
         served = await in_thread(self.state.encoder, name, optional_text(doc, "prefer_id"))
         request.state.model = served.name
         openai.check_dimensions(doc, served.model_id, served.dim)
-        openai.check_token_ids(inputs, served.n_vocab)
-        vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
+        texts = await in_thread(token_arrays.as_text, inputs)  # OpenAI's token arrays are cl100k ids, not the encoder's
+        vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, texts)
         self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
-        return JSONResponse(openai.embeddings_document(vectors, fmt, served.model_id, n_tokens, truncated))
+        # named as the client named it (served.model_id, minilm@q8_0, is what /api/orion/encoder says)
+        return JSONResponse(openai.embeddings_document(vectors, fmt, name, n_tokens, truncated),
+                            headers={TRUNCATED_HEADER: str(truncated)})
 
     # ------------------------------------------------------------ orion's own: encoders and chunks
 
@@ -606,6 +618,7 @@ def create_app(state: ServerState, *, api_key: str | None = None,
     table = [
         route("/health", routes.health, "GET", auth=False),
         route("/v1/models", routes.models, "GET"),
+        route("/v1/models/{id:path}", routes.model, "GET"),
         route("/v1/chat/completions", routes.chat_completions, "POST"),
         route("/v1/completions", routes.completions, "POST"),
         route("/v1/embeddings", routes.embeddings, "POST"),

@@ -450,7 +450,8 @@ class Asked:
 
 
 def embedding_inputs(value: Any) -> list[str | list[int]]:
-    """A string, a list of strings, a token array or a list of token arrays, as a list."""
+    """A string, a list of strings, a token array or a list of token arrays, as a list (token arrays
+    are cl100k_base ids, as OpenAI's API reads them: :mod:`.token_arrays` decodes them)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -466,14 +467,6 @@ def embedding_inputs(value: Any) -> list[str | list[int]]:
         if not ok:
             raise APIError(400, f"input[{i}] must be a string or a non-empty list of token ids", param=f"input[{i}]")
     return value
-
-
-def check_token_ids(inputs: list, n_vocab: int) -> None:
-    """Token arrays within the encoder's vocabulary (its size read once, from its GGUF)."""
-    for i, item in enumerate(inputs):
-        if not isinstance(item, str) and any(t < 0 or t >= n_vocab for t in item):
-            raise APIError(400, f"input[{i}] has token ids outside the vocabulary (0..{n_vocab - 1})",
-                           param=f"input[{i}]")
 
 
 def encoding_format(doc: dict) -> str:

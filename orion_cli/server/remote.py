@@ -276,7 +276,7 @@ class EncoderSource:
 class RemoteChat:
     """A chat backend (see :class:`orion_cli.chat.ChatSession`) answered by ``orion serve``."""
 
-    keeps_turns = True  # the server formats the conversation with the model's template
+    keeps_turns = True  # the server formats the conversation (the model's template, or a fallback format)
 
     def __init__(self, client: ServerClient, model: str, sampling: dict) -> None:
         self.client = client

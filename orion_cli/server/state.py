@@ -45,7 +45,6 @@ class Served:
     n_ctx: int
     model_id: str = ""  # encoders: the id vectors are tagged with (MODEL@TYPE)
     dim: int = 0  # encoders: the vector size, read from the GGUF once, when resolved
-    n_vocab: int = 0  # encoders: the vocabulary's size (token-array inputs are checked against it)
 
 
 class SharedEncoder:
@@ -196,8 +195,7 @@ class ServerState:
         request = model_request(local, self.strategy, n_ctx=max_tokens, embedding=True, runner=self.runners)
         header = read_local_header(Path(local.path))  # its vector size, once: not on every request
         return self._remember(cache_key, Served(name or "minilm", request, Path(local.path), local.file_type,
-                                                "encoder", max_tokens, model_id=model_id, dim=header.n_embd,
-                                                n_vocab=header.n_vocab))
+                                                "encoder", max_tokens, model_id=model_id, dim=header.n_embd))
 
     def resolve_any(self, name: str, embedding: bool) -> Served:
         """An LLM, or an encoder when the name is one (or ``embedding`` says so)."""
@@ -250,6 +248,41 @@ class ServerState:
                 return key
         served = self.by_key(name)
         return served.request.key if served is not None and served.request.key in loaded else None
+
+    # ------------------------------------------------------------ what is here
+
+    def models_here(self) -> list[dict]:
+        """``/v1/models``: what this server has, OpenAI's fields (``id``, ``object``, ``created``,
+        ``owned_by``) and its kind: the models registered here whose files are on this machine
+        (imported, or fetched into the HF cache; the built-in encoder among them once it is here:
+        fetched, it is registered as minilm), and the models loaded now, by the name clients used.
+        Not the catalog's names that are not here: a client that picks one from the list would get
+        an error offline (a fetch, at best)."""
+        from datetime import datetime
+
+        from ..models import Registry
+
+        out: dict[str, dict] = {}
+        registered = {name: m for name, m in Registry().all().items() if m.exists()}
+        for name, m in registered.items():
+            try:
+                created = int(datetime.fromisoformat(m.added).timestamp()) if m.added else int(self.started)
+            except ValueError:
+                created = int(self.started)
+            owner = m.repo.split("/", 1)[0] if m.source == "hub" and m.repo else "orion"
+            out[name] = {"id": name, "object": "model", "created": created, "owned_by": owner, "kind": m.kind}
+        for status in self.manager.status():  # loaded: a path (--allow-paths), a type (minilm@f16)...
+            served = self.by_key(status.key)
+            name = served.name if served is not None else status.name
+            if name not in out:
+                kind = served.kind if served is not None else "llm"
+                out[name] = {"id": name, "object": "model", "created": int(self.started), "owned_by": "orion",
+                             "kind": kind}
+        return list(out.values())
+
+    def model_here(self, name: str) -> dict | None:
+        """``/v1/models/{id}``: one of :meth:`models_here`, or None."""
+        return next((m for m in self.models_here() if m["id"] == name), None)
 
     # ------------------------------------------------------------ using models
 
