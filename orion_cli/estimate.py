@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cuda_runtime import CUDA_CONTEXT_BYTES, cuda_context_bytes, cuda_host_bytes
 from .gguf_header import GGUFHeader, ggml_type_name
+from .tensor_layers import ENCODER_ARCHITECTURES, tensor_layer
 from .units import format_bytes
 
 MiB = 1024**2
 
-# Encoders: no KV cache, and no output layer tied to the token embedding.
-ENCODER_ARCHITECTURES = ("bert", "nomic-bert", "jina-bert-v2")
 
 # Layers that attend to a sliding window, by architecture, as llama.cpp sets
 # them (hparams.set_swa_pattern(n)): layer i is SWA when i % n < n - 1.
@@ -134,18 +134,6 @@ class Estimate:
             "source": self.source,
             "parts": {name: {"bytes": b, "how": how} for name, b, how in self.parts()},
         }
-
-
-def tensor_layer(name: str, n_layers: int) -> int | None:
-    """Where llama.cpp places a tensor when it offloads: ``blk.i.*`` with layer i, the output
-    (``output.weight``, ``output_norm``) as layer ``n_layers``; None for the input layer
-    (token embedding and the like), which llama.cpp always keeps on the CPU."""
-    if name.startswith("blk."):
-        head = name.split(".", 2)[1]
-        return int(head) if head.isdigit() else None
-    if name.startswith("output.") or name.startswith("output_norm"):
-        return n_layers
-    return None
 
 
 def first_gpu_layer(n_layers: int, n_gpu_layers: int) -> int:
@@ -370,85 +358,6 @@ def _n_ff(header: GGUFHeader) -> int:
 
 
 # ---------------------------------------------------------------- on a GPU
-
-# What a process that uses a CUDA GPU holds there beyond llama.cpp's buffers (the CUDA context,
-# ggml-cuda's memory pool, the kernels loaded) and on the host (the CUDA runtime's libraries, its
-# pinned staging buffers, the kernels loaded). CUDA loads a kernel when a batch shape first needs it
-# (CUDA_MODULE_LOADING=LAZY, the default), so what a model holds grows with the batch sizes it has met
-# and then stays; the figures are after batches of every size (tests/memory_probe.py's sweep), what a
-# long-lived model holds. The big difference is cuBLAS: ggml-cuda multiplies a batch by a float matrix
-# (F16, BF16, F32) through it, and by a quantized one with its own kernels. Measured on an H200 with
-# bench/estimate.py (docs/benchmarks.md), NVML's growth and resident growth beyond the weights, the KV
-# cache and llama.cpp's dry-run buffers, for 9 architectures fully offloaded at 4,096 to 65,536 cells:
-# - on the GPU, 697 to 713 MiB with cuBLAS (F16 matrices; an encoder's, whatever its matrices), 607 to 615 without;
-CUDA_CONTEXT_BYTES = 704 * MiB
-CUBLAS_DEVICE_BYTES = 96 * MiB
-# - on the host, an LLM: 332 to 371 MiB with cuBLAS's half-precision kernels (F16 matrices), 308 with
-#   its single-precision ones alone (a quantized mixture of experts: its router stays F32), 161 to
-#   183 without cuBLAS (Q8_0 and Q4_0 matrices);
-CUDA_HOST_BYTES = 353 * MiB
-CUDA_HOST_SGEMM_BYTES = 308 * MiB
-CUDA_HOST_NO_CUBLAS_BYTES = 170 * MiB
-# - on the host, an encoder (cuBLAS for its attention, without flash attention): 308 MiB, and 80 more
-#   once a decode's batch (tokens × width) reaches 384 × 768, where cuBLAS takes two larger kernels
-#   (a 768-wide BERT at windows of 128 to 512 and all-MiniLM-L6-v2, 384 wide, at 128 to 512, 2 a decode);
-#   with quantized matrices 265 MiB (all-MiniLM-L6-v2 Q8_0 at a window of 256: one measurement).
-CUDA_ENCODER_HOST_BYTES = 308 * MiB
-CUDA_ENCODER_HOST_QUANTIZED_BYTES = 265 * MiB
-CUDA_ENCODER_LARGE_BATCH = 384 * 768
-CUDA_ENCODER_LARGE_KERNELS_BYTES = 80 * MiB
-_FLOAT_TYPES = {"F16", "BF16", "F32"}
-
-
-def cublas_use(header: GGUFHeader, first_gpu: int, settings: EngineSettings, last: int | None = None) -> str:
-    """Which of cuBLAS's kernels a model offloaded from layer ``first_gpu`` up will load: "gemm"
-    (half precision), "sgemm" (single precision only) or "" (none). ggml-cuda multiplies a batch of
-    tokens by an offloaded float matrix with cuBLAS; not the lookups (token, position and type
-    embeddings) nor the output, whose few rows a decode asks for go through its own kernels. Without
-    flash attention (an encoder's) the attention itself runs on cuBLAS. ``last``: the last layer on
-    that GPU (default: all from ``first_gpu`` up)."""
-    return _cublas_use(header, first_gpu, settings.flash_attn, last=last)
-
-
-def _cublas_use(header: GGUFHeader, first_gpu: int, flash_attn: bool, *, weights_only: bool = False,
-                last: int | None = None) -> str:
-    top = header.n_layers - 1 if last is None else min(last, header.n_layers - 1)
-    if not weights_only and (header.architecture in ENCODER_ARCHITECTURES or not flash_attn):
-        return "gemm"
-    found = ""
-    for t in header.tensors:
-        layer = tensor_layer(t.name, header.n_layers)
-        if layer is None or not first_gpu <= layer <= top or len(t.shape) < 2:
-            continue
-        kind = ggml_type_name(t.ggml_type)
-        if kind in _FLOAT_TYPES and "embd" not in t.name and "token_types" not in t.name:
-            if kind != "F32":
-                return "gemm"
-            found = "sgemm"
-    return found
-
-
-def cuda_context_bytes(header: GGUFHeader, first: int, settings: EngineSettings, last: int | None = None) -> int:
-    """What a GPU holding layers ``first``..``last`` holds for a CUDA process beyond llama.cpp's buffers."""
-    return CUDA_CONTEXT_BYTES - (0 if cublas_use(header, first, settings, last) else CUBLAS_DEVICE_BYTES)
-
-
-def cuda_host_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first_gpu: int = 0) -> int:
-    """What the CUDA runtime holds in RAM for a model offloaded to this machine's GPUs (see above)."""
-    if header.architecture in ENCODER_ARCHITECTURES:
-        if not _cublas_use(header, first_gpu, settings.flash_attn, weights_only=True):
-            return CUDA_ENCODER_HOST_QUANTIZED_BYTES
-        large = n_ctx * settings.embed_pack * header.n_embd >= CUDA_ENCODER_LARGE_BATCH
-        return CUDA_ENCODER_HOST_BYTES + (CUDA_ENCODER_LARGE_KERNELS_BYTES if large else 0)
-    return {"gemm": CUDA_HOST_BYTES, "sgemm": CUDA_HOST_SGEMM_BYTES}.get(
-        cublas_use(header, first_gpu, settings), CUDA_HOST_NO_CUBLAS_BYTES)
-
-
-# Each further llama context on a GPU (an encoder's pool) beyond its compute buffer: its own CUDA
-# streams, cuBLAS handles and ggml-cuda memory pool. Calibrated on an H200 (all-MiniLM-L6-v2 F16,
-# 8 and 12 contexts: 1,493 and 1,961 MiB measured by NVML, 100 and 99 MiB a context beyond the rest).
-CUDA_CONTEXT_EXTRA_BYTES = 100 * MiB
-
 
 def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, *, with_output: bool,
                       embedding: bool = False, outputs: int = 1) -> int:

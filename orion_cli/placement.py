@@ -13,10 +13,9 @@ from dataclasses import replace
 from typing import Sequence
 
 from ._once import MeasuredOnce
+from .cuda_runtime import CUDA_CONTEXT_EXTRA_BYTES
 from .errors import InvalidValue
-from .estimate import CUDA_CONTEXT_EXTRA_BYTES
 from .strategy import Strategy
-
 
 GPU_BUDGETS: MeasuredOnce[list[int]] = MeasuredOnce("each GPU's budget, before this process loaded anything")
 
@@ -50,7 +49,7 @@ def split_plan(header, n_ctx: int, strategy: Strategy, settings, *, gpu_budgets:
                remote=None, gpu_layers=None):
     """Where a model's layers go across this machine (RAM, then its GPUs) and the strategy's RPC
     servers (``remote``: their devices; default: asked now, once a process)."""
-    from .estimate import CUDA_CONTEXT_BYTES
+    from .cuda_runtime import CUDA_CONTEXT_BYTES
     from .offload import plan_split
     from .rpc import remote_devices_now
     from .rpc_endpoints import parse_rpc_servers

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from orion_cli.device import GPUInfo, detect_gpus, parse_cuda_version, parse_nvidia_smi
-from orion_cli.estimate import (
+from orion_cli.cuda_runtime import (
     CUBLAS_DEVICE_BYTES,
     CUDA_CONTEXT_BYTES,
     CUDA_HOST_BYTES,
     CUDA_HOST_NO_CUBLAS_BYTES,
     CUDA_HOST_SGEMM_BYTES,
-    EngineSettings,
     cublas_use,
+)
+from orion_cli.device import GPUInfo, detect_gpus, parse_cuda_version, parse_nvidia_smi
+from orion_cli.estimate import (
+    EngineSettings,
     estimate_gpu,
     estimate_memory,
     kv_per_layer,

@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from ..errors import InvalidValue, OrionError
-from ..messages import TRANSCRIPT, chat_messages, fallback_format, system_in_first_turn, transcript
+from ..messages import (
+    TRANSCRIPT,
+    chat_messages,
+    fallback_format,
+    system_in_first_turn,
+    transcript,
+)
 from ._binding import raw_context, raw_model, token_text
+from .sampling import Sampling, sampler_chain, token_record
 from .spec import Timings
-from .sampling import Sampling, sampler_chain
 
 
 def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = None,
@@ -137,6 +143,13 @@ def prompt_too_long(n_tokens: int, n_ctx: int):
                         hint="give a shorter prompt, or a larger context (--ctx, ORION_CTX)")
 
 
+# The shortest match the prompt cache reuses: fewer tokens save less than a step's own cost, and a
+# prompt that only shares its first few tokens with the last (a BOS and a word) keeps the exact
+# arithmetic of a fresh evaluation (the reused cells were computed in another batch shape, which
+# can flip a near-tie at temperature 0).
+MIN_REUSE = 32
+
+
 class ParallelDecoder:
     """Decodes the sequences of every request on one model together: each step is one
     ``llama_decode`` with the next token of every running sequence, each sequence with its own
@@ -152,7 +165,8 @@ class ParallelDecoder:
     resends the whole conversation) takes that sequence and evaluates only the rest, as llama.cpp's
     server does with ``cache_prompt``. The reused cells were computed in other batches than a fresh
     prompt's would be, so the logits may differ in their last bits: ``cache_prompt=False`` evaluates
-    the prompt from its first token, for runs that must be exact. A model with a sliding window
+    the prompt from its first token in a context emptied of kept cells (other sequences' cells in the
+    unified cache change the attention's summation order too), for runs that must be exact. A model with a sliding window
     reuses cells only where the window still holds what the rest of the prompt attends to."""
 
     def __init__(self, model: "LoadedModel") -> None:
@@ -186,7 +200,7 @@ class ParallelDecoder:
                  cache_prompt: bool = True, grammar: str | None = None) -> Iterator[str]:
         """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
         the next step, whether it runs or still waits for a free sequence. With ``logprobs`` (a count),
-        each token's :func:`token_record` is appended to ``records`` before the text that holds it is
+        each token's :func:`.sampling.token_record` is appended to ``records`` before the text that holds it is
         yielded. ``cache_prompt``: see the class's docstring. ``grammar``: GBNF the text follows
         (:mod:`.grammar`)."""
         import codecs
@@ -224,7 +238,7 @@ class ParallelDecoder:
                cancel: threading.Event | None = None, cache_prompt: bool = True,
                grammar: str | None = None) -> _Sequence:
         """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes (with
-        ``logprobs``: a tuple of its bytes and its :func:`token_record`), then None at its end (or an
+        ``logprobs``: a tuple of its bytes and its :func:`.sampling.token_record`), then None at its end (or an
         exception), from its own thread (a runner sends them on from there: no thread between the
         loop and the connection). :meth:`generate` reads them from a queue."""
         if not tokens:
@@ -263,6 +277,9 @@ class ParallelDecoder:
             seq.out.put(None)  # its reader ends
         while self._waiting and free:
             seq = self._waiting[0]
+            if not seq.cache:  # the exact mode: a context as fresh as the running sequences leave it
+                for i in [i for i in free if i in self._cached]:
+                    self._forget(i)
             slot, prefix = self._slot_for(seq, free)
             need = len(seq.tokens) + seq.max_tokens
             others = [i for i in free if i != slot and i in self._cached]
@@ -303,6 +320,8 @@ class ParallelDecoder:
         kept = self._cached.pop(slot, None)
         self._cached_at.pop(slot, None)
         reuse = min(prefix, len(seq.tokens) - 1)
+        if reuse < MIN_REUSE:
+            reuse = 0
         memory = llama_cpp.llama_get_memory(self._ctx)
         if reuse > 0 and memory and kept is not None:
             # the cells must still be there (nothing else cleared the context) and, with a sliding
@@ -437,7 +456,7 @@ class ParallelDecoder:
         return n + 1
 
     def _record(self, seq: _Sequence, token: int) -> tuple:
-        """The sampled ``token``'s :func:`token_record`, from the logits of ``seq``'s row."""
+        """The sampled ``token``'s :func:`.sampling.token_record`, from the logits of ``seq``'s row."""
         import llama_cpp
 
         n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -476,24 +495,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def token_record(logits, n_vocab: int, token: int, top: int, piece) -> tuple:
-    """``(bytes, logprob, [(bytes, logprob), ...])``: the sampled ``token``'s text and log-probability,
-    and the ``top`` likeliest tokens' (most likely first), from one row of ``logits`` (a ctypes float
-    pointer, ``n_vocab`` long) by log-softmax: the model's own distribution, before the penalties,
-    ``top_p`` and the temperature reshape it for the draw. ``piece`` gives a token's bytes."""
-    import numpy as np
-
-    row = np.ctypeslib.as_array(logits, shape=(n_vocab,)).astype(np.float64)
-    peak = row.max()
-    log_total = peak + np.log(np.exp(row - peak).sum())
-    best: list = []
-    if top > 0:
-        ids = np.argpartition(-row, top - 1)[:top] if top < n_vocab else np.arange(n_vocab)
-        ids = ids[np.lexsort((ids, -row[ids]))]  # likeliest first; a tie by token id
-        best = [(piece(int(i)), float(row[i] - log_total)) for i in ids]
-    return piece(token), float(row[token] - log_total), best
 
 
 def cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:

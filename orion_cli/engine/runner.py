@@ -10,7 +10,7 @@ Messages to the runner: ``("load", spec, check)`` first, then ``("call", id, met
 for the methods in :data:`CALLS`, ``("generate", id, tokens, options)``, ``("cancel", id)`` and
 ``("close",)``. From it: ``("progress", fraction)`` while it loads, then ``("loaded", info)`` or
 ``("failed", error)``; ``(id, "ok", result)``, ``(id, "error", error)``, ``(id, "piece", bytes)`` (a
-token's; with logprobs ``(bytes, record)``, :func:`~.decoder.token_record`'s), ``(id, "end", timings)``; and ``("beat", info)`` every second (the parent's watchdog reads them).
+token's; with logprobs ``(bytes, record)``, :func:`~.sampling.token_record`'s), ``(id, "end", timings)``; and ``("beat", info)`` every second (the parent's watchdog reads them).
 Errors travel as :func:`orion_cli.errors.error_payload` dicts.
 """
 

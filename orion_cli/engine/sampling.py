@@ -79,3 +79,21 @@ def llama_cpp_sampling_kwargs(sampling: Sampling) -> dict:
 
         kwargs["grammar"] = LlamaGrammar.from_string(sampling.grammar, verbose=False)
     return kwargs
+
+
+def token_record(logits, n_vocab: int, token: int, top: int, piece) -> tuple:
+    """``(bytes, logprob, [(bytes, logprob), ...])``: the sampled ``token``'s text and log-probability,
+    and the ``top`` likeliest tokens' (most likely first), from one row of ``logits`` (a ctypes float
+    pointer, ``n_vocab`` long) by log-softmax: the model's own distribution, before the penalties,
+    ``top_p`` and the temperature reshape it for the draw. ``piece`` gives a token's bytes."""
+    import numpy as np
+
+    row = np.ctypeslib.as_array(logits, shape=(n_vocab,)).astype(np.float64)
+    peak = row.max()
+    log_total = peak + np.log(np.exp(row - peak).sum())
+    best: list = []
+    if top > 0:
+        ids = np.argpartition(-row, top - 1)[:top] if top < n_vocab else np.arange(n_vocab)
+        ids = ids[np.lexsort((ids, -row[ids]))]  # likeliest first; a tie by token id
+        best = [(piece(int(i)), float(row[i] - log_total)) for i in ids]
+    return piece(token), float(row[token] - log_total), best
