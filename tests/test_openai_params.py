@@ -58,9 +58,6 @@ def refused(call, param: str, code: str | None = None) -> str:
 
 CHAT_REFUSED = [
     ("n", {"n": 2}),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
-    ("tool_choice", {"tool_choice": "auto"}),
-    ("parallel_tool_calls", {"parallel_tool_calls": False}),
     ("functions", {"functions": [{"name": "f", "parameters": {"type": "object"}}]}),
     ("function_call", {"function_call": "auto"}),
     ("logit_bias", {"logit_bias": {"100": 5}}),
@@ -81,9 +78,9 @@ def test_chat_refuses_what_it_does_not_do(client, param, kwargs):
 
 
 def test_refusals_say_what_to_do(client):
-    message = refused(lambda: client.chat.completions.create(model=MODEL, messages=HI, tools=[
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools")
-    assert message.startswith("'tools' is not supported yet by orion serve") and "leave it out" in message
+    message = refused(lambda: client.chat.completions.create(model=MODEL, messages=HI, functions=[
+        {"name": "f", "parameters": {"type": "object"}}]), "functions")
+    assert message.startswith("'functions' is not supported yet by orion serve") and "leave it out" in message
 
 
 COMPLETION_REFUSED = [

@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
+from ..tools import parse_answer
 from . import openai, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection, shutting_down
@@ -122,8 +123,12 @@ class Routes(OllamaRoutes):
                 if self.state.stopping.is_set():
                     raise shutting_down(STOPPED) from exc
                 raise
-            return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen),
-                                            gen.timings.to_dict() | {"chat_template": gen.chat_format},
+            timings = gen.timings.to_dict() | {"chat_template": gen.chat_format}
+            if asked.tools is not None:
+                content, calls = parse_answer(gen.text)
+                return JSONResponse(reply.tool_answer(content, calls, gen.finish_reason, self._count(served, gen),
+                                                      timings), headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
+            return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen), timings,
                                             gen.new_records()),
                                 headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
         # Streaming: take the queue place and load the model before answering, so a full queue or a
@@ -140,15 +145,22 @@ class Routes(OllamaRoutes):
         def work(emit, cancel):
             for doc in reply.start():
                 emit(doc)
+            finish = gen.finish_reason
             try:
-                for piece in gen.pieces(cancel):
-                    emit(reply.text_piece(piece, gen.new_records() if gen.records is not None else None))
+                if asked.tools is not None:  # a call or a reply: known once the answer is whole
+                    content, calls = parse_answer(gen.run(cancel))
+                    emit(reply.tool_piece(content, calls))
+                    finish = "tool_calls" if calls else gen.finish_reason
+                else:
+                    for piece in gen.pieces(cancel):
+                        emit(reply.text_piece(piece, gen.new_records() if gen.records is not None else None))
+                    finish = gen.finish_reason
             except ModelUnloaded as exc:
                 if self.state.stopping.is_set():
                     raise OrionError(STOPPED, hint="send the request again once the server is back") from exc
                 raise
             usage = self._count(served, gen)
-            emit(reply.end(gen.finish_reason))
+            emit(reply.end(finish))
             if asked.include_usage:
                 emit(reply.usage_chunk(usage, gen.timings.to_dict() | {"chat_template": gen.chat_format}))
 

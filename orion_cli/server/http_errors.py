@@ -12,8 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import (ConfigError, DoesNotFit, EngineFault, InvalidValue, ModelInUse, NetworkError, NotAGGUF,
-                      NotFound, OrionError, WrongModelKind)
+from ..errors import (
+    ConfigError,
+    DoesNotFit,
+    EngineFault,
+    InvalidValue,
+    ModelInUse,
+    NetworkError,
+    NotAGGUF,
+    NotFound,
+    OrionError,
+    WrongModelKind,
+)
 
 
 class QueueFull(OrionError):

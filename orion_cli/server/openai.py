@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..tools import ToolChoice
 from .http_errors import APIError
+from .openai_tools import as_text_turns, tool_choice
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048
@@ -206,7 +208,7 @@ def stop_strings(doc: dict) -> list[str]:
 HONOURED_CHAT = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
     "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "n",
-    "response_format", "cache_prompt"})
+    "response_format", "cache_prompt", "tools", "tool_choice", "parallel_tool_calls"})
 HONOURED_COMPLETIONS = frozenset({
     "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
     "presence_penalty", "frequency_penalty", "logprobs", "n", "best_of", "echo", "suffix", "response_format",
@@ -238,9 +240,6 @@ class Refused:
 
 
 REFUSED_CHAT: dict[str, Refused] = {
-    "tools": Refused("tool calls", (None, []), later=True),
-    "tool_choice": Refused("tool calls", (None, "none"), later=True),
-    "parallel_tool_calls": Refused("tool calls", (None, True), later=True),
     "functions": Refused("function calls", (None, []), later=True),
     "function_call": Refused("function calls", (None, "none"), later=True),
     "logit_bias": Refused("biasing tokens", (None, {})),
@@ -372,6 +371,7 @@ def chat_parts(doc: dict) -> tuple[str | None, list[dict], str]:
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    messages = as_text_turns(messages)  # tool calls and results, as text any template holds
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
@@ -418,6 +418,7 @@ class Asked:
     stops: list[str]
     stream: bool
     include_usage: bool
+    tools: ToolChoice | None = None  # the tools offered (the answer is then a call or a reply)
 
     @classmethod
     def parse(cls, doc: dict, *, chat: bool) -> Asked:
@@ -433,18 +434,28 @@ class Asked:
                            param="stream_options.include_usage", code="invalid_value")
         include_usage = bool(usage) and stream  # stream_options count only in a stream
         stops = stop_strings(doc)
+        offered = tool_choice(doc) if chat else None
+        if offered is not None and response_format(doc) is not None:
+            raise APIError(400, "'response_format' and 'tools' cannot be used together: a tool call is JSON already",
+                           param="response_format", code="invalid_value")
         if chat:
             system, history, prompt = chat_parts(doc)
         else:
             system, history, prompt = None, [], completion_prompt(doc)
-        return cls(chat, prompt, system, history, stops, stream, include_usage)
+        return cls(chat, prompt, system, history, stops, stream, include_usage, offered)
 
     def generation(self, model, options: dict):
         """The core's generation for this request (a plain continuation on /v1/completions)."""
+        from .. import tools
         from ..generation import Generation
 
+        system = self.system
+        if self.tools is not None:  # offered in the system text; the answer held to a call or a reply
+            system = (system + "\n\n" if system else "") + tools.instructions(self.tools)
+            options = options | {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "tool_answer", "schema": tools.schema(self.tools)}}}
         return Generation(model, self.prompt, options, self.stops, chat=None if self.chat else False,
-                          system=self.system, history=self.history)
+                          system=system, history=self.history)
 
 
 def embedding_inputs(value: Any) -> list[str | list[int]]:

@@ -76,6 +76,23 @@ class Reply:
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": usage, "timings": timings}
 
+    def tool_answer(self, content: str | None, calls: list[dict] | None, finish_reason: str, usage: dict,
+                    timings: dict) -> dict:
+        """A chat's answer when tools were offered: the calls (``content`` null, ``finish_reason``
+        "tool_calls") or the reply."""
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else finish_reason}
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage, "timings": timings}
+
+    def tool_piece(self, content: str | None, calls: list[dict] | None) -> dict:
+        """A stream's one piece when tools were offered (the answer is known once it is whole)."""
+        if calls:
+            return self.piece({"tool_calls": [c | {"index": i} for i, c in enumerate(calls)]})
+        return self.piece({"content": content or ""})
+
     def _chunk(self, choices: list) -> dict:
         return {"id": self.id, "object": f"{self.kind}.chunk" if self.chat else self.kind, "created": self.created,
                 "model": self.model, "choices": choices}

@@ -287,7 +287,9 @@ class RemoteChat:
     def reply(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
               images: Sequence[Path] = (), timings=None) -> Iterator[str]:
         """The server's answer, piece by piece (its timings into ``timings``)."""
-        from ..messages import chat_messages  # the one builder (a leaf: the client path imports no engine)
+        from ..messages import (
+            chat_messages,  # the one builder (a leaf: the client path imports no engine)
+        )
 
         body = {"model": self.name, "messages": chat_messages(system, history, prompt),
                 "stream": True, "stream_options": {"include_usage": True}, **self.sampling}

@@ -16,9 +16,9 @@ and tests call them directly.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable

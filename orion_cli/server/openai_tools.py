@@ -1,0 +1,98 @@
+"""OpenAI's tool calls on the wire: ``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked
+(each bad field a 400 that names it), and a conversation's tool turns (an assistant's ``tool_calls``,
+``role: "tool"`` results) written as text for any template (:mod:`orion_cli.tools` says how)."""
+
+from __future__ import annotations
+
+import re
+
+from .. import tools
+from .http_errors import APIError
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+def tool_choice(doc: dict) -> tools.ToolChoice | None:
+    """The tools a chat request offers and what it asks (None: no tools, or ``tool_choice`` "none")."""
+    offered = doc.get("tools")
+    choice = doc.get("tool_choice")
+    parallel = doc.get("parallel_tool_calls", True)
+    if parallel is None:
+        parallel = True
+    if not isinstance(parallel, bool):
+        raise _bad("parallel_tool_calls", "'parallel_tool_calls' must be true or false")
+    if offered is None or offered == []:
+        if choice not in (None, "none", "auto"):
+            raise _bad("tool_choice", "'tool_choice' asks for a tool, but the request offers no 'tools'")
+        return None
+    if not isinstance(offered, list) or len(offered) > 128:
+        raise _bad("tools", "'tools' must be a list of at most 128 functions")
+    found: dict[str, tools.Tool] = {}
+    for i, t in enumerate(offered):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad(f"tools[{i}]", f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}")
+        name, params = fn.get("name"), fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise _bad(f"tools[{i}].function.name", f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -")
+        if name in found:
+            raise _bad(f"tools[{i}].function.name", f"two tools are named {name!r}")
+        if not isinstance(params, dict) or not isinstance(fn.get("description", ""), str):
+            raise _bad(f"tools[{i}].function", f"tools[{i}].function: 'parameters' must be a JSON-schema object "
+                                               "and 'description' a string")
+        found[name] = tools.Tool(name, fn.get("description") or "", params)
+    if choice in (None, "auto"):
+        return tools.ToolChoice(tuple(found.values()), "auto", parallel)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return tools.ToolChoice(tuple(found.values()), "required", parallel)
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(named, str):
+        raise _bad("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    if named not in found:
+        raise _bad("tool_choice", f"'tool_choice' names {named!r}, which is not one of the 'tools'")
+    return tools.ToolChoice((found[named],), "required", parallel)
+
+
+def as_text_turns(messages: list) -> list:
+    """``messages`` with each tool turn written as text: an assistant's ``tool_calls`` as its
+    content, a ``tool`` result as a user turn (one user turn for results that follow each other)."""
+    names = {}
+    out: list = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            out.append(m)
+            continue
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls):
+                raise _bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls must be a list of "
+                                                        "{\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
+            names |= {c.get("id"): c["function"]["name"] for c in calls}
+            text = tools.call_text(calls)
+            if isinstance(m.get("content"), str) and m["content"]:
+                text = m["content"] + "\n" + text
+            out.append({"role": "assistant", "content": text})
+        elif m.get("role") == "tool":
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content", f"messages[{i}].content (a tool's result) must be a string")
+            call_id = m.get("tool_call_id")
+            text = tools.result_text(names.get(call_id), call_id if isinstance(call_id, str) else None, content)
+            if out and isinstance(out[-1], dict) and out[-1].get("role") == "user" and out[-1].get("_tool"):
+                out[-1] = out[-1] | {"content": out[-1]["content"] + "\n" + text}
+            else:
+                out.append({"role": "user", "content": text, "_tool": True})
+        else:
+            out.append(m)
+    return [{k: v for k, v in m.items() if k != "_tool"} if isinstance(m, dict) else m for m in out]
