@@ -159,7 +159,6 @@ def test_keep_alive(client, server):
     (lambda c: c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=False,
                       options={"mirostat": 1, "repeat_penalty": 1.1}), "mirostat"),
     (lambda c: c.generate(model=MODEL, prompt="hi", options={"num_ctx": 4096}), "num_ctx"),
-    (lambda c: c.generate(model=MODEL, prompt="hi", format="json"), "format"),
     (lambda c: c.generate(model=MODEL, prompt="hi", template="{{ .Prompt }}"), "template"),
     (lambda c: c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=False,
                       tools=[{"type": "function", "function": {"name": "f", "description": "d",
@@ -172,6 +171,31 @@ def test_an_option_orion_cannot_honour_is_refused_by_name(client, call, named):
     with pytest.raises(ollama.ResponseError) as err:
         call(client)
     assert err.value.status_code == 400 and named in err.value.error
+
+
+def test_format_json_and_a_schema_hold_the_answer(client, server):
+    """Ollama's structured outputs: ``format: "json"`` (any JSON object) and ``format: SCHEMA``, as
+    llama.cpp grammars; an answer the grammar ended parses (and validates)."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    answer = client.chat(model=MODEL, messages=[{"role": "user", "content": "The weather in Paris, as JSON."}],
+                         format=schema, stream=False, options={"temperature": 0, "num_predict": 80})
+    assert answer.done_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), schema)
+    loose = client.generate(model=MODEL, prompt="A JSON object about the sea:", format="json",
+                            options={"temperature": 0, "num_predict": 60})
+    assert loose.response.startswith("{")
+    if loose.done_reason == "stop":
+        assert isinstance(json.loads(loose.response), dict)
+    with pytest.raises(ollama.ResponseError) as err:  # a keyword the grammar would not enforce
+        client.generate(model=MODEL, prompt="hi", format={"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 0}}})
+    assert err.value.status_code == 400 and "'minimum'" in err.value.error
+    status, _, body = server.request("POST", "/api/generate", {"model": MODEL, "prompt": "hi", "format": "xml"})
+    assert status == 400 and "'format'" in json.loads(body)["error"]  # the client checks it; curl does not
 
 
 def test_a_client_that_leaves_a_stream_gives_the_model_back(server):

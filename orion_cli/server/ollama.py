@@ -145,6 +145,13 @@ def generation_options(doc: dict, n_ctx: int) -> tuple[dict, list[str]]:
         stops = [stops]
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise bad("options.stop", "'options.stop' must be a list of non-empty strings")
+    fmt = doc.get("format")
+    if fmt == "json":  # Ollama's JSON mode: any JSON object, as a llama.cpp grammar
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict) and fmt:  # a JSON schema the answer follows
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": None, "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise bad("format", f"'format' must be \"json\" or a JSON schema (an object), not {_shown(fmt)}")
     return out, list(stops)
 
 
@@ -172,7 +179,6 @@ def refuse_fields(doc: dict, fields: dict[str, str]) -> None:
 
 # what /api/chat and /api/generate cannot honour, and what to do instead
 COMMON_REFUSED = {
-    "format": "leave it out: orion has no constrained (JSON or schema) output",
     "think": "leave it out (or false): orion does not separate a model's thinking",
     "logprobs": "leave it out: orion does not return log probabilities",
     "top_logprobs": "leave it out: orion does not return log probabilities",
