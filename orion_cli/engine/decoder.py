@@ -143,10 +143,8 @@ def prompt_too_long(n_tokens: int, n_ctx: int):
                         hint="give a shorter prompt, or a larger context (--ctx, ORION_CTX)")
 
 
-# The shortest match the prompt cache reuses: fewer tokens save less than a step's own cost, and a
-# prompt that only shares its first few tokens with the last (a BOS and a word) keeps the exact
-# arithmetic of a fresh evaluation (the reused cells were computed in another batch shape, which
-# can flip a near-tie at temperature 0).
+# The shortest match the prompt cache reuses: fewer tokens save less than a step costs, and a prompt
+# sharing only a BOS and a word with the last keeps a fresh evaluation's arithmetic.
 MIN_REUSE = 32
 
 
@@ -277,9 +275,8 @@ class ParallelDecoder:
             seq.out.put(None)  # its reader ends
         while self._waiting and free:
             seq = self._waiting[0]
-            if not seq.cache:  # the exact mode: a context as fresh as the running sequences leave it
-                for i in [i for i in free if i in self._cached]:
-                    self._forget(i)
+            for i in [i for i in free if i in self._cached and not seq.cache]:  # the exact mode
+                self._forget(i)
             slot, prefix = self._slot_for(seq, free)
             need = len(seq.tokens) + seq.max_tokens
             others = [i for i in free if i != slot and i in self._cached]
@@ -490,11 +487,7 @@ class ParallelDecoder:
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def cut_at_stops(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[str]:
