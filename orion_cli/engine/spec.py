@@ -44,7 +44,8 @@ class Timings:
 
     @property
     def prompt_tok_s(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+        """The prompt tokens evaluated a second (those the prompt cache gave are not evaluated)."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prompt_s if self.prompt_s else 0.0
 
     @property
     def gen_tok_s(self) -> float:
@@ -53,4 +54,5 @@ class Timings:
     def to_dict(self) -> dict:
         return {"load_s": round(self.load_s, 3), "prompt_tokens": self.prompt_tokens,
                 "prompt_tok_s": round(self.prompt_tok_s, 1), "generated_tokens": self.gen_tokens,
-                "generation_tok_s": round(self.gen_tok_s, 1)}
+                "generation_tok_s": round(self.gen_tok_s, 1), "first_token_s": round(self.prompt_s, 4),
+                "cached_prompt_tokens": self.cached_tokens}
