@@ -159,7 +159,7 @@ class ParallelDecoder:
     ends the sequence at the next step.
 
     **The prompt cache**: a finished sequence's cells stay in the KV cache, with the tokens they
-    hold, until their room is needed; a new prompt that starts with those tokens (a chat's next turn
+    hold, until their room is needed or other sequences decode; a new prompt that starts with those tokens (a chat's next turn
     resends the whole conversation) takes that sequence and evaluates only the rest, as llama.cpp's
     server does with ``cache_prompt``. The reused cells were computed in other batches than a fresh
     prompt's would be, so the logits may differ in their last bits: ``cache_prompt=False`` evaluates
@@ -275,9 +275,9 @@ class ParallelDecoder:
             seq.out.put(None)  # its reader ends
         while self._waiting and free:
             seq = self._waiting[0]
-            for i in [i for i in free if i in self._cached and not seq.cache]:  # the exact mode
-                self._forget(i)
             slot, prefix = self._slot_for(seq, free)
+            for i in [i for i in free if i in self._cached and (not seq.cache or (self._running and i != slot))]:
+                self._forget(i)  # the exact mode; or others decode, whose attention would span kept cells
             need = len(seq.tokens) + seq.max_tokens
             others = [i for i in free if i != slot and i in self._cached]
             while others and reserved + need + sum(len(self._cached[i]) for i in others) > self.n_ctx:
@@ -353,7 +353,10 @@ class ParallelDecoder:
     def _finish(self, seq: _Sequence, error: BaseException | None = None) -> None:
         import llama_cpp
 
-        kept = seq.in_cache() if error is None and seq.cache else []
+        # kept only while it decodes alone: with others running, the unified cache's attention spans
+        # kept cells too (masked), which slows each of their steps
+        alone = all(q is seq for q in self._running.values())
+        kept = seq.in_cache() if error is None and seq.cache and alone else []
         if kept:
             self._finished += 1
             self._cached[seq.seq_id], self._cached_at[seq.seq_id] = kept, self._finished
