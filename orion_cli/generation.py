@@ -1,7 +1,7 @@
 """One text generation as a client sees it: text out, stop strings, the finish reason and the usage.
 
 One path for every text model, whatever its ``parallel``: the prompt's tokens
-(:func:`orion_cli.engine.decoder.prompt_tokens`: the chat template, or the plain text), the model's
+(:func:`orion_cli.engine.prompts.prompt_tokens`: the chat template, or the plain text), the model's
 decoder (the one loop that runs every text request on that model, so concurrent requests never meet
 in llama.cpp), and :func:`~orion_cli.engine.decoder.cut_at_stops` with the caller's stop strings and
 the template's. The server's routes wrap it; it imports nothing of the server or the CLI.

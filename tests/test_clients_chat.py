@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve import Server, _home
+from test_serve import served
 
 openai = pytest.importorskip("openai")
 
@@ -26,13 +26,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "clients-home")
-    shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, env={"ORION_CTX": "2048"})
-    yield s
-    code = s.stop()
-    print("".join(s.lines))
-    assert code == 0
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "clients-home")
 
 
 def plain_tokens(client, text: str) -> int:

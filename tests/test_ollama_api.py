@@ -10,7 +10,7 @@ import shutil
 import time
 
 import pytest
-from test_serve import Server, _home
+from test_serve import Server, served
 
 ollama = pytest.importorskip("ollama")
 
@@ -20,13 +20,7 @@ PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "ollama-home")
-    shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, env={"ORION_CTX": "2048"})
-    yield s
-    code = s.stop()
-    print("".join(s.lines))
-    assert code == 0
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "ollama-home")
 
 
 @pytest.fixture(scope="module")

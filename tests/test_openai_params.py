@@ -8,14 +8,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import shutil
 from pathlib import Path
 
 import openai
 import pytest
 
 from orion_cli.server import openai as wire
-from tests.test_serve import Server, _home
+from tests.test_serve import served
 
 MODEL = "gemma3-270m"
 HI = [{"role": "user", "content": "Count: one, two, three,"}]
@@ -26,13 +25,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "openai-parameters.md"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "params-home")
-    shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, env={"ORION_CTX": "2048"})
-    yield s
-    code = s.stop()
-    print("".join(s.lines))  # the server's console, shown when a test failed
-    assert code == 0
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "params-home")
 
 
 @pytest.fixture(scope="module")

@@ -93,17 +93,23 @@ def _home(tmp_path_factory, gemma_q4, name: str) -> Path:
     return home
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "serve-home")
+def served(tmp_path_factory, gemma_q4, engine_check_cache, name: str, *args: str):
+    """A module's `orion serve` (n_ctx 2048) over a fresh home with gemma3-270m and minilm imported:
+    yields it, then stops it, prints its console (shown when a test failed) and checks it exited 0."""
     import shutil
 
+    home = _home(tmp_path_factory, gemma_q4, name)
     shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, "--max-queue", "4", env={"ORION_CTX": "2048"})
+    s = Server(home, *args, env={"ORION_CTX": "2048"})
     yield s
     code = s.stop()
-    print("".join(s.lines))  # the server's console, shown when a test failed
+    print("".join(s.lines))
     assert code == 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gemma_q4, engine_check_cache):
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "serve-home", "--max-queue", "4")
 
 
 def cli(server: Server, *args: str, input: str | None = None, timeout: float = 300):

@@ -5,13 +5,11 @@ against a server the test starts (gemma3-270m: its text is a small model's, its 
 from __future__ import annotations
 
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
-
-from test_serve import Server, _home
+from test_serve import served
 
 SCHEMAS = [
     {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
@@ -35,13 +33,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "structured-home")
-    shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, env={"ORION_CTX": "2048"})
-    yield s
-    code = s.stop()
-    print("".join(s.lines))
-    assert code == 0
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "structured-home")
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=[f"schema{i}" for i in range(len(SCHEMAS))])

@@ -6,13 +6,11 @@ with an assistant's ``tool_calls`` and ``role: "tool"`` results."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
-
-from test_serve import Server, _home
+from test_serve import served
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now.",
@@ -28,13 +26,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gemma_q4, engine_check_cache):
-    home = _home(tmp_path_factory, gemma_q4, "tools-home")
-    shutil.copy(engine_check_cache, home / "engine-check.json")
-    s = Server(home, env={"ORION_CTX": "2048"})
-    yield s
-    code = s.stop()
-    print("".join(s.lines))
-    assert code == 0
+    yield from served(tmp_path_factory, gemma_q4, engine_check_cache, "tools-home")
 
 
 def _calls(choice) -> list:

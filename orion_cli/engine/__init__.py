@@ -21,17 +21,31 @@ it with a canary child, and every load uses its verdict.
 
 from __future__ import annotations
 
-from ..enginecheck import EngineCheck, EngineCrashed, canary_command, check_engine, current_check, engine_key
+from ..enginecheck import (
+    EngineCheck,
+    EngineCrashed,
+    canary_command,
+    check_engine,
+    current_check,
+    engine_key,
+)
 from ._binding import load_library
 from .children import build_features, quantize_command, rpc_server_command
-from .decoder import ParallelDecoder, prompt_tokens, prompt_too_long
+from .decoder import ParallelDecoder, prompt_too_long
 from .dryrun import DryRun, DryRunFailed, dry_run, dry_run_key, header_digest
 from .ggml_rpc import local_gpu_devices, rpc_supported
 from .loader import LoadCancelled, load, validate
 from .model import LoadedModel
+from .prompts import prompt_tokens
 from .runner_model import RUNNER_BASE_BYTES, RunnerGone, RunnerModel, start_runner
 from .sampling import Sampling
-from .settings import ENCODER_GPU_PACK, machine_check, machine_settings, peer_llama, settings_for
+from .settings import (
+    ENCODER_GPU_PACK,
+    machine_check,
+    machine_settings,
+    peer_llama,
+    settings_for,
+)
 from .spec import LoadSpec, Timings
 
 __all__ = [

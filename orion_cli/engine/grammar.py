@@ -12,7 +12,6 @@ import json
 
 from ..errors import InvalidValue
 
-
 # Keywords that constrain a value and that the converter does not turn into grammar: a schema with
 # one is refused (naming it) rather than followed in part. Annotations (title, description, default,
 # examples...) do not constrain and are fine.
@@ -61,7 +60,7 @@ def grammar_for(response_format: dict | None) -> str | None:
                            hint=f"leave '{key}' out of the schema (and check it in your code), or ask without a schema")
     try:
         return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
-    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
         raise InvalidValue(f"response_format.json_schema.schema cannot be followed: {exc}",
                            hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports "
                                 "(type, properties, required, items, enum, const, anyOf, minLength...)") from None

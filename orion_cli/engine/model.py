@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import time
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..gguf_header import GGUFHeader
-from ._binding import decode_alone, raw_context, return_freed_memory
 from .. import messages
+from ..gguf_header import GGUFHeader
 from ..messages import chat_messages
-from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long, prompt_tokens
+from ._binding import decode_alone, raw_context, return_freed_memory
+from .decoder import LLAMA_CPP_TOO_LONG, ParallelDecoder, cut_at_stops, prompt_too_long
 from .encoder_pool import EncoderPool
+from .prompts import prompt_tokens
 from .sampling import Sampling, llama_cpp_sampling_kwargs
 from .spec import LoadSpec, Timings
 
@@ -147,7 +148,7 @@ class LoadedModel:
 
     def prompt_tokens(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
                       chat: bool | None = None) -> tuple[list[int], list[str]]:
-        """The tokens a prompt is evaluated as, and the template's stop strings (:func:`.decoder.prompt_tokens`)."""
+        """The tokens a prompt is evaluated as, and the template's stop strings (:func:`.prompts.prompt_tokens`)."""
         return prompt_tokens(self, prompt, system=system, history=history, chat=chat)
 
     def grammar_for(self, response_format: dict | None) -> str | None:
