@@ -88,7 +88,10 @@ def as_text_turns(messages: list) -> list:
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content", f"messages[{i}].content (a tool's result) must be a string")
             call_id = m.get("tool_call_id")
-            text = tools.result_text(names.get(call_id), call_id if isinstance(call_id, str) else None, content)
+            if call_id not in names:  # OpenAI's rule: a result answers a call made before it
+                raise _bad(f"messages[{i}]", f"messages[{i}] is a tool's result, but no earlier assistant message "
+                                             f"made a call with its tool_call_id ({call_id!r})")
+            text = tools.result_text(names.get(call_id), call_id, content)
             if out and isinstance(out[-1], dict) and out[-1].get("role") == "user" and out[-1].get("_tool"):
                 out[-1] = out[-1] | {"content": out[-1]["content"] + "\n" + text}
             else:
