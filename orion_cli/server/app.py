@@ -35,14 +35,21 @@ from ..errors import InvalidValue, ModelInUse, OrionError
 from ..tools import parse_answer
 from . import openai, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
-from .http_limits import STOPPED, answered_by_connection, shutting_down
+from .http_limits import STOPPED, answered_by_connection
 from .metrics import metrics_text, ps_document
 from .openai import Asked, model_name, optional_text
 from .openai_replies import Reply, embeddings_document, sse
-from .route_helpers import error_response, in_thread, ollama_error, read_json
+from .route_helpers import (
+    error_response,
+    generate_whole,
+    generation_to_stream,
+    in_thread,
+    ollama_error,
+    read_json,
+)
 from .routes_ollama import OllamaRoutes
 from .state import ServerState
-from .streaming import LeasedStream, run_until_gone, stream_from_thread
+from .streaming import LeasedStream, stream_from_thread
 
 # The format a chat or completion's prompt was built in (orion_cli.messages.chat_format: "gguf", a
 # fallback such as "gemma" or "transcript" for a model without a chat template, "none" for plain
@@ -109,20 +116,8 @@ class Routes(OllamaRoutes):
         reply = Reply(chat, name, logprobs=options.get("logprobs"), prompt=asked.prompt)
         lease = self.state.lease(served)
         if not asked.stream:
-            cancel = threading.Event()  # set when the client goes away: the worker stops at its next token
-
-            def run():
-                with lease as model:
-                    gen = asked.generation(model, options)
-                    gen.run(cancel)
-                    return gen
-
-            try:
-                gen = await run_until_gone(run, request.receive, cancel)
-            except ModelUnloaded as exc:
-                if self.state.stopping.is_set():
-                    raise shutting_down(STOPPED) from exc
-                raise
+            gen = await generate_whole(self.state, lease, lambda model: asked.generation(model, options),
+                                       request.receive)
             timings = gen.timings.to_dict() | {"chat_template": gen.chat_format}
             if asked.tools is not None:
                 content, calls = parse_answer(gen.text)
@@ -131,16 +126,9 @@ class Routes(OllamaRoutes):
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen), timings,
                                             gen.new_records()),
                                 headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
-        # Streaming: take the queue place and load the model before answering, so a full queue or a
-        # model that does not fit is a real HTTP error, not a broken stream. From here the lease is
-        # given back exactly once, whatever happens (the response holds it once it exists).
-        try:
-            model = await in_thread(lease.acquire)
-            gen = asked.generation(model, options)
-            await in_thread(gen.check_fits)
-        except BaseException:
-            lease.release()
-            raise
+        # Streaming: from here the lease is given back exactly once, whatever happens (the response holds it
+        # once it exists).
+        gen = await generation_to_stream(lease, lambda model: asked.generation(model, options))
 
         def work(emit, cancel):
             for doc in reply.start():

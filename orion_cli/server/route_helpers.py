@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import ollama, openai
 from .http_errors import APIError
+from .http_limits import STOPPED, shutting_down
+from .streaming import run_until_gone
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -26,3 +30,38 @@ async def in_thread(fn, *args):
 
 async def read_json(request: Request) -> dict:
     return await openai.read_json(request.stream(), request.headers.get("content-length"))
+
+
+async def generate_whole(state, lease, make, receive):
+    """The whole of a generation on ``lease`` (``make(model)`` builds it), in a worker thread: a
+    client gone stops it at its next token; a model unloaded because the server stops is its 503."""
+    from ..engine.decoder import ModelUnloaded
+
+    cancel = threading.Event()
+
+    def run():
+        with lease as model:
+            gen = make(model)
+            gen.run(cancel)
+            return gen
+
+    try:
+        return await run_until_gone(run, receive, cancel)
+    except ModelUnloaded as exc:
+        if state.stopping.is_set():
+            raise shutting_down(STOPPED) from exc
+        raise
+
+
+async def generation_to_stream(lease, make):
+    """A generation to stream, its queue place taken, its model loaded and its prompt checked first,
+    so that a full queue, a model that does not fit or a prompt too long is an HTTP error, not a broken
+    stream. On failure the lease is given back; from here the response holds it."""
+    try:
+        model = await in_thread(lease.acquire)
+        gen = make(model)
+        await in_thread(gen.check_fits)
+        return gen
+    except BaseException:
+        lease.release()
+        raise

@@ -21,9 +21,9 @@ from .. import __version__
 from ..errors import ModelInUse, OrionError
 from . import ollama, openai
 from .http_errors import APIError, api_error
-from .http_limits import STOPPED, shutting_down
-from .route_helpers import in_thread, read_json
-from .streaming import LeasedStream, run_until_gone, stream_from_thread
+from .http_limits import STOPPED
+from .route_helpers import generate_whole, generation_to_stream, in_thread, read_json
+from .streaming import LeasedStream, stream_from_thread
 
 
 class OllamaRoutes:
@@ -133,29 +133,11 @@ class OllamaRoutes:
                                                         "load_duration": int(load_s * 1e9)}))
         lease = self.state.lease(served)
         if not asked.stream:
-            cancel = threading.Event()  # set when the client goes away: the worker stops at its next token
-
-            def run():
-                with lease as model:
-                    gen = asked.generation(model, options, stops)
-                    gen.run(cancel)
-                    return gen
-
-            try:
-                gen = await run_until_gone(run, request.receive, cancel)
-            except ModelUnloaded as exc:
-                if self.state.stopping.is_set():
-                    raise shutting_down(STOPPED) from exc
-                raise
+            gen = await generate_whole(self.state, lease, lambda model: asked.generation(model, options, stops),
+                                       request.receive)
             self._count(served, gen)
             return JSONResponse(reply.end(gen.text, gen.finish_reason, ollama.counters(gen, started, load_s)))
-        try:  # as /v1 streams: the queue place and the prompt's fit are HTTP errors, not a broken stream
-            model = await in_thread(lease.acquire)
-            gen = asked.generation(model, options, stops)
-            await in_thread(gen.check_fits)
-        except BaseException:
-            lease.release()
-            raise
+        gen = await generation_to_stream(lease, lambda model: asked.generation(model, options, stops))
 
         def work(emit, cancel):
             try:
