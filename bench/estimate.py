@@ -71,7 +71,7 @@ def estimates(path: Path, n_ctx: int, kv: str, *, gpu: bool, embedding: bool, th
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--shapes", choices=("small", "bench"), default="bench")
+    ap.add_argument("--shapes", default="bench", help="small, bench or check (comma-separated: their union)")
     ap.add_argument("--archs", default="", help="comma-separated (default: all of the shapes)")
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--kv", default="f16,q8_0")
@@ -91,7 +91,7 @@ def main() -> None:
     from orion_cli.gguf_header import read_local_header
 
     start = time.monotonic()
-    shapes = SHAPES[args.shapes]
+    shapes = {name: (kind, shape) for kind in args.shapes.split(",") for name, shape in SHAPES[kind].items()}
     models = dict(m.split("=", 1) for m in args.model)
     if args.cells:
         cells = [(c.split(":") + ["", "", args.weights])[:4] for c in args.cells.split(",")]
@@ -100,7 +100,7 @@ def main() -> None:
         cells = []
         for arch in (args.archs.split(",") if args.archs else [*shapes, *models]):
             encoder = (read_local_header(Path(models[arch])).architecture if arch in models
-                       else shapes[arch]["arch"]) == "bert"
+                       else shapes[arch][1]["arch"]) == "bert"
             for n_ctx in (ENCODER_CONTEXTS if encoder else [int(c) for c in args.contexts.split(",")]):
                 for kv in (("f16",) if encoder else args.kv.split(",")):
                     cells.append((arch, n_ctx, kv, args.weights))
@@ -113,8 +113,8 @@ def main() -> None:
         if arch in models:
             path, weights = Path(models[arch]), "file"
         else:
-            shape = dict(shapes[arch])
-            path = args.work / f"{arch}-{args.shapes}-{weights.lower()}.gguf"
+            kind, shape = shapes[arch][0], dict(shapes[arch][1])
+            path = args.work / f"{arch}-{kind}-{weights.lower()}.gguf"
             if not path.exists():
                 write_model(path.with_suffix(".tmp"), shape.pop("arch"), weight_type=weights, **shape)
                 path.with_suffix(".tmp").replace(path)

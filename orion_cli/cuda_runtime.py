@@ -25,20 +25,30 @@ MiB = 1024**2
 # - on the GPU, 697 to 713 MiB with cuBLAS (F16 matrices; an encoder's, whatever its matrices), 607 to 615 without;
 CUDA_CONTEXT_BYTES = 704 * MiB
 CUBLAS_DEVICE_BYTES = 96 * MiB
-# - on the host, an LLM: 332 to 371 MiB with cuBLAS's half-precision kernels (F16 matrices), 308 with
-#   its single-precision ones alone (a quantized mixture of experts: its router stays F32), 161 to
-#   183 without cuBLAS (Q8_0 and Q4_0 matrices);
-CUDA_HOST_BYTES = 353 * MiB
+# - on the host, an LLM with float (F16) matrices: cuBLAS's half-precision kernels, and which of them
+#   load grows with the matrices' largest dimension (n_ff, as a rule): 335 MiB up to 4,864 (8 bench
+#   shapes: 311 to 356 measured at 4,096 to 65,536 cells), 373 at 5,632 (phi3's fused up/gate, and a
+#   llama with n_ff 5,632: 366 to 379), 408 from 8,192 (widths 1,536 to 4,096, n_ff 8,192 to 14,336:
+#   403 to 412). The step between 5,632 and 8,192 is not measured: it is taken at 8,192;
+CUDA_HOST_BYTES = 335 * MiB
+CUDA_HOST_GEMM_STEPS = ((5120, 38 * MiB), (8192, 73 * MiB))
+# - 308 MiB with cuBLAS's single-precision kernels alone (a quantized mixture of experts: its router
+#   stays F32), 164 without cuBLAS (Q8_0 and Q4_0 matrices: 157 to 172 measured), 18 more when the
+#   output matrix is a float one (a tied F16 token embedding: ggml-cuda's float matrix-vector kernels;
+#   the gemma shapes with Q8_0 and Q4_0 layers: 175 to 188 measured);
 CUDA_HOST_SGEMM_BYTES = 308 * MiB
-CUDA_HOST_NO_CUBLAS_BYTES = 170 * MiB
+CUDA_HOST_NO_CUBLAS_BYTES = 164 * MiB
+CUDA_HOST_FLOAT_OUTPUT_BYTES = 18 * MiB
 # - on the host, an encoder (cuBLAS for its attention, without flash attention): 308 MiB, and 80 more
 #   once a decode's batch (tokens × width) reaches 384 × 768, where cuBLAS takes two larger kernels
 #   (a 768-wide BERT at windows of 128 to 512 and all-MiniLM-L6-v2, 384 wide, at 128 to 512, 2 a decode);
-#   with quantized matrices 265 MiB (all-MiniLM-L6-v2 Q8_0 at a window of 256: one measurement).
+#   with quantized matrices 265 MiB, 20 more at that batch (all-MiniLM-L6-v2 Q8_0 at windows of 128 to
+#   512: 265, 265 and 285 measured).
 CUDA_ENCODER_HOST_BYTES = 308 * MiB
 CUDA_ENCODER_HOST_QUANTIZED_BYTES = 265 * MiB
 CUDA_ENCODER_LARGE_BATCH = 384 * 768
 CUDA_ENCODER_LARGE_KERNELS_BYTES = 80 * MiB
+CUDA_ENCODER_QUANTIZED_LARGE_KERNELS_BYTES = 20 * MiB
 _FLOAT_TYPES = {"F16", "BF16", "F32"}
 
 
@@ -78,12 +88,32 @@ def cuda_context_bytes(header: GGUFHeader, first: int, settings: EngineSettings,
 def cuda_host_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first_gpu: int = 0) -> int:
     """What the CUDA runtime holds in RAM for a model offloaded to this machine's GPUs (see above)."""
     if header.architecture in ENCODER_ARCHITECTURES:
-        if not _cublas_use(header, first_gpu, settings.flash_attn, weights_only=True):
-            return CUDA_ENCODER_HOST_QUANTIZED_BYTES
         large = n_ctx * settings.embed_pack * header.n_embd >= CUDA_ENCODER_LARGE_BATCH
+        if not _cublas_use(header, first_gpu, settings.flash_attn, weights_only=True):
+            return CUDA_ENCODER_HOST_QUANTIZED_BYTES + (CUDA_ENCODER_QUANTIZED_LARGE_KERNELS_BYTES if large else 0)
         return CUDA_ENCODER_HOST_BYTES + (CUDA_ENCODER_LARGE_KERNELS_BYTES if large else 0)
-    return {"gemm": CUDA_HOST_BYTES, "sgemm": CUDA_HOST_SGEMM_BYTES}.get(
-        cublas_use(header, first_gpu, settings), CUDA_HOST_NO_CUBLAS_BYTES)
+    use = cublas_use(header, first_gpu, settings)
+    if use == "gemm":
+        largest = _largest_float_dimension(header, first_gpu)
+        return CUDA_HOST_BYTES + max([extra for at, extra in CUDA_HOST_GEMM_STEPS if largest >= at], default=0)
+    if use == "sgemm":
+        return CUDA_HOST_SGEMM_BYTES
+    return CUDA_HOST_NO_CUBLAS_BYTES + (CUDA_HOST_FLOAT_OUTPUT_BYTES if _float_output(header) else 0)
+
+
+def _largest_float_dimension(header: GGUFHeader, first_gpu: int) -> int:
+    """The largest dimension of the offloaded float matrices a batch goes through cuBLAS with."""
+    return max((max(t.shape[:2]) for t in header.tensors
+                if (layer := tensor_layer(t.name, header.n_layers)) is not None and first_gpu <= layer < header.n_layers
+                and len(t.shape) >= 2 and ggml_type_name(t.ggml_type) in _FLOAT_TYPES - {"F32"}
+                and "embd" not in t.name and "token_types" not in t.name), default=0)
+
+
+def _float_output(header: GGUFHeader) -> bool:
+    """Whether the output matrix (the token embedding, when the output is tied to it) is a float one."""
+    names = {t.name: t for t in header.tensors}
+    out = names.get("output.weight") or names.get("token_embd.weight")
+    return out is not None and ggml_type_name(out.ggml_type) in _FLOAT_TYPES
 
 
 # Each further llama context on a GPU (an encoder's pool) beyond its compute buffer: its own CUDA

@@ -46,7 +46,21 @@ BENCH = {
                      n_vocab=64000, n_expert=32, n_expert_used=4),
     "bert": dict(arch="bert", n_embd=768, n_ff=3072, n_layers=12, n_head=12, n_vocab=30522),
 }
-SHAPES = {"small": SMALL, "bench": BENCH}
+# "check" shapes: none of the estimate's constants was set on them. Variants of phi3's 1024 x 12
+# (phi3 alone, of the bench shapes, held about 35 MiB more RAM beside a GPU: its fused up/gate or its
+# 16 KV heads?), and the widths of real models a user runs (few layers, to keep the files small).
+CHECK = {
+    "llama-mha": dict(arch="llama", n_embd=1024, n_ff=2816, n_layers=12, n_head=16, n_head_kv=16, n_vocab=32064),
+    "llama-ff5632": dict(arch="llama", n_embd=1024, n_ff=5632, n_layers=12, n_head=16, n_head_kv=16,
+                         n_vocab=32064),
+    "phi3-gqa": dict(arch="phi3", n_embd=1024, n_ff=2816, n_layers=12, n_head=16, n_head_kv=4, n_vocab=32064),
+    "qwen2-1536": dict(arch="qwen2", n_embd=1536, n_ff=8960, n_layers=8, n_head=12, n_head_kv=2, n_vocab=151936),
+    "llama-3072": dict(arch="llama", n_embd=3072, n_ff=8192, n_layers=4, n_head=24, n_head_kv=8, n_vocab=128256),
+    "gemma2-2304": dict(arch="gemma2", n_embd=2304, n_ff=9216, n_layers=6, n_head=8, n_head_kv=4, head_dim=256,
+                        n_vocab=256000, sliding_window=4096),
+    "llama-4096": dict(arch="llama", n_embd=4096, n_ff=14336, n_layers=2, n_head=32, n_head_kv=8, n_vocab=32768),
+}
+SHAPES = {"small": SMALL, "bench": BENCH, "check": CHECK}
 
 
 def write_model(path: Path, arch: str, *, n_embd: int, n_ff: int, n_layers: int, n_head: int,

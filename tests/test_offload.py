@@ -16,6 +16,7 @@ from orion_cli.cuda_runtime import (
     CUBLAS_DEVICE_BYTES,
     CUDA_CONTEXT_BYTES,
     CUDA_HOST_BYTES,
+    CUDA_HOST_FLOAT_OUTPUT_BYTES,
     CUDA_HOST_NO_CUBLAS_BYTES,
     CUDA_HOST_SGEMM_BYTES,
     cublas_use,
@@ -78,8 +79,17 @@ def test_cuda_runtime_follows_which_cublas_kernels_the_matrices_need():
     assert cublas_use(router, 0, GPU_SETTINGS) == "sgemm"
     assert cublas_use(router, 4, GPU_SETTINGS) == ""  # layer 3, where the F32 matrix is, stays on the CPU
     assert cublas_use(q, 0, replace(GPU_SETTINGS, flash_attn=False)) == "gemm"  # the attention itself
+    small_f16 = with_types(llama_header(n_embd=896, n_ff=4864, n_head=14, n_head_kv=2), 1)
+    mid_f16 = with_types(llama_header(n_embd=1024, n_ff=5632, n_head=16), 1)
+    tied_f16_out = replace(q, tensors=tuple(t for t in q.tensors if t.name != "output.weight"))
+    tied_f16_out = with_types(tied_f16_out, 1, lambda n: n == "token_embd.weight")
     for h, gpu, host in ((q, CUDA_CONTEXT_BYTES - CUBLAS_DEVICE_BYTES, CUDA_HOST_NO_CUBLAS_BYTES),
-                         (f16, CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES), (router, CUDA_CONTEXT_BYTES, CUDA_HOST_SGEMM_BYTES)):
+                         (tied_f16_out, CUDA_CONTEXT_BYTES - CUBLAS_DEVICE_BYTES,
+                          CUDA_HOST_NO_CUBLAS_BYTES + CUDA_HOST_FLOAT_OUTPUT_BYTES),
+                         (small_f16, CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES),  # n_ff 4,864: the base kernels
+                         (mid_f16, CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES + 38 * MiB),  # n_ff 5,632
+                         (f16, CUDA_CONTEXT_BYTES, CUDA_HOST_BYTES + 73 * MiB),  # n_ff 8,192 (the vocabulary does not count)
+                         (router, CUDA_CONTEXT_BYTES, CUDA_HOST_SGEMM_BYTES)):
         plan = plan_offload(h, 4096, GPU_SETTINGS, [80 * GiB])
         assert plan.full and plan.gpus[0].runtime_bytes == gpu
         base = estimate_memory(h, 4096, GPU_SETTINGS, n_gpu_layers=0).overhead_bytes
