@@ -45,16 +45,20 @@ class Generation:
     is made where the model is), and ``logprobs`` (a count: each token's log-probability is recorded,
     with that many of the likeliest tokens beside it; :meth:`new_records` hands them out with the text
     that holds them). ``chat``: None lets the model decide (its template applies when it has one),
-    False asks for a plain completion of the text.
+    False asks for a plain completion of the text. ``prompt`` None: ``history`` is the whole
+    conversation (a template's own tool format: it may end with a tool's result); ``tools``: the
+    tools the template is rendered with.
     """
 
-    def __init__(self, model, prompt: str, options: dict, stops: Sequence[str] = (), *, chat: bool | None = None,
-                 system: str | None = None, history: Sequence[dict] | None = None) -> None:
+    def __init__(self, model, prompt: str | None, options: dict, stops: Sequence[str] = (), *,
+                 chat: bool | None = None, system: str | None = None, history: Sequence[dict] | None = None,
+                 tools: list[dict] | None = None) -> None:
         from .engine import Timings
 
         self.model, self.prompt, self.options, self.stops = model, prompt, dict(options), list(stops)
         self.response_format = self.options.pop("response_format", None)  # made a grammar by check_fits
         self.chat, self.system, self.history = chat, system, list(history or [])
+        self.tools = tools  # for the chat template (a template with a tool format of its own)
         self.timings = Timings()
         self.text = ""
         self.finish_reason = "stop"
@@ -75,8 +79,9 @@ class Generation:
     def prompt_tokens(self) -> tuple[list[int], list[str]]:
         """The prompt's tokens and the template's stop strings (computed once)."""
         if self._tokens is None:
+            extra = {"tools": self.tools} if self.tools is not None else {}
             self._tokens = self.model.prompt_tokens(self.prompt, system=self.system, history=self.history,
-                                                    chat=self.chat)
+                                                    chat=self.chat, **extra)
         return self._tokens
 
     def check_fits(self) -> None:

@@ -67,8 +67,9 @@ def write_model(path: Path, arch: str, *, n_embd: int, n_ff: int, n_layers: int,
                 n_head_kv: int | None = None, head_dim: int | None = None, n_vocab: int = 16000,
                 sliding_window: int | None = None, yarn: float | None = None, n_expert: int = 0,
                 n_expert_used: int = 0, context_length: int = 32768, weight_type: str = "F16",
-                seed: int = 0) -> Path:
-    """Write a random-weight GGUF of ``arch`` (F16 matrices, or Q8_0/Q4_0); returns ``path``."""
+                seed: int = 0, chat_template: str | None = None) -> Path:
+    """Write a random-weight GGUF of ``arch`` (F16 matrices, or Q8_0/Q4_0; ``chat_template``: a
+    ``tokenizer.chat_template`` to carry); returns ``path``."""
     import gguf
     import numpy as np
     from gguf.quants import quantize
@@ -112,6 +113,8 @@ def write_model(path: Path, arch: str, *, n_embd: int, n_ff: int, n_layers: int,
             w.add_expert_used_count(n_expert_used)
             w.add_expert_feed_forward_length(n_ff)
         _spm_vocab(w, n_vocab)
+        if chat_template:
+            w.add_chat_template(chat_template)
 
     def rand(*shape: int):
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)

@@ -134,17 +134,19 @@ class ParallelDecoder:
                  top_p: float = 0.95, seed: int | None = None, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, logprobs: int | None = None, records: list | None = None,
                  timings: Timings | None = None, cancel: threading.Event | None = None,
-                 cache_prompt: bool = True, grammar: str | None = None) -> Iterator[str]:
+                 cache_prompt: bool = True, grammar: str | None = None,
+                 grammar_triggers: Sequence[str] = ()) -> Iterator[str]:
         """Stream the text of one sequence. ``cancel`` (the caller's: its client went away) ends it at
         the next step, whether it runs or still waits for a free sequence. With ``logprobs`` (a count),
         each token's :func:`.sampling.token_record` is appended to ``records`` before the text that holds it is
         yielded. ``cache_prompt``: see the class's docstring. ``grammar``: GBNF the text follows
-        (:mod:`.grammar`)."""
+        (:mod:`.grammar`), from the first match of one of ``grammar_triggers`` (regexes) if any are given."""
         import codecs
 
         seq = self.submit(tokens, queue.Queue(), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                          logprobs=logprobs, cancel=cancel, cache_prompt=cache_prompt, grammar=grammar)
+                          logprobs=logprobs, cancel=cancel, cache_prompt=cache_prompt, grammar=grammar,
+                          grammar_triggers=grammar_triggers)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t = timings if timings is not None else Timings()
         t.prompt_tokens = len(tokens)
@@ -173,7 +175,7 @@ class ParallelDecoder:
                top_p: float = 0.95, seed: int | None = None, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, logprobs: int | None = None,
                cancel: threading.Event | None = None, cache_prompt: bool = True,
-               grammar: str | None = None) -> _Sequence:
+               grammar: str | None = None, grammar_triggers: Sequence[str] = ()) -> _Sequence:
         """Queue one sequence; the decode loop calls ``out.put`` with each token's bytes (with
         ``logprobs``: a tuple of its bytes and its :func:`.sampling.token_record`), then None at its end (or an
         exception), from its own thread (a runner sends them on from there: no thread between the
@@ -186,7 +188,8 @@ class ParallelDecoder:
         import llama_cpp
 
         max_tokens = min(max_tokens, room)
-        sampling = Sampling(temperature, top_p, seed, presence_penalty, frequency_penalty, grammar=grammar)
+        sampling = Sampling(temperature, top_p, seed, presence_penalty, frequency_penalty, grammar=grammar,
+                            grammar_triggers=tuple(grammar_triggers))
         chain = sampler_chain(sampling, n_vocab=llama_cpp.llama_vocab_n_tokens(self._vocab), window=max_tokens,
                               vocab=self._vocab)
         seq = _Sequence(list(tokens), max_tokens, chain, out, threading.Event(), started=time.perf_counter(),

@@ -45,9 +45,14 @@ def _unenforced(schema, path: str) -> tuple[str, str] | None:
 
 
 def grammar_for(response_format: dict | None) -> str | None:
-    """The GBNF of a checked ``response_format`` (``{"type": "text"}`` or none: no grammar)."""
+    """The GBNF of a checked ``response_format`` (``{"type": "text"}`` or none: no grammar). orion's own
+    type ``tool_calls`` (never a client's: the server checks theirs) holds the answer to tool calls in a
+    template's format: ``schema`` (one call), ``opening``, ``separator``, ``closing``."""
     if not response_format or response_format.get("type") == "text":
         return None
+    if response_format["type"] == "tool_calls":
+        return tool_call_grammar(response_format["schema"], response_format["opening"],
+                                 response_format["separator"], response_format["closing"])
     from llama_cpp import llama_grammar
 
     if response_format["type"] == "json_object":
@@ -64,3 +69,46 @@ def grammar_for(response_format: dict | None) -> str | None:
         raise InvalidValue(f"response_format.json_schema.schema cannot be followed: {exc}",
                            hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports "
                                 "(type, properties, required, items, enum, const, anyOf, minLength...)") from None
+
+
+def _renamed_root(gbnf: str, new: str) -> str:
+    """``gbnf`` with its rule ``root`` named ``new`` (references too; quoted text and classes untouched)."""
+    out, i = [], 0
+    while i < len(gbnf):
+        ch = gbnf[i]
+        if ch in "\"[":  # a literal or a character class: copied as it is, escapes included
+            end, close = i + 1, '"' if ch == '"' else "]"
+            while end < len(gbnf) and gbnf[end] != close:
+                end += 2 if gbnf[end] == "\\" else 1
+            out.append(gbnf[i:end + 1])
+            i = end + 1
+            continue
+        if gbnf.startswith("root", i) and (i == 0 or not (gbnf[i - 1].isalnum() or gbnf[i - 1] == "-")) \
+                and not (i + 4 < len(gbnf) and (gbnf[i + 4].isalnum() or gbnf[i + 4] == "-")):
+            out.append(new)
+            i += 4
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def tool_call_grammar(call_schema: dict, opening: str, separator: str | None, closing: str) -> str:
+    """The GBNF of an answer made of tool calls in a template's format: ``opening``, a call (a JSON
+    object ``call_schema`` accepts), more calls each after ``separator`` (None: one call), ``closing``."""
+    from llama_cpp import llama_grammar
+
+    found = _unenforced(call_schema, "tools")
+    if found is not None:
+        where, key = found
+        raise InvalidValue(f"{where} has '{key}', which orion's grammar does not enforce",
+                           hint=f"leave '{key}' out of the tool's parameters (and check it in your code)")
+    try:
+        calls = _renamed_root(llama_grammar.json_schema_to_gbnf(json.dumps(call_schema)), "tool-call")
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
+        raise InvalidValue(f"a tool's parameters cannot be followed: {exc}",
+                           hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports") from None
+    more = f" ({json.dumps(separator)} tool-call)*" if separator is not None else ""
+    lead = f"{json.dumps(opening)} " if opening else ""
+    tail = f" {json.dumps(closing)}" if closing else ""
+    return f"root ::= {lead}tool-call{more}{tail}\n{calls}"

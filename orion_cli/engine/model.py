@@ -146,10 +146,10 @@ class LoadedModel:
         """:meth:`tokenize` of each text (one call for many: a model in a runner answers it in one message)."""
         return [self._llm.tokenize(t.encode(), add_bos=special, special=special) for t in texts]
 
-    def prompt_tokens(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
-                      chat: bool | None = None) -> tuple[list[int], list[str]]:
+    def prompt_tokens(self, prompt: str | None, *, system: str | None = None, history: Sequence[dict] = (),
+                      chat: bool | None = None, tools: list[dict] | None = None) -> tuple[list[int], list[str]]:
         """The tokens a prompt is evaluated as, and the template's stop strings (:func:`.prompts.prompt_tokens`)."""
-        return prompt_tokens(self, prompt, system=system, history=history, chat=chat)
+        return prompt_tokens(self, prompt, system=system, history=history, chat=chat, tools=tools)
 
     def grammar_for(self, response_format: dict | None) -> str | None:
         """The grammar of a response format (:func:`.grammar.grammar_for`), made where llama_cpp is."""

@@ -18,14 +18,23 @@ if TYPE_CHECKING:
     from .model import LoadedModel
 
 
-def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = None,
-                  history: Sequence[dict] = (), chat: bool | None = None) -> tuple[list[int], list[str]]:
+def prompt_tokens(model: "LoadedModel", prompt: str | None, *, system: str | None = None,
+                  history: Sequence[dict] = (), chat: bool | None = None,
+                  tools: list[dict] | None = None) -> tuple[list[int], list[str]]:
     """The tokens a prompt is evaluated as, and the format's stop strings, in the format
     :func:`orion_cli.messages.chat_format` names (the rules of :func:`orion_cli.messages.chat_mode`):
     the model's chat template as llama-cpp-python's create_chat_completion builds it; for a model
     without one, its family's format from llama-cpp-python, else the plain transcript (never the last
-    message alone: every turn is in the prompt); or the plain text with BOS (the system text leading it)."""
+    message alone: every turn is in the prompt); or the plain text with BOS (the system text leading it).
+
+    ``tools`` (OpenAI's shape), for a template with a tool format of its own (:mod:`orion_cli.tool_formats`):
+    the template is rendered with them, and ``history`` may hold tool turns as the template reads them;
+    ``prompt`` None: ``history`` is the whole conversation (it may end with a tool's result)."""
     llm = model._llm
+    if prompt is None:
+        if not model.has_chat_template:
+            raise ValueError("a conversation without a closing user message needs the model's chat template")
+        return _template_tokens(llm, ([{"role": "system", "content": system}] if system else []) + list(history), tools)
     prompt, system, use_chat = model.chat_mode(prompt, system, history, chat)
     if not use_chat:  # plain text
         text = f"{system}\n\n{prompt}" if system else prompt
@@ -33,6 +42,11 @@ def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = Non
     messages = chat_messages(system, history, prompt)
     if not model.has_chat_template:
         return _fallback_tokens(llm, fallback_format(model.header.architecture), messages)
+    return _template_tokens(llm, messages, tools)
+
+
+def _template_tokens(llm, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[str]]:
+    """The conversation in the GGUF's chat template, as llama-cpp-python's create_chat_completion renders it."""
     from llama_cpp import llama_chat_format
 
     eos_id, bos_id = llm.token_eos(), llm.token_bos()
@@ -41,7 +55,7 @@ def prompt_tokens(model: "LoadedModel", prompt: str, *, system: str | None = Non
         eos_token=token_text(llm, eos_id) if eos_id != -1 else "",
         bos_token=token_text(llm, bos_id) if bos_id != -1 else "",
         stop_token_ids=[eos_id])
-    result = formatter(messages=messages)
+    result = formatter(messages=messages, tools=tools)
     return llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True), _stop_list(result.stop)
 
 

@@ -361,9 +361,9 @@ class RunnerModel:
         architecture = self.header.architecture if self.header is not None else "unknown"
         return chat_format(self.has_chat_template, self.is_vision, architecture, system, history, chat)
 
-    def prompt_tokens(self, prompt: str, *, system: str | None = None, history: Sequence[dict] = (),
-                      chat: bool | None = None) -> tuple[list[int], list[str]]:
-        return self._call("prompt_tokens", prompt, system=system, history=list(history), chat=chat)
+    def prompt_tokens(self, prompt: str | None, *, system: str | None = None, history: Sequence[dict] = (),
+                      chat: bool | None = None, tools: list[dict] | None = None) -> tuple[list[int], list[str]]:
+        return self._call("prompt_tokens", prompt, system=system, history=list(history), chat=chat, tools=tools)
 
     def embed_tokens(self, sequences: Sequence[Sequence[int]]):
         return self._call("embed_tokens", [list(s) for s in sequences])

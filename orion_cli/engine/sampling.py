@@ -24,6 +24,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     grammar: str | None = None  # GBNF the text must follow (structured outputs: orion_cli.engine.grammar)
+    # regexes: the grammar holds the text only from the first match of one (llama.cpp's lazy grammar,
+    # from the match's first group): tool calls a model may make or not (orion_cli.tool_formats)
+    grammar_triggers: tuple[str, ...] = ()
 
     def seed32(self) -> int:
         """The seed as llama.cpp's 32-bit sampler takes it (any integer a client sends, reduced)."""
@@ -46,7 +49,15 @@ def sampler_chain(sampling: Sampling, *, n_vocab: int = 0, window: int = 0, voca
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if sampling.grammar:
-        grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
+        if sampling.grammar_triggers:
+            import ctypes
+
+            patterns = (ctypes.c_char_p * len(sampling.grammar_triggers))(
+                *[p.encode() for p in sampling.grammar_triggers])
+            grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                vocab, sampling.grammar.encode(), b"root", patterns, len(sampling.grammar_triggers), None, 0)
+        else:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
         if not grammar:
             llama_cpp.llama_sampler_free(chain)
             raise InvalidValue("llama.cpp could not parse the grammar of this response format",

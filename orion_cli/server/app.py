@@ -32,7 +32,6 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
-from ..tools import parse_answer
 from . import openai, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection
@@ -120,7 +119,7 @@ class Routes(OllamaRoutes):
                                        request.receive)
             timings = gen.timings.to_dict() | {"chat_template": gen.chat_format}
             if asked.tools is not None:
-                content, calls = parse_answer(gen.text)
+                content, calls = asked.tool_answer(gen.text)
                 return JSONResponse(reply.tool_answer(content, calls, gen.finish_reason, self._count(served, gen),
                                                       timings), headers={CHAT_TEMPLATE_HEADER: gen.chat_format})
             return JSONResponse(reply.whole(gen.text, gen.finish_reason, self._count(served, gen), timings,
@@ -136,7 +135,7 @@ class Routes(OllamaRoutes):
             finish = gen.finish_reason
             try:
                 if asked.tools is not None:  # a call or a reply: known once the answer is whole
-                    content, calls = parse_answer(gen.run(cancel))
+                    content, calls = asked.tool_answer(gen.run(cancel))
                     emit(reply.tool_piece(content, calls))
                     finish = "tool_calls" if calls else gen.finish_reason
                 else:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..tools import ToolChoice
 from .http_errors import APIError
-from .openai_tools import as_text_turns, tool_choice
+from .openai_tools import as_text_turns, has_tool_turns, native_generation, tool_choice
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048
@@ -419,6 +419,8 @@ class Asked:
     stream: bool
     include_usage: bool
     tools: ToolChoice | None = None  # the tools offered (the answer is then a call or a reply)
+    messages: list | None = None  # a chat's messages as sent (checked): for a template's own tool format
+    tool_format: str | None = None  # the tool format the generation used: a template's, or None (orion's)
 
     @classmethod
     def parse(cls, doc: dict, *, chat: bool) -> Asked:
@@ -442,13 +444,22 @@ class Asked:
             system, history, prompt = chat_parts(doc)
         else:
             system, history, prompt = None, [], completion_prompt(doc)
-        return cls(chat, prompt, system, history, stops, stream, include_usage, offered)
+        return cls(chat, prompt, system, history, stops, stream, include_usage, offered,
+                   doc["messages"] if chat else None)
 
     def generation(self, model, options: dict):
-        """The core's generation for this request (a plain continuation on /v1/completions)."""
-        from .. import tools
+        """The core's generation for this request (a plain continuation on /v1/completions). Tools
+        (and a conversation's tool turns) go in the model's own tool format where its chat template
+        has one (:mod:`orion_cli.tool_formats`), else in orion's (:mod:`orion_cli.tools`)."""
+        from .. import tool_formats, tools
         from ..generation import Generation
 
+        fmt = None
+        if self.chat and (self.tools is not None or has_tool_turns(self.messages)) and model.has_chat_template:
+            fmt = tool_formats.detect(model.header.get("tokenizer.chat_template"))
+        self.tool_format = fmt.name if fmt is not None else None
+        if fmt is not None:
+            return native_generation(model, fmt, self.messages, self.tools, options, self.stops)
         system = self.system
         if self.tools is not None:  # offered in the system text; the answer held to a call or a reply
             system = (system + "\n\n" if system else "") + tools.instructions(self.tools)
@@ -456,6 +467,14 @@ class Asked:
                 "name": "tool_answer", "schema": tools.schema(self.tools)}}}
         return Generation(model, self.prompt, options, self.stops, chat=None if self.chat else False,
                           system=system, history=self.history)
+
+    def tool_answer(self, text: str) -> tuple[str | None, list[dict] | None]:
+        """(reply text, tool calls) of an answer to a request with tools, in the format it was asked in."""
+        from .. import tool_formats, tools
+
+        if self.tool_format is not None:
+            return tool_formats.FORMATS[self.tool_format].parse(text)
+        return tools.parse_answer(text)
 
 
 def embedding_inputs(value: Any) -> list[str | list[int]]:

@@ -99,3 +99,48 @@ def as_text_turns(messages: list) -> list:
         else:
             out.append(m)
     return [{k: v for k, v in m.items() if k != "_tool"} if isinstance(m, dict) else m for m in out]
+
+
+def has_tool_turns(messages: list) -> bool:
+    return any(isinstance(m, dict) and (m.get("role") == "tool" or (m.get("role") == "assistant" and m.get("tool_calls")))
+               for m in messages)
+
+
+def native_conversation(messages: list, fmt) -> tuple[str | None, list[dict]]:
+    """(system, the rest) of checked ``messages`` (``chat_parts`` and :func:`as_text_turns` passed them)
+    for a template with a tool format of its own: tool turns as they are, text parts joined, the
+    calls' arguments as objects (:func:`orion_cli.tool_formats.template_messages`)."""
+    from ..tool_formats import template_messages
+
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        role = "system" if m["role"] == "developer" else m["role"]
+        turn = {"role": role, "content": content if isinstance(content, str) else ""}
+        if role == "assistant" and m.get("tool_calls"):
+            turn["tool_calls"] = m["tool_calls"]
+        if role == "tool":
+            turn |= {k: m[k] for k in ("tool_call_id", "name") if k in m}
+        out.append(turn)
+    system = out.pop(0)["content"] if out and out[0]["role"] == "system" else None
+    return system, template_messages(out, fmt)
+
+
+def native_generation(model, fmt, messages: list, choice: tools.ToolChoice | None, options: dict, stops: list):
+    """The core's generation of a chat in a template's own tool format: the conversation as the template
+    reads it, the tools it is rendered with, and (with tools offered) the answer held to calls in that
+    format, from its first token ("required") or from the format's opening on ("auto")."""
+    from ..generation import Generation
+    from ..tool_formats import template_tools
+
+    system, messages = native_conversation(messages, fmt)
+    prompt = messages.pop()["content"] if messages[-1]["role"] == "user" else None
+    if choice is not None:
+        options = options | {"response_format": {
+            "type": "tool_calls", "schema": fmt.call_schema(choice), "opening": fmt.open,
+            "separator": fmt.separator if fmt.parallel(choice) else None, "closing": fmt.close}}
+        if choice.mode == "auto":
+            options["grammar_triggers"] = [fmt.trigger]
+    return Generation(model, prompt, options, stops, system=system, history=messages, tools=template_tools(choice))
