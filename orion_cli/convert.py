@@ -6,6 +6,10 @@ writes what llama.cpp's own converter (``convert_hf_to_gguf.py``,
 ``BertModel``) writes: arch ``bert``, non-causal attention, the pooling type,
 the vocabulary in llama.cpp's "phantom space" spelling, the special tokens,
 and the tensors under the names ``gguf.get_tensor_name_map`` gives.
+
+A process that loads the encoder after converting it converts in a child
+(:func:`convert_bert_apart`): the conversion's libraries (numpy, safetensors,
+gguf) must not be loaded before llama.cpp's in the process that loads it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +227,95 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
         tmp.unlink(missing_ok=True)
     return ConvertResult(out, target, count, params, out.stat().st_size, pooling)
 
+
+
+def convert_bert_apart(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
+    """:func:`convert_bert` in a child process (``python -m orion_cli.convert FOLDER OUT TARGET``), for a
+    process that loads the encoder next (``orion embed``'s first use of an encoder, ``orion profile --bench``).
+
+    That process then loads the encoder as every later command does, with nothing of the conversion
+    loaded before llama.cpp: converting here imported numpy (and safetensors, gguf, and sentencepiece where
+    gguf finds it) before llama_cpp, an order no later command has, and on the GPU host of issue 23
+    (llama.cpp built with CUDA by GCC, its host an AMX Xeon) numpy imported before llama_cpp made the
+    encoder's load die with SIGSEGV (docs/benchmarks.md): the first ``orion embed`` after ``orion import``,
+    2 of 2 tries. The child's errors keep their class (a full disk, a damaged folder); Ctrl-C stops it."""
+    import signal
+    import subprocess
+    import tempfile
+
+    from ._proc import ErrorChannel, popen_dying_with_process
+    from .errors import DoesNotFit, OrionError, signal_name
+
+    folder, out = Path(folder).absolute(), Path(out).absolute()
+    what = f"converting {folder.name} to {target}"
+    channel = ErrorChannel()
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as result, \
+            tempfile.TemporaryFile(mode="w+", errors="replace") as log:
+        try:
+            proc = popen_dying_with_process(
+                [sys.executable, "-m", "orion_cli.convert", str(folder), str(out), target],
+                stdin=subprocess.DEVNULL, stdout=result, stderr=log, text=True, start_new_session=True,
+                **channel.popen_kwargs())
+        except BaseException:
+            channel.close()
+            raise
+        channel.started()
+        try:
+            try:
+                proc.wait()
+            except BaseException:  # Ctrl-C reaches this process only (the child has a session of its own)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it had ended
+                    pass
+                proc.wait()
+                raise
+            finally:
+                out.with_name(f".{out.name}.{proc.pid}.partial").unlink(missing_ok=True)  # a killed child's
+            if proc.returncode != 0:
+                reported = channel.error()
+                if reported is not None:
+                    raise reported
+                if proc.returncode < 0:
+                    name = signal_name(proc.returncode)
+                    if name == "SIGKILL":
+                        raise DoesNotFit(f"{what} was killed (SIGKILL): the system most likely ran out of memory",
+                                         hint="free memory, then run again")
+                    raise OrionError(f"{what} crashed ({name})", hint="run 'orion convert' on the folder to see why")
+                log.seek(0)
+                last = next((line for line in reversed(log.read().splitlines()) if line.strip()), "")
+                raise OrionError(f"{what} failed (exit {proc.returncode})" + (f": {last[:300]}" if last else ""),
+                                 hint="run 'orion convert' on the folder to see why")
+        finally:
+            channel.close()
+        result.seek(0)
+        doc = json.loads(result.read().strip().splitlines()[-1])
+    return ConvertResult(Path(doc["path"]), doc["target"], doc["tensors"], doc["parameters"], doc["size_bytes"],
+                         doc["pooling"])
+
+
+def _child(argv: list[str]) -> int:
+    """In the child of :func:`convert_bert_apart`: convert, print the result as JSON; an error goes to
+    the parent's channel with its class."""
+    from ._proc import ERROR_FD_VAR, report_error
+    from .errors import OrionError, from_os_error
+
+    channel = os.environ.pop(ERROR_FD_VAR, "")
+    try:
+        r = convert_bert(Path(argv[0]), Path(argv[1]), argv[2])
+    except OSError as exc:  # a full disk, a permission: as the command line would say it
+        report_error(from_os_error(exc), channel)
+        return 1
+    except OrionError as exc:
+        report_error(exc, channel)
+        return 1
+    print(json.dumps({"path": str(r.path), "target": r.target, "tensors": r.tensors, "parameters": r.parameters,
+                      "size_bytes": r.size_bytes, "pooling": r.pooling}))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        print("usage: python -m orion_cli.convert FOLDER OUT f32|f16|q8_0", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_child(sys.argv[1:]))

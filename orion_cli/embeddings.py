@@ -220,16 +220,17 @@ def measure_encoder_types(folder: Path, work: Path, *, threads: int,
                           texts: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """chunks/s and the least cosine to the F32 conversion of each of ENCODER_TYPES, on this
     machine with the engine's settings (each converted into ``work``)."""
-    import numpy as np
-
-    from .convert import convert_bert
+    from .convert import convert_bert_apart
     from .engine import LoadSpec, current_check, load, settings_for
 
     texts = list(texts or probe_texts())
     settings = settings_for(current_check(), embedding=True)
+    # each conversion in a child, and numpy imported only after the loads: this process loads what it
+    # converts, llama.cpp's library first (see convert.convert_bert_apart)
+    paths = {target: convert_bert_apart(folder, work / f"encoder-{target}.gguf", target).path
+             for target in ("f32", *ENCODER_TYPES)}
     vectors, rates = {}, {}
-    for target in ("f32", *ENCODER_TYPES):
-        path = convert_bert(folder, work / f"encoder-{target}.gguf", target).path
+    for target, path in paths.items():
         model = load(LoadSpec(path, DEFAULT_MAX_TOKENS, threads, embedding=True, settings=settings))
         try:
             encoder = Encoder(model, model_id=target)
@@ -240,6 +241,8 @@ def measure_encoder_types(folder: Path, work: Path, *, threads: int,
             rates[target] = len(texts) / (time.perf_counter() - start)
         finally:
             model.close()
+    import numpy as np  # after the loads (llama.cpp's library first)
+
     return {t: {"chunks_s": round(rates[t], 1),
                 "min_cosine": round(float(np.min(np.sum(vectors[t] * vectors["f32"], axis=1))), 6)}
             for t in ENCODER_TYPES}

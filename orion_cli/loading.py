@@ -195,7 +195,7 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
     """
     import hashlib
 
-    from .convert import MAX_SEQ_KEY, TARGETS, convert_bert
+    from .convert import MAX_SEQ_KEY, TARGETS, convert_bert_apart
     from .models import catalog
     from .paths import orion_home
 
@@ -253,7 +253,9 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
     out = orion_home() / "models" / f"{folder.resolve().name}-{stamp[:10]}-{target}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert_bert(folder, out, target)
+        # in a child: this process loads the encoder next, and must do it as every later call does, with
+        # none of the converter's libraries (numpy first of all) loaded before llama.cpp's (issue 23)
+        convert_bert_apart(folder, out, target)
     header = read_local_header(out)
     local = LocalModel(name=model_id, kind="encoder", path=str(out), source="convert", file_type=target.upper(),
                        size_bytes=out.stat().st_size)

