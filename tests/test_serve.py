@@ -583,6 +583,37 @@ def test_bounded_load_test_only_200_and_503_and_memory_back_to_idle(tmp_path_fac
 # ---------------------------------------------------------------- the batcher, in-process
 
 
+def test_batches_are_sized_to_the_pool_and_two_are_in_flight():
+    """A batch gives every context of the pool several full decodes; while one batch is embedded the
+    next is taken (its requests do not wait for the first's rows to go back)."""
+    from orion_cli.server.scheduler import DECODES_A_BATCH, EmbeddingBatcher
+
+    started, release = [], threading.Event()
+
+    def embed(sequences):
+        started.append(len(sequences))
+        release.wait(timeout=60)
+        return np.ones((len(sequences), 2))
+
+    batcher = EmbeddingBatcher("enc", embed, max_wait_s=0.0)
+    batcher.size_to(8, 512 * 2)  # 8 GPU contexts, windows of 512, 2 a decode
+    assert batcher.token_budget == 8 * 1024 * DECODES_A_BATCH
+    batcher.size_to(1, 256)  # one CPU context: never below the default
+    assert batcher.token_budget == 8192
+    first = batcher.submit([[1] * 5])
+    while not started:  # the first batch is in the encoder
+        pass
+    second = batcher.submit([[1] * 7])
+    deadline = time.monotonic() + 60
+    while len(started) < 2 and time.monotonic() < deadline:  # the second joins it before it returns
+        pass
+    assert started == [1, 1]
+    release.set()
+    assert first.result(timeout=60).shape == second.result(timeout=60).shape == (1, 2)
+    assert batcher.batches == 2
+    batcher.close()
+
+
 def test_concurrent_embedding_requests_share_batches():
     """While a batch is being embedded, requests that arrive are merged into the next one, sorted by
     length, within the token budget; each gets its own rows back; past the queue bound: QueueFull."""
@@ -596,7 +627,7 @@ def test_concurrent_embedding_requests_share_batches():
             release.wait(timeout=60)
         return np.array([[float(len(s)), 1.0] for s in sequences])
 
-    batcher = EmbeddingBatcher("enc", embed, token_budget=40, max_wait_s=0.0, limit=6)
+    batcher = EmbeddingBatcher("enc", embed, token_budget=40, max_wait_s=0.0, limit=6, workers=1)
     first = batcher.submit([[1] * 5])
     while not calls:  # the worker holds the first batch
         pass

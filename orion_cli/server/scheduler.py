@@ -134,17 +134,25 @@ class _Job:
         return sum(len(s) for s in self.sequences)
 
 
+# Batches sized to the encoder's pool: each gives every context this many full decodes (a decode's
+# tokens: the window times the sequences packed in it), so the per-batch work (the runner's message,
+# normalising, handing rows back) is paid once for many decodes.
+DECODES_A_BATCH = 4
+BATCHES_IN_FLIGHT = 2  # one decoding while the last one's rows go back and the next one gathers
+
+
 class EmbeddingBatcher:
     """Merges concurrent embedding requests for one encoder into shared batches.
 
-    A worker thread takes the first waiting request, waits up to ``max_wait_s`` for more, and
-    takes requests while the batch stays under ``token_budget`` tokens; their sequences are
-    embedded sorted by length and each request gets its rows back, normalised as the core's
-    :class:`orion_cli.embeddings.Encoder` normalises them.
+    Worker threads (``workers``: batches in flight) each take the first waiting request, wait up to
+    ``max_wait_s`` for more, and take requests while the batch stays under ``token_budget`` tokens
+    (:meth:`size_to` sets it from the pool: every context fed); their sequences are embedded sorted by
+    length (the pool shares them out between its contexts) and each request gets its rows back,
+    normalised as the core's :class:`orion_cli.embeddings.Encoder` normalises them.
     """
 
     def __init__(self, name: str, embed: Callable[[Sequence[Sequence[int]]], Any], *, token_budget: int = 8192,
-                 max_wait_s: float = 0.005, limit: int = 64) -> None:
+                 max_wait_s: float = 0.005, limit: int = 64, workers: int = BATCHES_IN_FLIGHT) -> None:
         self.name = name
         self._embed = embed
         self.token_budget = token_budget
@@ -155,8 +163,16 @@ class EmbeddingBatcher:
         self._stopped = False
         self.batches = 0
         self.requests = 0
-        self._worker = threading.Thread(target=self._run, name=f"orion-batcher-{name}", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"orion-batcher-{name}-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for worker in self._workers:
+            worker.start()
+
+    def size_to(self, contexts: int, decode_tokens: int) -> None:
+        """Batches of :data:`DECODES_A_BATCH` full decodes for each of ``contexts`` contexts, each decode
+        ``decode_tokens`` tokens (never below the default budget)."""
+        with self._cond:
+            self.token_budget = max(8192, contexts * decode_tokens * DECODES_A_BATCH)
 
     @property
     def depth(self) -> int:
@@ -210,8 +226,9 @@ class EmbeddingBatcher:
             out = [np.empty((len(job.sequences), vectors.shape[1]), dtype=np.float32) for job in batch]
             for (j, i, _), v in zip(rows, vectors):
                 out[j][i] = v
-            self.batches += 1
-            self.requests += len(batch)
+            with self._cond:
+                self.batches += 1
+                self.requests += len(batch)
             for job, result in zip(batch, out):
                 job.future.set_result(result)
 

@@ -63,6 +63,7 @@ class SharedEncoder:
 
     def _embed_tokens(self, sequences):
         with self._manager.use(self.served.request) as model:
+            self.batcher.size_to(model.n_contexts, model.spec.n_ctx * model.spec.settings.embed_pack)
             return model.embed_tokens(sequences)
 
     def _core(self, model):
