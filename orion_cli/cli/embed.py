@@ -160,9 +160,15 @@ def embed(
         out.text(f"[dim]skipped: {skipped}[/]")
         for failure in summary.failures[:5]:
             err_console().print(f"[yellow]failed[/] {escape(failure)}", markup=True)
+        if profile:
+            out.text("[dim]profile (s): " + ", ".join(f"{k} {v:.2f}" for k, v in profile.items()) + "[/]")
 
+    import os
+
+    # ORION_EMBED_PROFILE=1: where the time went, each stage's busy seconds (orion_cli.indexer.Profile)
+    profile = summary.profile if os.environ.get("ORION_EMBED_PROFILE") == "1" else None
     out.result(summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
-                                    "encoded_by": source.via}, human)
+                                    "encoded_by": source.via} | ({"profile": profile} if profile else {}), human)
 
 
 def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:
