@@ -91,7 +91,8 @@ def embed(
 
     Folders are walked honouring .gitignore; hidden, binary and unreadable files
     are skipped and counted. Re-running embeds only new or changed chunks and
-    drops deleted files; a run stopped half-way keeps every file it finished.
+    drops deleted files; a run stopped half-way keeps every file it committed
+    (many files a transaction, at least every second), each whole.
     """
     from ..errors import InvalidValue, NotFound
 
