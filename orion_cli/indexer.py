@@ -404,8 +404,11 @@ def embed_paths(
     finally:
         run.stop.set()  # every stage ends at its next look (an encoder after its batch)
         run.encoder_ready.set()
-        for thread in stages[:2]:  # they hold store connections and may be in the model's tokenizer
-            thread.join()
+        # the chunker may be in this process's tokenizer, and the model is freed next: wait for it (a
+        # file's worth at most); one whose encoder is a server's only holds up Ctrl-C, so not for long
+        local = isinstance(run.encoder, Encoder)
+        for thread in stages[:2]:
+            thread.join(None if local else 1.0)
     assert not order, "every changed file was written"
     summary.files_seen, summary.files_unchanged = run.files_seen, run.unchanged
     summary.failures = [message for _, message in sorted(run.failures)]
