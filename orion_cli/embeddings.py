@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -136,6 +136,27 @@ class Encoder:
 
         return chunk_text(text, count, self.max_tokens - 2)
 
+    @property
+    def batch_size(self) -> int:
+        """Sequences a call of :meth:`encode_sequences_f16` should get: every context of the pool busy
+        for 16 decodes between joins."""
+        return 16 * self.model.n_contexts * self.model.spec.settings.embed_pack
+
+    def sequences(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`tokenize` of each text, asked at once (the model may be in a runner process)."""
+        return [truncate(ids, self.max_tokens) for ids in self.model.tokenize_many(list(texts))] if texts else []
+
+    def encode_sequences_f16(self, sequences: Sequence[Sequence[int]]) -> list[bytes]:
+        """The float16 vectors (as the store keeps them) of token sequences from :meth:`sequences`, in
+        order, not cached: ``orion embed``'s pipeline tokenises ahead of the encoder and sends it batches
+        drawn across files. Safe to call from several threads at once (the pool shares its contexts)."""
+        import numpy as np
+
+        if not sequences:
+            return []
+        vectors = normalise(self.model.embed_tokens(sequences)).astype(np.float16)
+        return [row.tobytes() for row in vectors]
+
     def encode(self, texts: Sequence[str], on_done: Callable[[int], None] | None = None):
         """A float32 matrix, one normalised row per text (cached texts are not embedded again)."""
         import numpy as np
@@ -150,8 +171,7 @@ class Encoder:
                 todo.append(i)
         if todo:
             sequences = [self.tokenize(texts[i]) for i in todo]
-            # every context of a pool busy for 16 decodes between joins
-            step = 16 * self.model.n_contexts * self.model.spec.settings.embed_pack
+            step = self.batch_size
             for start in range(0, len(todo), step):
                 part = todo[start : start + step]
                 vecs = normalise(self.model.embed_tokens(sequences[start : start + step]))
@@ -367,9 +387,17 @@ def is_binary(path: Path) -> bool:
 def walk(paths: Sequence[Path], *, hidden: bool = False) -> WalkReport:
     """The text files under ``paths`` (files given directly are taken as they are)."""
     report = WalkReport()
+    for _ in iter_walk(paths, report, hidden=hidden):
+        pass
+    return report
+
+
+def iter_walk(paths: Sequence[Path], report: WalkReport, *, hidden: bool = False) -> Iterator[Path]:
+    """:func:`walk` as it goes: each text file yielded as it is found (and added to ``report.files``),
+    the skipped ones counted in ``report``."""
     seen_dirs: set[tuple[int, int]] = set()
 
-    def consider(path: Path) -> None:
+    def consider(path: Path) -> Iterator[Path]:
         try:
             if is_binary(path):
                 report.binary += 1
@@ -378,8 +406,9 @@ def walk(paths: Sequence[Path], *, hidden: bool = False) -> WalkReport:
             report.unreadable += 1
             return
         report.files.append(path)
+        yield path
 
-    def visit(folder: Path, stack: list) -> None:
+    def visit(folder: Path, stack: list) -> Iterator[Path]:
         try:
             st = folder.stat()
         except OSError:
@@ -413,16 +442,15 @@ def walk(paths: Sequence[Path], *, hidden: bool = False) -> WalkReport:
                 report.ignored += 1
                 continue
             if is_dir:
-                visit(path, stack)
+                yield from visit(path, stack)
             elif entry.is_file():
-                consider(path)
+                yield from consider(path)
             else:
                 report.unreadable += 1  # a dangling link, a socket, a device
 
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            visit(p, [])
+            yield from visit(p, [])
         elif p.is_file():
-            consider(p)
-    return report
+            yield from consider(p)

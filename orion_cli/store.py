@@ -2,9 +2,10 @@
 
 ``$ORION_HOME/embeddings.db``, WAL journal, schema migrations in ``meta``. Per
 chunk: its content hash, file path, byte and line offsets, text, and the
-vector as real IEEE half precision (2 bytes a value). Each file is written in
-one transaction, so a run killed half-way keeps every file it finished and the
-next run resumes; several processes may write one store (SQLite's locking,
+vector as real IEEE half precision (2 bytes a value). A file's rows are written
+whole in one transaction (``orion embed`` puts many files in one: :meth:`EmbeddingStore.writing`),
+so a run killed half-way keeps every file it committed, each with all its rows, and
+the next run resumes; several processes may write one store (SQLite's locking,
 a busy timeout, ``BEGIN IMMEDIATE``).
 """
 
@@ -85,8 +86,9 @@ class ChunkRow:
 
 
 class EmbeddingStore:
-    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0, migrate: bool = True) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
                                   check_same_thread=False)
@@ -95,10 +97,16 @@ class EmbeddingStore:
         self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         self._matrix_cache: dict[int, tuple[tuple[int, int], object, list[int]]] = {}
         self._writes = 0  # this connection's committed writes (SQLite's data_version counts the others')
-        self._migrate()
+        if migrate:
+            self._migrate()
 
     def close(self) -> None:
         self.db.close()
+
+    def reader(self) -> EmbeddingStore:
+        """Another connection to this store, for a thread's reads (WAL: it reads the committed state
+        while this one writes); its owner closes it."""
+        return EmbeddingStore(self.path, busy_timeout_s=self.busy_timeout_s, migrate=False)
 
     # ------------------------------------------------------------ schema
 
@@ -202,24 +210,39 @@ class EmbeddingStore:
 
     def replace_file(self, c: Collection, path: str, size: int, mtime_ns: int, file_hash: str,
                      rows: Sequence[tuple], vectors: Sequence[bytes]) -> None:
-        """One file's chunks, all at once: ``rows`` are (content_hash, start_byte, end_byte,
-        start_line, end_line, text); ``vectors`` float16 blobs in the same order."""
+        """One file's chunks, all at once, in a transaction of its own (see :meth:`put_file`)."""
+        with self.writing(c):
+            self.put_file(c, path, size, mtime_ns, file_hash, rows, vectors)
+
+    @contextmanager
+    def writing(self, c: Collection) -> Iterator[None]:
+        """One transaction for the writes of many files (:meth:`put_file`, :meth:`touch_file`):
+        committed whole, or rolled back whole on any exception (Ctrl-C included)."""
         with self._write():
             if self.db.execute("SELECT 1 FROM collections WHERE id=?", (c.id,)).fetchone() is None:
                 raise NotFound(f"collection {c.name!r} was deleted while it was being embedded",
                                hint="nothing more was written to it; run the same 'orion embed' to make it anew")
-            self.db.execute("INSERT INTO files (collection_id, path, size, mtime_ns, content_hash) VALUES (?,?,?,?,?) "
-                            "ON CONFLICT (collection_id, path) DO UPDATE SET size=excluded.size, "
-                            "mtime_ns=excluded.mtime_ns, content_hash=excluded.content_hash",
-                            (c.id, path, size, mtime_ns, file_hash))
-            file_id = self.db.execute("SELECT id FROM files WHERE collection_id=? AND path=?",
-                                      (c.id, path)).fetchone()[0]
-            self.db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
-            self.db.executemany(
-                "INSERT INTO chunks (collection_id, file_id, content_hash, start_byte, end_byte, start_line, "
-                "end_line, text, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
-                [(c.id, file_id, *row, blob) for row, blob in zip(rows, vectors)],
-            )
+            yield
+
+    def put_file(self, c: Collection, path: str, size: int, mtime_ns: int, file_hash: str,
+                 rows: Sequence[tuple], vectors: Sequence[bytes]) -> None:
+        """One file's chunks in place of its old ones, inside :meth:`writing`: ``rows`` are
+        (content_hash, start_byte, end_byte, start_line, end_line, text); ``vectors`` float16 blobs
+        in the same order."""
+        if not self.db.in_transaction:
+            raise RuntimeError("put_file writes inside EmbeddingStore.writing()")
+        self.db.execute("INSERT INTO files (collection_id, path, size, mtime_ns, content_hash) VALUES (?,?,?,?,?) "
+                        "ON CONFLICT (collection_id, path) DO UPDATE SET size=excluded.size, "
+                        "mtime_ns=excluded.mtime_ns, content_hash=excluded.content_hash",
+                        (c.id, path, size, mtime_ns, file_hash))
+        file_id = self.db.execute("SELECT id FROM files WHERE collection_id=? AND path=?",
+                                  (c.id, path)).fetchone()[0]
+        self.db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
+        self.db.executemany(
+            "INSERT INTO chunks (collection_id, file_id, content_hash, start_byte, end_byte, start_line, "
+            "end_line, text, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
+            [(c.id, file_id, *row, blob) for row, blob in zip(rows, vectors)],
+        )
 
     def drop_missing(self, c: Collection, keep: set[str], under: Sequence[str]) -> int:
         """Forget files under ``under`` (path prefixes) that are not in ``keep``; returns how many."""

@@ -91,7 +91,8 @@ def embed(
 
     Folders are walked honouring .gitignore; hidden, binary and unreadable files
     are skipped and counted. Re-running embeds only new or changed chunks and
-    drops deleted files; a run stopped half-way keeps every file it finished.
+    drops deleted files; a run stopped half-way keeps every file it committed
+    (many files a transaction, at least every second), each whole.
     """
     from ..errors import InvalidValue, NotFound
 
@@ -160,9 +161,15 @@ def embed(
         out.text(f"[dim]skipped: {skipped}[/]")
         for failure in summary.failures[:5]:
             err_console().print(f"[yellow]failed[/] {escape(failure)}", markup=True)
+        if profile:
+            out.text("[dim]profile (s): " + ", ".join(f"{k} {v:.2f}" for k, v in profile.items()) + "[/]")
 
+    import os
+
+    # ORION_EMBED_PROFILE=1: where the time went, each stage's busy seconds (orion_cli.indexer.Profile)
+    profile = summary.profile if os.environ.get("ORION_EMBED_PROFILE") == "1" else None
     out.result(summary.to_dict() | {"collection": collection, "model": model_id, "seconds": round(elapsed, 3),
-                                    "encoded_by": source.via}, human)
+                                    "encoded_by": source.via} | ({"profile": profile} if profile else {}), human)
 
 
 def _embed_stdin(model: str | None, jsonl: bool, local: bool) -> None:

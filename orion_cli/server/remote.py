@@ -128,15 +128,29 @@ class RemoteEncoder:
         self._fallback = fallback
         self._notice = notice
         self.local = None  # the local encoder, once the server is gone
+        import threading
+
+        self._going_local = threading.Lock()  # `orion embed` chunks and encodes from threads of its own
 
     def _go_local(self, exc: ServerGone):
         if self._fallback is None:
             raise exc
-        if self.local is None:
-            if self._notice:
-                self._notice(f"orion serve stopped answering ({exc.message}); finishing in this process")
-            self.local = self._fallback(self.model_id)
+        with self._going_local:
+            if self.local is None:
+                if self._notice:
+                    self._notice(f"orion serve stopped answering ({exc.message}); finishing in this process")
+                self.local = self._fallback(self.model_id)
         return self.local
+
+    # what `orion embed`'s pipeline asks of an encoder (orion_cli.embeddings.Encoder has the same):
+    # the server tokenises, so the "sequences" are the texts
+    batch_size = BATCH_TEXTS
+
+    def sequences(self, texts: Sequence[str]) -> list[str]:
+        return list(texts)
+
+    def encode_sequences_f16(self, texts: Sequence[str]) -> list[bytes]:
+        return self.encode_f16(texts)
 
     def chunks(self, text: str):
         from ..embeddings import Chunk
