@@ -57,16 +57,25 @@ def grammar_for(response_format: dict | None) -> str | None:
 
     if response_format["type"] == "json_object":
         return llama_grammar.JSON_GBNF
-    schema = response_format["json_schema"]["schema"]
-    found = _unenforced(schema, "schema")
+    return _schema_gbnf(response_format["json_schema"]["schema"], "schema", "response_format.json_schema.",
+                        "the schema (and check it in your code), or ask without a schema")
+
+
+def _schema_gbnf(schema: dict, path: str, prefix: str, leave_out_of: str) -> str:
+    """The GBNF of a JSON schema, by llama-cpp-python's converter; a keyword the grammar would not
+    enforce, or a schema the converter cannot follow, is an error that names it (``path``: where the
+    schema is, ``prefix`` before it in the message; ``leave_out_of``: what the hint says to change)."""
+    from llama_cpp import llama_grammar
+
+    found = _unenforced(schema, path)
     if found is not None:
         where, key = found
-        raise InvalidValue(f"response_format.json_schema.{where} has '{key}', which orion's grammar does not enforce",
-                           hint=f"leave '{key}' out of the schema (and check it in your code), or ask without a schema")
+        raise InvalidValue(f"{prefix}{where} has '{key}', which orion's grammar does not enforce",
+                           hint=f"leave '{key}' out of {leave_out_of}")
     try:
         return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
-        raise InvalidValue(f"response_format.json_schema.schema cannot be followed: {exc}",
+        raise InvalidValue(f"{prefix}{path} cannot be followed: {exc}",
                            hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports "
                                 "(type, properties, required, items, enum, const, anyOf, minLength...)") from None
 
@@ -96,18 +105,8 @@ def _renamed_root(gbnf: str, new: str) -> str:
 def tool_call_grammar(call_schema: dict, opening: str, separator: str | None, closing: str) -> str:
     """The GBNF of an answer made of tool calls in a template's format: ``opening``, a call (a JSON
     object ``call_schema`` accepts), more calls each after ``separator`` (None: one call), ``closing``."""
-    from llama_cpp import llama_grammar
-
-    found = _unenforced(call_schema, "tools")
-    if found is not None:
-        where, key = found
-        raise InvalidValue(f"{where} has '{key}', which orion's grammar does not enforce",
-                           hint=f"leave '{key}' out of the tool's parameters (and check it in your code)")
-    try:
-        calls = _renamed_root(llama_grammar.json_schema_to_gbnf(json.dumps(call_schema)), "tool-call")
-    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
-        raise InvalidValue(f"a tool's parameters cannot be followed: {exc}",
-                           hint="use the JSON-schema keywords llama.cpp's json-schema-to-grammar supports") from None
+    calls = _renamed_root(_schema_gbnf(call_schema, "tools", "",
+                                       "the tool's parameters (and check it in your code)"), "tool-call")
     more = f" ({json.dumps(separator)} tool-call)*" if separator is not None else ""
     lead = f"{json.dumps(opening)} " if opening else ""
     tail = f" {json.dumps(closing)}" if closing else ""

@@ -45,6 +45,7 @@ from .route_helpers import (
     in_thread,
     ollama_error,
     read_json,
+    stream_error,
 )
 from .routes_ollama import OllamaRoutes
 from .state import ServerState
@@ -165,11 +166,7 @@ class Routes(OllamaRoutes):
         """Server-sent events of a stream's documents; an error in the middle is an error event."""
         async for item in items:
             if isinstance(item, BaseException):
-                if isinstance(item, OrionError):
-                    err = api_error(item)
-                else:
-                    self.log("internal error in a stream: " + "".join(traceback.format_exception(item)))
-                    err = APIError(500, f"internal error ({type(item).__name__})", type_="server_error")
+                err = stream_error(item, self.log)
                 yield sse({"error": err.body()["error"] | {"status": err.status}})
                 break
             yield sse(item)

@@ -13,6 +13,20 @@ from .http_limits import STOPPED, shutting_down
 from .streaming import run_until_gone
 
 
+def stream_error(item: BaseException, log) -> APIError:
+    """What a client is told of an error in the middle of a stream: an OrionError as its API error, any
+    other as a 500 without its traceback (which goes to the server's log)."""
+    import traceback
+
+    from ..errors import OrionError
+    from .http_errors import api_error
+
+    if isinstance(item, OrionError):
+        return api_error(item)
+    log("internal error in a stream: " + "".join(traceback.format_exception(item)))
+    return APIError(500, f"internal error ({type(item).__name__})", type_="server_error")
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 
 from starlette.requests import Request
 from starlette.responses import (
@@ -20,9 +19,9 @@ from starlette.responses import (
 from .. import __version__
 from ..errors import ModelInUse, OrionError
 from . import ollama, openai
-from .http_errors import APIError, api_error
+from .http_errors import APIError
 from .http_limits import STOPPED
-from .route_helpers import generate_whole, generation_to_stream, in_thread, read_json
+from .route_helpers import generate_whole, generation_to_stream, in_thread, read_json, stream_error
 from .streaming import LeasedStream, stream_from_thread
 
 
@@ -159,11 +158,7 @@ class OllamaRoutes:
         """NDJSON lines of a stream's documents; an error in the middle is Ollama's ``{"error"}`` line."""
         async for item in items:
             if isinstance(item, BaseException):
-                if isinstance(item, OrionError):
-                    err = api_error(item)
-                else:
-                    self.log("internal error in a stream: " + "".join(traceback.format_exception(item)))
-                    err = APIError(500, f"internal error ({type(item).__name__})", type_="server_error")
+                err = stream_error(item, self.log)
                 yield ollama.line(ollama.error_body(err))
                 break
             yield ollama.line(item)
