@@ -67,17 +67,20 @@ def _cublas_use(header: GGUFHeader, first_gpu: int, flash_attn: bool, *, weights
     top = header.n_layers - 1 if last is None else min(last, header.n_layers - 1)
     if not weights_only and (header.architecture in ENCODER_ARCHITECTURES or not flash_attn):
         return "gemm"
-    found = ""
+    kinds = {kind for _, kind in _float_matrices(header, first_gpu, top)}
+    return "gemm" if kinds - {"F32"} else "sgemm" if kinds else ""
+
+
+def _float_matrices(header: GGUFHeader, first_gpu: int, top: int):
+    """(tensor, type name) of each float matrix of layers ``first_gpu``..``top`` that a batch goes
+    through cuBLAS with: not the lookups (token, position and type embeddings), not the output."""
     for t in header.tensors:
         layer = tensor_layer(t.name, header.n_layers)
         if layer is None or not first_gpu <= layer <= top or len(t.shape) < 2:
             continue
         kind = ggml_type_name(t.ggml_type)
         if kind in _FLOAT_TYPES and "embd" not in t.name and "token_types" not in t.name:
-            if kind != "F32":
-                return "gemm"
-            found = "sgemm"
-    return found
+            yield t, kind
 
 
 def cuda_context_bytes(header: GGUFHeader, first: int, settings: EngineSettings, last: int | None = None) -> int:
@@ -102,11 +105,9 @@ def cuda_host_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, fi
 
 
 def _largest_float_dimension(header: GGUFHeader, first_gpu: int) -> int:
-    """The largest dimension of the offloaded float matrices a batch goes through cuBLAS with."""
-    return max((max(t.shape[:2]) for t in header.tensors
-                if (layer := tensor_layer(t.name, header.n_layers)) is not None and first_gpu <= layer < header.n_layers
-                and len(t.shape) >= 2 and ggml_type_name(t.ggml_type) in _FLOAT_TYPES - {"F32"}
-                and "embd" not in t.name and "token_types" not in t.name), default=0)
+    """The largest dimension of the offloaded half-precision matrices a batch goes through cuBLAS with."""
+    return max((max(t.shape[:2]) for t, kind in _float_matrices(header, first_gpu, header.n_layers - 1)
+                if kind != "F32"), default=0)
 
 
 def _float_output(header: GGUFHeader) -> bool:

@@ -79,9 +79,8 @@ class Generation:
     def prompt_tokens(self) -> tuple[list[int], list[str]]:
         """The prompt's tokens and the template's stop strings (computed once)."""
         if self._tokens is None:
-            extra = {"tools": self.tools} if self.tools is not None else {}
             self._tokens = self.model.prompt_tokens(self.prompt, system=self.system, history=self.history,
-                                                    chat=self.chat, **extra)
+                                                    chat=self.chat, tools=self.tools)
         return self._tokens
 
     def check_fits(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..tools import ToolChoice
 from .http_errors import APIError
-from .openai_tools import as_text_turns, has_tool_turns, native_generation, tool_choice
+from .openai_tools import as_text_turns, native_generation, parse_tool_answer, template_tool_format, tool_choice
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048
@@ -451,12 +451,10 @@ class Asked:
         """The core's generation for this request (a plain continuation on /v1/completions). Tools
         (and a conversation's tool turns) go in the model's own tool format where its chat template
         has one (:mod:`orion_cli.tool_formats`), else in orion's (:mod:`orion_cli.tools`)."""
-        from .. import tool_formats, tools
+        from .. import tools
         from ..generation import Generation
 
-        fmt = None
-        if self.chat and (self.tools is not None or has_tool_turns(self.messages)) and model.has_chat_template:
-            fmt = tool_formats.detect(model.header.get("tokenizer.chat_template"))
+        fmt = template_tool_format(model, self.tools, self.messages) if self.chat else None
         self.tool_format = fmt.name if fmt is not None else None
         if fmt is not None:
             return native_generation(model, fmt, self.messages, self.tools, options, self.stops)
@@ -470,11 +468,7 @@ class Asked:
 
     def tool_answer(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(reply text, tool calls) of an answer to a request with tools, in the format it was asked in."""
-        from .. import tool_formats, tools
-
-        if self.tool_format is not None:
-            return tool_formats.FORMATS[self.tool_format].parse(text)
-        return tools.parse_answer(text)
+        return parse_tool_answer(self.tool_format, text)
 
 
 def embedding_inputs(value: Any) -> list[str | list[int]]:

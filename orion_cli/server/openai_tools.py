@@ -82,9 +82,7 @@ def as_text_turns(messages: list) -> list:
                 text = m["content"] + "\n" + text
             out.append({"role": "assistant", "content": text})
         elif m.get("role") == "tool":
-            content = m.get("content")
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = _text_of(m.get("content"))
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content", f"messages[{i}].content (a tool's result) must be a string")
             call_id = m.get("tool_call_id")
@@ -101,9 +99,32 @@ def as_text_turns(messages: list) -> list:
     return [{k: v for k, v in m.items() if k != "_tool"} if isinstance(m, dict) else m for m in out]
 
 
-def has_tool_turns(messages: list) -> bool:
-    return any(isinstance(m, dict) and (m.get("role") == "tool" or (m.get("role") == "assistant" and m.get("tool_calls")))
-               for m in messages)
+def _text_of(content):
+    """A message's content with its text parts joined (OpenAI's list of parts), else as it came."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content
+
+
+def template_tool_format(model, choice: tools.ToolChoice | None, messages: list):
+    """The tool format of the model's chat template (:mod:`orion_cli.tool_formats`) when the chat offers
+    tools or holds tool turns, else None (orion's own format, or no tools at all)."""
+    from ..tool_formats import detect
+
+    has_turns = any(isinstance(m, dict) and (m.get("role") == "tool" or (m.get("role") == "assistant"
+                                                                          and m.get("tool_calls")))
+                    for m in messages)
+    if (choice is None and not has_turns) or not model.has_chat_template:
+        return None
+    return detect(model.header.get("tokenizer.chat_template"))
+
+
+def parse_tool_answer(format_name: str | None, text: str) -> tuple[str | None, list[dict] | None]:
+    """(reply text, tool calls) of an answer to a request with tools, in the format it was asked in
+    (a template's, by name; None: orion's)."""
+    from ..tool_formats import FORMATS
+
+    return FORMATS[format_name].parse(text) if format_name is not None else tools.parse_answer(text)
 
 
 def native_conversation(messages: list, fmt) -> tuple[str | None, list[dict]]:
@@ -114,9 +135,7 @@ def native_conversation(messages: list, fmt) -> tuple[str | None, list[dict]]:
 
     out = []
     for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = _text_of(m.get("content"))
         role = "system" if m["role"] == "developer" else m["role"]
         turn = {"role": role, "content": content if isinstance(content, str) else ""}
         if role == "assistant" and m.get("tool_calls"):

@@ -138,6 +138,7 @@ class _Job:
 # tokens: the window times the sequences packed in it), so the per-batch work (the runner's message,
 # normalising, handing rows back) is paid once for many decodes.
 DECODES_A_BATCH = 4
+MIN_TOKEN_BUDGET = 8192  # a batch's tokens before the pool is known, and the least after
 BATCHES_IN_FLIGHT = 2  # one decoding while the last one's rows go back and the next one gathers
 
 
@@ -151,8 +152,9 @@ class EmbeddingBatcher:
     normalised as the core's :class:`orion_cli.embeddings.Encoder` normalises them.
     """
 
-    def __init__(self, name: str, embed: Callable[[Sequence[Sequence[int]]], Any], *, token_budget: int = 8192,
-                 max_wait_s: float = 0.005, limit: int = 64, workers: int = BATCHES_IN_FLIGHT) -> None:
+    def __init__(self, name: str, embed: Callable[[Sequence[Sequence[int]]], Any], *,
+                 token_budget: int = MIN_TOKEN_BUDGET, max_wait_s: float = 0.005, limit: int = 64,
+                 workers: int = BATCHES_IN_FLIGHT) -> None:
         self.name = name
         self._embed = embed
         self.token_budget = token_budget
@@ -172,7 +174,7 @@ class EmbeddingBatcher:
         """Batches of :data:`DECODES_A_BATCH` full decodes for each of ``contexts`` contexts, each decode
         ``decode_tokens`` tokens (never below the default budget)."""
         with self._cond:
-            self.token_budget = max(8192, contexts * decode_tokens * DECODES_A_BATCH)
+            self.token_budget = max(MIN_TOKEN_BUDGET, contexts * decode_tokens * DECODES_A_BATCH)
 
     @property
     def depth(self) -> int:
