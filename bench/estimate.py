@@ -71,7 +71,7 @@ def estimates(path: Path, n_ctx: int, kv: str, *, gpu: bool, embedding: bool, th
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--shapes", default="bench", help="small, bench or check (comma-separated: their union)")
+    ap.add_argument("--shapes", default="bench", help="small, bench, check or widths (comma-separated: their union)")
     ap.add_argument("--archs", default="", help="comma-separated (default: all of the shapes)")
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--kv", default="f16,q8_0")

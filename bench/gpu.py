@@ -107,6 +107,8 @@ def child_embed(args) -> None:
         settings = dataclasses.replace(settings, flash_attn=bool(args.fa))
     if args.pack:
         settings = dataclasses.replace(settings, embed_pack=args.pack)
+    if args.bucket >= 0:
+        settings = dataclasses.replace(settings, embed_bucket=args.bucket)
     spec = engine.LoadSpec(Path(args.model), 256, args.threads, plan.n_gpu_layers, embedding=True,
                            settings=settings, contexts=contexts)
     print("loading", flush=True, file=sys.stderr)
@@ -126,8 +128,9 @@ def child_embed(args) -> None:
     rate = len(texts) / (time.perf_counter() - start)
     np.save(args.vectors, vectors)
     print(json.dumps({"chunks_s": round(rate, 1), "contexts": model.n_contexts, "pack": settings.embed_pack,
+                      "bucket": settings.embed_bucket,
                       "fa": int(settings.flash_attn), "layers": plan.n_gpu_layers, "threads": args.threads,
-                      "chosen": not args.contexts and not args.pack and args.fa < 0,
+                      "chosen": not args.contexts and not args.pack and args.fa < 0 and args.bucket < 0,
                       "estimate_gpu_bytes": estimate,
                       "measured_gpu_bytes": None if before is None or after is None else after - before}), flush=True)
     model.close()
@@ -137,19 +140,20 @@ PEER = r"""
 import json, sys, time
 import numpy as np, torch
 from sentence_transformers import SentenceTransformer
-folder, chunks_file, out, dtype = sys.argv[1:5]
+folder, chunks_file, out, dtype, batch = sys.argv[1:6]
+batch = int(batch)
 texts = json.load(open(chunks_file))
 model = SentenceTransformer(folder, device="cuda")
 if dtype == "fp16":
     model = model.half()
-model.encode(texts[:1024], batch_size=512)
+model.encode(texts[:1024], batch_size=batch)
 torch.cuda.synchronize()
 start = time.perf_counter()
-v = model.encode(texts, batch_size=512, normalize_embeddings=True, convert_to_numpy=True)
+v = model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
 torch.cuda.synchronize()
 rate = len(texts) / (time.perf_counter() - start)
 np.save(out, v.astype(np.float32))
-print(json.dumps({"chunks_s": round(rate, 1), "dtype": dtype, "torch": torch.__version__}))
+print(json.dumps({"chunks_s": round(rate, 1), "dtype": dtype, "batch": batch, "torch": torch.__version__}))
 """
 
 
@@ -208,6 +212,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--contexts", type=int, default=0, help="an encoder's contexts (0: orion's choice)")
     p.add_argument("--pack", type=int, default=0, help="sequences an encoder decodes together (0: orion's choice)")
+    p.add_argument("--bucket", type=int, default=-1, help="an encoder's decodes padded to this (-1: orion's choice)")
     p.add_argument("--fa", type=int, default=-1, help="encoder flash attention: 0 off, 1 on, -1 orion's choice")
     p.add_argument("--fas", default="-1", help="flash-attention settings to measure the encoder with")
     p.add_argument("--chunks-file")
@@ -220,6 +225,7 @@ def main() -> None:
     p.add_argument("--pools", default="0", help="encoder contexts to measure (0: orion's choice)")
     p.add_argument("--types", default="f16", help="the encoder's GGUF types to measure (f16, q8_0)")
     p.add_argument("--packs", default="0", help="sequences a decode to measure (0: orion's choice)")
+    p.add_argument("--buckets", default="-1", help="decode paddings to measure (-1: orion's choice, 0: none)")
     p.add_argument("--deadline", type=float, default=0, help="stop starting stages after this many seconds")
     args = p.parse_args()
     if args.child == "llm":
@@ -323,7 +329,7 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
     chunks_file = work / "chunks.json"
     make_chunks(chunks_file, args.chunks)
     res: dict = {"chunks": args.chunks, "chunk_chars": 700, "orion": []}
-    peer = subprocess.run([sys.executable, "-c", PEER, str(folder), str(chunks_file), str(work / "st.npy"), "fp32"],
+    peer = subprocess.run([sys.executable, "-c", PEER, str(folder), str(chunks_file), str(work / "st.npy"), "fp32", "512"],
                           capture_output=True, text=True)
     if peer.returncode != 0:
         print("peer failed:", peer.stderr[-2000:], flush=True)
@@ -332,31 +338,41 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
     st = np.load(work / "st.npy")
     print(f"embed sentence-transformers (CUDA fp32, batch 512): {res['sentence_transformers']['chunks_s']} chunks/s",
           flush=True)
-    peer_fp16 = subprocess.run([sys.executable, "-c", PEER, str(folder), str(chunks_file), str(work / "st16.npy"),
-                                "fp16"], capture_output=True, text=True)
-    if peer_fp16.returncode == 0:
-        res["sentence_transformers_fp16"] = json.loads(peer_fp16.stdout.strip().splitlines()[-1])
-    configs = [(kind, fa, pack, n) for kind in ggufs for fa in args.fas.split(",") for pack in args.packs.split(",")
-               for n in args.pools.split(",")]
-    for kind, fa, pack, n in configs:
+    # fp16 (what a GPU user runs: .half()) at its default batch (32) and at 512; the faster is the peer
+    for batch in (32, 512):
+        peer_fp16 = subprocess.run([sys.executable, "-c", PEER, str(folder), str(chunks_file), str(work / "st16.npy"),
+                                    "fp16", str(batch)], capture_output=True, text=True)
+        if peer_fp16.returncode != 0:
+            print("fp16 peer failed:", peer_fp16.stderr[-2000:], flush=True)
+            continue
+        r16 = json.loads(peer_fp16.stdout.strip().splitlines()[-1])
+        res.setdefault("sentence_transformers_fp16_batches", []).append(r16)
+        print(f"embed sentence-transformers (CUDA fp16, batch {batch}): {r16['chunks_s']} chunks/s", flush=True)
+        if r16["chunks_s"] > res.get("sentence_transformers_fp16", {}).get("chunks_s", 0):
+            res["sentence_transformers_fp16"] = r16
+    configs = [(kind, fa, pack, n, b) for kind in ggufs for fa in args.fas.split(",") for pack in args.packs.split(",")
+               for n in args.pools.split(",") for b in args.buckets.split(",")]
+    for kind, fa, pack, n, bucket in configs:
         if late():
             break
-        chosen = n == "0" and pack == "0" and fa == "-1"
-        vec = work / f"orion-{kind}-{n}-{pack}-{fa}.npy"
-        # orion's choice runs with the machine's threads (shared out between the contexts), as orion
-        # would; a fixed grid point with 2 (one thread a context from 2 contexts on)
+        chosen = n == "0" and pack == "0" and fa == "-1" and bucket == "-1"
+        vec = work / f"orion-{kind}-{n}-{pack}-{fa}-{bucket}.npy"
+        # with the machine's threads (shared out between the contexts), as orion runs
         r = run_child(me + ["--child", "embed", "--model", str(ggufs[kind]), "--layers", "-1", "--contexts", n,
-                            "--pack", pack, "--threads", str(args.threads if chosen else 2),
+                            "--pack", pack, "--bucket", bucket, "--threads", str(args.threads),
                             "--chunks-file", str(chunks_file), "--vectors", str(vec), "--fa", fa], log)
         if not r:
             continue
         v = np.load(vec)
         r["min_cosine"] = round(float(np.min(np.sum(v * st, axis=1))), 6)
         r["ratio"] = round(r["chunks_s"] / res["sentence_transformers"]["chunks_s"], 3)
+        if "sentence_transformers_fp16" in res:
+            r["ratio_fp16"] = round(r["chunks_s"] / res["sentence_transformers_fp16"]["chunks_s"], 3)
         r["type"] = kind
         res["orion"].append(r)
         print(f"embed orion {kind.upper()}{' (its choice)' if chosen else ''} contexts {r['contexts']:2d} pack {r['pack']} "
-              f"fa {r['fa']}: {r['chunks_s']:8.1f} chunks/s ({r['ratio']:.2f}x)  min cosine {r['min_cosine']}"
+              f"bucket {r['bucket']:3d} "
+              f"fa {r['fa']}: {r['chunks_s']:8.1f} chunks/s ({r['ratio']:.2f}x fp32, {r.get('ratio_fp16', 0):.2f}x fp16)  min cosine {r['min_cosine']}"
               f"  VRAM est {r['estimate_gpu_bytes'] / MiB:.0f} MiB, measured "
               f"{(r['measured_gpu_bytes'] or 0) / MiB:.0f} MiB", flush=True)
         (out / "gpu-embed.json").write_text(json.dumps(res, indent=1))

@@ -91,7 +91,7 @@ def cuda_context_bytes(header: GGUFHeader, first: int, settings: EngineSettings,
 def cuda_host_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, first_gpu: int = 0) -> int:
     """What the CUDA runtime holds in RAM for a model offloaded to this machine's GPUs (see above)."""
     if header.architecture in ENCODER_ARCHITECTURES:
-        large = n_ctx * settings.embed_pack * header.n_embd >= CUDA_ENCODER_LARGE_BATCH
+        large = settings.encoder_tokens(n_ctx) * header.n_embd >= CUDA_ENCODER_LARGE_BATCH
         if not _cublas_use(header, first_gpu, settings.flash_attn, weights_only=True):
             return CUDA_ENCODER_HOST_QUANTIZED_BYTES + (CUDA_ENCODER_QUANTIZED_LARGE_KERNELS_BYTES if large else 0)
         return CUDA_ENCODER_HOST_BYTES + (CUDA_ENCODER_LARGE_KERNELS_BYTES if large else 0)

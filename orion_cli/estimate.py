@@ -82,6 +82,21 @@ class EngineSettings:
     type_k: str = "f16"  # the KV cache's K type: f16, q8_0 or q4_0 (KV_TYPES)
     type_v: str = "f16"  # its V type (quantized only with flash attention: llama.cpp's rule)
     embed_pack: int = 1  # sequences an encoder decodes together (one llama_decode; its window × this)
+    # an encoder's decodes padded to a multiple of this many tokens, with a filler sequence, so that
+    # every decode has the same shape and ggml-cuda replays it as a CUDA graph (0: not padded)
+    embed_bucket: int = 0
+
+    def encoder_tokens(self, n_ctx: int) -> int:
+        """Tokens an encoder's decode holds at most (its batch and context size): ``embed_pack``
+        windows, and with buckets room for the filler, rounded up to 256 (llama.cpp pads a context to
+        that: an encoder's batch of another size fails its graph's first build)."""
+        if not self.embed_bucket:
+            return n_ctx * self.embed_pack
+        return -(-(n_ctx * self.embed_pack + self.embed_bucket + self.embed_pack) // 256) * 256
+
+    def encoder_sequences(self) -> int:
+        """Sequences an encoder's decode holds at most (the filler's one more with buckets)."""
+        return self.embed_pack + (1 if self.embed_bucket else 0)
 
 
 @dataclass(frozen=True)
@@ -184,7 +199,7 @@ def _kv(header: GGUFHeader, n_ctx: int, s: EngineSettings, first_gpu: int | None
     """KV cache bytes (of the layers below ``first_gpu``: those on the CPU), how, and the most KV
     cells one layer attends to."""
     if header.architecture in ENCODER_ARCHITECTURES:
-        return 0, "encoder: no KV cache", n_ctx * s.embed_pack
+        return 0, "encoder: no KV cache", s.encoder_tokens(n_ctx)
     cells_full = _pad(n_ctx)
     window = header.sliding_window
     swa = swa_layers(header)
@@ -313,7 +328,7 @@ def _cpu_compute(header: GGUFHeader, n_ctx: int, s: EngineSettings, cells: int, 
     model is loaded: the output buffer llama.cpp clears at the start, and CUDA's pinned host buffers."""
     encoder = header.architecture in ENCODER_ARCHITECTURES
     heads = max(header.n_head or [1])
-    tokens = n_ctx * s.embed_pack if encoder else min(s.n_ubatch, n_ctx)
+    tokens = s.encoder_tokens(n_ctx) if encoder else min(s.n_ubatch, n_ctx)
     if encoder:
         cells = tokens
     work = 0 if s.flash_attn or offloaded else 2 * heads * tokens * cells
@@ -369,7 +384,7 @@ def gpu_compute_bytes(header: GGUFHeader, n_ctx: int, settings: EngineSettings, 
     Fitted to llama.cpp's own report (``compute buffer size``) for gemma3-270m and a random
     1024-wide llama at 512 to 16,384 cells, with and without flash attention."""
     s = settings
-    n_ubatch = min(s.n_ubatch, n_ctx) if not embedding else n_ctx * s.embed_pack
+    n_ubatch = min(s.n_ubatch, n_ctx) if not embedding else s.encoder_tokens(n_ctx)
     cells = _pad(n_ctx) if header.architecture not in ENCODER_ARCHITECTURES else n_ubatch
     heads = max(header.n_head or [1])
     kv_heads = max(header.n_head_kv or [heads])

@@ -164,7 +164,6 @@ def _without(failed, remote, header, n_ctx: int, strategy: Strategy, check, gpu_
 # 2 sequences a decode) 1 → 942 chunks/s, 4 → 1,633, 6 → 2,095, 8 → 2,142-2,472, 12 → 2,152-2,254,
 # 16 → 1,606; each further context holds about 120 MiB of VRAM there.
 ENCODER_CPU_CONTEXTS_MAX = 8
-ENCODER_GPU_CONTEXTS = 8
 
 
 def pool_extra_bytes(plan, contexts: int) -> tuple[int, int]:
@@ -181,9 +180,11 @@ def encoder_contexts(plan, threads: int) -> int:
     """How many contexts an encoder's pool has, from where it runs and the GPU budget."""
     if not plan.n_gpu_layers:
         return max(1, min(threads, ENCODER_CPU_CONTEXTS_MAX))
+    from .engine.settings import encoder_gpu_tuning
+
     g, budget = plan.gpus[0], plan.gpu_budgets[0]
     room = (budget - g.total_bytes) // pool_extra_bytes(plan, 2)[1]
-    return max(1, min(ENCODER_GPU_CONTEXTS, 1 + room))
+    return max(1, min(encoder_gpu_tuning()[0], 1 + room))
 
 
 

@@ -60,7 +60,17 @@ CHECK = {
                         n_vocab=256000, sliding_window=4096),
     "llama-4096": dict(arch="llama", n_embd=4096, n_ff=14336, n_layers=2, n_head=32, n_head_kv=8, n_vocab=32768),
 }
-SHAPES = {"small": SMALL, "bench": BENCH, "check": CHECK}
+# "widths": held out from the CUDA runtime's steps by the largest float matrix dimension (5,120 and 8,192):
+# real widths between and around them (TinyLlama's 2,048 x 5,632, Qwen3-1.7B's 2,048 x 6,144, a 6,912,
+# Qwen2.5-3B's 2,048 x 11,008), few layers.
+WIDTHS = {
+    "llama-2048": dict(arch="llama", n_embd=2048, n_ff=5632, n_layers=4, n_head=32, n_head_kv=4, n_vocab=32000),
+    "qwen3-2048": dict(arch="qwen3", n_embd=2048, n_ff=6144, n_layers=4, n_head=16, n_head_kv=8, head_dim=128,
+                       n_vocab=151936),
+    "llama-ff6912": dict(arch="llama", n_embd=1536, n_ff=6912, n_layers=6, n_head=12, n_head_kv=4, n_vocab=32000),
+    "qwen2-2048": dict(arch="qwen2", n_embd=2048, n_ff=11008, n_layers=3, n_head=16, n_head_kv=2, n_vocab=151936),
+}
+SHAPES = {"small": SMALL, "bench": BENCH, "check": CHECK, "widths": WIDTHS}
 
 
 def write_model(path: Path, arch: str, *, n_embd: int, n_ff: int, n_layers: int, n_head: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,9 @@ from .encoder_pool import EncoderPool
 from .prompts import prompt_tokens
 from .sampling import Sampling, llama_cpp_sampling_kwargs
 from .spec import LoadSpec, Timings
+
+TOKENIZE_THREADS_MAX = 8  # threads a long list of texts is tokenised on
+TOKENIZE_SHARE_MIN = 64  # texts a thread gets at least
 
 
 class LoadedModel:
@@ -143,8 +147,21 @@ class LoadedModel:
         return self._llm.tokenize(text.encode(), add_bos=special, special=special)
 
     def tokenize_many(self, texts: Sequence[str], *, special: bool = True) -> list[list[int]]:
-        """:meth:`tokenize` of each text (one call for many: a model in a runner answers it in one message)."""
-        return [self._llm.tokenize(t.encode(), add_bos=special, special=special) for t in texts]
+        """:meth:`tokenize` of each text (one call for many: a model in a runner answers it in one message).
+        Many texts are shared out between threads: llama.cpp's tokenizer releases the GIL and keeps no
+        state between calls (its server tokenises in every HTTP thread at once)."""
+        def run(part: Sequence[str]) -> list[list[int]]:
+            return [self._llm.tokenize(t.encode(), add_bos=special, special=special) for t in part]
+
+        workers = min(TOKENIZE_THREADS_MAX, os.cpu_count() or 1, len(texts) // TOKENIZE_SHARE_MIN)
+        if workers < 2:
+            return run(texts)
+        from concurrent.futures import ThreadPoolExecutor
+
+        share = -(-len(texts) // workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="orion-tokenize") as pool:
+            return [ids for part in pool.map(run, [texts[k: k + share] for k in range(0, len(texts), share)])
+                    for ids in part]
 
     def prompt_tokens(self, prompt: str | None, *, system: str | None = None, history: Sequence[dict] = (),
                       chat: bool | None = None, tools: list[dict] | None = None) -> tuple[list[int], list[str]]:

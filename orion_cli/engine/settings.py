@@ -18,8 +18,9 @@ def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool =
     ENCODER_GPU_PACK sequences into each decode (fewer launches a chunk; on a CPU one sequence a
     decode is fastest). An LLM offloaded to a GPU runs with flash attention (llama.cpp's own choice
     there: no attention-score matrix in VRAM)."""
+    _, pack, bucket = encoder_gpu_tuning() if embedding and offload else (1, 1, 0)
     return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload,
-                          embed_pack=ENCODER_GPU_PACK if embedding and offload else 1)
+                          embed_pack=pack, embed_bucket=bucket)
 
 
 def kv_settings(settings: EngineSettings, type_k: str = "f16", type_v: str = "f16") -> EngineSettings:
@@ -40,6 +41,30 @@ def kv_settings(settings: EngineSettings, type_k: str = "f16", type_v: str = "f1
 # chunks of 700 characters, 8 contexts): 1 → 2,031 chunks/s, 2 → 2,472, 4 → 1,167, 8 → 824 (the
 # non-causal mask spans the whole micro-batch: its cost grows with the square of the packed length).
 ENCODER_GPU_PACK = 2
+# An encoder's decodes on a GPU padded to a multiple of this many tokens (EngineSettings.embed_bucket):
+# CUDA graphs replay them (0: off).
+ENCODER_GPU_BUCKET = 0
+ENCODER_GPU_CONTEXTS = 8  # see orion_cli.placement.encoder_contexts
+
+
+def encoder_gpu_tuning() -> tuple[int, int, int]:
+    """An encoder's (contexts, sequences a decode, bucket) on a GPU: orion's measured choice, or
+    ``ORION_ENCODER_GPU="CONTEXTS,PACK,BUCKET"`` (benchmarks that compare settings; see docs)."""
+    import os
+
+    value = os.environ.get("ORION_ENCODER_GPU", "").strip()
+    if not value:
+        return ENCODER_GPU_CONTEXTS, ENCODER_GPU_PACK, ENCODER_GPU_BUCKET
+    from ..errors import InvalidValue
+
+    try:
+        contexts, pack, bucket = (int(v) for v in value.split(","))
+    except ValueError:
+        contexts = 0
+    if not (1 <= contexts <= 64 and 1 <= pack <= 64 and 0 <= bucket <= 4096):
+        raise InvalidValue(f"ORION_ENCODER_GPU={value!r} is not CONTEXTS,PACK,BUCKET",
+                           hint="three whole numbers, e.g. 8,2,0 (contexts 1-64, pack 1-64, bucket 0-4096)")
+    return contexts, pack, bucket
 
 
 def machine_check() -> EngineCheck | None:
