@@ -106,6 +106,7 @@ class SharedEncoder:
         self.batcher.close()
 
 
+GPU_READING_S = 1.0  # how long a reading of the GPUs' memory is used again
 MAX_NAMES = 4096  # names remembered (each a model served here, under the words a client used)
 
 
@@ -149,7 +150,8 @@ class ServerState:
         # ORION_RUNNERS=0: in this process (measurements, debugging)
         self.runners = runners if runners is not None else runners_enabled()
         self.memory = memory or memory_now
-        self.gpus = gpus or (detect_gpus if strategy.gpu_budget_bytes is not None else (lambda: ()))
+        self._read_gpus = gpus or (detect_gpus if strategy.gpu_budget_bytes is not None else (lambda: ()))
+        self._gpus_read: tuple[float, Any] | None = None  # (monotonic time, reading): nvidia-smi once a second at most
         self.history = MemoryHistory(self._memory_sample, clock=clock, on_error=on_line)
         self.events = EventLog(on_line=on_line)
         rpc.warn = self.events.warning  # an RPC server left out at load time: an event, not only a line
@@ -317,6 +319,17 @@ class ServerState:
         return depths
 
     # ------------------------------------------------------------ the machine
+
+    def gpus(self):
+        """The GPUs' memory now (read again once the last reading is a second old: every open dashboard and
+        the memory history ask, and without NVML each reading is an nvidia-smi process)."""
+        with self._lock:
+            if self._gpus_read is not None and time.monotonic() - self._gpus_read[0] < GPU_READING_S:
+                return self._gpus_read[1]
+        reading = self._read_gpus()
+        with self._lock:
+            self._gpus_read = (time.monotonic(), reading)
+        return reading
 
     def gpu_budgets(self) -> list[int]:
         """Each GPU's budget (measured once, before this process loaded anything)."""

@@ -22,6 +22,7 @@
     auth: false,
     running: false,
     lastSeq: 0,
+    pid: null, // the server's: a restarted server numbers its events from 1 again
     stream: null,
     timers: [],
     rows: new Map(), // model key -> {row, cells}
@@ -214,6 +215,15 @@
     streamEvents();
   }
 
+  function showServer(health) {
+    if (state.pid !== null && health.pid !== state.pid) {
+      state.lastSeq = 0; // another server: its events are all new
+      $("timeline").replaceChildren();
+    }
+    state.pid = health.pid;
+    setText($("server"), "v" + health.version + " · pid " + health.pid + " · " + health.home);
+  }
+
   async function start() {
     let health;
     try {
@@ -224,7 +234,7 @@
       setTimeout(start, 3000);
       return;
     }
-    setText($("server"), "v" + health.version + " · pid " + health.pid + " · " + health.home);
+    showServer(health);
     state.auth = Boolean(health.auth);
     if (state.auth && !state.key) {
       askKey("This server requires its API key.", false);
@@ -499,10 +509,11 @@
     }
   }
 
-  async function streamEvents() {
+  async function streamEvents(again = false) {
     const controller = new AbortController();
     state.stream = controller;
     try {
+      if (again) showServer(await (await fetch("/health", { cache: "no-store", signal: controller.signal })).json());
       const response = await api("/api/orion/events?since=" + state.lastSeq, { raw: true, signal: controller.signal });
       setText($("stream-state"), "live");
       const reader = response.body.getReader();
@@ -526,7 +537,7 @@
     }
     if (state.stream === controller && state.running) {
       setText($("stream-state"), "reconnecting…");
-      state.timers.push(setTimeout(() => { if (state.running) streamEvents(); }, 2000));
+      state.timers.push(setTimeout(() => { if (state.running) streamEvents(true); }, 2000));
     }
   }
 
