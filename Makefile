@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create .venv, install orion, show the main jobs working
-#   make test   install the test extra, run the whole suite
+#   make test   install the test extra (and, as root on Debian/Ubuntu, chromium), run the whole suite
 # llama-cpp-python builds from source the first time (about 5 minutes on 2 cores),
 # with the compiler this CPU needs (clang-19 where the CPU has AMX, installed with
 # apt-get as root; see orion_cli/enginebuild.py). Its wheel is kept in a wheel-house
@@ -12,7 +12,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.orion-installed
 
-.PHONY: install engine gpu demo test fuzz bench clean
+.PHONY: install engine gpu browser demo test fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,17 @@ gpu: install
 demo: install
 	BIN=$(BIN) bash scripts/demo.sh
 
-test: install
+# The dashboard's browser tests drive Debian's chromium and chromedriver (Selenium, from the test extra,
+# downloads no browser). As root where apt-get is, they are installed when missing; elsewhere those tests
+# skip, saying why.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver for the dashboard's browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			>/dev/null) || echo "warning: chromium could not be installed: the dashboard's browser tests will skip"; \
+	fi
+
+test: install browser
 	$(BIN)/python -m pytest
 
 # The GGUF header reader against 100,000 fuzzed inputs (make test runs about 10,000).

@@ -25,6 +25,11 @@ class MeasuredOnce(Generic[T]):
         with self._lock:
             return self._values.setdefault(key, value)
 
+    def known(self, key: Hashable) -> T | None:
+        """The value measured for ``key``, or None if it was never asked: never measures."""
+        with self._lock:
+            return self._values.get(key)
+
     def forget(self) -> None:
         """Measure again on the next ask (a test's fresh start)."""
         with self._lock:

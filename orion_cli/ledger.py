@@ -133,6 +133,10 @@ class ModelMemory:
     def ram_bytes(self) -> int:
         return self.measured.get(RAM, self.estimate.get(RAM, 0))
 
+    def on(self, device: str) -> int:
+        """Its bytes on ``device`` as the budgets count them: the measure, else the estimate (0: none there)."""
+        return self.measured.get(device, self.estimate.get(device, 0))
+
     @property
     def gpu_bytes(self) -> int:
         both = {**self.estimate, **self.measured}

@@ -174,7 +174,7 @@ class ModelManager:
             memory = ledger.ModelMemory.of(request, measured)
             entry = Entry(request.key, request.name, model, request.estimate_bytes, now, now, users=1,
                           keep_alive_s=self.keep_alive_s, gpu_bytes=request.gpu_bytes, remote=request.remote,
-                          memory=memory)
+                          memory=memory, placement=request.placement)
             self._entries[request.key] = entry
             self._emit("loaded", request.key, ledger.describe(request.name, memory.estimate, memory.measured,
                                                               memory.source))
@@ -422,7 +422,8 @@ class ModelManager:
                 self._observe(e)
                 out.append(ManagerStatus(e.name, e.key, e.estimate_bytes, now - e.last_used, e.pinned, e.users > 0,
                                          now - e.loaded_at, e.users, e.keep_alive_s, expires, e.gpu_bytes,
-                                         sum(b for _, b, _ in e.remote), e.memory.copy(), e.budget_bytes))
+                                         sum(b for _, b, _ in e.remote), e.memory.copy(), e.budget_bytes,
+                                         e.placement))
             return out
 
     def _timer_loop(self) -> None:

@@ -31,6 +31,7 @@ class Entry:
     gpu_bytes: int = 0  # its VRAM estimate (layers offloaded to GPUs)
     remote: tuple[tuple[str, int, int], ...] = ()  # (RPC server, bytes there, its budget) of each part sent away
     memory: ledger.ModelMemory = field(default_factory=lambda: ledger.ModelMemory({}))  # by device
+    placement: str = ""  # where its layers went (the request's; "" when all of them are on the CPU)
 
     @property
     def budget_bytes(self) -> int:  # the RAM it is counted for: the measured figure once there is one
@@ -75,3 +76,4 @@ class ManagerStatus:
     remote_bytes: int = 0  # on RPC servers
     memory: ledger.ModelMemory | None = None  # by device (ram, gpu0..., rpc:HOST:PORT): estimate and measure
     budget_bytes: int = 0  # the RAM the manager counts it for: the measured figure once known
+    placement: str = ""  # where its layers are ("" when all of them are on the CPU)

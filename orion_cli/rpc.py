@@ -303,6 +303,13 @@ def remote_devices_now(servers: Sequence[RpcServer], pressure_high: float) -> tu
     return remote_devices(servers, pressure_high, _probe_once)
 
 
+def known_devices(server: RpcServer, pressure_high: float) -> tuple[RemoteDevice, ...] | None:
+    """A server's devices with their budgets as this process last asked it, or None if it never
+    did: never asks (a server serves one client at a time; a dashboard must not take it)."""
+    memory = MEASURED.known(server.endpoint)
+    return None if memory is None else tuple(server_devices(server, memory, pressure_high))
+
+
 def usable_devices_now(servers: Sequence[RpcServer], pressure_high: float
                        ) -> tuple[tuple[RemoteDevice, ...], tuple[RpcError, ...]]:
     """:func:`usable_devices`, each server that answers asked once a process."""

@@ -371,9 +371,12 @@ MATRIX: list[Bad] = [
         ("POST", "/api/orion/ps"), ("POST", "/metrics"), ("POST", "/v1/models"), ("POST", "/health"),
         ("DELETE", "/v1/models"), ("PUT", "/api/orion/load"), ("GET", CHAT), ("GET", COMPLETIONS), ("GET", EMBEDDINGS),
         ("GET", "/api/orion/load"), ("GET", "/api/orion/unload"), ("GET", "/api/orion/encoder"), ("GET", "/api/orion/chunk"),
-        ("PATCH", "/api/orion/unload"), ("POST", "/api/orion/events"), ("OPTIONS", COMPLETIONS)]],
+        ("PATCH", "/api/orion/unload"), ("POST", "/api/orion/events"), ("OPTIONS", COMPLETIONS),
+        ("POST", "/"), ("POST", "/dashboard"), ("DELETE", "/dashboard/dashboard.js"), ("POST", "/api/orion/history")]],
+    *[Bad(f"events-since-{i}", "GET", f"/api/orion/events?since={since}", 400, param="since")
+      for i, since in enumerate(["-1", "abc", "1.5", "", "9" * 40, "%EF%BC%91"])],
     *[Bad(f"no-route-{i}", method, path, 404, code="not_found") for i, (method, path) in enumerate([
-        ("GET", "/"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/orion/nothing"),
+        ("GET", "/dashboard/nothing.js"), ("GET", "/v2/models"), ("POST", "/v1/chat"), ("GET", "/api/orion/nothing"),
         ("GET", "/%ff%00"), ("GET", "/" + "a" * 300)])],
     Bad("model-retrieve-unknown", "GET", "/v1/models/extra", 404, param="model", code="model_not_found"),
     # ------------------------------------------------------------ the API key

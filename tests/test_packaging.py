@@ -1,4 +1,4 @@
-"""The wheel carries the built-in YAML (profiles/ → orion_cli.profiles) and the console script."""
+"""The wheel carries the built-in YAML (profiles/ → orion_cli.profiles), the dashboard's files and the console script."""
 
 import subprocess
 import sys
@@ -19,6 +19,10 @@ def test_wheel_ships_profiles_and_entry_point(tmp_path):
         names = set(zf.namelist())
         assert "orion_cli/profiles/tiers.yaml" in names
         assert "orion_cli/cli/profile.py" in names and "orion_cli/server/app.py" in names
+        # the dashboard's files, which orion serve reads from the package (importlib.resources)
+        from orion_cli.server.dashboard import FILES
+
+        assert {f"orion_cli/server/static/{name}" for name in FILES} <= names
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "orion = orion_cli.cli:main" in zf.read(entry_points).decode()
         metadata = zf.read(next(n for n in names if n.endswith("METADATA"))).decode()

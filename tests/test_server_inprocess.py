@@ -317,7 +317,7 @@ def test_ps_pressure_comes_from_the_injected_probe_a_containers_limit(make_state
     high, critical = state.strategy.pressure_high, state.strategy.pressure_critical
     assert pressure_of(host_only, high, critical)["level"] == "normal"
     pressure = call_json(app, "GET", "/api/orion/ps")["pressure"]
-    assert pressure == {"level": "high", "ratio": 0.85}
+    assert pressure == {"level": "high", "ratio": 0.85, "high": high, "critical": critical}
 
 
 # ---------------------------------------------------------------- no reach-ins

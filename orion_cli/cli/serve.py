@@ -158,9 +158,45 @@ def _ps_view(doc: dict):
     bar.append(f"{level} ({doc['pressure']['ratio']:.0%})", style=colour)
     events = Text("\n".join(f"{e['kind']:<9} {e['detail']}" for e in doc["events"][-5:]) or "no events yet",
                   style="dim")
+    machine = _machine_view(doc["machine"]) if "machine" in doc else Text("")
     if not doc["models"]:
-        return Group(Text("no models loaded"), bar, events)
-    return Group(table, _memory_view(doc), bar, events)
+        return Group(Text("no models loaded"), bar, machine, events)
+    return Group(table, _memory_view(doc), _served_view(doc), bar, machine, events)
+
+
+def _served_view(doc: dict):
+    """Each model's requests answered, the speed of its last one, and where its layers are."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("model", overflow="fold")
+    table.add_column("requests", no_wrap=True, justify="right")
+    table.add_column("tok/s", no_wrap=True, justify="right")
+    table.add_column("where", overflow="fold")
+    for m in doc["models"]:
+        speed = m.get("last_tok_s")
+        table.add_row(m["name"], str(m.get("requests", "")), "-" if speed is None else f"{speed:.1f}",
+                      m.get("placement", ""))
+    return table
+
+
+def _machine_view(machine: dict):
+    """The machine's lines (the dashboard's bars, in words): RAM and each GPU, in use, orion's, others'; RPC servers."""
+    from rich.text import Text
+
+    from ..units import format_bytes
+
+    ram = machine["ram"]
+    lines = [f"RAM    {format_bytes(ram['in_use_bytes'])} of {format_bytes(ram['limit_bytes'])} in use "
+             f"({ram['source']}): models {format_bytes(ram['orion_bytes'])}, others {format_bytes(ram['others_bytes'])}"]
+    for g in machine["gpus"]:
+        budget = "" if g["budget_bytes"] is None else f", budget {format_bytes(g['budget_bytes'])}"
+        lines.append(f"GPU {g['index']}  {format_bytes(g['used_bytes'])} of {format_bytes(g['total_bytes'])} in use: "
+                     f"models {format_bytes(g['orion_bytes'])}, others {format_bytes(g['others_bytes'])}{budget}")
+    for r in machine["rpc_servers"]:
+        budget = "not asked yet" if r["budget_bytes"] is None else format_bytes(r["budget_bytes"])
+        lines.append(f"RPC    {r['endpoint']}: models {format_bytes(r['orion_bytes'])}, budget {budget}")
+    return Text("\n".join(lines))
 
 
 def _memory_view(doc: dict):

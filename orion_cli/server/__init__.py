@@ -175,6 +175,7 @@ def serve(strategy, *, host: str = "127.0.0.1", port: int = 11435, api_key: str 
         home_lock.close()
         raise
     app = create_app(state, api_key=api_key, log=log)
+    state.sample_memory()  # the dashboard's memory chart: a sample every few seconds, until stopping
     info = ServerInfo(host, port, os.getpid(), now_iso(), auth=bool(api_key))
     from .http_limits import connection_limit, give_up, protocol_class
 

@@ -1,6 +1,6 @@
 """The HTTP face of ``orion serve`` (Starlette): OpenAI-compatible routes (``/v1``), Ollama's API
-(``/api``, its shapes in :mod:`.ollama`, NDJSON streams and ``{"error": "..."}`` errors) and orion's
-own management API (``/api/orion``).
+(``/api``, its shapes in :mod:`.ollama`, NDJSON streams and ``{"error": "..."}`` errors), orion's
+own management API (``/api/orion``) and the memory dashboard (``/``, its files in :mod:`.dashboard`).
 
 Thin routes: each parses its request (:mod:`.openai`, :mod:`.ollama`), calls the state or the core,
 and answers.
@@ -62,9 +62,10 @@ TRUNCATED_HEADER = "x-orion-truncated-inputs"
 class Routes(OllamaRoutes):
     """The route handlers over one :class:`ServerState`."""
 
-    def __init__(self, state: ServerState, log: Callable[[str], None]) -> None:
+    def __init__(self, state: ServerState, log: Callable[[str], None], *, auth: bool = False) -> None:
         self.state = state
         self.log = log
+        self.auth = auth  # whether the API key is required (the dashboard asks for it then)
 
     # ------------------------------------------------------------ health, models
 
@@ -80,7 +81,23 @@ class Routes(OllamaRoutes):
         access = self.state.access
         return JSONResponse({"status": "ok", "service": SERVICE, "home": resolved_home(), "version": __version__,
                              "pid": os.getpid(), "uptime_s": round(time.time() - self.state.started, 1),
-                             "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch})
+                             "allow_paths": access.allow_paths, "allow_fetch": access.allow_fetch,
+                             "auth": self.auth})
+
+    # ------------------------------------------------------------ the dashboard (.dashboard)
+
+    async def dashboard(self, request: Request) -> Response:
+        from .dashboard import FILES, HEADERS, PAGE, static_file
+
+        name = request.path_params.get("name", PAGE)
+        body = static_file(name)
+        if body is None:
+            raise APIError(404, f"no dashboard file {name[:100]!r}", code="not_found",
+                           hint="the dashboard is at / (or /dashboard)")
+        return Response(body, media_type=FILES[name], headers=HEADERS)
+
+    async def history(self, request: Request) -> Response:
+        return JSONResponse(self.state.history.document())
 
     async def models(self, request: Request) -> Response:
         """What this server has (:meth:`~.state.ServerState.models_here`), not what it could fetch."""
@@ -159,8 +176,14 @@ class Routes(OllamaRoutes):
 
     def _count(self, served, gen) -> dict:
         usage = gen.usage()
-        self.state.metrics.add_tokens(served.name, usage["prompt_tokens"], usage["completion_tokens"])
+        self.state.metrics.add_tokens(served.name, usage["prompt_tokens"], usage["completion_tokens"],
+                                      gen.timings.gen_tok_s)
         return usage
+
+    def _count_embedding(self, served, n_tokens: int, started: float) -> None:
+        """An embedding request's tokens, and its speed since ``started`` (time.perf_counter)."""
+        seconds = time.perf_counter() - started
+        self.state.metrics.add_tokens(served.model_id, n_tokens, 0, n_tokens / seconds if seconds > 0 else None)
 
     async def _events(self, items):
         """Server-sent events of a stream's documents; an error in the middle is an error event."""
@@ -183,8 +206,9 @@ class Routes(OllamaRoutes):
         request.state.model = served.name
         openai.check_dimensions(doc, served.model_id, served.dim)
         texts = await in_thread(token_arrays.as_text, inputs)  # OpenAI's token arrays are cl100k ids, not the encoder's
+        started = time.perf_counter()
         vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, texts)
-        self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
+        self._count_embedding(served, n_tokens, started)
         # named as the client named it (served.model_id, minilm@q8_0, is what /api/orion/encoder says)
         return JSONResponse(embeddings_document(vectors, fmt, name, n_tokens, truncated),
                             headers={TRUNCATED_HEADER: str(truncated)})
@@ -251,8 +275,14 @@ class Routes(OllamaRoutes):
         return JSONResponse({"model": name, "unloaded": True})
 
     async def events(self, request: Request) -> Response:
+        """Server-sent events of the manager's events from now on; ``?since=SEQ``: the kept ones after that
+        sequence number first (``since=0``: all those kept)."""
         state = self.state
-        queue = state.events.subscribe()
+        since = request.query_params.get("since")
+        if since is not None and not (since.isascii() and since.isdigit() and len(since) <= 18):
+            raise APIError(400, f"'since' must be an event's sequence number (0 or more), not {since[:40]!r}",
+                           param="since")
+        queue = state.events.subscribe(None if since is None else int(since))
 
         async def body():
             try:
@@ -280,7 +310,7 @@ class Routes(OllamaRoutes):
 def create_app(state: ServerState, *, api_key: str | None = None,
                log: Callable[[str], None] = lambda line: None) -> Starlette:
     """The Starlette application over ``state``."""
-    routes = Routes(state, log)
+    routes = Routes(state, log, auth=api_key is not None)
 
     def route(path: str, fn, method: str, *, auth: bool = True, answer=error_response) -> Route:
         """``fn`` behind the API key, its errors answered as JSON (by ``answer``: OpenAI's shape, or
@@ -320,6 +350,11 @@ def create_app(state: ServerState, *, api_key: str | None = None,
 
     table = [
         route("/health", routes.health, "GET", auth=False),
+        # the page and its files hold no data: served without the key, which the page asks for
+        route("/", routes.dashboard, "GET", auth=False),
+        route("/dashboard", routes.dashboard, "GET", auth=False),
+        route("/dashboard/{name}", routes.dashboard, "GET", auth=False),
+        route("/api/orion/history", routes.history, "GET"),
         route("/v1/models", routes.models, "GET"),
         route("/v1/models/{id:path}", routes.model, "GET"),
         route("/v1/chat/completions", routes.chat_completions, "POST"),

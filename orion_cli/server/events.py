@@ -3,7 +3,10 @@ for ``/metrics``, a line on the console for each, and a live feed for ``/api/ori
 
 The server's warnings are events too (kind ``warning``, :meth:`EventLog.warning`): an RPC server left
 out at load time (:data:`orion_cli.rpc.warn`) is in ``/api/orion/ps`` and ``/api/orion/events``, and on the
-console as the CLI says it (``warning: ...``)."""
+console as the CLI says it (``warning: ...``).
+
+Each event has a sequence number (``seq``, from 1): a subscriber that reconnects asks for those after
+the last it saw, and gets each once (the dashboard's timeline)."""
 
 from __future__ import annotations
 
@@ -26,10 +29,12 @@ class EventLog:
         self._lock = threading.Lock()
         self._on_line = on_line
         self.counts: dict[str, int] = {}
+        self._seq = 0
 
     def __call__(self, event: Event) -> None:
-        doc = {"kind": event.kind, "model": event.key, "detail": event.detail, "at": time.time()}
         with self._lock:
+            self._seq += 1
+            doc = {"seq": self._seq, "kind": event.kind, "model": event.key, "detail": event.detail, "at": time.time()}
             self.latest.append(doc)
             self.counts[event.kind] = self.counts.get(event.kind, 0) + 1
             subscribers = list(self._subscribers)
@@ -47,9 +52,16 @@ class EventLog:
         """A warning of the server's (not the manager's): kept, counted and pushed as an event."""
         self(Event("warning", key, line, time.time()))
 
-    def subscribe(self) -> asyncio.Queue:
+    def subscribe(self, since: int | None = None) -> asyncio.Queue:
+        """A queue of the events from now on (called in the event loop that reads it); ``since``: the
+        kept events after that sequence number first (0: all those kept), none missed or repeated
+        between them and the live ones."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if since is not None:
+                for doc in self.latest:
+                    if doc["seq"] > since:
+                        queue.put_nowait(doc)
             self._subscribers.append((asyncio.get_running_loop(), queue))
         return queue
 

@@ -1,5 +1,6 @@
 """What the server says about itself: request counters (:class:`Metrics`), ``GET /api/orion/ps``
-(:func:`ps_document`) and ``GET /metrics`` (:func:`metrics_text`, Prometheus text format).
+(:func:`ps_document`: the one document ``orion ps`` and the dashboard both show) and ``GET /metrics``
+(:func:`metrics_text`, Prometheus text format).
 
 Each loaded model's memory is shown on each device (``ram``, ``gpu0``..., ``rpc:HOST:PORT``): the
 estimate, what its load measured, and the error ``(estimate - measured) / measured`` (a signed
@@ -22,6 +23,8 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[tuple[str, str], list[float]] = {}  # [sum, count]
         self.tokens: dict[tuple[str, str], int] = {}  # (model, "in"|"out")
+        self.served: dict[str, int] = {}  # model -> requests it answered (generations, embeddings)
+        self.speed: dict[str, float] = {}  # model -> tokens a second of its last request
 
     def request(self, route: str, model: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -31,10 +34,23 @@ class Metrics:
             acc[0] += seconds
             acc[1] += 1
 
-    def add_tokens(self, model: str, n_in: int, n_out: int) -> None:
+    def add_tokens(self, model: str, n_in: int, n_out: int, tok_s: float | None = None) -> None:
+        """One request a model answered: its tokens in and out, and ``tok_s``, its speed (a
+        generation's tokens a second; an embedding's tokens embedded a second, its wait included)."""
         with self._lock:
             for direction, n in (("in", n_in), ("out", n_out)):
                 self.tokens[(model, direction)] = self.tokens.get((model, direction), 0) + n
+            self.served[model] = self.served.get(model, 0) + 1
+            if tok_s is not None:
+                self.speed[model] = tok_s
+
+    def of_model(self, model: str) -> dict:
+        """``requests`` a model answered, its ``tokens_in``/``tokens_out`` and ``last_tok_s`` (None: none yet)."""
+        with self._lock:
+            speed = self.speed.get(model)
+            return {"requests": self.served.get(model, 0), "tokens_in": self.tokens.get((model, "in"), 0),
+                    "tokens_out": self.tokens.get((model, "out"), 0),
+                    "last_tok_s": None if speed is None else round(speed, 1)}
 
     def render(self, *, queues: dict[str, int], memory: dict[str, int], events: dict[str, int],
                decode_steps: dict[str, int] | None = None,
@@ -97,18 +113,25 @@ def memory_rows(status) -> list[dict]:
 
 
 def ps_document(state: "ServerState") -> dict:
-    """What ``GET /api/orion/ps`` answers: each loaded model, memory against the budget, pressure (from the
-    state's memory probe: a container's limit, not the host's RAM), the latest events. ``used_bytes``
-    is what the manager counts: each model's measured RAM once it has one, else its estimate."""
+    """What ``GET /api/orion/ps`` answers, and so ``orion ps`` and the dashboard show: each loaded model,
+    memory against the budget, pressure (from the state's memory probe: a container's limit, not the
+    host's RAM) with its two lines, the machine (:func:`.machine.machine_document`: RAM, each GPU, the
+    RPC servers), the latest events. ``used_bytes`` is what the manager counts: each model's measured RAM
+    once it has one, else its estimate (the machine's ``ram.orion_bytes``)."""
     from ..budget import pressure_of
+    from .machine import machine_document
 
     depths = state.queue_depths()
     statuses = state.manager.status()
-    models, used = [], 0
+    memory = state.memory()
+    strategy = state.strategy
+    machine = machine_document(strategy, memory, state.gpus(), statuses, state.gpu_budgets())
+    models = []
     for s in statuses:
         served = state.by_key(s.key)
         model = state.manager.peek(s.key)
-        used += s.budget_bytes
+        counted = state.metrics.of_model((served.model_id if served.kind == "encoder" else served.name)
+                                         if served else s.name)
         models.append({
             "name": served.name if served else s.name, "key": s.key, "kind": served.kind if served else "",
             "file": str(served.path) if served else "", "type": served.file_type if served else "",
@@ -118,20 +141,22 @@ def ps_document(state: "ServerState") -> dict:
             "estimate_figures": s.memory.figures, "memory": memory_rows(s),
             "gpu_bytes": s.gpu_bytes,
             "remote_bytes": s.remote_bytes,
+            "placement": s.placement or "all layers on the CPU",
             "loaded_for_s": round(s.loaded_for_s, 1), "idle_s": round(s.idle_s, 1),
             "keep_alive_s": s.keep_alive_s,
             "expires_in_s": None if s.expires_in_s is None else round(s.expires_in_s, 1),
             "pinned": s.pinned, "in_use": s.in_use, "users": s.users, "queue_depth": depths.get(s.key, 0),
             # its runner process (None: loaded in the server's own) and that process's resident memory now
             "runner_pid": getattr(model, "pid", None) or None, "rss_bytes": getattr(model, "rss_bytes", None),
+            **counted,  # requests answered, tokens in and out, last_tok_s
         })
-    strategy = state.strategy
-    pressure = pressure_of(state.memory(), strategy.pressure_high, strategy.pressure_critical)
-    return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": used,
+    pressure = pressure_of(memory, strategy.pressure_high, strategy.pressure_critical)
+    return {"models": models, "budget_bytes": strategy.memory_budget_bytes, "used_bytes": machine["ram"]["orion_bytes"],
             "gpu_budget_bytes": state.manager.gpu_budget_bytes,
             "gpu_used_bytes": sum(s.memory.gpu_bytes for s in statuses),
-            "max_models": strategy.max_models, "pressure": pressure,
-            "events": list(state.events.latest)[-10:]}
+            "max_models": strategy.max_models,
+            "pressure": pressure | {"high": strategy.pressure_high, "critical": strategy.pressure_critical},
+            "machine": machine, "events": list(state.events.latest)[-10:]}
 
 
 def metrics_text(state: "ServerState") -> str:

@@ -1,8 +1,8 @@
 """Ollama's API on ``orion serve`` (``/api``: tags, show, chat, generate, embed, embeddings, ps, version,
 pull, delete): the routes, over the same core as the OpenAI ones (:class:`orion_cli.generation.Generation`,
 the state's leases), in Ollama's shapes (:mod:`.ollama`) with NDJSON streams and ``{"error": "..."}``
-errors. :class:`OllamaRoutes` is a part of :class:`.app.Routes`, which gives it ``state``, ``log`` and
-``_count``."""
+errors. :class:`OllamaRoutes` is a part of :class:`.app.Routes`, which gives it ``state``, ``log``,
+``_count`` and ``_count_embedding``."""
 
 from __future__ import annotations
 
@@ -186,8 +186,9 @@ class OllamaRoutes:
         loading = time.perf_counter()
         await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
         load_s = time.perf_counter() - loading
+        embedding = time.perf_counter()
         vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, inputs)
-        self.state.metrics.add_tokens(served.model_id, n_tokens, 0)
+        self._count_embedding(served, n_tokens, embedding)
         if truncated and not truncate:
             raise ollama.bad("truncate", f"{truncated} of the inputs are longer than {served.model_id}'s window of "
                              f"{served.n_ctx} tokens", hint="send shorter inputs, or leave truncate out (true)")

@@ -106,6 +106,7 @@ class SharedEncoder:
         self.batcher.close()
 
 
+GPU_READING_S = 1.0  # how long a reading of the GPUs' memory is used again
 MAX_NAMES = 4096  # names remembered (each a model served here, under the words a client used)
 
 
@@ -127,14 +128,19 @@ class ServerState:
     """Everything ``orion serve`` owns; the routes call into it from worker threads.
 
     ``memory``: the probe ``/api/orion/ps`` reports pressure from (default :func:`orion_cli.device.memory_now`,
-    which reads a container's cgroup limit where it is below the RAM); tests inject one."""
+    which reads a container's cgroup limit where it is below the RAM); ``gpus``: the GPUs' memory now
+    (default :func:`orion_cli.device.detect_gpus` where the strategy has a GPU budget, else none);
+    ``clock``: the memory history's (:class:`.machine.MemoryHistory`, sampled while :meth:`sample_memory`
+    runs: ``orion serve`` starts it). Tests inject all three."""
 
     def __init__(self, strategy, *, max_queue: int = 8, parallel: int = 4, access: ModelAccess | None = None,
                  on_line: Callable[[str], None] | None = None, memory: Callable[[], Any] | None = None,
-                 runners: bool | None = None) -> None:
+                 runners: bool | None = None, gpus: Callable[[], Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         from .. import rpc
-        from ..device import memory_now
+        from ..device import detect_gpus, memory_now
         from ..loading import manager_for
+        from .machine import MemoryHistory
 
         self.strategy = strategy
         self.max_queue = max_queue
@@ -144,6 +150,9 @@ class ServerState:
         # ORION_RUNNERS=0: in this process (measurements, debugging)
         self.runners = runners if runners is not None else runners_enabled()
         self.memory = memory or memory_now
+        self._read_gpus = gpus or (detect_gpus if strategy.gpu_budget_bytes is not None else (lambda: ()))
+        self._gpus_read: tuple[float, Any] | None = None  # (monotonic time, reading): nvidia-smi once a second at most
+        self.history = MemoryHistory(self._memory_sample, clock=clock, on_error=on_line)
         self.events = EventLog(on_line=on_line)
         rpc.warn = self.events.warning  # an RPC server left out at load time: an event, not only a line
         self.metrics = Metrics()
@@ -308,6 +317,38 @@ class ServerState:
             for key, e in self._encoders.items():
                 depths[key] = depths.get(key, 0) + e.batcher.depth
         return depths
+
+    # ------------------------------------------------------------ the machine
+
+    def gpus(self):
+        """The GPUs' memory now (read again once the last reading is a second old: every open dashboard and
+        the memory history ask, and without NVML each reading is an nvidia-smi process)."""
+        with self._lock:
+            if self._gpus_read is not None and time.monotonic() - self._gpus_read[0] < GPU_READING_S:
+                return self._gpus_read[1]
+        reading = self._read_gpus()
+        with self._lock:
+            self._gpus_read = (time.monotonic(), reading)
+        return reading
+
+    def gpu_budgets(self) -> list[int]:
+        """Each GPU's budget (measured once, before this process loaded anything)."""
+        from ..placement import gpu_budgets_now
+
+        return gpu_budgets_now(self.strategy)
+
+    def _memory_sample(self) -> dict:
+        from .machine import machine_document, memory_sample
+
+        return memory_sample(machine_document(self.strategy, self.memory(), self.gpus(), self.manager.status(),
+                                              self.gpu_budgets()))
+
+    def sample_memory(self) -> threading.Thread:
+        """The memory history sampled in a thread of its own until :attr:`stopping` is set."""
+        thread = threading.Thread(target=self.history.run, args=(self.stopping,), name="orion-memory-history",
+                                  daemon=True)
+        thread.start()
+        return thread
 
     def close(self) -> None:
         with self._lock:
