@@ -6,7 +6,7 @@
 # machine's idle release) until it says "all steps done".
 #
 # Prepare .gpu as bench/gpu_device.sh says (the trimmed sdist, the wheels, .gpu/minilm without its
-# weights, .gpu/minilm-f16.gguf, .gpu/minilm-q8_0.gguf), then, carrying those five paths:
+# weights, .gpu/minilm-f16.gguf), then, carrying those four paths (64 MiB: the Q8_0 encoder is made there):
 #   bash bench/device_issues.sh
 #
 # Steps (each its own log section; a failed step does not stop the next):
@@ -50,6 +50,8 @@ ls -l /tmp/w/*.whl
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p /tmp/gw && rm -rf /tmp/gw/minilm && cp -r .gpu/minilm /tmp/gw/minilm
 python3 bench/minilm_from_gguf.py .gpu/minilm-f16.gguf /tmp/gw/minilm/model.safetensors
+# the Q8_0 encoder of the held-out cells, converted here (both GGUFs are more than a call carries)
+[ -f .gpu/minilm-q8_0.gguf ] || python3 -m orion_cli.convert /tmp/gw/minilm .gpu/minilm-q8_0.gguf q8_0
 
 step "2: encoder grid"
 python3 bench/gpu.py --stages embed --minilm /tmp/gw/minilm --out /tmp/grid --work /tmp/gw --threads "$(nproc)" \
