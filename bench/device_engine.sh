@@ -15,3 +15,5 @@ if ! ls /tmp/w/*.whl >/dev/null 2>&1; then
   $PIP /tmp/w/*.whl || exit 1
 fi
 $PIP --no-build-isolation . >/dev/null || exit 1   # --upgrade: a warm machine keeps the last call's /tmp/site
+# the wheels must match pyproject's pins (typer 0.29 broke every command there: --no-deps checks nothing)
+python3 -m orion_cli --help >/dev/null || { echo "orion's CLI does not start: check .gpu/whl against pyproject.toml"; exit 1; }

@@ -5,7 +5,7 @@
 #   - .gpu/llama_cpp_python-0.3.36.tar.gz: the sdist (pip download --no-binary :all: llama-cpp-python==0.3.36)
 #     without .git folders, vendor/llama.cpp/{models,docs,media,benches,examples,tools/ui} and the
 #     backends under ggml/src other than ggml-cpu, ggml-cuda, ggml-blas, ggml-rpc (6.9 MB)
-#   - .gpu/whl: wheels for Python 3.12 of gguf, diskcache, nvidia-ml-py, typer, click, rich,
+#   - .gpu/whl: wheels for Python 3.12, at the versions pyproject.toml allows (typer<0.29), of gguf, diskcache, nvidia-ml-py, typer, click, rich,
 #     shellingham, markdown-it-py, mdurl, pygments (pip download --only-binary=:all: --python-version 3.12)
 #   - .gpu/minilm: all-MiniLM-L6-v2's folder without its weights; .gpu/minilm-f16.gguf: orion's F16
 #     conversion of it (orion convert, 43 MB); bench/minilm_from_gguf.py rebuilds the float32

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import DoesNotFit, InvalidValue, NotAGGUF, NotFound
 
-TARGETS = ("f32", "f16", "q8_0")
+TARGETS = ("f32", "f16", "bf16", "q8_0")
 MAX_SEQ_KEY = "sentence_transformers.max_seq_length"
 _SKIP = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
 
@@ -147,7 +147,7 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
 
     pooling = pooling_of(folder)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target]
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[target]
     out = Path(out)
     from ._proc import remove_stale_partials
 
@@ -208,6 +208,9 @@ def convert_bert(folder: Path, out: Path, target: str = "f16") -> ConvertResult:
                 w.add_tensor(new, data)
             elif target == "f16":
                 w.add_tensor(new, data.astype(np.float16))
+            elif target == "bf16":
+                w.add_tensor(new, quantize(data, gguf.GGMLQuantizationType.BF16),
+                             raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 w.add_tensor(new, quantize(data, gguf.GGMLQuantizationType.Q8_0),
                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -316,6 +319,6 @@ def _child(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:
-        print("usage: python -m orion_cli.convert FOLDER OUT f32|f16|q8_0", file=sys.stderr)
+        print("usage: python -m orion_cli.convert FOLDER OUT f32|f16|bf16|q8_0", file=sys.stderr)
         sys.exit(2)
     sys.exit(_child(sys.argv[1:]))

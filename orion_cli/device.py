@@ -212,6 +212,20 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, tuple[str, ...
     return model or arch or "unknown CPU", flags, physical
 
 
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 itself (x86's avx512_bf16: ggml's BF16 dot product). Not among
+    :func:`cpu_info`'s flags, which key the engine's build and check."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return "avx512_bf16" in value.split()
+    return False
+
+
 def _uname() -> tuple[str, str, str]:
     """System, release and machine; os.uname avoids importing platform (POSIX)."""
     if hasattr(os, "uname"):

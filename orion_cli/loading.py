@@ -272,6 +272,7 @@ def encoder_type(model_id: str, strategy: Strategy, prefer_id: str | None = None
     """The type to convert encoder ``model_id`` to: a collection's own (``prefer_id``), else this
     machine's choice (measured by ``orion profile --bench``, or from the engine check)."""
     from .convert import TARGETS
+    from .device import cpu_has_bf16
     from .embeddings import choose_encoder_type
     from .engine import current_check
 
@@ -281,4 +282,4 @@ def encoder_type(model_id: str, strategy: Strategy, prefer_id: str | None = None
     measured = (strategy.bench or {}).get("encoder", {}).get("measured")
     check = current_check()
     on_gpu = bool(check.gpu_offload and strategy.n_gpu_layers != 0 and gpu_budgets_now(strategy))
-    return choose_encoder_type(check.amx, measured, gpu=on_gpu).name
+    return choose_encoder_type(check.amx, measured, gpu=on_gpu, bf16=cpu_has_bf16()).name

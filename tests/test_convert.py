@@ -29,7 +29,7 @@ def minilm_folder() -> Path:
 @pytest.fixture(scope="module")
 def converted(minilm_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm")
-    return {t: convert_bert(minilm_folder, out / f"minilm-{t}.gguf", t).path for t in ("f32", "f16", "q8_0")}
+    return {t: convert_bert(minilm_folder, out / f"minilm-{t}.gguf", t).path for t in ("f32", "f16", "bf16", "q8_0")}
 
 
 def cosines(path: Path) -> list[float]:
@@ -43,7 +43,7 @@ def cosines(path: Path) -> list[float]:
     return list((ours * ref).sum(axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1))
 
 
-@pytest.mark.parametrize("target", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("target", ["f32", "f16", "bf16", "q8_0"])
 def test_embeddings_match_sentence_transformers(converted, target):
     """Every type orion may choose as the default keeps the quality floor against sentence-transformers'
     own vectors, with the kernels this machine runs (Q8_0 runs on AMX tiles where they are on)."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_clean_error, wait_for_stored_files
 
+from orion_cli.device import cpu_has_bf16
 from orion_cli.embeddings import HotCache, chunk_text, walk
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -197,6 +198,8 @@ def test_encoder_type_follows_measurements_and_the_quality_floor():
 
     assert choose_encoder_type(amx=True).name == "q8_0"  # before any measurement: the engine decides
     assert choose_encoder_type(amx=False).name == "f16"
+    assert choose_encoder_type(amx=False, bf16=True).name == "bf16"  # a CPU with avx512_bf16
+    assert choose_encoder_type(amx=True, bf16=True).name == "q8_0"
     f16 = {"chunks_s": 15.6, "min_cosine": 0.999998}
     fast_q8 = {"f16": f16, "q8_0": {"chunks_s": 29.0, "min_cosine": 0.9995}}
     choice = choose_encoder_type(False, fast_q8)  # a measurement here outranks the rule
@@ -211,7 +214,7 @@ def test_encoder_type_follows_measurements_and_the_quality_floor():
 def test_a_collection_keeps_its_encoder_type(orion, minilm, tmp_path, engine_verdict):
     from orion_cli.embeddings import choose_encoder_type
 
-    other = "q8_0" if choose_encoder_type(engine_verdict.amx).name == "f16" else "f16"
+    other = "q8_0" if choose_encoder_type(engine_verdict.amx, bf16=cpu_has_bf16()).name == "f16" else "f16"
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("SQLite is a small, fast, self-contained database engine.\n")
@@ -245,8 +248,8 @@ def test_embed_search_and_rerun(orion, minilm, corpus, orion_home, engine_verdic
     proc = orion("embed", str(corpus), "-c", "stdlib", "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     cold = json.loads(proc.stdout)
-    # this machine's type: Q8_0 where ggml's AMX kernels run, F16 elsewhere
-    assert cold["model"].endswith("@" + choose_encoder_type(engine_verdict.amx).name)
+    # this machine's type: Q8_0 where ggml's AMX kernels run, BF16 where the CPU has avx512_bf16, F16 elsewhere
+    assert cold["model"].endswith("@" + choose_encoder_type(engine_verdict.amx, bf16=cpu_has_bf16()).name)
     assert cold["files_embedded"] == len(CORPUS) and cold["chunks_embedded"] > 100
 
     for query, expected in QUERIES.items():
@@ -418,7 +421,7 @@ def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     from orion_cli.embeddings import choose_encoder_type
 
-    kind = choose_encoder_type(engine_verdict.amx).name
+    kind = choose_encoder_type(engine_verdict.amx, bf16=cpu_has_bf16()).name
     assert json.loads(proc.stdout)["model"] == f"{repo}@{kind}"
     converted = list((orion_home / "models").glob(f"*-{kind}.gguf"))
     assert len(converted) == 1
@@ -429,7 +432,7 @@ def test_default_encoder_is_fetched_and_converted_on_first_use(orion, hub, tmp_p
 
 
 def test_profile_bench_measures_the_encoder_and_embed_follows_it(orion, minilm, gemma_q4, tmp_path):
-    """`orion profile --bench` measures F16 and Q8_0 here (speed, and cosine to the F32 conversion);
+    """`orion profile --bench` measures F16, BF16 and Q8_0 here (speed, and cosine to the F32 conversion);
     from then on the encoder is converted to the fastest type that keeps the quality floor."""
     from orion_cli.embeddings import QUALITY_FLOOR, choose_encoder_type
 
@@ -437,7 +440,7 @@ def test_profile_bench_measures_the_encoder_and_embed_follows_it(orion, minilm, 
     proc = orion("profile", "--bench", "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     encoder = json.loads(proc.stdout)["strategy"]["bench"]["encoder"]
-    assert set(encoder["measured"]) == {"f16", "q8_0"}
+    assert set(encoder["measured"]) == {"f16", "bf16", "q8_0"}
     for figures in encoder["measured"].values():
         assert figures["chunks_s"] > 0 and QUALITY_FLOOR <= figures["min_cosine"] <= 1.0001
     assert encoder["type"] == choose_encoder_type(False, encoder["measured"]).name

@@ -21,7 +21,7 @@ EXAMPLES = examples(
 def convert(
     source: Annotated[str, typer.Argument(help="A Hugging Face model folder, a catalog name (minilm) or org/repo.")],
     output: GgufOutOpt,
-    to: Annotated[str, typer.Option("--to", help="Weight type: f32, f16 or q8_0.", metavar="TYPE")] = "f16",
+    to: Annotated[str, typer.Option("--to", help="Weight type: f32, f16, bf16 or q8_0.", metavar="TYPE")] = "f16",
     force: ReplaceOutOpt = False,
 ) -> None:
     """Convert a BERT encoder (safetensors, config, WordPiece vocabulary) to a GGUF llama.cpp loads.

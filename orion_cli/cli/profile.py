@@ -43,7 +43,7 @@ def _bench(threads: int, gpu: bool = False) -> dict:
 
 
 def _bench_encoder(threads: int) -> dict:
-    """chunks/s and quality of the default encoder (minilm) as F16 and Q8_0, when it is here;
+    """chunks/s and quality of the default encoder (minilm) as F16, BF16 and Q8_0, when it is here;
     the type orion converts it to from then on is the fastest that keeps the quality floor."""
     import tempfile
 
@@ -54,7 +54,7 @@ def _bench_encoder(threads: int) -> dict:
     folder = Path(local.path) if local is not None else None
     if folder is None or not (folder / "model.safetensors").is_file():
         return {}  # never fetched: nothing to measure ('orion embed' fetches it on first use)
-    with out.status("Measuring the minilm encoder (F16 and Q8_0)…"), \
+    with out.status("Measuring the minilm encoder (F16, BF16 and Q8_0)…"), \
             tempfile.TemporaryDirectory(prefix="orion-bench-") as work:
         measured = measure_encoder_types(folder, Path(work), threads=threads)
     choice = choose_encoder_type(False, measured)
