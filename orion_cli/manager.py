@@ -352,6 +352,7 @@ class ModelManager:
                         entry.pinned = pin
                     if keep_alive_s != "default":
                         entry.keep_alive_s = keep_alive_s  # type: ignore[assignment]
+                        self._cond.notify_all()  # the timer's next look may come sooner
 
     def peek(self, key: str) -> Any:
         """The loaded model for ``key`` (None if not loaded), without using it or changing its LRU place."""
@@ -429,9 +430,14 @@ class ModelManager:
     def _timer_loop(self) -> None:
         while True:
             with self._cond:
+                if self._stop.is_set():
+                    return
                 alive = [e.keep_alive_s for e in self._entries.values() if e.keep_alive_s is not None]
-            period = max(0.5, min(30.0, min(alive, default=60) / 4))
-            if self._stop.wait(period):
+                period = max(0.5, min(30.0, min(alive, default=60) / 4))
+                # woken early by any change (a load, a shorter keep-alive, close): the period is then
+                # worked out again, so a model given 2 s is not left for the 15 s the last one allowed
+                self._cond.wait(period)
+            if self._stop.is_set():
                 return
             try:
                 self.collect_idle()
@@ -443,6 +449,7 @@ class ModelManager:
         no new load starts."""
         self._stop.set()
         with self._cond:
+            self._cond.notify_all()  # the keep-alive timer ends now
             self._closed = True
             for cancel in self._loading.values():
                 cancel.set()
