@@ -11,7 +11,7 @@
 #
 # Steps (each its own log section; a failed step does not stop the next):
 #  1. the engine built with CUDA (bench/device_engine.sh), orion installed;
-#  2. the encoder grid (bench/gpu.py --stages embed): contexts x sequences a decode x bucket, against
+#  2. the encoder grid (bench/gpu.py --stages embed): contexts x sequences a decode, against
 #     sentence-transformers fp32 and fp16 (batch 32 and 512); the fastest setting whose vectors keep a
 #     cosine of 0.999 is used by the steps after it (ORION_ENCODER_GPU), and run once more with
 #     ggml-cuda's CUDA graphs off (GGML_CUDA_DISABLE_GRAPHS=1): what the graphs are worth;
@@ -55,18 +55,18 @@ python3 bench/minilm_from_gguf.py .gpu/minilm-f16.gguf /tmp/gw/minilm/model.safe
 
 step "2: encoder grid"
 python3 bench/gpu.py --stages embed --minilm /tmp/gw/minilm --out /tmp/grid --work /tmp/gw --threads "$(nproc)" \
-  --chunks 6000 --types f16 --pools 8,16 --packs 1,2,4,8 --buckets 0,32
+  --chunks 6000 --types f16 --pools 8,16 --packs 1,2,4
 cp /tmp/grid/gpu-embed.json $W/out/grid.json
 BEST=$(python3 -c "
 import json
 r = json.load(open('/tmp/grid/gpu-embed.json'))['orion']
 r = max((x for x in r if x['min_cosine'] >= 0.999), key=lambda x: x['chunks_s'])
-print(f\"{r['contexts']},{r['pack']},{r['bucket']}\")")
-echo "fastest: contexts,pack,bucket = $BEST"
+print(f\"{r['contexts']},{r['pack']}\")")
+echo "fastest: contexts,pack = $BEST"
 export ORION_ENCODER_GPU=$BEST
-IFS=, read -r C P B <<< "$BEST"
+IFS=, read -r C P <<< "$BEST"
 GGML_CUDA_DISABLE_GRAPHS=1 python3 bench/gpu.py --stages embed --minilm /tmp/gw/minilm --out /tmp/grid-ng \
-  --work /tmp/gw --threads "$(nproc)" --chunks 6000 --types f16 --pools "$C" --packs "$P" --buckets "$B"
+  --work /tmp/gw --threads "$(nproc)" --chunks 6000 --types f16 --pools "$C" --packs "$P"
 cp /tmp/grid-ng/gpu-embed.json $W/out/grid-no-graphs.json
 
 step "3: held-out memory cells (issue 21)"

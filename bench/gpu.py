@@ -107,8 +107,6 @@ def child_embed(args) -> None:
         settings = dataclasses.replace(settings, flash_attn=bool(args.fa))
     if args.pack:
         settings = dataclasses.replace(settings, embed_pack=args.pack)
-    if args.bucket >= 0:
-        settings = dataclasses.replace(settings, embed_bucket=args.bucket)
     spec = engine.LoadSpec(Path(args.model), 256, args.threads, plan.n_gpu_layers, embedding=True,
                            settings=settings, contexts=contexts)
     print("loading", flush=True, file=sys.stderr)
@@ -128,9 +126,8 @@ def child_embed(args) -> None:
     rate = len(texts) / (time.perf_counter() - start)
     np.save(args.vectors, vectors)
     print(json.dumps({"chunks_s": round(rate, 1), "contexts": model.n_contexts, "pack": settings.embed_pack,
-                      "bucket": settings.embed_bucket,
                       "fa": int(settings.flash_attn), "layers": plan.n_gpu_layers, "threads": args.threads,
-                      "chosen": not args.contexts and not args.pack and args.fa < 0 and args.bucket < 0,
+                      "chosen": not args.contexts and not args.pack and args.fa < 0,
                       "estimate_gpu_bytes": estimate,
                       "measured_gpu_bytes": None if before is None or after is None else after - before}), flush=True)
     model.close()
@@ -212,7 +209,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--contexts", type=int, default=0, help="an encoder's contexts (0: orion's choice)")
     p.add_argument("--pack", type=int, default=0, help="sequences an encoder decodes together (0: orion's choice)")
-    p.add_argument("--bucket", type=int, default=-1, help="an encoder's decodes padded to this (-1: orion's choice)")
     p.add_argument("--fa", type=int, default=-1, help="encoder flash attention: 0 off, 1 on, -1 orion's choice")
     p.add_argument("--fas", default="-1", help="flash-attention settings to measure the encoder with")
     p.add_argument("--chunks-file")
@@ -225,7 +221,6 @@ def main() -> None:
     p.add_argument("--pools", default="0", help="encoder contexts to measure (0: orion's choice)")
     p.add_argument("--types", default="f16", help="the encoder's GGUF types to measure (f16, q8_0)")
     p.add_argument("--packs", default="0", help="sequences a decode to measure (0: orion's choice)")
-    p.add_argument("--buckets", default="-1", help="decode paddings to measure (-1: orion's choice, 0: none)")
     p.add_argument("--deadline", type=float, default=0, help="stop starting stages after this many seconds")
     args = p.parse_args()
     if args.child == "llm":
@@ -350,16 +345,16 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
         print(f"embed sentence-transformers (CUDA fp16, batch {batch}): {r16['chunks_s']} chunks/s", flush=True)
         if r16["chunks_s"] > res.get("sentence_transformers_fp16", {}).get("chunks_s", 0):
             res["sentence_transformers_fp16"] = r16
-    configs = [(kind, fa, pack, n, b) for kind in ggufs for fa in args.fas.split(",") for pack in args.packs.split(",")
-               for n in args.pools.split(",") for b in args.buckets.split(",")]
-    for kind, fa, pack, n, bucket in configs:
+    configs = [(kind, fa, pack, n) for kind in ggufs for fa in args.fas.split(",") for pack in args.packs.split(",")
+               for n in args.pools.split(",")]
+    for kind, fa, pack, n in configs:
         if late():
             break
-        chosen = n == "0" and pack == "0" and fa == "-1" and bucket == "-1"
-        vec = work / f"orion-{kind}-{n}-{pack}-{fa}-{bucket}.npy"
+        chosen = n == "0" and pack == "0" and fa == "-1"
+        vec = work / f"orion-{kind}-{n}-{pack}-{fa}.npy"
         # with the machine's threads (shared out between the contexts), as orion runs
         r = run_child(me + ["--child", "embed", "--model", str(ggufs[kind]), "--layers", "-1", "--contexts", n,
-                            "--pack", pack, "--bucket", bucket, "--threads", str(args.threads),
+                            "--pack", pack, "--threads", str(args.threads),
                             "--chunks-file", str(chunks_file), "--vectors", str(vec), "--fa", fa], log)
         if not r:
             continue
@@ -371,7 +366,6 @@ def embed_stage(args, me, out: Path, work: Path, log: Path, late) -> dict:
         r["type"] = kind
         res["orion"].append(r)
         print(f"embed orion {kind.upper()}{' (its choice)' if chosen else ''} contexts {r['contexts']:2d} pack {r['pack']} "
-              f"bucket {r['bucket']:3d} "
               f"fa {r['fa']}: {r['chunks_s']:8.1f} chunks/s ({r['ratio']:.2f}x fp32, {r.get('ratio_fp16', 0):.2f}x fp16)  min cosine {r['min_cosine']}"
               f"  VRAM est {r['estimate_gpu_bytes'] / MiB:.0f} MiB, measured "
               f"{(r['measured_gpu_bytes'] or 0) / MiB:.0f} MiB", flush=True)

@@ -82,21 +82,10 @@ class EngineSettings:
     type_k: str = "f16"  # the KV cache's K type: f16, q8_0 or q4_0 (KV_TYPES)
     type_v: str = "f16"  # its V type (quantized only with flash attention: llama.cpp's rule)
     embed_pack: int = 1  # sequences an encoder decodes together (one llama_decode; its window × this)
-    # an encoder's decodes padded to a multiple of this many tokens, with a filler sequence, so that
-    # every decode has the same shape and ggml-cuda replays it as a CUDA graph (0: not padded)
-    embed_bucket: int = 0
 
     def encoder_tokens(self, n_ctx: int) -> int:
-        """Tokens an encoder's decode holds at most (its batch and context size): ``embed_pack``
-        windows, and with buckets room for the filler, rounded up to 256 (llama.cpp pads a context to
-        that: an encoder's batch of another size fails its graph's first build)."""
-        if not self.embed_bucket:
-            return n_ctx * self.embed_pack
-        return -(-(n_ctx * self.embed_pack + self.embed_bucket + self.embed_pack) // 256) * 256
-
-    def encoder_sequences(self) -> int:
-        """Sequences an encoder's decode holds at most (the filler's one more with buckets)."""
-        return self.embed_pack + (1 if self.embed_bucket else 0)
+        """Tokens an encoder's decode holds at most (its batch and context size): ``embed_pack`` windows."""
+        return n_ctx * self.embed_pack
 
 
 @dataclass(frozen=True)

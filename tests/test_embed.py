@@ -515,3 +515,19 @@ def test_a_file_name_that_is_not_utf8(orion, minilm, tmp_path):
     assert again["files_unchanged"] == 2 and again["files_dropped"] == 0
     hits = json.loads(orion("search", "coffee", "-c", "names", "-n", "1", "--json").stdout)["results"]
     assert hits[0]["path"].endswith("caf\\xe9.txt")
+
+
+def test_the_encoder_pool_on_a_gpu_from_the_environment(monkeypatch):
+    """ORION_ENCODER_GPU=CONTEXTS,PACK (benchmarks comparing settings) or orion's measured choice;
+    anything else is refused by name."""
+    from orion_cli.engine.settings import ENCODER_GPU_CONTEXTS, ENCODER_GPU_PACK, encoder_gpu_tuning
+    from orion_cli.errors import InvalidValue
+
+    monkeypatch.delenv("ORION_ENCODER_GPU", raising=False)
+    assert encoder_gpu_tuning() == (ENCODER_GPU_CONTEXTS, ENCODER_GPU_PACK)
+    monkeypatch.setenv("ORION_ENCODER_GPU", "16,4")
+    assert encoder_gpu_tuning() == (16, 4)
+    for bad in ("16", "8,2,0", "0,2", "8,x", "8,65"):
+        monkeypatch.setenv("ORION_ENCODER_GPU", bad)
+        with pytest.raises(InvalidValue, match="ORION_ENCODER_GPU"):
+            encoder_gpu_tuning()

@@ -110,12 +110,12 @@ class EncoderPool:
         try:
             n_embd = out.shape[1]
             memory = llama_cpp.llama_get_memory(ctx)
-            rows, pack, bucket = list(rows), self.spec.settings.embed_pack, self.spec.settings.embed_bucket
+            rows, pack = list(rows), self.spec.settings.embed_pack
             for start in range(0, len(rows), pack):
                 if self._closing.is_set():
                     return
                 part = rows[start: start + pack]
-                batch.fill(_bucketed([sequences[i] for i in part], pack, bucket))
+                batch.fill([sequences[i] for i in part])
                 if memory:
                     llama_cpp.llama_memory_clear(memory, True)
                 if llama_cpp.llama_decode(ctx, batch.batch) != 0:
@@ -141,19 +141,3 @@ class EncoderPool:
                 llama_cpp.llama_free(ctx)
             self._extra_contexts = []
 
-
-FILLER_TOKEN = 0  # any id of the vocabulary: the filler's embedding is never read
-
-
-def _bucketed(seqs: list, pack: int, bucket: int) -> list:
-    """``seqs`` as one decode: with ``bucket``, followed by one-token sequences up to ``pack`` and a
-    filler sequence, so the decode always holds ``pack + 1`` sequences and a multiple of ``bucket``
-    tokens. llama.cpp then builds the same graph for every decode of that size, and ggml-cuda, whose
-    CUDA graphs are kept while a graph's shapes and addresses stay the same, replays it in one launch
-    instead of one a kernel. Sequences packed together never see each other (the mask keeps them
-    apart), so padding changes no vector."""
-    if not bucket:
-        return seqs
-    seqs = seqs + [[FILLER_TOKEN]] * (pack - len(seqs))
-    n = sum(len(s) for s in seqs) + 1
-    return seqs + [[FILLER_TOKEN] * (1 + -n % bucket)]

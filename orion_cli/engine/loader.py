@@ -64,8 +64,8 @@ def load(
         route_llama_log(verbose)
     s = spec.settings
     parallel = {"n_seq_max": spec.parallel, "kv_unified": True} if spec.parallel > 1 else {}
-    if spec.embedding and s.encoder_sequences() > 1:
-        parallel = {"n_seq_max": s.encoder_sequences()}
+    if spec.embedding and s.embed_pack > 1:
+        parallel = {"n_seq_max": s.embed_pack}
     if not spec.embedding and not spec.whole_window:
         # a text decode asks for one output a sequence (its last token): llama.cpp's compute buffers are
         # then sized for that many, not for a whole micro-batch of logits (n_ubatch x the vocabulary:
@@ -93,7 +93,7 @@ def load(
             # an encoder or a scored window is evaluated whole, in one batch
             n_batch = max(s.n_ubatch, spec.n_ctx) if (spec.embedding or spec.whole_window) else s.n_ubatch
             n_ctx = spec.n_ctx
-            if spec.embedding:  # embed_pack sequences a decode (and the filler, with buckets)
+            if spec.embedding:  # embed_pack sequences a decode
                 n_ctx = n_batch = s.encoder_tokens(spec.n_ctx)
             llm = Llama(
                 str(spec.path), n_ctx=n_ctx, n_threads=spec.threads, n_threads_batch=spec.threads,

@@ -18,9 +18,9 @@ def settings_for(check: EngineCheck, *, embedding: bool = False, offload: bool =
     ENCODER_GPU_PACK sequences into each decode (fewer launches a chunk; on a CPU one sequence a
     decode is fastest). An LLM offloaded to a GPU runs with flash attention (llama.cpp's own choice
     there: no attention-score matrix in VRAM)."""
-    _, pack, bucket = encoder_gpu_tuning() if embedding and offload else (1, 1, 0)
+    pack = encoder_gpu_tuning()[1] if embedding and offload else 1
     return EngineSettings(repack=check.use_extra_bufts, amx=check.amx, flash_attn=embedding != offload,
-                          embed_pack=pack, embed_bucket=bucket)
+                          embed_pack=pack)
 
 
 def kv_settings(settings: EngineSettings, type_k: str = "f16", type_v: str = "f16") -> EngineSettings:
@@ -41,30 +41,32 @@ def kv_settings(settings: EngineSettings, type_k: str = "f16", type_v: str = "f1
 # chunks of 700 characters, 8 contexts): 1 → 2,031 chunks/s, 2 → 2,472, 4 → 1,167, 8 → 824 (the
 # non-causal mask spans the whole micro-batch: its cost grows with the square of the packed length).
 ENCODER_GPU_PACK = 2
-# An encoder's decodes on a GPU padded to a multiple of this many tokens (EngineSettings.embed_bucket):
-# CUDA graphs replay them (0: off).
-ENCODER_GPU_BUCKET = 0
-ENCODER_GPU_CONTEXTS = 8  # see orion_cli.placement.encoder_contexts
+ENCODER_GPU_CONTEXTS = 8  # see orion_cli.placement.encoder_contexts (measured there, the grid below too)
+# Measured again on an H200 on 2026-12-02 (bench/gpu.py grid, 6,000 chunks of 700 characters, F16): 8
+# contexts x 2 a decode 2,616 chunks/s, then 16 x 2 2,311, 16 x 4 1,842, 8 x 4 1,774, 16 x 1 1,656, 8 x 8
+# 1,564, 8 x 1 1,514, 16 x 8 1,097. Decodes padded to a fixed shape (a filler sequence up to a multiple of
+# 32 tokens, so that ggml-cuda could replay each as a CUDA graph) gained nothing (2,276 against 2,616 at
+# 8 x 2), and CUDA graphs off changed 8 x 2 by 1 % (2,591): the time is not in kernel launches.
 
 
-def encoder_gpu_tuning() -> tuple[int, int, int]:
-    """An encoder's (contexts, sequences a decode, bucket) on a GPU: orion's measured choice, or
-    ``ORION_ENCODER_GPU="CONTEXTS,PACK,BUCKET"`` (benchmarks that compare settings; see docs)."""
+def encoder_gpu_tuning() -> tuple[int, int]:
+    """An encoder's (contexts, sequences a decode) on a GPU: orion's measured choice, or
+    ``ORION_ENCODER_GPU="CONTEXTS,PACK"`` (for benchmarks that compare settings; docs/benchmarks.md)."""
     import os
 
     value = os.environ.get("ORION_ENCODER_GPU", "").strip()
     if not value:
-        return ENCODER_GPU_CONTEXTS, ENCODER_GPU_PACK, ENCODER_GPU_BUCKET
+        return ENCODER_GPU_CONTEXTS, ENCODER_GPU_PACK
     from ..errors import InvalidValue
 
     try:
-        contexts, pack, bucket = (int(v) for v in value.split(","))
+        contexts, pack = (int(v) for v in value.split(","))
     except ValueError:
-        contexts = 0
-    if not (1 <= contexts <= 64 and 1 <= pack <= 64 and 0 <= bucket <= 4096):
-        raise InvalidValue(f"ORION_ENCODER_GPU={value!r} is not CONTEXTS,PACK,BUCKET",
-                           hint="three whole numbers, e.g. 8,2,0 (contexts 1-64, pack 1-64, bucket 0-4096)")
-    return contexts, pack, bucket
+        contexts = pack = 0
+    if not (1 <= contexts <= 64 and 1 <= pack <= 64):
+        raise InvalidValue(f"ORION_ENCODER_GPU={value!r} is not CONTEXTS,PACK",
+                           hint="two whole numbers from 1 to 64, e.g. 8,2")
+    return contexts, pack
 
 
 def machine_check() -> EngineCheck | None:
