@@ -292,11 +292,8 @@ def test_an_encoders_pool_on_a_gpu_counts_each_context():
     import json
 
     from orion_cli.gguf_header import _header_from_json
-    from orion_cli.placement import (
-        ENCODER_GPU_CONTEXTS,
-        encoder_contexts,
-        pool_extra_bytes,
-    )
+    from orion_cli.engine.settings import ENCODER_GPU_CONTEXTS
+    from orion_cli.placement import encoder_contexts, pool_extra_bytes
 
     h = _header_from_json(json.loads((FIXTURES / "minilm-f16-header.json").read_text()))
     settings = EngineSettings(repack=False, flash_attn=False, embed_pack=2)
