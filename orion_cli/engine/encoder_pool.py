@@ -140,4 +140,3 @@ class EncoderPool:
             for ctx in self._extra_contexts:
                 llama_cpp.llama_free(ctx)
             self._extra_contexts = []
-
