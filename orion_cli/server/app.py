@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidValue, ModelInUse, OrionError
-from . import openai, token_arrays
+from . import openai, openai_embeddings, token_arrays
 from .http_errors import APIError, Unauthorized, api_error, internal_error
 from .http_limits import STOPPED, answered_by_connection
 from .metrics import metrics_text, ps_document
@@ -200,11 +200,11 @@ class Routes(OllamaRoutes):
     async def embeddings(self, request: Request) -> Response:
         doc = await read_json(request)
         name = model_name(doc)
-        fmt = openai.encoding_format(doc)
-        inputs = openai.embedding_inputs(doc.get("input"))
+        fmt = openai_embeddings.encoding_format(doc)
+        inputs = openai_embeddings.embedding_inputs(doc.get("input"))
         served = await in_thread(self.state.encoder, name, optional_text(doc, "prefer_id"))
         request.state.model = served.name
-        openai.check_dimensions(doc, served.model_id, served.dim)
+        openai_embeddings.check_dimensions(doc, served.model_id, served.dim)
         texts = await in_thread(token_arrays.as_text, inputs)  # OpenAI's token arrays are cl100k ids, not the encoder's
         started = time.perf_counter()
         vectors, n_tokens, truncated = await in_thread(self.state.shared_encoder(served).embed, texts)

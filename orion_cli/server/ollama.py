@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .http_errors import APIError
-from .openai import _shown, boolean, checked_name, embedding_inputs
+from .openai import _shown, boolean, checked_name
+from .openai_embeddings import embedding_inputs
 
 # Ollama's own defaults where a request leaves them out (its Modelfile defaults): num_predict -1 is
 # "until the model stops or the context is full".

@@ -13,14 +13,12 @@ import re
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from ..tools import ToolChoice
 from .http_errors import APIError
 from .openai_tools import as_text_turns, native_generation, parse_tool_answer, template_tool_format, tool_choice
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_EMBEDDING_INPUTS = 2048
 DEFAULT_MAX_TOKENS = 256
 # Arrays and objects inside one another: no request of the API nests past 4 (a list of token arrays;
 # a message's content parts), and Python's parser fails with a RecursionError somewhere near 1,000.
@@ -469,36 +467,3 @@ class Asked:
     def tool_answer(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(reply text, tool calls) of an answer to a request with tools, in the format it was asked in."""
         return parse_tool_answer(self.tool_format, text)
-
-
-def embedding_inputs(value: Any) -> list[str | list[int]]:
-    """A string, a list of strings, a token array or a list of token arrays, as a list (token arrays
-    are cl100k_base ids, as OpenAI's API reads them: :mod:`.token_arrays` decodes them)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return [value]
-    if not isinstance(value, list) or not value:
-        raise APIError(400, "'input' must be a string, a list of strings or token arrays (non-empty)", param="input")
-    if len(value) > MAX_EMBEDDING_INPUTS:
-        raise APIError(400, f"'input' has {len(value)} items; the most in one request is {MAX_EMBEDDING_INPUTS}",
-                       param="input")
-    for i, item in enumerate(value):
-        ok = isinstance(item, str) or (isinstance(item, list) and item and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in item))
-        if not ok:
-            raise APIError(400, f"input[{i}] must be a string or a non-empty list of token ids", param=f"input[{i}]")
-    return value
-
-
-def encoding_format(doc: dict) -> str:
-    fmt = doc.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    return fmt
-
-
-def check_dimensions(doc: dict, model_id: str, dim: int) -> None:
-    if number(doc, "dimensions", None, 1, 2**31 - 1, integer=True) not in (None, dim):
-        raise APIError(400, f"{model_id} makes {dim}-dimensional vectors; 'dimensions' cannot change that",
-                       param="dimensions")

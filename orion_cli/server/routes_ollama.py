@@ -18,7 +18,7 @@ from starlette.responses import (
 
 from .. import __version__
 from ..errors import ModelInUse, OrionError
-from . import ollama, openai
+from . import ollama, openai, openai_embeddings
 from .http_errors import APIError
 from .http_limits import STOPPED
 from .route_helpers import generate_whole, generation_to_stream, in_thread, read_json, stream_error
@@ -182,7 +182,7 @@ class OllamaRoutes:
         served = await in_thread(self.state.encoder, name, None)
         request.state.model = served.name
         ollama.refuse_embed_options(doc, served.n_ctx)
-        openai.check_dimensions(doc, served.model_id, served.dim)
+        openai_embeddings.check_dimensions(doc, served.model_id, served.dim)
         loading = time.perf_counter()
         await in_thread(lambda: self.state.manager.load(served.request, keep_alive_s=keep))
         load_s = time.perf_counter() - loading
