@@ -14,6 +14,8 @@ if ! ls /tmp/w/*.whl >/dev/null 2>&1; then
   echo "engine built after $(( $(date +%s) - T0 )) s"
   $PIP /tmp/w/*.whl || exit 1
 fi
+# `python3 -m orion_cli` in the repository root runs the source tree, whose profiles live beside it
+[ -e orion_cli/profiles ] || ln -s ../profiles orion_cli/profiles
 $PIP --no-build-isolation . >/dev/null || exit 1   # --upgrade: a warm machine keeps the last call's /tmp/site
 # the wheels must match pyproject's pins (typer 0.29 broke every command there: --no-deps checks nothing)
 python3 -m orion_cli --help >/dev/null || { echo "orion's CLI does not start: check .gpu/whl against pyproject.toml"; exit 1; }

@@ -20,6 +20,7 @@
 #  5. `orion serve` with 1, 3 and 8 embedding clients against the same peer (bench/serve.py --parts g);
 #  6. issue 23's crash: three fresh homes, import then the first embed (bench/embed_first_device.sh);
 #  7. issue 21's whole matrix (8 architectures x 3 contexts x 2 KV types, BERT, MiniLM), until the lease ends.
+# STEPS="2 4 5 6" runs only those (the engine, step 1, always runs).
 W=/tmp/issues
 if [ "$1" != "--run" ]; then
   T0=$(date +%s)
@@ -41,6 +42,7 @@ if [ "$1" != "--run" ]; then
 fi
 
 step() { echo; echo "== step $1 after $(( $(date +%s) - START )) s"; }
+want() { [ -z "$STEPS" ] || [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 step "1: engine"
 source bench/device_engine.sh || exit 1
@@ -51,28 +53,36 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p /tmp/gw && rm -rf /tmp/gw/minilm && cp -r .gpu/minilm /tmp/gw/minilm
 python3 bench/minilm_from_gguf.py .gpu/minilm-f16.gguf /tmp/gw/minilm/model.safetensors
 # the Q8_0 encoder of the held-out cells, converted here (both GGUFs are more than a call carries)
-[ -f .gpu/minilm-q8_0.gguf ] || python3 -m orion_cli.convert /tmp/gw/minilm .gpu/minilm-q8_0.gguf q8_0
+{ want 3 || want 7; } && [ ! -f .gpu/minilm-q8_0.gguf ] && python3 -m orion_cli.convert /tmp/gw/minilm .gpu/minilm-q8_0.gguf q8_0
 
+if want 2; then
 step "2: encoder grid"
 python3 bench/gpu.py --stages embed --minilm /tmp/gw/minilm --out /tmp/grid --work /tmp/gw --threads "$(nproc)" \
-  --chunks 6000 --types f16 --pools 8,16 --packs 1,2,4
+  --chunks 6000 --types ${GRID_TYPES:-f16,bf16} --pools ${GRID_POOLS:-8,16} --packs ${GRID_PACKS:-1,2,4}
 cp /tmp/grid/gpu-embed.json $W/out/grid.json
+# orion converts an encoder to F16 for a GPU: its fastest F16 setting is what the later steps use
 BEST=$(python3 -c "
 import json
 r = json.load(open('/tmp/grid/gpu-embed.json'))['orion']
-r = max((x for x in r if x['min_cosine'] >= 0.999), key=lambda x: x['chunks_s'])
+r = max((x for x in r if x['min_cosine'] >= 0.999 and x['type'] == 'f16'), key=lambda x: x['chunks_s'])
 print(f\"{r['contexts']},{r['pack']}\")")
 echo "fastest: contexts,pack = $BEST"
 export ORION_ENCODER_GPU=$BEST
 IFS=, read -r C P <<< "$BEST"
+if [ -z "$SKIP_NO_GRAPHS" ]; then
 GGML_CUDA_DISABLE_GRAPHS=1 python3 bench/gpu.py --stages embed --minilm /tmp/gw/minilm --out /tmp/grid-ng \
   --work /tmp/gw --threads "$(nproc)" --chunks 6000 --types f16 --pools "$C" --packs "$P"
 cp /tmp/grid-ng/gpu-embed.json $W/out/grid-no-graphs.json
+fi
+fi
 
+if want 3; then
 step "3: held-out memory cells (issue 21)"
 python3 bench/estimate.py --device gpu --threads "$(nproc)" --work /tmp/ew --out $W/out/estimate-heldout.json \
   $(cat bench/estimate-heldout.args)
+fi
 
+if want 4; then
 step "4: orion embed DIR against sentence-transformers"
 python3 - <<'EOF'
 import shutil, sysconfig
@@ -91,15 +101,22 @@ print(f"corpus: {sum(1 for _ in dst.rglob('*.py'))} files, {total / 1e6:.1f} MB 
 EOF
 python3 bench/embed.py --corpus /tmp/corpus --device gpu --minilm /tmp/gw/minilm --peers st --rounds 2 --profile \
   --out $W/out/embed-dir.json
+fi
 
+if want 5; then
 step "5: orion serve, 1, 3 and 8 embedding clients"
 python3 bench/serve.py --parts g --device gpu --minilm /tmp/gw/minilm --corpus /tmp/corpus --peers st \
   --peer-batch 512 --rounds 2 --out $W/out/serve-embed.json
+fi
 
+if want 6; then
 step "6: import then the first embed, three fresh homes (issue 23's crash)"
 OUT=$W/out bash bench/embed_first_device.sh
+fi
 
+if want 7; then
 step "7: the whole memory matrix (issue 21)"
 python3 bench/estimate.py --device gpu --threads "$(nproc)" --work /tmp/ew --out $W/out/estimate-matrix.json \
   --model minilm=.gpu/minilm-f16.gguf --contexts 4096,16384,65536
+fi
 step "end"

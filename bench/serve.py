@@ -125,9 +125,11 @@ class OrionServer:
         env = env | {"ORION_RUNNERS": "1" if runners else "0"}
         self.proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "serve", "--port", "0"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        said = []
         while not (line := self.proc.stderr.readline()).startswith("orion serve on "):
             if not line:
-                raise RuntimeError("orion serve did not start")
+                raise RuntimeError(f"orion serve did not start (exit {self.proc.wait()}): {''.join(said)[-1500:]}")
+            said.append(line)
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
         self.port = json.loads((Path(env["ORION_HOME"]) / "server.json").read_text())["port"]
 

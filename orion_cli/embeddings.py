@@ -125,16 +125,44 @@ class Encoder:
         return [row.tobytes() for row in self.encode(texts, on_done=on_done).astype(np.float16)]
 
     def chunks(self, text: str) -> list[Chunk]:
-        """``text`` cut into chunks that fit this encoder's window (every line's count asked at once:
-        the model may be in a runner process, where each question is a message)."""
+        """``text`` cut into chunks that fit this encoder's window."""
+        return self.chunks_and_sequences(text, sequences=False)[0]
+
+    @property
+    def tokens_add_up(self) -> bool:
+        """Whether a text's word pieces are its lines' pieces end to end: WordPiece (BERT's tokenizer,
+        ``tokenizer.ggml.model`` "bert") cuts at whitespace before anything else, and a line ends with
+        one. The chunker's line counts then give each chunk's tokens: nothing is tokenised twice."""
+        header = getattr(self.model, "header", None)
+        return header is not None and header.get("tokenizer.ggml.model") == "bert"
+
+    def chunks_and_sequences(self, text: str, *, sequences: bool = True) -> tuple[list[Chunk], list[list[int]]]:
+        """:meth:`chunks` and each chunk's :meth:`sequences` (every line's tokens asked at once: the
+        model may be in a runner process, where each question is a message; where
+        :attr:`tokens_add_up`, the chunks' tokens are put together from the lines')."""
         lines = list(dict.fromkeys(line for line in text.splitlines(keepends=True) if line.strip()))
-        counts = {line: max(0, len(ids) - 2) for line, ids in zip(lines, self.model.tokenize_many(lines))} if lines else {}
+        ids = dict(zip(lines, self.model.tokenize_many(lines))) if lines else {}
 
         def count(piece: str) -> int:
-            n = counts.get(piece)
-            return n if n is not None else self.count_tokens(piece)
+            got = ids.get(piece)
+            return max(0, len(got) - 2) if got is not None else self.count_tokens(piece)
 
-        return chunk_text(text, count, self.max_tokens - 2)
+        pieces, spans = chunk_spans(text, count, self.max_tokens - 2)
+        chunks = _chunks(pieces, spans)
+        if not sequences:
+            return chunks, []
+        # Python ends lines (and re's \s matches) at the separators \x1c-\x1f, which WordPiece drops
+        if not (ids and self.tokens_add_up) or any(c in text for c in _NOT_WORDPIECE_SPACE):
+            return chunks, self.sequences([c.text for c in chunks])
+        first = next(iter(ids.values()))
+        cls, sep = first[:1], first[-1:]  # [CLS] and [SEP]
+        cut = [p[0] for p in pieces if p[0].strip() and p[0] not in ids]  # parts of long lines
+        ids.update(zip(cut, self.model.tokenize_many(cut)) if cut else ())
+        out = []
+        for i, j in spans:
+            body = [t for p in pieces[i:j] if p[0].strip() for t in ids[p[0]][1:-1]]
+            out.append(truncate(cls + body + sep, self.max_tokens))
+        return chunks, out
 
     @property
     def batch_size(self) -> int:
@@ -297,8 +325,19 @@ def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = 
                overlap_tokens: int = 32) -> list[Chunk]:
     """Chunks of at most ``max_tokens`` word pieces, cut at blank lines or line ends where possible,
     each starting with up to ``overlap_tokens`` of the previous one's last lines."""
+    return _chunks(*chunk_spans(text, count_tokens, max_tokens, overlap_tokens))
+
+
+_NOT_WORDPIECE_SPACE = "\x1c\x1d\x1e\x1f"  # spaces to str.splitlines and re's \s, not to llama.cpp's WordPiece
+Piece = tuple[str, int, int]  # a line, or part of a long line: (text, line number, byte offset)
+
+
+def chunk_spans(text: str, count_tokens: Callable[[str], int], max_tokens: int = DEFAULT_MAX_TOKENS - 2,
+                overlap_tokens: int = 32) -> tuple[list[Piece], list[tuple[int, int]]]:
+    """:func:`chunk_text`'s cuts: the text's pieces (lines, long lines cut at spaces) and each chunk
+    as the span ``pieces[i:j]`` (spans of blank pieces only are left out)."""
     lines = text.splitlines(keepends=True)
-    pieces: list[tuple[str, int, int]] = []  # (text, line number, byte offset)
+    pieces: list[Piece] = []
     offset = 0
     for number, line in enumerate(lines, 1):
         n = count_tokens(line) if line.strip() else 0
@@ -318,7 +357,7 @@ def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = 
         offset += len(line.encode())
 
     counts = [count_tokens(p[0]) if p[0].strip() else 0 for p in pieces]
-    chunks: list[Chunk] = []
+    spans: list[tuple[int, int]] = []
     i = 0
     while i < len(pieces):
         total, j = 0, i
@@ -330,10 +369,8 @@ def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = 
             if not pieces[k][0].strip() and j < len(pieces):
                 j = k + 1
                 break
-        body = "".join(p[0] for p in pieces[i:j])
-        if body.strip():
-            start_byte = pieces[i][2]
-            chunks.append(Chunk(body, start_byte, start_byte + len(body.encode()), pieces[i][1], pieces[j - 1][1]))
+        if any(p[0].strip() for p in pieces[i:j]):
+            spans.append((i, j))
         if j >= len(pieces):
             break
         back, k = 0, j
@@ -341,6 +378,15 @@ def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = 
             back += counts[k - 1]
             k -= 1
         i = k if k > i else j
+    return pieces, spans
+
+
+def _chunks(pieces: list[Piece], spans: list[tuple[int, int]]) -> list[Chunk]:
+    chunks = []
+    for i, j in spans:
+        body = "".join(p[0] for p in pieces[i:j])
+        start_byte = pieces[i][2]
+        chunks.append(Chunk(body, start_byte, start_byte + len(body.encode()), pieces[i][1], pieces[j - 1][1]))
     return chunks
 
 

@@ -86,7 +86,7 @@ class Profile:
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.seconds = {k: 0.0 for k in ("walk", "read", "chunk", "tokenise", "encode", "encode_threads",
+        self.seconds = {k: 0.0 for k in ("walk", "read", "chunk", "encode", "encode_threads",
                                          "write", "load")}
         self.encoder_from: float | None = None  # when the encoder was ready
         self._lock = threading.Lock()
@@ -256,7 +256,7 @@ def _read(run: _Run, paths: Sequence[Path], report: WalkReport, hidden: bool) ->
 
 
 def _chunk(run: _Run) -> None:
-    """The chunker: chunks, hashes, known vectors, tokens; full batches for the encoders."""
+    """The chunker: chunks with their tokens, hashes, known vectors; full batches for the encoders."""
     store = run.store.reader()
     refs: list[tuple[_File, int]] = []
     sequences: list = []
@@ -265,15 +265,15 @@ def _chunk(run: _Run) -> None:
             encoder = run.wait_encoder()
             try:
                 with run.profile.timing("chunk"):
-                    f.chunks, f.text = encoder.chunks(f.text), ""
+                    f.chunks, sequences_of = encoder.chunks_and_sequences(f.text)
+                    f.text = ""
                     f.hashes = [content_hash(ch.text) for ch in f.chunks]
                     # an earlier file of this run embeds it (pending is looked at first: a hash leaves it
                     # only once committed, when this connection sees it)
                     ours = {h for h in f.hashes if h in run.pending}
                     f.known = store.known_vectors(run.c, [h for h in f.hashes if h not in ours])
                     f.todo = [i for i, h in enumerate(f.hashes) if h not in f.known and h not in ours]
-                with run.profile.timing("tokenise"):
-                    tokens = encoder.sequences([f.chunks[i].text for i in f.todo])
+                tokens = [sequences_of[i] for i in f.todo]
             except OSError as exc:
                 run.failures.append((f.index, f"{f.path}: {exc.strerror or exc}"))
                 continue

@@ -49,6 +49,9 @@ class Recording:
     def chunks(self, text):
         return self.real.chunks(text)
 
+    def chunks_and_sequences(self, text):
+        return self.real.chunks_and_sequences(text)
+
     def sequences(self, texts):
         return self.real.sequences(texts)
 
@@ -272,3 +275,26 @@ def test_reruns_skip_unchanged_files_without_making_the_encoder(real_encoder, co
     assert changed.chunks_reused >= 3 and changed.files_dropped == 1
     assert changed.files_failed == 1 and changed.failures == [f"{work / 'part-09.txt'}: Permission denied"]
     assert changed.files_unchanged == len(ref_files) - 3
+
+
+def test_chunk_tokens_put_together_from_the_lines_are_the_chunks_own(real_encoder):
+    """WordPiece splits at whitespace first, so a chunk's tokens are its lines' end to end: the pipeline
+    tokenises each line once. Checked against tokenising each chunk whole, on code, prose, CRLF, Unicode
+    (CJK, accents, mathematical letters), a line longer than a chunk (cut at spaces) and one word longer
+    than a chunk; and the separators \\x1c-\\x1f, which Python ends lines at and WordPiece drops, are
+    tokenised whole."""
+    assert real_encoder.tokens_add_up
+    texts = [
+        (STDLIB / "textwrap.py").read_text(),
+        (STDLIB / "json" / "decoder.py").read_text(),
+        "héllo wörld 日本語のテキスト\r\nÜnïcödé — “quotes” 𝔘𝔫𝔦\tTabs\r\n\n\n" * 20,
+        "word " * 900 + "\n" + "x" * 3000 + "\nlast line\n",
+        "a\vb\fc\x85d\u2028e\u2029f\rg\n",
+        "alpha\x1cbeta gamma\x1ddelta\x1eepsilon\x1fzeta\n" * 3,
+    ]
+    for text in texts:
+        chunks, sequences = real_encoder.chunks_and_sequences(text)
+        assert [c.text for c in chunks] == [c.text for c in real_encoder.chunks(text)]
+        assert len(chunks) == len(sequences) > 0
+        assert sequences == real_encoder.sequences([c.text for c in chunks]), text[:40]
+    assert len(real_encoder.chunks_and_sequences(texts[3])[0]) > 2  # the long line was cut

@@ -152,6 +152,10 @@ class RemoteEncoder:
     def encode_sequences_f16(self, texts: Sequence[str]) -> list[bytes]:
         return self.encode_f16(texts)
 
+    def chunks_and_sequences(self, text: str) -> tuple[list, list[str]]:
+        chunks = self.chunks(text)
+        return chunks, [c.text for c in chunks]
+
     def chunks(self, text: str):
         from ..embeddings import Chunk
 
