@@ -46,6 +46,7 @@ class KLDResult:
     path: str
     file_type: str
     kv_type: str
+    flash_attn: bool  # llama.cpp quantizes V only with flash attention: on for a quantized KV cache
     size_bytes: int
     bits_per_weight: float
     n_ctx: int
@@ -178,6 +179,8 @@ def windows(tokens: list[int], n_ctx: int) -> list[list[int]]:
 
 
 def _load(path: Path, n_ctx: int, threads: int, kv_type: str):
+    """The model as orion loads it for evaluation (``evaluate.evaluate``'s settings), with a KV cache of
+    ``kv_type`` for K and V (a quantized one with flash attention, llama.cpp's rule)."""
     from .engine import LoadSpec, load
     from .engine.settings import kv_settings
     from .estimate import EngineSettings
@@ -256,7 +259,8 @@ def score_against(path: Path, folder: Path, threads: int, kv_type: str = "f16",
             if progress:
                 progress(w + 1, len(meta["windows"]))
         stats = acc.summary()
-        return KLDResult(str(path), header.file_type, kv_type, header.file_size or Path(path).stat().st_size,
+        flash = model.spec.settings.flash_attn
+        return KLDResult(str(path), header.file_type, kv_type, flash, header.file_size or Path(path).stat().st_size,
                          round(header.bits_per_weight, 2), n_ctx, len(meta["windows"]),
                          seconds=time.perf_counter() - start, **stats)
     finally:

@@ -143,6 +143,7 @@ def test_kld_kv_types_ordered_and_self_is_zero(orion, gemma_ladder, short_text):
     kld = {k: r["kld_mean"] for k, r in rows.items()}
     assert kld["f16"] < 1e-5 < kld["q8_0"] < kld["q4_0"]  # coarser caches, further from the reference
     assert len({r["kld_p99"] for r in rows.values()}) == 3
+    assert [r["flash_attn"] for r in rows.values()] == [False, True, True]  # llama.cpp quantizes V only with it
     assert rows["q4_0"]["same_top"] < 1.0
 
 

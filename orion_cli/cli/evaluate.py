@@ -30,7 +30,7 @@ def evaluate(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the table as CSV here.", metavar="FILE")] = None,
     kld: Annotated[bool, typer.Option("--kld", help="Compare with a reference by KL divergence, as llama.cpp's perplexity --kl-divergence does.")] = False,
     against: Annotated[Optional[str], typer.Option(help="With --kld: the reference, a model, a file, or a type to quantize MODEL to (F16). Default: the highest-precision file of this model here.", metavar="REF")] = None,
-    kv_type: Annotated[Optional[str], typer.Option(help="With --kld: KV-cache types to measure at the same weights (K and V both): f16, q8_0, q4_0.", metavar="T1,T2")] = None,
+    kv_type: Annotated[Optional[str], typer.Option(help="With --kld: KV-cache types to measure at the same weights (K and V both): f16, q8_0, q4_0. A quantized cache runs with flash attention (llama.cpp's rule), which itself moves the logits.", metavar="T1,T2")] = None,
 ) -> None:
     """Measure a model: perplexity (± standard error), prompt and generation tokens/s, load time, peak RSS.
 
@@ -177,13 +177,13 @@ def _kld(path: Path, against: str | None, ladder: str | None, kv_types: list[str
     out.result({"model": str(path), "reference": ref, "ctx": ctx, "results": rows}, lambda: _kld_render(rows, ref))
 
 
-KLD_HEADERS = ["type", "KV", "size", "mean KLD", "99% KLD", "99.9% KLD", "same top", "Δppl", "perplexity"]
+KLD_HEADERS = ["type", "KV", "flash attn", "size", "mean KLD", "99% KLD", "99.9% KLD", "same top", "Δppl", "perplexity"]
 
 
 def _kld_cells(row: dict) -> list[str]:
     from ..units import format_bytes
 
-    return [row["file_type"], row["kv_type"], format_bytes(row["size_bytes"]),
+    return [row["file_type"], row["kv_type"], "on" if row["flash_attn"] else "off", format_bytes(row["size_bytes"]),
             f"{row['kld_mean']:.6f} ± {row['kld_err']:.6f}", f"{row['kld_p99']:.5f}", f"{row['kld_p999']:.5f}",
             f"{100 * row['same_top']:.2f} ± {100 * row['same_top_err']:.2f} %",
             f"{row['delta_perplexity']:+.4f} ± {row['delta_perplexity_err']:.4f}", f"{row['perplexity']:.4f}"]
@@ -196,7 +196,7 @@ def _kld_caption(rows: list[dict], ref: dict) -> str:
 
 
 def _kld_render(rows: list[dict], ref: dict) -> None:
-    out.table([(h, {"justify": "left" if h in ("type", "KV") else "right"}) for h in KLD_HEADERS],
+    out.table([(h, {"justify": "left" if h in ("type", "KV", "flash attn") else "right"}) for h in KLD_HEADERS],
               [_kld_cells(row) for row in rows])
     out.text(f"[dim]{escape(_kld_caption(rows, ref))}[/]")
 
