@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .device import process_memory_bytes
 from .errors import InvalidValue
@@ -127,20 +128,34 @@ def speed(path: Path, threads: int, prompt_tokens: int = 256, n_gpu_layers: int 
         model.close()
 
 
-def _run_child(args: list[str], what: str) -> dict:
-    """Run ``python -m orion_cli.evaluate ARGS``; its last JSON line, or its error as an OrionError."""
+def _run_child(args: list[str], what: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run ``python -m orion_cli.evaluate ARGS``; its last JSON line, or its error as an OrionError.
+    ``progress(done, of)`` for each ``{"progress": …}`` line the child prints as it goes."""
+    import tempfile
+
     from .errors import child_failure, error_from_payload
 
     from ._proc import die_with_parent
 
-    proc = subprocess.run([sys.executable, "-m", "orion_cli.evaluate", *args], capture_output=True, text=True,
-                          preexec_fn=die_with_parent)  # a killed eval leaves no child running
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "orion_cli.evaluate", *args], stdout=subprocess.PIPE,
+                                stderr=err, text=True, preexec_fn=die_with_parent)  # a killed eval leaves no child
+        for line in proc.stdout:
+            if line.startswith('{"progress"'):
+                if progress:
+                    done = json.loads(line)
+                    progress(done["progress"], done["of"])
+            elif line.startswith("{"):
+                lines.append(line)
+        proc.wait()
+        err.seek(0)
+        stderr = err.read()
     doc = json.loads(lines[-1]) if lines else {}
     if proc.returncode != 0 or not lines:
         if doc.get("error"):
             raise error_from_payload(doc)  # the child's own error, its class kept
-        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+        last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
         raise child_failure(proc.returncode, what, last)
     return doc
 
@@ -154,11 +169,81 @@ def speed_in_child(path: Path, threads: int, n_gpu_layers: int = 0) -> dict:
     return _run_child(["speed", str(path), str(threads), str(n_gpu_layers)], f"measuring {Path(path).name}")
 
 
+def kld_in_children(reference: Path, targets: list[tuple[Path, str]], text_file: Path, n_ctx: int, threads: int,
+                    progress: Callable[[str, int, int], None] | None = None) -> tuple[dict, list]:
+    """The reference evaluated once (its log-probabilities kept on disk, :mod:`.kld`), then each
+    (model, KV type) of ``targets`` against it, each in a process of its own: two models are never
+    loaded at once. ``progress(what, done, of)`` after each window. (reference summary, KLDResults)."""
+    import shutil
+    import tempfile
+
+    from .kld import KLDResult
+    from .paths import orion_home
+
+    def step(what: str):
+        return (lambda done, of: progress(what, done, of)) if progress else None
+
+    cache = orion_home() / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="kld-", dir=cache))  # on disk (a /tmp in memory would hold it in RAM)
+    try:
+        ref = _run_child(["kld-ref", str(reference), str(text_file), str(n_ctx), str(threads), str(folder)],
+                         f"evaluating {reference.name}", step(f"reference {reference.name}"))
+        results = []
+        for path, kv_type in targets:
+            doc = _run_child(["kld", str(path), str(folder), str(threads), kv_type], f"evaluating {path.name}",
+                             step(f"{path.name} (KV {kv_type})"))
+            results.append(KLDResult(**doc))
+        return ref | {"path": str(reference)}, results
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def highest_precision(path: Path) -> Path:
+    """The file of the model at ``path`` with the most bits a weight here: among the files registered
+    from the same repository, and ``path``'s quantizations cached by ``eval --ladder``; ``path`` itself
+    when none has more."""
+    from .gguf_header import read_local_header
+    from .models import Registry
+    from .quantize import quant_cache_path
+
+    path = Path(path)
+    found = {path.resolve()}
+    models = Registry().all().values()
+    for m in models:
+        if m.repo and m.path.endswith(".gguf") and Path(m.path).resolve() == path.resolve():
+            found |= {Path(o.path).resolve() for o in models
+                      if o.repo == m.repo and o.kind == m.kind and o.path.endswith(".gguf") and Path(o.path).exists()}
+    cached = quant_cache_path(path, "X")
+    found |= set(cached.parent.glob(cached.name[:-len("X.gguf")] + "*.gguf")) if cached.parent.is_dir() else set()
+    best, best_bits = path, read_local_header(path).bits_per_weight
+    for other in sorted(found - {path.resolve()}):
+        bits = read_local_header(other).bits_per_weight
+        if bits > best_bits + 0.01:
+            best, best_bits = other, bits
+    return best
+
+
+def _child_progress(done: int, of: int) -> None:
+    print(json.dumps({"progress": done, "of": of}), flush=True)
+
+
 def _child_main(argv: list[str]) -> None:
     from .errors import OrionError
 
     try:
-        if argv[0] == "speed":
+        if argv[0] == "kld-ref":
+            from .kld import write_reference
+
+            path, text_file, n_ctx, threads, folder = argv[1:]
+            doc = write_reference(Path(path), Path(text_file).read_text(encoding="utf-8"), int(n_ctx), int(threads),
+                                  Path(folder), _child_progress)
+        elif argv[0] == "kld":
+            from .kld import score_against
+
+            path, folder, threads, kv_type = argv[1:]
+            doc = score_against(Path(path), Path(folder), int(threads), kv_type, _child_progress).to_dict()
+        elif argv[0] == "speed":
             doc = speed(Path(argv[1]), int(argv[2]), n_gpu_layers=int(argv[3]) if len(argv) > 3 else 0)
         else:
             path, text_file, n_ctx, threads = argv

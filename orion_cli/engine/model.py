@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import messages
 from ..gguf_header import GGUFHeader
@@ -177,6 +177,22 @@ class LoadedModel:
     def perplexity_window(self, tokens: Sequence[int], first_scored: int):
         """Negative log-likelihoods of ``tokens[j + 1]`` given ``tokens[: j + 1]`` for j from
         ``first_scored`` to the end, from one evaluation of the window (llama.cpp's perplexity)."""
+        import numpy as np
+
+        nll = []
+
+        def score(j: int, logits) -> None:
+            top = float(logits.max())
+            log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
+            nll.append(log_z - float(logits[tokens[j + 1]]))
+
+        self.window_logits(tokens, first_scored, score)
+        return nll
+
+    def window_logits(self, tokens: Sequence[int], first_scored: int, each: Callable[[int, Any], None]) -> None:
+        """One evaluation of the window ``tokens`` in an emptied context; ``each(j, logits)`` for j from
+        ``first_scored`` to ``len(tokens) - 2``: the float32 logits (a numpy view, valid during the
+        call only) after ``tokens[: j + 1]`` (llama.cpp's perplexity and KL divergence)."""
         import llama_cpp
         import numpy as np
 
@@ -187,16 +203,15 @@ class LoadedModel:
         batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
         try:
             decode_alone(ctx, batch, tokens, lambda pos: first_scored <= pos < len(tokens) - 1)
-            nll = []
             for j in range(first_scored, len(tokens) - 1):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
-                top = float(logits.max())
-                log_z = top + float(np.log(np.exp(logits - top, dtype=np.float64).sum()))
-                nll.append(log_z - float(logits[tokens[j + 1]]))
-            return nll
+                each(j, np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,)))
         finally:
             llama_cpp.llama_batch_free(batch)
             self._llm.reset()
+
+    @property
+    def n_vocab(self) -> int:
+        return self._llm.n_vocab()
 
     @property
     def n_embd(self) -> int:
