@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -185,8 +186,10 @@ def kld_in_children(reference: Path, targets: list[tuple[Path, str]], text_file:
 
     cache = orion_home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    remove_stale_kld_folders(cache)
     folder = Path(tempfile.mkdtemp(prefix="kld-", dir=cache))  # on disk (a /tmp in memory would hold it in RAM)
     try:
+        (folder / "pid").write_text(str(os.getpid()))
         ref = _run_child(["kld-ref", str(reference), str(text_file), str(n_ctx), str(threads), str(folder)],
                          f"evaluating {reference.name}", step(f"reference {reference.name}"))
         results = []
@@ -197,6 +200,33 @@ def kld_in_children(reference: Path, targets: list[tuple[Path, str]], text_file:
         return ref | {"path": str(reference)}, results
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_kld_folders(cache: Path, *, grace_s: float = 60.0, now: float | None = None) -> list[Path]:
+    """The ``kld-*`` folders of ``cache`` that an ``eval --kld`` killed before its cleanup left (its
+    process, named in the folder's ``pid``, is gone; a folder without one is older than ``grace_s``),
+    removed; a running eval's folder is kept. The ones removed."""
+    import shutil
+    import time
+
+    from ._proc import alive
+
+    now = time.time() if now is None else now
+    removed = []
+    for folder in cache.glob("kld-*"):
+        try:
+            pid = int((folder / "pid").read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        try:
+            young = now - folder.stat().st_mtime < grace_s
+        except OSError:
+            continue
+        if (pid is not None and alive(pid)) or (pid is None and young):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def highest_precision(path: Path) -> Path:

@@ -23,6 +23,7 @@ from .gguf_files import group_gguf_files, split_group
 from .gguf_header import GGUFHeader, merge_parts
 from .models import LocalModel, ModelRef, Registry
 from .offload import OffloadPlan, plan_offload
+from .quality import Quality
 from .quant_types import ALIASES, LEVEL_PREFERRED, LEVEL_TYPE, QUALITY, quality_rank
 from ._fs import now_iso
 from .strategy import Strategy
@@ -60,6 +61,7 @@ class Candidate:
     fits: bool = False
     disk_bytes: int = 0  # what fetching it still writes to disk (less what the cache holds), projector included
     offload: OffloadPlan | None = None  # with a GPU: where its layers go
+    quality: Quality | None = None  # its mean KLD: measured here (orion eval --kld), typical for its type, or unknown
 
     @property
     def file_type(self) -> str:
@@ -94,6 +96,7 @@ class FetchPlan:
     listing: object = field(default=None, compare=False, repr=False)  # hub.RepoListing
     bench: dict = field(default_factory=dict)  # the strategy's measured speed, for expected tok/s
     gpu_budgets: tuple[int, ...] = ()  # each GPU's budget (none: no GPU offload)
+    max_kld: float | None = None  # the quality bound (--max-kld): a file above it is not chosen
 
     def to_dict(self) -> dict:
         return {
@@ -104,6 +107,7 @@ class FetchPlan:
             "gpu_budgets": list(self.gpu_budgets),
             "free_disk_bytes": self.free_disk_bytes,
             "level": self.level,
+            "max_kld": self.max_kld,
             "chosen": self.chosen.filename if self.chosen else None,
             "projector": self.projector,
             "candidates": [
@@ -114,6 +118,7 @@ class FetchPlan:
                     "expected_tok_s": None if c.offload is not None and c.offload.devices else
                     expected_tok_s(self.bench, c.size_bytes, c.gpu_share),
                     "offload": c.offload.to_dict() if c.offload is not None else None,
+                    "quality": c.quality.to_dict() if c.quality is not None else None,
                 }
                 for c in self.candidates
             ],
@@ -145,6 +150,8 @@ def plan_fetch(
     gpu_budgets: Sequence[int] | None = None,
     on_disk: Callable[[str], int] | None = None,
     remote=None,
+    max_kld: float | None = None,
+    quality_book=None,
 ) -> FetchPlan:
     """Every candidate file of the model's repo with its estimate and verdict, and the choice.
 
@@ -156,7 +163,13 @@ def plan_fetch(
     ``on_disk(name)``: the bytes of a file the cache already holds (cached, or a partial download
     to resume); only the rest must fit the free disk. With RPC servers in the strategy (``remote``:
     their devices, default: asked now), each candidate gets a split plan instead: its part here is
-    what the budget must hold, and the servers' parts must fit theirs."""
+    what the budget must hold, and the servers' parts must fit theirs.
+
+    ``max_kld``: the quality bound. Each candidate's mean KL divergence is its record here (``orion
+    eval --kld``, at the strategy's KV type) or, unmeasured, the figure published for its type
+    (:mod:`.quality`); a file above the bound, or with neither, is not chosen. The bound takes the place of
+    the tier's level (unless --quant is given too): of the files that fit and are under it, the one with
+    the lowest KLD is chosen."""
     from . import hub
     from .engine import machine_settings
 
@@ -223,9 +236,20 @@ def plan_fetch(
     with ThreadPoolExecutor(max_workers=4) as pool:
         candidates = list(pool.map(build, groups))
     candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
+    if max_kld is not None and not (max_kld >= 0 and max_kld == max_kld):
+        raise InvalidValue(f"--max-kld {max_kld} is not a KL divergence", hint="give a mean KLD ≥ 0, such as 0.05")
+    from .quality import QualityBook, quality_of
+    from .setting_values import format_kv_type
+
+    book = quality_book or QualityBook()
+    kv = format_kv_type((settings.type_k, settings.type_v))  # eval --kld --kv-type records K and V alike
+    candidates = [replace(c, quality=quality_of(c.header, kv, book)) for c in candidates]
 
     wanted = normalise_quant(quant) if quant else None
-    level = strategy.quantization if wanted is None else (wanted if wanted in LEVEL_TYPE else None)
+    if wanted is None:
+        level = None if max_kld is not None else strategy.quantization
+    else:
+        level = wanted if wanted in LEVEL_TYPE else None
     budget = strategy.memory_budget_bytes
     projector_size = max(0, (listing.get(projector).size or 0) - on_disk(projector)) if projector else 0
 
@@ -238,8 +262,14 @@ def plan_fetch(
         elif wanted in LEVEL_TYPE:
             if c.file_type.upper() not in LEVEL_PREFERRED[wanted]:
                 reasons.append(f"not {'/'.join(LEVEL_PREFERRED[wanted])}")
-        elif quality_rank(c.file_type) < quality_rank(LEVEL_TYPE[level]):
+        elif level is not None and quality_rank(c.file_type) < quality_rank(LEVEL_TYPE[level]):
             reasons.append(f"above the tier's level {level}")
+        if max_kld is not None:
+            q = c.quality
+            if q is None or q.kld is None:
+                reasons.append(f"KLD unknown (not measured here; no published figure for {c.file_type})")
+            elif q.kld > max_kld:
+                reasons.append(f"KLD {q.label} above --max-kld {max_kld:g}")
         if c.estimate.total_bytes > budget:
             reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
         if c.offload is not None and c.offload.devices and not c.offload.gpu_fits:
@@ -251,7 +281,7 @@ def plan_fetch(
     judged = [judge(c) for c in candidates]
     dry_runs = read_header_default and not remote and os.environ.get("ORION_DRY_RUN", "1") != "0"
     while True:
-        chosen = _choose(judged, wanted)
+        chosen = _choose(judged, wanted, max_kld)
         if chosen is None or not dry_runs or chosen.estimate.source != "formula":
             break
         # the choice's figures from llama.cpp's dry run of its header (a sparse copy: nothing downloaded);
@@ -259,19 +289,25 @@ def plan_fetch(
         exact = judge(_with_dry_run(chosen, ref, listing, n_ctx, strategy, settings, gpu_settings, projector_header))
         judged = [exact if c is chosen else c for c in judged]
         if exact.estimate.source == "formula" or exact.fits:
-            chosen = exact if exact.fits else _choose(judged, wanted)
+            chosen = exact if exact.fits else _choose(judged, wanted, max_kld)
             break
     if chosen:
         judged = [replace(c, verdict="chosen") if c is chosen else c for c in judged]
 
     hint = "" if chosen else _what_would_fit(judged, wanted, level, budget, free_disk_bytes, n_ctx, projector_header,
-                                             settings)
+                                             settings, max_kld)
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
-                     projector_size, hint, listing, strategy.bench, gpu_budgets)
+                     projector_size, hint, listing, strategy.bench, gpu_budgets, max_kld)
 
 
-def _choose(judged: list[Candidate], wanted) -> Candidate | None:
+def _choose(judged: list[Candidate], wanted, max_kld: float | None = None) -> Candidate | None:
+    if max_kld is not None and wanted is None:
+        # under a quality bound: of the files that fit (wholly on the GPU first), the lowest KLD
+        fits = [c for c in judged if c.fits]
+        full = [c for c in fits if c.offload is not None and c.offload.full]
+        pool = full or fits
+        return min(pool, key=lambda c: c.quality.kld) if pool else None
     if wanted in LEVEL_TYPE:
         # --quant q4: the level's preferred type in order (Q4_K_M, else Q4_0)
         for t in LEVEL_PREFERRED[wanted]:
@@ -330,8 +366,16 @@ def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
 
 
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,
-                    settings: EngineSettings) -> str:
+                    settings: EngineSettings, max_kld: float | None = None) -> str:
     """A sentence saying what would fit when nothing does."""
+    if max_kld is not None:
+        room = [c for c in cands if c.estimate.total_bytes <= budget and c.disk_bytes <= free_disk
+                and c.quality is not None and c.quality.kld is not None]
+        if room:
+            best = min(room, key=lambda c: c.quality.kld)
+            return (f"the best file that fits, {best.file_type} ({best.filename}), has KLD {best.quality.label}, above "
+                    f"--max-kld {max_kld:g}: raise the bound, raise the budget, or measure it here "
+                    f"('orion eval MODEL --kld': a measured figure replaces the typical one)")
     if wanted and wanted not in LEVEL_TYPE and not any(c.file_type.upper() == wanted for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {wanted} file; it has {have}"
@@ -361,7 +405,8 @@ def refuse(plan: FetchPlan) -> DoesNotFit | NotFound:
     """The error for a plan with nothing chosen."""
     if plan.hint.startswith("the repo has no"):
         return NotFound(f"{plan.repo}: nothing to fetch", hint=plan.hint)
-    what = f"level {plan.level}" if plan.level else "the requested type"
+    what = (f"level {plan.level}" if plan.level else f"KLD ≤ {plan.max_kld:g}" if plan.max_kld is not None
+            else "the requested type")
     return DoesNotFit(
         f"no file of {plan.repo} fits ({what}, n_ctx {plan.n_ctx}, budget {format_bytes(plan.budget_bytes)})",
         hint=plan.hint,

@@ -127,6 +127,18 @@ def test_kld_ladder_q8_far_below_q2k_and_independent_check(orion, gemma_ladder, 
     # Q8_0's Δppl is within its uncertainty of 0 (1 % of it is below the uint16 rounding): Q2_K's is checked
     assert q2["delta_perplexity"] == pytest.approx(theirs["Q2_K"]["delta_perplexity"], rel=0.01)
 
+    # each row recorded in $ORION_HOME/quality.json, which 'list', 'inspect' and 'fetch --max-kld' read
+    from orion_cli.gguf_header import read_local_header
+    from orion_cli.quality import QualityBook, quality_of
+
+    for t, path in (("Q8_0", cached["Q8_0"]), ("Q2_K", cached["Q2_K"])):
+        q = quality_of(read_local_header(path), "f16")
+        assert q.source == "measured" and q.kld == rows[t]["kld_mean"], t
+        assert q.record.reference == cached["F16"].name and q.record.text == short_text.name
+        assert q.record.positions == rows[t]["scored_tokens"] and q.record.same_top == rows[t]["same_top"]
+    assert len(QualityBook().records()) == 2
+    assert not list((Path(os.environ["ORION_HOME"]) / "cache").glob("kld-*"))  # its folder went with it
+
 
 def test_kld_kv_types_ordered_and_self_is_zero(orion, gemma_ladder, short_text):
     q8 = gemma_ladder["Q8_0"]
@@ -145,6 +157,11 @@ def test_kld_kv_types_ordered_and_self_is_zero(orion, gemma_ladder, short_text):
     assert len({r["kld_p99"] for r in rows.values()}) == 3
     assert [r["flash_attn"] for r in rows.values()] == [False, True, True]  # llama.cpp quantizes V only with it
     assert rows["q4_0"]["same_top"] < 1.0
+    from orion_cli.gguf_header import read_local_header
+    from orion_cli.quality import quality_of
+
+    header = read_local_header(q8)
+    assert {kv: quality_of(header, kv).kld for kv in rows} == kld  # a record per KV type
 
 
 def test_kld_nothing_to_compare(orion, gemma_ladder, short_text):

@@ -71,6 +71,7 @@ def candidates_table(plan) -> Table:
         t.add_column("GPU layers", justify="right")
     if plan.bench and not split:
         t.add_column("~tok/s", justify="right")
+    t.add_column("KLD", justify="right")
     t.add_column("verdict")
     from ..fetch import expected_tok_s
 
@@ -86,5 +87,22 @@ def candidates_table(plan) -> Table:
         if plan.bench and not split:
             speed = expected_tok_s(plan.bench, c.size_bytes, c.gpu_share)
             cells.append(f"{speed:.0f}" if speed else "-")
+        cells.append(c.quality.label if c.quality is not None else "?")
         t.add_row(*(str(cell) for cell in cells), c.verdict, style=style)
     return t
+
+
+def quality_note(plan) -> str:
+    """What the KLD column's figures are."""
+    from ..quality import PUBLISHED_SOURCE
+
+    measured = [c for c in plan.candidates if c.quality is not None and c.quality.source == "measured"]
+    lines = ["KLD: mean KL divergence to the full-precision model (lower is closer); "
+             + ("~ marks a figure " + PUBLISHED_SOURCE.replace("typical for its type: ", "typical for the type, from ")
+                if any(c.quality is not None and c.quality.source == "typical" for c in plan.candidates) else
+                "every figure measured here")]
+    lines += [f"{c.filename}: {c.quality.record.describe()}" for c in measured]
+    if plan.max_kld is not None:
+        lines.append(f"bound: --max-kld {plan.max_kld:g} (in place of the tier's level)" if plan.level is None
+                     else f"bound: --max-kld {plan.max_kld:g}")
+    return "\n".join(lines)

@@ -80,7 +80,8 @@ def evaluate(
         text_file = Path(f.name)
     if kld:
         try:
-            return _kld(path, against, ladder, kv_types, text_file, ctx, strategy.threads, markdown, csv_path, model)
+            return _kld(path, against, ladder, kv_types, text_file, ctx, strategy.threads, markdown, csv_path, model,
+                        text.name if text else "orion's default text (Python's documentation)")
         finally:
             text_file.unlink(missing_ok=True)
     try:
@@ -148,7 +149,7 @@ def _reference(path: Path, against: str | None, threads: int) -> Path:
 
 
 def _kld(path: Path, against: str | None, ladder: str | None, kv_types: list[str], text_file: Path, ctx: int,
-         threads: int, markdown: Path | None, csv_path: Path | None, model: str) -> None:
+         threads: int, markdown: Path | None, csv_path: Path | None, model: str, text_name: str) -> None:
     import time
 
     from ..errors import InvalidValue
@@ -169,7 +170,11 @@ def _kld(path: Path, against: str | None, ladder: str | None, kv_types: list[str
             status.update(f"{what}: window {done}/{of}, {eta:.0f} s left")
 
         ref, results = kld_in_children(reference, targets, text_file, ctx, threads, progress)
-    rows = [r.to_dict() for r in results]
+    from ..quality import record_results
+
+    # each result kept in $ORION_HOME/quality.json: 'orion list', 'inspect' and 'fetch --auto --max-kld' read it
+    recorded = record_results(results, ref, text_file, text_name)
+    rows = [r.to_dict() | {"recorded_key": q.key} for r, q in zip(results, recorded)]
     if markdown:
         markdown.write_text(_kld_markdown(rows, model, ref))
     if csv_path:

@@ -13,6 +13,7 @@ EXAMPLES = examples(
     ("orion fetch mistral", "the best file that fits the strategy (same as --auto)"),
     ("orion fetch mistral --dry-run", "every candidate with size, estimate, verdict"),
     ("orion fetch llava --quant q4", "a level (q4 q8 q16 q32) or a type (Q5_K_M)"),
+    ("orion fetch mistral --max-kld 0.02 --dry-run", "choose by quality: mean KL divergence at most 0.02"),
     ("orion fetch org/repo --ctx 16384", "any Hub repo; estimate at a larger context"),
     ("orion fetch org/repo/file.gguf", "one file of a repo"),
     ("orion fetch big --auto --rpc box:50052", "the best file this machine and box hold together"),
@@ -29,6 +30,7 @@ def fetch(
     kv_type: KvTypeOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
     rpc: RpcOpt = None,
+    max_kld: Annotated[Optional[float], typer.Option("--max-kld", help="Choose by quality: of the files that fit, the lowest mean KL divergence to the full-precision model, and none above this bound. A file's KLD is what 'orion eval --kld' measured here, else the figure published for its type (llama.cpp's LLaMA 3 8B scoreboard). Replaces the tier's level.", metavar="X")] = None,
 ) -> None:
     """Pick the quantization that fits this device and download it from the Hugging Face Hub.
 
@@ -36,7 +38,10 @@ def fetch(
     range requests (nothing is downloaded), its memory is estimated at the
     strategy's context size, and the best file at or below the tier's level that
     fits the memory budget and the free disk is downloaded into the Hugging Face
-    cache, resumably, and checked against the Hub's sha256.
+    cache, resumably, and checked against the Hub's sha256. With --max-kld the
+    choice is by quality within the budget: the file with the lowest mean KL
+    divergence (measured here by 'orion eval --kld', else typical for its type)
+    at or under the bound.
     """
     from ..errors import InvalidValue, Interrupted
     from ..fetch import fetch as do_fetch
@@ -44,7 +49,7 @@ def fetch(
     from ..models import resolve, valid_name
     from ..strategy import load_strategy
     from ._output import err_console
-    from ._render import candidates_table, estimate_table
+    from ._render import candidates_table, estimate_table, quality_note
 
     if auto and quant:
         raise InvalidValue("--auto and --quant ask for different things", hint="give one of them")
@@ -52,6 +57,8 @@ def fetch(
         from ..fetch import normalise_quant
 
         normalise_quant(quant)  # a bad --quant is said before any network
+    if max_kld is not None and not (max_kld >= 0 and max_kld != float("inf")):
+        raise InvalidValue(f"--max-kld {max_kld} is not a KL divergence", hint="give a mean KLD ≥ 0, such as 0.05")
     if name:
         valid_name(name)
     strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc})
@@ -72,11 +79,12 @@ def fetch(
         return _fetch_snapshot(ref, name)
 
     with out.status(f"Reading GGUF headers of {ref.repo}…"):
-        plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx)
+        plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx, max_kld=max_kld)
 
     if dry_run:
         def human() -> None:
             out.text(candidates_table(plan))
+            out.text(f"[dim]{escape(quality_note(plan))}[/]")
             if plan.chosen:
                 out.text()
                 out.text(estimate_table(plan.chosen.estimate, plan.budget_bytes))

@@ -92,9 +92,14 @@ def list_() -> None:
     strategy = load_strategy()
     budget = strategy.memory_budget_bytes
     settings = machine_settings(kv_type=strategy.kv_type)
+    from ..quality import QualityBook, quality_of
+    from ..setting_values import format_kv_type
+
+    book, kv = QualityBook(), format_kv_type(strategy.kv_type)
     rows = []
     for m in Registry().all().values():
         est_bytes = None
+        quality = None
         status = "ok"
         if not m.exists():
             status = "missing"
@@ -104,12 +109,14 @@ def list_() -> None:
             from ..gguf_header import read_local_header
 
             try:
-                est = estimate_memory(read_local_header(Path(m.path)), strategy.n_ctx, settings,
+                header = read_local_header(Path(m.path))
+                est = estimate_memory(header, strategy.n_ctx, settings,
                                       projector=read_local_header(Path(m.projector_path)) if m.projector_path else None)
                 est_bytes = est.total_bytes
+                quality = quality_of(header, kv, book)
             except OrionError:
                 status = "damaged"
-        rows.append((m, est_bytes, status))
+        rows.append((m, est_bytes, status, quality))
 
     def human() -> str | None:
         from ..units import format_bytes
@@ -117,20 +124,26 @@ def list_() -> None:
         if not rows:
             return "No models yet: 'orion fetch gemma3-270m', or 'orion import FILE.gguf'."
         cells = []  # text, whatever a hand-edited registry holds (styled: the verdicts only)
-        for m, e, s in rows:
+        for m, e, s, q in rows:
             fits = {"missing": styled("file missing", "red"), "damaged": styled("damaged", "red")}.get(
                 s, styled("yes", "green") if e is not None and e <= budget else (styled("no", "red") if e else "-"))
             origin = m.repo if m.source == "hub" else m.path
             cells.append((m.name, m.kind, m.file_type, format_bytes(m.size_bytes), format_bytes(e) if e else "-", fits,
-                          origin or ""))
+                          q.label if q is not None and m.kind != "encoder" else "-", origin or ""))
         right = {"justify": "right"}
-        out.table(["name", "kind", "type", ("size", right), ("estimate", right), "fits", "from"], cells,
+        out.table(["name", "kind", "type", ("size", right), ("estimate", right), "fits", ("KLD", right), "from"], cells,
                   title=f"Estimates at n_ctx {strategy.n_ctx}, budget {format_bytes(budget)}")
+        measured = [(m, q) for m, _, _, q in rows if q is not None and q.source == "measured"]
+        out.text(f"[dim]KLD: mean KL divergence to the full-precision model at KV {escape(kv)}; measured here by "
+                 "'orion eval --kld', or ~ typical for the type (llama.cpp's LLaMA 3 8B scoreboard)[/]")
+        for m, q in measured:
+            out.text(f"[dim]  {escape(m.name)}: {escape(q.record.describe())}[/]")
         return None
 
     out.result({"n_ctx": strategy.n_ctx, "budget_bytes": budget, "models": [
-        asdict(m) | {"estimate_bytes": e, "fits": e is not None and e <= budget, "status": s}
-        for m, e, s in rows]}, human)
+        asdict(m) | {"estimate_bytes": e, "fits": e is not None and e <= budget, "status": s,
+                     "quality": q.to_dict() if q is not None else None}
+        for m, e, s, q in rows]}, human)
 
 
 @json_option("Print what was removed as JSON.")
@@ -223,10 +236,18 @@ def inspect(
     gpu_fits = plan.gpu_fits if plan else True
     fits = est.total_bytes <= strategy.memory_budget_bytes and gpu_fits
 
+    from ..quality import quality_of
+    from ..setting_values import format_kv_type
+
+    quality = quality_of(header, format_kv_type(strategy.kv_type))
+
     def human() -> None:
         from ._render import estimate_table, header_table
 
         out.text(header_table(header.summary(), title=where))
+        if quality.kld is not None:
+            out.text(escape(f"quality: mean KLD {quality.label} at KV {format_kv_type(strategy.kv_type)}, "
+                            + quality.to_dict()["note"]))
         template = _chat_template(header)
         if template is not None and template["fallback"]:
             out.text(escape(f"no chat template in the GGUF: a conversation is given in the {template['name']} format"))
@@ -244,7 +265,8 @@ def inspect(
                 out.text(escape(f"  GPU {i}: {g.arithmetic()} ({g.source})"))
 
     doc = {"source": where, "header": header.summary(), "chat_template": _chat_template(header),
-           "estimate": est.to_dict(), "budget_bytes": strategy.memory_budget_bytes, "fits": fits}
+           "estimate": est.to_dict(), "budget_bytes": strategy.memory_budget_bytes, "fits": fits,
+           "quality": quality.to_dict()}
     if plan is not None:
         doc["offload"] = plan.to_dict()
     out.result(doc, human)
@@ -299,8 +321,13 @@ def _inspect_split(header, where: str, strategy) -> None:
 
 def _inspect_repo(ref, strategy, ctx) -> None:
     from ..fetch import plan_fetch
-    from ._render import candidates_table
+    from ._render import candidates_table, quality_note
 
     with out.status(f"Reading GGUF headers of {ref.repo}…"):
         plan = plan_fetch(ref, strategy, n_ctx=ctx)
-    out.result(plan.to_dict(), lambda: candidates_table(plan))
+
+    def human() -> None:
+        out.text(candidates_table(plan))
+        out.text(f"[dim]{escape(quality_note(plan))}[/]")
+
+    out.result(plan.to_dict(), human)

@@ -1,0 +1,148 @@
+"""The quality record ($ORION_HOME/quality.json) and choosing by it: `orion fetch --max-kld` on the
+loopback Hub's ladder repo (the real Gemma 3 270M: F16, Q8_0 and Q4_K_M), with quality records written
+here as `orion eval --kld` writes them, and the typical figures for a type before any measurement;
+`orion list` and `orion inspect` show the records; stale `eval --kld` folders are cleaned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LADDER_REPO, assert_clean_error
+
+from orion_cli.gguf_header import read_local_header
+from orion_cli.quality import PUBLISHED_KLD, QualityBook, QualityRecord, file_key, quality_of
+
+
+def record_for(path: Path, kld: float, *, kv_type: str = "f16", same_top: float = 0.95) -> QualityRecord:
+    header = read_local_header(path)
+    return QualityRecord(file_key(header), kv_type, path.name, header.file_type, kv_type != "f16", kld, kld / 50,
+                         kld * 8, same_top, kld * 3, "gemma-3-270m-F16.gguf", "F16", "notes.txt", "ab" * 32, 512,
+                         7140, "2026-12-02T03:00:00Z")
+
+
+def plan(orion, *args, env=None) -> dict:
+    proc = orion("fetch", LADDER_REPO, "--dry-run", "--json", "--ctx", "2048", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["plan"]
+
+
+def test_without_records_the_bound_uses_the_typical_figure_of_each_type(orion, hub, gemma_ladder):
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    p = plan(orion, "--max-kld", "0.01")  # F16 ~0.00055 and Q8_0 ~0.0014 are under it, Q4_K_M ~0.031 is not
+    assert p["max_kld"] == 0.01 and p["level"] is None
+    by_type = {c["file_type"]: c for c in p["candidates"]}
+    assert {t: c["quality"]["source"] for t, c in by_type.items()} == dict.fromkeys(("F16", "Q8_0", "Q4_K_M"), "typical")
+    assert by_type["Q4_K_M"]["quality"]["kld"] == PUBLISHED_KLD["Q4_K_M"]
+    assert "above --max-kld 0.01" in by_type["Q4_K_M"]["verdict"]
+    assert p["chosen"].endswith("-F16.gguf")  # the lowest KLD that fits (16 GB: all do)
+    # the table says it too: a KLD column, the figures' source and the bound
+    text = orion("fetch", LADDER_REPO, "--dry-run", "--ctx", "2048", "--max-kld", "0.01").stdout
+    assert "KLD" in text and "~0.0313" in text and "LLaMA 3 8B scoreboard" in text and "--max-kld 0.01" in text
+
+
+def test_a_measured_record_replaces_the_typical_figure_and_the_lowest_kld_is_chosen(orion, hub, gemma_ladder,
+                                                                                   engine_verdict):
+    from test_fetch import estimate_here
+
+    book = QualityBook()
+    # measured here: this model's Q8_0 closer than its F16 copy (a reference other than the F16), Q4_K_M 0.004
+    book.put(record_for(gemma_ladder["Q8_0"], 0.0004))
+    book.put(record_for(gemma_ladder["Q4_K_M"], 0.004))
+    book.put(record_for(gemma_ladder["F16"], 0.0009))
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    p = plan(orion, "--max-kld", "0.01")
+    assert p["chosen"].endswith("-Q8_0.gguf")  # the lowest measured KLD, not the highest-precision type
+    q4 = next(c for c in p["candidates"] if c["file_type"] == "Q4_K_M")
+    assert q4["quality"]["source"] == "measured" and q4["quality"]["kld"] == 0.004 and q4["verdict"] == "fits"
+    assert "measured here against F16" in q4["quality"]["note"]
+
+    # a budget only Q4_K_M fits: with the bound above its measured 0.004 it is chosen; below it nothing is
+    q4_bytes, q8_bytes = (estimate_here(gemma_ladder[t], 2048, engine_verdict) for t in ("Q4_K_M", "Q8_0"))
+    env = {"ORION_MEMORY_BUDGET": f"{(q4_bytes + q8_bytes) // 2 >> 20}MiB"}
+    assert plan(orion, "--max-kld", "0.005", env=env)["chosen"].endswith("-Q4_K_M.gguf")
+    proc = orion("fetch", LADDER_REPO, "--auto", "--ctx", "2048", "--max-kld", "0.003", env=env)
+    from orion_cli.errors import EXIT_DOES_NOT_FIT
+
+    assert_clean_error(proc, "KLD ≤ 0.003", "Q4_K_M", "orion eval MODEL --kld", code=EXIT_DOES_NOT_FIT)
+    p = plan(orion, "--max-kld", "0.003", env=env)
+    assert p["chosen"] is None
+    verdicts = {c["file_type"]: c["verdict"] for c in p["candidates"]}
+    assert "KLD 0.0040 above --max-kld 0.003" in verdicts["Q4_K_M"] and "budget" in verdicts["Q8_0"]
+
+
+def test_records_are_per_kv_type(orion, hub, gemma_ladder):
+    book = QualityBook()
+    book.put(record_for(gemma_ladder["Q4_K_M"], 0.004))
+    book.put(record_for(gemma_ladder["Q4_K_M"], 0.2, kv_type="q4_0"))
+    header = read_local_header(gemma_ladder["Q4_K_M"])
+    assert quality_of(header, "f16").kld == 0.004
+    assert quality_of(header, "q4_0").kld == 0.2
+    assert quality_of(header, "q8_0").source == "typical"
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    p = plan(orion, "--max-kld", "0.1", "--kv-type", "q4_0")
+    q4 = next(c for c in p["candidates"] if c["file_type"] == "Q4_K_M")
+    assert q4["quality"]["kld"] == 0.2 and "above --max-kld 0.1" in q4["verdict"]
+
+
+def test_list_and_inspect_show_the_record(orion, gemma_ladder):
+    path = gemma_ladder["Q4_K_M"]
+    assert orion("import", str(path), "--name", "g4").returncode == 0
+    listed = json.loads(orion("list", "--json").stdout)["models"][0]
+    assert listed["quality"]["source"] == "typical"
+    QualityBook().put(record_for(path, 0.0065))
+    listed = json.loads(orion("list", "--json").stdout)["models"][0]
+    assert listed["quality"]["kld"] == 0.0065 and listed["quality"]["measured"]["text"] == "notes.txt"
+    text = orion("list").stdout
+    assert "0.0065" in text and "measured here against F16" in text
+    shown = json.loads(orion("inspect", "g4", "--json").stdout)
+    assert shown["quality"]["kld"] == 0.0065
+    assert "quality: mean KLD 0.0065" in orion("inspect", "g4").stdout
+
+
+def test_the_book_keeps_good_records_beside_bad_ones(tmp_path):
+    path = tmp_path / "quality.json"
+    path.write_text("{not json")
+    book = QualityBook(path)
+    assert book.records() == []
+    header_path = tmp_path / "x"
+    r = QualityRecord("k1", "f16", "a.gguf", "Q8_0", False, 0.001, 0.0001, 0.01, 0.98, 0.002, "ref.gguf", "F16",
+                      "t.txt", "00" * 32, 512, 1000, "2026-12-02T00:00:00Z")
+    book.put(r)  # the corrupt file is overwritten
+    doc = json.loads(path.read_text())
+    doc["records"].append(dict(doc["records"][0], key="k2", kld_mean="small"))  # a bad record
+    doc["records"].append(dict(doc["records"][0], key="k3", same_top=True))  # a bool is no share
+    path.write_text(json.dumps(doc))
+    assert [x.key for x in QualityBook(path).records()] == ["k1"]
+    book.put(QualityRecord(**(r.to_dict() | {"kld_mean": 0.5})))
+    assert [x.kld_mean for x in QualityBook(path).records()] == [0.5]  # replaced, not added
+    assert not header_path.exists()
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "x"])
+def test_a_bad_bound_is_refused_before_any_network(orion, bad):
+    proc = orion("fetch", "org/none", "--max-kld", bad, "--dry-run", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a usage error, before the Hub is asked
+    assert "--max-kld" in proc.stderr
+
+
+def test_stale_kld_folders_are_removed_and_a_running_evals_kept(tmp_path):
+    from orion_cli.evaluate import remove_stale_kld_folders
+
+    cache = tmp_path / "cache"
+    dead, live, young, old = (cache / f"kld-{n}" for n in ("dead", "live", "young", "old"))
+    for f in (dead, live, young, old):
+        f.mkdir(parents=True)
+        (f / "ref.bin").write_bytes(b"\0" * 64)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (dead / "pid").write_text(gone.stdout.strip())  # a process that has exited
+    (live / "pid").write_text(str(os.getpid()))
+    t = young.stat().st_mtime
+    os.utime(old, (t - 3600, t - 3600))  # no pid, an hour old: its eval died before writing one
+    removed = remove_stale_kld_folders(cache, now=t + 1)
+    assert sorted(p.name for p in removed) == ["kld-dead", "kld-old"]
+    assert live.exists() and young.exists() and not dead.exists() and not old.exists()
