@@ -165,7 +165,7 @@ def plan_fetch(
     their devices, default: asked now), each candidate gets a split plan instead: its part here is
     what the budget must hold, and the servers' parts must fit theirs.
 
-    ``max_kld``: the quality bound. Each candidate's mean KL divergence is its record here (``orion
+    ``max_kld``: the quality bound (default: the strategy's ``max_kld``). Each candidate's mean KL divergence is its record here (``orion
     eval --kld``, at the strategy's KV type) or, unmeasured, the figure published for its type
     (:mod:`.quality`); a file above the bound, or with neither, is not chosen. The bound takes the place of
     the tier's level (unless --quant is given too): of the files that fit and are under it, the one with
@@ -236,6 +236,8 @@ def plan_fetch(
     with ThreadPoolExecutor(max_workers=4) as pool:
         candidates = list(pool.map(build, groups))
     candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
+    if max_kld is None:
+        max_kld = getattr(strategy, "max_kld", None)
     if max_kld is not None and not (max_kld >= 0 and max_kld == max_kld):
         raise InvalidValue(f"--max-kld {max_kld} is not a KL divergence", hint="give a mean KLD ≥ 0, such as 0.05")
     from .quality import QualityBook, quality_of

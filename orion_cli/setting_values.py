@@ -68,6 +68,18 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
         if isinstance(value, str) and value.strip().lower() in QUANT_LEVELS:
             return value.strip().lower()
         raise ValueError(f"one of {', '.join(QUANT_LEVELS)}")
+    if key == "max_kld":
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("null", "none", ""):
+            return None
+        try:
+            x = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            x = None
+        if x is None or not (0 <= x < float("inf")):
+            raise ValueError("a mean KL divergence ≥ 0 (such as 0.05), or null")
+        return x
     if key in ("max_models", "threads", "n_ctx"):
         minimum = MIN_CTX if key == "n_ctx" else 1
         n = _as_int(value, minimum)

@@ -27,7 +27,7 @@ from .units import format_bytes
 SCHEMA_VERSION = 1
 # Settings that follow the tier: switching tiers (flag or environment) brings
 # the new tier's defaults unless a setting is given at the same or higher level.
-TIER_KEYS = ("quantization", "max_models", "keep_alive_s", "n_ctx", "kv_type")
+TIER_KEYS = ("quantization", "max_kld", "max_models", "keep_alive_s", "n_ctx", "kv_type")
 # Settings that follow the device.
 DEVICE_KEYS = ("threads", "n_gpu_layers", "memory_budget_bytes", "gpu_budget_bytes", "rpc_servers")
 SETTING_KEYS = ("tier",) + TIER_KEYS + DEVICE_KEYS
@@ -35,6 +35,7 @@ SETTING_KEYS = ("tier",) + TIER_KEYS + DEVICE_KEYS
 ENV_VARS = {
     "tier": "ORION_TIER",
     "quantization": "ORION_QUANT",
+    "max_kld": "ORION_MAX_KLD",
     "max_models": "ORION_MAX_MODELS",
     "keep_alive_s": "ORION_KEEP_ALIVE",
     "n_ctx": "ORION_CTX",
@@ -48,7 +49,7 @@ ENV_VARS = {
 # The command-line flag of each setting, as error messages name it.
 FLAG_NAMES = {"n_ctx": "--ctx", "n_gpu_layers": "--gpu-layers", "keep_alive_s": "--keep-alive",
               "quantization": "--quant", "memory_budget_bytes": "--memory-budget", "gpu_budget_bytes": "--gpu-budget",
-              "rpc_servers": "--rpc", "kv_type": "--kv-type"}
+              "rpc_servers": "--rpc", "kv_type": "--kv-type", "max_kld": "--max-kld"}
 _FILE_ONLY_KEYS = ("schema_version", "orion_version", "created", "tier_reason", "budget", "pressure", "device",
                    "engine", "bench")
 
@@ -77,6 +78,8 @@ class Strategy:
     bench: dict = field(default_factory=dict)
     # Other machines' RPC servers that take layers ("host:port" or "host:port=BYTES"; orion rpc-server).
     rpc_servers: tuple[str, ...] = ()
+    # fetch's quality bound: the most mean KL divergence a chosen file may have (None: the level alone).
+    max_kld: float | None = None
     # Where each setting came from: "flag", "env ORION_X", "file", "tier", "device".
     sources: dict = field(default_factory=dict, compare=False)
 
@@ -88,6 +91,7 @@ class Strategy:
             "tier": self.tier,
             "tier_reason": self.tier_reason,
             "quantization": self.quantization,
+            "max_kld": self.max_kld,
             "max_models": self.max_models,
             "keep_alive_s": self.keep_alive_s,
             "n_ctx": self.n_ctx,
@@ -135,6 +139,7 @@ def build_strategy(device: DeviceInfo, tier_name: str | None = None, table: Tier
     return Strategy(
         tier=tier.name,
         quantization=tier.quantization,
+        max_kld=tier.max_kld,
         max_models=tier.max_models,
         keep_alive_s=tier.keep_alive_s,
         n_ctx=tier.n_ctx,
@@ -241,6 +246,7 @@ def read_strategy_file(path: Path, table: TierTable | None = None) -> dict[str, 
 _COMMENTS = {
     "tier": "Memory tier: aggressive (≤ 2 GB), balanced (2–4 GB), light (4–8 GB), minimal (> 8 GB).",
     "quantization": "Quantization level for 'fetch --auto': q4 (Q4_K_M), q8 (Q8_0), q16 (F16), q32 (F32).",
+    "max_kld": "Quality bound for 'fetch --auto': the most mean KL divergence a file may have (measured by 'orion eval --kld', else typical for its type); set, it replaces the level; null = the level alone.",
     "max_models": "Most models loaded at once; the least recently used idle one is unloaded first.",
     "keep_alive_s": "Unload a model after this many seconds without use; null = never.",
     "n_ctx": "Default context size in tokens (the KV cache grows with it).",

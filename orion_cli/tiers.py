@@ -20,6 +20,7 @@ class Tier:
     keep_alive_s: int | None  # None: never unload for inactivity
     n_ctx: int
     kv_type: tuple[str, str] = ("f16", "f16")  # the KV cache's (K, V) types
+    max_kld: float | None = None  # fetch's quality bound (mean KL divergence); None: the level alone
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def parse_tier_table(doc: dict) -> TierTable:
                 keep_alive_s=entry.get("keep_alive_s"),
                 n_ctx=int(entry["n_ctx"]),
                 kv_type=parse_kv_type(entry.get("kv_type", "f16")),
+                max_kld=None if entry.get("max_kld") is None else float(entry["max_kld"]),
             )
         )
     pressure = doc["pressure"]

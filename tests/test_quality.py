@@ -146,3 +146,44 @@ def test_stale_kld_folders_are_removed_and_a_running_evals_kept(tmp_path):
     removed = remove_stale_kld_folders(cache, now=t + 1)
     assert sorted(p.name for p in removed) == ["kld-dead", "kld-old"]
     assert live.exists() and young.exists() and not dead.exists() and not old.exists()
+
+
+def test_the_bound_can_live_in_the_strategy(orion, hub, gemma_ladder, orion_home):
+    """max_kld is a strategy setting (file, ORION_MAX_KLD, --max-kld; precedence as every setting's):
+    set, it chooses as --max-kld does; a bad value is refused where it is, naming it."""
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    assert plan(orion)["max_kld"] is None  # the tiers set none: the level alone
+    p = plan(orion, env={"ORION_MAX_KLD": "0.035"})  # typical: F16, Q8_0 and Q4_K_M (0.031) under it
+    assert p["max_kld"] == 0.035 and p["level"] is None and p["chosen"].endswith("-F16.gguf")
+    shown = json.loads(orion("strategy", "--json", env={"ORION_MAX_KLD": "0.035"}).stdout)
+    assert shown["settings"]["max_kld"] == 0.035 and shown["sources"]["max_kld"] == "env ORION_MAX_KLD"
+    strategy_file = orion_home / "strategy.yaml"
+    text = strategy_file.read_text()
+    assert "\nmax_kld: null\n" in text  # written by profile, with its comment
+    strategy_file.write_text(text.replace("\nmax_kld: null\n", "\nmax_kld: 0.001\n"))
+    p = plan(orion)  # only F16 (~0.00055) is under 0.001
+    assert p["max_kld"] == 0.001 and p["chosen"].endswith("-F16.gguf")
+    assert "above --max-kld 0.001" in next(c for c in p["candidates"] if c["file_type"] == "Q8_0")["verdict"]
+    assert plan(orion, "--max-kld", "0.5")["max_kld"] == 0.5  # the flag over the file
+    strategy_file.write_text(text.replace("\nmax_kld: null\n", "\nmax_kld: lots\n"))
+    assert_clean_error(orion("fetch", LADDER_REPO, "--dry-run"), "max_kld", code=3)
+    strategy_file.write_text(text)
+    assert_clean_error(orion("fetch", LADDER_REPO, "--dry-run", env={"ORION_MAX_KLD": "-2"}), "ORION_MAX_KLD", code=3)
+
+
+def test_a_tier_can_carry_the_bound():
+    from importlib.resources import files
+
+    import yaml
+
+    from orion_cli.strategy import load_strategy
+    from orion_cli.tiers import parse_tier_table
+
+    doc = yaml.safe_load(files("orion_cli.profiles").joinpath("tiers.yaml").read_text())
+    assert all("max_kld" not in t for t in doc["tiers"])  # the built-in tiers choose by level alone
+    doc["tiers"][0]["max_kld"] = 0.05
+    table = parse_tier_table(doc)
+    s = load_strategy({"tier": doc["tiers"][0]["name"]}, env={}, table=table, path=Path("/nonexistent/strategy.yaml"))
+    assert s.max_kld == 0.05 and s.sources["max_kld"] == "tier"
+    s = load_strategy({"tier": doc["tiers"][1]["name"]}, env={}, table=table, path=Path("/nonexistent/strategy.yaml"))
+    assert s.max_kld is None

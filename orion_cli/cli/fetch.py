@@ -30,7 +30,7 @@ def fetch(
     kv_type: KvTypeOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
     rpc: RpcOpt = None,
-    max_kld: Annotated[Optional[float], typer.Option("--max-kld", help="Choose by quality: of the files that fit, the lowest mean KL divergence to the full-precision model, and none above this bound. A file's KLD is what 'orion eval --kld' measured here, else the figure published for its type (llama.cpp's LLaMA 3 8B scoreboard). Replaces the tier's level.", metavar="X")] = None,
+    max_kld: Annotated[Optional[float], typer.Option("--max-kld", help="Choose by quality: of the files that fit, the lowest mean KL divergence to the full-precision model, and none above this bound. A file's KLD is what 'orion eval --kld' measured here, else the figure published for its type (llama.cpp's LLaMA 3 8B scoreboard). Replaces the tier's level. Default: the strategy's max_kld (ORION_MAX_KLD).", metavar="X")] = None,
 ) -> None:
     """Pick the quantization that fits this device and download it from the Hugging Face Hub.
 
@@ -57,11 +57,10 @@ def fetch(
         from ..fetch import normalise_quant
 
         normalise_quant(quant)  # a bad --quant is said before any network
-    if max_kld is not None and not (max_kld >= 0 and max_kld != float("inf")):
-        raise InvalidValue(f"--max-kld {max_kld} is not a KL divergence", hint="give a mean KLD ≥ 0, such as 0.05")
     if name:
         valid_name(name)
-    strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc})
+    # (a bad --max-kld is said here, before any network)
+    strategy = load_strategy({"n_ctx": ctx, "kv_type": kv_type, "rpc_servers": rpc, "max_kld": max_kld})
     ref = resolve(model)
     if ref.source == "path":
         from .._text import clip
@@ -79,7 +78,7 @@ def fetch(
         return _fetch_snapshot(ref, name)
 
     with out.status(f"Reading GGUF headers of {ref.repo}…"):
-        plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx, max_kld=max_kld)
+        plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx)  # the bound: strategy.max_kld
 
     if dry_run:
         def human() -> None:
