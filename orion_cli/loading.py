@@ -101,6 +101,13 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     # planned for this machine is what is left of its budget
     base = engine.RUNNER_BASE_BYTES if runner else 0
     full = strategy.memory_budget_bytes
+    from .quality import kv_type_for
+
+    kv, kv_reason = kv_type_for(header, strategy)  # the tier's KV type, unless measured above max_kld
+    if kv != strategy.kv_type:
+        import dataclasses
+
+        strategy = dataclasses.replace(strategy, kv_type=kv)
     if base:
         import dataclasses
 
@@ -154,12 +161,14 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     if plan.devices:  # split over RPC servers (and this machine's GPUs after them)
         local_gpus = tuple(g.total_bytes for e, g in zip(plan.endpoints, plan.gpus) if not e)
         return Request(spec.key, model.name, plan.cpu.total_bytes + base, load, hint, gpu_bytes=plan.local_gpu_bytes,
-                       placement=plan.describe(), remote=plan.remote_parts if endpoints else (),
+                       placement="; ".join(x for x in (plan.describe(), kv_reason) if x), remote=plan.remote_parts if endpoints else (),
                        fill_bytes=fill, ledger_key=ledger_key, gpu_parts=local_gpus, base_bytes=base,
                        figures=plan.cpu.source)
     gpu_parts = tuple(g.total_bytes + (extra_vram if i == 0 else 0) for i, g in enumerate(plan.gpus))
     return Request(spec.key, model.name, plan.cpu.total_bytes + extra_ram + base, load, hint,
-                   gpu_bytes=plan.gpu_bytes + extra_vram, placement=plan.describe() if plan.n_gpu_layers else "",
+                   gpu_bytes=plan.gpu_bytes + extra_vram,
+                   placement="; ".join(x for x in (plan.describe() if plan.n_gpu_layers else
+                                                   "all layers on the CPU" if kv_reason else "", kv_reason) if x),
                    fill_bytes=fill, ledger_key=ledger_key, gpu_parts=gpu_parts if plan.n_gpu_layers else (),
                    base_bytes=base, figures=plan.cpu.source)
 

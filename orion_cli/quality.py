@@ -208,3 +208,35 @@ def record_results(results, reference: dict, text_file: Path, text_name: str, bo
             r.kld_p99, r.same_top, r.delta_perplexity, ref_path.name, ref_type, text_name, sha, r.n_ctx,
             r.scored_tokens, at)))
     return out
+
+
+KV_BY_QUALITY = ("f16", "q8_0", "q4_0")  # K and V alike, the closest to the reference first
+
+
+def kv_type_for(header, strategy, book: QualityBook | None = None) -> tuple[tuple[str, str], str]:
+    """The KV-cache type a model loads with under the strategy's quality bound, and why (empty: the
+    strategy's own). Only a tier's default is changed (a type set by a flag, a variable or the file
+    is the user's choice): the tiers short of memory quantize the cache, and where ``orion eval --kld
+    --kv-type`` measured that type above ``max_kld`` for this file, the next finer type measured under
+    it (f16, the reference's own, always is) is taken instead. An unmeasured type stands: nothing says
+    it is over the bound."""
+    kv = strategy.kv_type
+    bound = getattr(strategy, "max_kld", None)
+    if bound is None or strategy.sources.get("kv_type") != "tier" or kv[0] != kv[1] or kv[0] not in KV_BY_QUALITY:
+        return kv, ""
+    from .estimate import ENCODER_ARCHITECTURES
+
+    if header.architecture in ENCODER_ARCHITECTURES:
+        return kv, ""
+    book = book or QualityBook()
+    key = file_key(header)
+    record = book.get(key, kv[0])
+    if record is None or record.kld_mean <= bound:
+        return kv, ""
+    finer = KV_BY_QUALITY[: KV_BY_QUALITY.index(kv[0])]
+    for t in reversed(finer):  # the most compact of the finer types that is under the bound
+        r = book.get(key, t)
+        if t == "f16" or (r is not None and r.kld_mean <= bound):
+            return (t, t), (f"KV cache {t}, not the tier's {kv[0]}: {kv[0]} measured KLD {record.kld_mean:.4f} for "
+                            f"{record.file}, above max_kld {bound:g}")
+    return kv, ""

@@ -187,3 +187,41 @@ def test_a_tier_can_carry_the_bound():
     assert s.max_kld == 0.05 and s.sources["max_kld"] == "tier"
     s = load_strategy({"tier": doc["tiers"][1]["name"]}, env={}, table=table, path=Path("/nonexistent/strategy.yaml"))
     assert s.max_kld is None
+
+
+def test_a_tiers_kv_type_measured_above_the_bound_gives_way_to_a_finer_one(gemma_ladder, engine_verdict):
+    """The tiers short of memory quantize the KV cache (balanced: q8_0); with max_kld set, a KV type
+    that `eval --kld --kv-type` measured above the bound for this file is replaced by the finer one
+    measured under it; one set by the user, or unmeasured, stands."""
+    import dataclasses
+
+    from orion_cli.loading import model_request
+    from orion_cli.models import LocalModel
+    from orion_cli.strategy import load_strategy
+
+    path = gemma_ladder["Q8_0"]
+    model = LocalModel(name="g8", kind="llm", path=str(path), source="path", file_type="Q8_0",
+                       size_bytes=path.stat().st_size)
+    strategy = load_strategy({"tier": "balanced", "memory_budget_bytes": 8 << 30}, env={},
+                             path=Path("/nonexistent/strategy.yaml"))
+    assert strategy.kv_type == ("q8_0", "q8_0") and strategy.sources["kv_type"] == "tier"
+
+    def kv_of(s) -> tuple[int, str]:
+        r = model_request(model, s, n_ctx=2048, check=engine_verdict)
+        return r.estimate_bytes, r.placement
+
+    bound = dataclasses.replace(strategy, max_kld=0.01)
+    q8_bytes, placement = kv_of(bound)
+    assert placement == ""  # unmeasured: the tier's q8_0 stands
+    f16_bytes, _ = kv_of(dataclasses.replace(strategy, kv_type=("f16", "f16")))
+    assert f16_bytes > q8_bytes  # the two caches differ in the estimate
+    book = QualityBook()
+    book.put(record_for(path, 0.02, kv_type="q8_0"))  # measured above the bound
+    got_bytes, placement = kv_of(bound)
+    assert got_bytes == f16_bytes  # loaded (and budgeted) with an f16 cache
+    assert "KV cache f16, not the tier's q8_0" in placement and "above max_kld 0.01" in placement
+    assert placement.startswith("all layers on the CPU")
+    assert kv_of(dataclasses.replace(strategy, max_kld=0.05)) == (q8_bytes, "")  # 0.02 is under a looser bound
+    assert kv_of(strategy) == (q8_bytes, "")  # no bound: the tier's type
+    user = dataclasses.replace(bound, sources=bound.sources | {"kv_type": "flag"})
+    assert kv_of(user) == (q8_bytes, "")  # the user's own --kv-type q8_0 stands
