@@ -187,7 +187,7 @@ def manager_for(strategy: Strategy, *, on_event=None, timer: bool = False, runne
     budgets = gpu_budgets_now(strategy)
     return ModelManager(max_models=strategy.max_models, budget_bytes=strategy.memory_budget_bytes,
                         keep_alive_s=strategy.keep_alive_s, available_memory=available, on_event=on_event,
-                        timer=timer, gpu_budget_bytes=sum(budgets) if budgets else None,
+                        timer=timer, gpu_budget_bytes=sum(budgets) if budgets else None, gpu_budgets=budgets,
                         probe=LoadProbe(in_process=not runners, prepare=engine.load_library),
                         memory_ledger=MemoryLedger())
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from . import ledger
 from .errors import DoesNotFit, ModelInUse, OrionError
@@ -65,13 +65,20 @@ class ModelManager:
         timer: bool = False,
         gpu_budget_bytes: int | None = None,
         events_kept: int = 1000,
+        gpu_budgets: Sequence[int] | None = None,
         probe: Callable[[Request, Callable[[], Any]], tuple[Any, "ledger.Measured | None"]] | None = None,
         memory_ledger: "ledger.MemoryLedger | None" = None,
     ) -> None:
         """``probe(request, load)`` loads and returns the model and what it measured (:mod:`.measure`);
-        ``memory_ledger``: where measures are recorded and next loads' estimates read (None: none)."""
+        ``memory_ledger``: where measures are recorded and next loads' estimates read (None: none).
+        ``gpu_budgets``: each GPU's budget, by index (its sum is ``gpu_budget_bytes`` unless that is
+        given): a request's part on each GPU must fit that GPU's budget beside what is loaded there, and
+        a model is evicted for it only if it holds memory on the GPU that lacks it."""
         self.max_models = max_models
         self.budget_bytes = budget_bytes
+        self.gpu_budgets = tuple(gpu_budgets) if gpu_budgets else ()
+        if gpu_budget_bytes is None and self.gpu_budgets:
+            gpu_budget_bytes = sum(self.gpu_budgets)
         self.gpu_budget_bytes = gpu_budget_bytes  # None: no GPU
         self.keep_alive_s = keep_alive_s
         self._clock = clock
@@ -212,6 +219,22 @@ class ModelManager:
         return (sum(e.memory.gpu_bytes for e in self._entries.values())
                 + sum(r.gpu_bytes for r in self._loading_requests.values()))
 
+    def _used_on_gpu(self, index: int) -> int:
+        """What the loaded models (their measure, else their estimate) and the loads in progress hold on
+        GPU ``index``."""
+        device = ledger.gpu_device(index)
+        return (sum(e.memory.on(device) for e in self._entries.values())
+                + sum(_gpu_parts(r)[index] if index < len(_gpu_parts(r)) else 0
+                      for r in self._loading_requests.values()))
+
+    def _gpu_over(self, request: Request) -> int | None:
+        """The first GPU whose budget the request's part there does not fit beside what is loaded on it
+        (None: every one fits, or the budgets are not per GPU)."""
+        for i, part in enumerate(_gpu_parts(request)):
+            if part and i < len(self.gpu_budgets) and self._used_on_gpu(i) + part > self.gpu_budgets[i]:
+                return i
+        return None
+
     def _used_remote_bytes(self, endpoint: str) -> int:
         return (sum(b for e in self._entries.values() for where, b, _ in e.remote if where == endpoint)
                 + sum(b for r in self._loading_requests.values() for where, b, _ in r.remote if where == endpoint))
@@ -243,6 +266,10 @@ class ModelManager:
         if need_gpu > gpu_budget:
             self._refuse(request, f"{request.name} needs {format_bytes(need_gpu)} of VRAM, the GPU budget is "
                                   f"{format_bytes(gpu_budget)} even with nothing else loaded")
+        for i, part in enumerate(_gpu_parts(request)):
+            if part and i < len(self.gpu_budgets) and part > self.gpu_budgets[i]:
+                self._refuse(request, f"{request.name} needs {format_bytes(part)} of VRAM on GPU {i}, its budget is "
+                                      f"{format_bytes(self.gpu_budgets[i])} even with nothing else loaded")
 
         victims: list[tuple[Entry, str, str]] = []
         order = list(self._entries)  # the LRU order, for a refusal that gives them back
@@ -257,6 +284,8 @@ class ModelManager:
                 return "ram"
             if need_gpu and self._used_gpu_bytes() + need_gpu > gpu_budget:
                 return "gpu"
+            if need_gpu and self._gpu_over(request) is not None:
+                return "gpu-one"
             if request.remote and self._remote_over(request)[0]:
                 return "remote"
             if self._available is None:
@@ -276,8 +305,11 @@ class ModelManager:
         while what := lack():
             # a model on another RPC server frees nothing the request lacks there
             over = self._remote_over(request)[0] if what == "remote" else ""
+            # a model off the GPU that lacks room frees nothing there
+            gpu = self._gpu_over(request) if what == "gpu-one" else None
             victim = next((e for e in self._entries.values() if not e.pinned and e.users == 0
-                           and (not over or any(where == over for where, _, _ in e.remote))), None)
+                           and (not over or any(where == over for where, _, _ in e.remote))
+                           and (gpu is None or e.memory.on(ledger.gpu_device(gpu)) > 0)), None)
             if victim is None:
                 if self._loading:  # loads in progress hold room that may be free again when they end
                     raise _WaitForLoads()
@@ -286,6 +318,10 @@ class ModelManager:
                     why = f"{len(self._entries)} of {self.max_models} models loaded"
                 elif what == "gpu":
                     why = f"{format_bytes(self._used_gpu_bytes())} of {format_bytes(gpu_budget)} VRAM in use"
+                elif what == "gpu-one":
+                    gpu = self._gpu_over(request)
+                    why = (f"it needs {format_bytes(_gpu_parts(request)[gpu])} on GPU {gpu}, where "
+                           f"{format_bytes(self._used_on_gpu(gpu))} of {format_bytes(self.gpu_budgets[gpu])} is in use")
                 elif what == "remote":
                     why = self._remote_over(request)[1]
                 else:
@@ -456,3 +492,7 @@ class ModelManager:
             taken = [self._take(entry, "unloaded", "shutting down") for entry in list(self._entries.values())]
         self._close(taken)
 
+
+def _gpu_parts(request: Request) -> tuple[int, ...]:
+    """A request's VRAM on each GPU by index (one figure on GPU 0 where it gives no parts)."""
+    return tuple(request.gpu_parts) if request.gpu_parts else ((request.gpu_bytes,) if request.gpu_bytes else ())

@@ -157,6 +157,32 @@ def _gpu_parts(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int,
     return tuple(parts)
 
 
+def _fitting_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int, budgets: Sequence[int],
+                   split: tuple, projector: GGUFHeader | None, embedding: bool) -> tuple[tuple[GPUEstimate, ...], tuple]:
+    """The parts of the top ``k`` layers over the GPUs and the ``tensor_split`` that gives them: in
+    proportion to the budgets where every part fits; else, with several GPUs, each GPU in turn as many
+    layers as fit its budget (the output layer, with the vocabulary's matrix and the logits, lands on the
+    last GPU, which a proportional cut overloads when that GPU's budget is the smaller), the counts
+    then given as ``tensor_split`` (llama.cpp's cut falls exactly there); the proportional parts when
+    neither fits."""
+    parts = _gpu_parts(header, n_ctx, settings, k, budgets, projector, embedding)
+    if len(budgets) < 2 or _fits(parts, budgets):
+        return parts, split
+    counts, at, left = [], first_gpu_layer(header.n_layers, k), k
+    for b in budgets[:-1]:
+        c = 0
+        while c < left and estimate_gpu(header, n_ctx, settings, at, at + c, projector=projector,
+                                        embedding=embedding).total_bytes <= b:
+            c += 1
+        counts.append(c)
+        at, left = at + c, left - c
+    counts.append(left)
+    greedy = _gpu_parts(header, n_ctx, settings, k, counts, projector, embedding)
+    if _fits(greedy, budgets):
+        return greedy, tuple(float(c) for c in counts)
+    return parts, split
+
+
 def plan_offload(header: GGUFHeader, n_ctx: int, settings: EngineSettings, gpu_budgets: Sequence[int],
                  requested: int | str = AUTO, *, projector: GGUFHeader | None = None,
                  embedding: bool = False, can_offload: bool = True) -> OffloadPlan:
@@ -172,7 +198,7 @@ def plan_offload(header: GGUFHeader, n_ctx: int, settings: EngineSettings, gpu_b
     elif requested == AUTO:
         k = 0
         for candidate in range(n_total, 0, -1):
-            parts = _gpu_parts(header, n_ctx, settings, candidate, budgets, projector, embedding)
+            parts, _ = _fitting_split(header, n_ctx, settings, candidate, budgets, split, projector, embedding)
             if _fits(parts, budgets):
                 k = candidate
                 break
@@ -181,7 +207,7 @@ def plan_offload(header: GGUFHeader, n_ctx: int, settings: EngineSettings, gpu_b
         asked = int(requested)
         k = n_total if asked < 0 else min(asked, n_total)
         reason = "--gpu-layers / n_gpu_layers"
-    gpus = _gpu_parts(header, n_ctx, settings, k, budgets, projector, embedding)
+    gpus, split = _fitting_split(header, n_ctx, settings, k, budgets, split, projector, embedding) if k else ((), split)
     cpu = estimate_memory(header, n_ctx, settings, projector=projector, n_gpu_layers=k)
     return OffloadPlan(k, n_total, cpu, gpus, budgets, split if k else (),
                        str(requested), reason)
