@@ -97,6 +97,8 @@ class FetchPlan:
     bench: dict = field(default_factory=dict)  # the strategy's measured speed, for expected tok/s
     gpu_budgets: tuple[int, ...] = ()  # each GPU's budget (none: no GPU offload)
     max_kld: float | None = None  # the quality bound (--max-kld): a file above it is not chosen
+    max_kld_source: str = ""  # where the bound came from: "flag", "env ORION_MAX_KLD", "file", "tier"
+    quant: str | None = None  # what --quant asked for (a level or a type), normalised
 
     def to_dict(self) -> dict:
         return {
@@ -108,6 +110,7 @@ class FetchPlan:
             "free_disk_bytes": self.free_disk_bytes,
             "level": self.level,
             "max_kld": self.max_kld,
+            "max_kld_source": self.max_kld_source,
             "chosen": self.chosen.filename if self.chosen else None,
             "projector": self.projector,
             "candidates": [
@@ -236,16 +239,25 @@ def plan_fetch(
     with ThreadPoolExecutor(max_workers=4) as pool:
         candidates = list(pool.map(build, groups))
     candidates.sort(key=lambda c: (quality_rank(c.file_type), -c.size_bytes))
+    bound_source = "argument" if max_kld is not None else ""
     if max_kld is None:
         max_kld = getattr(strategy, "max_kld", None)
+        bound_source = strategy.sources.get("max_kld") or "" if max_kld is not None else ""
     if max_kld is not None and not (max_kld >= 0 and max_kld == max_kld):
         raise InvalidValue(f"--max-kld {max_kld} is not a KL divergence", hint="give a mean KLD ≥ 0, such as 0.05")
-    from .quality import QualityBook, quality_of
+    from .quality import QualityBook, kv_type_for, quality_of
     from .setting_values import format_kv_type
 
     book = quality_book or QualityBook()
     kv = format_kv_type((settings.type_k, settings.type_v))  # eval --kld --kv-type records K and V alike
-    candidates = [replace(c, quality=quality_of(c.header, kv, book)) for c in candidates]
+    bounded = replace(strategy, max_kld=max_kld) if hasattr(strategy, "max_kld") else strategy
+
+    def quality(c: Candidate):
+        # at the KV type its load would take (a tier's type measured above the bound gives way: kv_type_for)
+        own = format_kv_type(kv_type_for(c.header, bounded, book)[0]) if max_kld is not None else kv
+        return quality_of(c.header, own, book)
+
+    candidates = [replace(c, quality=quality(c)) for c in candidates]
 
     wanted = normalise_quant(quant) if quant else None
     if wanted is None:
@@ -271,7 +283,7 @@ def plan_fetch(
             if q is None or q.kld is None:
                 reasons.append(f"KLD unknown (not measured here; no published figure for {c.file_type})")
             elif q.kld > max_kld:
-                reasons.append(f"KLD {q.label} above --max-kld {max_kld:g}")
+                reasons.append(f"KLD {q.label} above max_kld {max_kld:g}")
         if c.estimate.total_bytes > budget:
             reasons.append(f"needs {format_bytes(c.estimate.total_bytes)}, budget {format_bytes(budget)}")
         if c.offload is not None and c.offload.devices and not c.offload.gpu_fits:
@@ -300,7 +312,7 @@ def plan_fetch(
                                              settings, max_kld)
     return FetchPlan(ref, ref.repo, listing.commit, n_ctx, budget, free_disk_bytes, level, tuple(judged),
                      next((c for c in judged if c.verdict == "chosen"), None), projector,
-                     projector_size, hint, listing, strategy.bench, gpu_budgets, max_kld)
+                     projector_size, hint, listing, strategy.bench, gpu_budgets, max_kld, bound_source, wanted)
 
 
 def _choose(judged: list[Candidate], wanted, max_kld: float | None = None) -> Candidate | None:
@@ -370,14 +382,20 @@ def _machine_gpu_budgets(strategy: Strategy) -> list[int]:
 def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_ctx, projector_header,
                     settings: EngineSettings, max_kld: float | None = None) -> str:
     """A sentence saying what would fit when nothing does."""
-    if max_kld is not None:
-        room = [c for c in cands if c.estimate.total_bytes <= budget and c.disk_bytes <= free_disk
-                and c.quality is not None and c.quality.kld is not None]
+    if max_kld is not None and not wanted:
+        room = [c for c in cands if c.estimate.total_bytes <= budget and c.disk_bytes <= free_disk]
+        known = [c for c in room if c.quality is not None and c.quality.kld is not None]
+        if known:
+            best = min(known, key=lambda c: c.quality.kld)
+            typical = best.quality.source != "measured" or not best.quality.kv_measured
+            return (f"the closest file that fits, {best.file_type} ({best.filename}), has KLD {best.quality.label}, "
+                    f"above max_kld {max_kld:g}: raise the bound or choose a smaller model"
+                    + (" (or measure it here: 'orion eval MODEL --kld' gives its own figure, which replaces the "
+                       "typical one)" if typical else ""))
         if room:
-            best = min(room, key=lambda c: c.quality.kld)
-            return (f"the best file that fits, {best.file_type} ({best.filename}), has KLD {best.quality.label}, above "
-                    f"--max-kld {max_kld:g}: raise the bound, raise the budget, or measure it here "
-                    f"('orion eval MODEL --kld': a measured figure replaces the typical one)")
+            types = ", ".join(dict.fromkeys(c.file_type for c in room))
+            return (f"no KLD is known for the files that fit ({types}): measure them with 'orion eval MODEL --kld', "
+                    "or leave max_kld out")
     if wanted and wanted not in LEVEL_TYPE and not any(c.file_type.upper() == wanted for c in cands):
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {wanted} file; it has {have}"
@@ -385,6 +403,14 @@ def _what_would_fit(cands: list[Candidate], wanted, level, budget, free_disk, n_
         have = ", ".join(dict.fromkeys(c.file_type for c in cands))
         return f"the repo has no {'/'.join(LEVEL_PREFERRED[wanted])} file; it has {have}"
     smaller = [c for c in cands if c.estimate.total_bytes <= budget and c.disk_bytes <= free_disk]
+    if max_kld is not None and wanted:
+        asked = [c for c in smaller if (c.file_type.upper() == wanted if wanted not in LEVEL_TYPE
+                                        else c.file_type.upper() in LEVEL_PREFERRED[wanted])]
+        over = [c for c in asked if c.quality is not None and c.quality.kld is not None and c.quality.kld > max_kld]
+        if over:
+            c = over[0]
+            return (f"{c.file_type} ({c.filename}) fits but has KLD {c.quality.label}, above max_kld {max_kld:g}: "
+                    f"raise the bound, or leave --quant out to choose by the bound alone")
     if smaller:
         best = smaller[0]
         return (f"{best.file_type} ({best.filename}) fits: ask for it with --quant {best.file_type}"
@@ -457,14 +483,23 @@ def fetch(
     return model
 
 
+def snapshot_files(ref: ModelRef, listing=None) -> list:
+    """The files :func:`fetch_snapshot` downloads (the Hub's listing entries)."""
+    from . import hub
+
+    listing = listing or hub.list_files(ref.repo)
+    wanted = [f for f in listing.files if f.path in ref.files] if ref.files else list(listing.files)
+    if not any(f.path.endswith(".safetensors") for f in wanted):
+        raise NotFound(f"{ref.repo} has no .safetensors weights", hint="orion reads safetensors or GGUF models")
+    return wanted
+
+
 def fetch_snapshot(ref: ModelRef, *, name: str | None = None, registry: Registry | None = None) -> LocalModel:
     """Download the listed files of a safetensors model (an encoder) and register its snapshot folder."""
     from . import hub
 
     listing = hub.list_files(ref.repo)
-    wanted = [f for f in listing.files if f.path in ref.files] if ref.files else list(listing.files)
-    if not any(f.path.endswith(".safetensors") for f in wanted):
-        raise NotFound(f"{ref.repo} has no .safetensors weights", hint="orion reads safetensors or GGUF models")
+    wanted = snapshot_files(ref, listing)
     paths = [hub.download(ref.repo, f) for f in wanted]
     first = paths[0]
     folder = first.parents[len(Path(wanted[0].path).parts) - 1]

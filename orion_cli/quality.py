@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,10 +42,12 @@ PUBLISHED_KLD = {
 
 def file_key(header) -> str:
     """A model file's identity from its GGUF header: the same for the file on the Hub (its header read
-    remotely) and the file here."""
+    remotely) and the file here. Its metadata is in it (an importance-matrix quant names its matrix
+    there, so it is not its plain sibling); the weights are not read: two files differing only in
+    their weights' values share a key."""
     tensors = [(t.name, t.ggml_type, list(t.shape)) for t in header.tensors]
-    doc = [header.architecture, header.get("general.name"), header.n_params, header.file_type, header.tensor_bytes,
-           tensors]
+    metadata = sorted((k, repr(v)) for k, v in header.metadata.items())
+    doc = [header.architecture, header.n_params, header.file_type, header.tensor_bytes, tensors, metadata]
     return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:32]
 
 
@@ -78,13 +81,26 @@ class QualityRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QualityRecord":
+        """A record read back, checked: a value of the wrong type, a KLD that is negative or not
+        finite, a share outside 0..1 raise TypeError (the record is then skipped)."""
         out = {}
         for f in fields(cls):
             v = d[f.name]
             want = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[f.type]
             if not isinstance(v, want) or (f.type != "bool" and isinstance(v, bool)):
                 raise TypeError(f"{f.name}: {v!r}")
-            out[f.name] = float(v) if f.type == "float" else v
+            if f.type == "float":
+                try:
+                    v = float(v)
+                except OverflowError:
+                    raise TypeError(f"{f.name}: too large") from None
+                if not math.isfinite(v) or (f.name != "delta_perplexity" and v < 0):
+                    raise TypeError(f"{f.name}: {v!r}")
+            if f.type == "str" and ("\n" in v or len(v) > 4096):
+                raise TypeError(f"{f.name}: not one line")
+            out[f.name] = v
+        if out["same_top"] > 1:
+            raise TypeError(f"same_top: {out['same_top']!r}")
         return cls(**out)
 
     def describe(self) -> str:
@@ -118,11 +134,13 @@ class QualityBook:
         return list(self._read().values())
 
     def put(self, record: QualityRecord) -> QualityRecord:
-        """Record a measurement (replacing the file's previous one at that KV type). Raises OSError
-        when the file cannot be written."""
+        """Record a measurement (replacing the file's previous one at that KV type). Raises TypeError
+        for a record :meth:`QualityRecord.from_dict` would not read back, OSError (or InvalidValue,
+        where the path is a folder) when the file cannot be written."""
         from ._fs import write_text_atomic
         from .ledger import MemoryLedger
 
+        record = QualityRecord.from_dict(record.to_dict())
         with self._lock, MemoryLedger(self.path)._file_lock():
             records = self._read()
             records.pop((record.key, record.kv_type), None)
@@ -134,18 +152,20 @@ class QualityBook:
         return record
 
     def _read(self) -> dict[tuple[str, str], QualityRecord]:
+        """The records by (key, KV type); none where the file is missing, no regular file (a FIFO, a
+        device), larger than orion writes, or not JSON; a bad record is skipped, the others stay."""
         try:
-            if self.path.stat().st_size > MAX_FILE_BYTES:
+            if not self.path.is_file() or self.path.stat().st_size > MAX_FILE_BYTES:
                 return {}
             doc = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (nesting deeper than the parser goes)
             return {}
         rows = doc.get("records") if isinstance(doc, dict) else None
         out: dict[tuple[str, str], QualityRecord] = {}
         for row in rows if isinstance(rows, list) else ():
             try:
                 r = QualityRecord.from_dict(row)
-            except (KeyError, TypeError, AttributeError):  # one bad record: the others stay
+            except (KeyError, TypeError, AttributeError, ValueError):  # one bad record: the others stay
                 continue
             out.pop((r.key, r.kv_type), None)
             out[(r.key, r.kv_type)] = r
@@ -159,6 +179,8 @@ class Quality:
     kld: float | None
     source: str  # "measured" | "typical" | "unknown"
     record: QualityRecord | None = None
+    kv_type: str = "f16"  # the KV-cache type asked for
+    kv_measured: bool = True  # whether the figure is at that KV type (typical figures are at f16)
 
     @property
     def label(self) -> str:
@@ -166,13 +188,19 @@ class Quality:
         if self.kld is None:
             return "?"
         text = f"{self.kld:.4f}" if self.kld < 10 else f"{self.kld:.1f}"
-        return text if self.source == "measured" else "~" + text
+        return text if self.source == "measured" and self.kv_measured else "~" + text
+
+    @property
+    def note(self) -> str:
+        note = (self.record.describe() if self.record is not None else
+                PUBLISHED_SOURCE if self.source == "typical" else "no measurement, no published figure for its type")
+        if not self.kv_measured and self.kld is not None:
+            note += f"; with an f16 KV cache: a {self.kv_type} cache's own loss is not in it"
+        return note
 
     def to_dict(self) -> dict:
-        return {"kld": self.kld, "source": self.source,
-                "measured": self.record.to_dict() if self.record is not None else None,
-                "note": self.record.describe() if self.record is not None else
-                PUBLISHED_SOURCE if self.source == "typical" else "no measurement, no published figure for its type"}
+        return {"kld": self.kld, "source": self.source, "kv_type": self.kv_type, "at_kv_type": self.kv_measured,
+                "measured": self.record.to_dict() if self.record is not None else None, "note": self.note}
 
 
 def quality_of(header, kv_type: str = "f16", book: QualityBook | None = None) -> Quality:
@@ -181,32 +209,47 @@ def quality_of(header, kv_type: str = "f16", book: QualityBook | None = None) ->
 
     if header.architecture in ENCODER_ARCHITECTURES:  # vectors, not next-token distributions
         return Quality(None, "unknown")
-    record = (book or QualityBook()).for_header(header, kv_type)
+    book = book or QualityBook()
+    record = book.for_header(header, kv_type)
     if record is not None:
-        return Quality(record.kld_mean, "measured", record)
+        return Quality(record.kld_mean, "measured", record, kv_type)
+    # no measurement at that KV type: the weights' own figure (measured with an f16 cache, else typical),
+    # said to leave the cache's loss out
+    record = book.for_header(header, "f16") if kv_type != "f16" else None
+    if record is not None:
+        return Quality(record.kld_mean, "measured", record, kv_type, kv_measured=False)
     typical = typical_kld(header.file_type)
-    return Quality(typical, "typical" if typical is not None else "unknown")
+    return Quality(typical, "typical" if typical is not None else "unknown", None, kv_type,
+                   kv_measured=kv_type == "f16")
 
 
 def record_results(results, reference: dict, text_file: Path, text_name: str, book: QualityBook | None = None,
-                   *, now: str | None = None) -> list[QualityRecord]:
+                   *, now: str | None = None) -> list[QualityRecord | None]:
     """Record each of ``orion eval --kld``'s results (:class:`~orion_cli.kld.KLDResult`) against
-    ``reference`` (its summary, with ``path``), measured on ``text_file``."""
+    ``reference`` (its summary, with ``path``), measured on ``text_file``: the records, in order (None
+    for a result not recorded: a figure that is not finite). Raises OSError or InvalidValue when the
+    file cannot be written."""
     from ._fs import now_iso
     from .gguf_header import read_local_header
+
+    def line(text: str) -> str:
+        return " ".join(text.split())[:1024]
 
     book = book or QualityBook()
     sha = hashlib.sha256(Path(text_file).read_bytes()).hexdigest()
     ref_path = Path(reference["path"])
     ref_type = read_local_header(ref_path).file_type
     at = now or now_iso()
-    out = []
+    out: list[QualityRecord | None] = []
     for r in results:
+        if not all(math.isfinite(x) for x in (r.kld_mean, r.kld_err, r.kld_p99, r.same_top, r.delta_perplexity)):
+            out.append(None)  # (a diverging model's NaN is in the table, not a record fetch would choose by)
+            continue
         header = read_local_header(Path(r.path))
         out.append(book.put(QualityRecord(
-            file_key(header), r.kv_type, Path(r.path).name, r.file_type, bool(r.flash_attn), r.kld_mean, r.kld_err,
-            r.kld_p99, r.same_top, r.delta_perplexity, ref_path.name, ref_type, text_name, sha, r.n_ctx,
-            r.scored_tokens, at)))
+            file_key(header), r.kv_type, line(Path(r.path).name), r.file_type, bool(r.flash_attn), r.kld_mean,
+            r.kld_err, r.kld_p99, r.same_top, r.delta_perplexity, line(ref_path.name), ref_type, line(text_name),
+            sha, r.n_ctx, r.scored_tokens, at)))
     return out
 
 
@@ -222,7 +265,7 @@ def kv_type_for(header, strategy, book: QualityBook | None = None) -> tuple[tupl
     it is over the bound."""
     kv = strategy.kv_type
     bound = getattr(strategy, "max_kld", None)
-    if bound is None or strategy.sources.get("kv_type") != "tier" or kv[0] != kv[1] or kv[0] not in KV_BY_QUALITY:
+    if bound is None or kv[0] != kv[1] or kv[0] not in KV_BY_QUALITY or not _tier_default_kv(strategy):
         return kv, ""
     from .estimate import ENCODER_ARCHITECTURES
 
@@ -240,3 +283,20 @@ def kv_type_for(header, strategy, book: QualityBook | None = None) -> tuple[tupl
             return (t, t), (f"KV cache {t}, not the tier's {kv[0]}: {kv[0]} measured KLD {record.kld_mean:.4f} for "
                             f"{record.file}, above max_kld {bound:g}")
     return kv, ""
+
+
+def _tier_default_kv(strategy) -> bool:
+    """Whether the strategy's KV type is its tier's default: from the tier, or from a strategy file
+    that holds the tier's own value (``orion profile`` writes every setting); not one a flag or a
+    variable set, nor a file's other value."""
+    source = strategy.sources.get("kv_type")
+    if source == "tier":
+        return True
+    if source != "file":
+        return False
+    from .tiers import builtin_tiers
+
+    try:
+        return builtin_tiers().get(strategy.tier).kv_type == strategy.kv_type
+    except Exception:  # noqa: BLE001 - a tier table that lacks it: the file's value is the user's
+        return False

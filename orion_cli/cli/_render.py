@@ -93,16 +93,26 @@ def candidates_table(plan) -> Table:
 
 
 def quality_note(plan) -> str:
-    """What the KLD column's figures are."""
+    """What the KLD column's figures are, and the bound and where it came from."""
     from ..quality import PUBLISHED_SOURCE
 
-    measured = [c for c in plan.candidates if c.quality is not None and c.quality.source == "measured"]
-    lines = ["KLD: mean KL divergence to the full-precision model (lower is closer); "
-             + ("~ marks a figure " + PUBLISHED_SOURCE.replace("typical for its type: ", "typical for the type, from ")
-                if any(c.quality is not None and c.quality.source == "typical" for c in plan.candidates) else
-                "every figure measured here")]
-    lines += [f"{c.filename}: {c.quality.record.describe()}" for c in measured]
+    qs = [c.quality for c in plan.candidates if c.quality is not None]
+    kinds = []
+    if any(q.source == "measured" for q in qs):
+        kinds.append("measured here by 'orion eval --kld' (below)")
+    if any(q.source == "typical" for q in qs):
+        kinds.append("~ " + PUBLISHED_SOURCE.replace("typical for its type: ", "typical for the type, from "))
+    if any(q.kld is None for q in qs):
+        kinds.append("? unknown (not measured, no published figure for the type)")
+    lines = ["KLD: mean KL divergence to the full-precision model (lower is closer): " + "; ".join(kinds)]
+    off_kv = next((q for q in qs if not q.kv_measured and q.kld is not None), None)
+    if off_kv is not None:
+        lines.append(f"~ also marks a figure with an f16 KV cache: a {off_kv.kv_type} cache's own loss is not in it")
+    lines += [f"{c.filename}: {c.quality.record.describe()}" for c in plan.candidates
+              if c.quality is not None and c.quality.record is not None]
     if plan.max_kld is not None:
-        lines.append(f"bound: --max-kld {plan.max_kld:g} (in place of the tier's level)" if plan.level is None
-                     else f"bound: --max-kld {plan.max_kld:g}")
+        source = {"flag": "--max-kld", "argument": "--max-kld", "file": "the strategy file", "tier": "the tier"}.get(
+            plan.max_kld_source, plan.max_kld_source.removeprefix("env ") or "the strategy")
+        lines.append(f"bound: max_kld {plan.max_kld:g}, from {source}"
+                     + (" (in place of the tier's level)" if plan.level is None and not plan.quant else ""))
     return "\n".join(lines)

@@ -46,7 +46,8 @@ def evaluate(
     PPL(Q) - PPL(base). The reference's log-probabilities are kept on disk in llama.cpp's uint16
     form (only the tokens above log p = -16, the ones its sum counts). A reference made from a
     quantized file (--against F16 of a Q4_K_M) measures the loss from that file, not from the
-    original model.
+    original model. Each result is recorded in $ORION_HOME/quality.json, where 'orion list',
+    'orion inspect' and 'orion fetch --max-kld' read it.
     """
     import tempfile
 
@@ -170,16 +171,26 @@ def _kld(path: Path, against: str | None, ladder: str | None, kv_types: list[str
             status.update(f"{what}: window {done}/{of}, {eta:.0f} s left")
 
         ref, results = kld_in_children(reference, targets, text_file, ctx, threads, progress)
-    from ..quality import record_results
+    from ..errors import OrionError
+    from ..quality import QualityBook, record_results
 
-    # each result kept in $ORION_HOME/quality.json: 'orion list', 'inspect' and 'fetch --auto --max-kld' read it
-    recorded = record_results(results, ref, text_file, text_name)
-    rows = [r.to_dict() | {"recorded_key": q.key} for r, q in zip(results, recorded)]
+    # each result kept in $ORION_HOME/quality.json: 'orion list', 'inspect' and 'fetch --max-kld' read it
+    book = QualityBook()
+    try:
+        recorded = record_results(results, ref, text_file, text_name, book)
+        recorded_note = f"recorded in {book.path}"
+    except (OSError, OrionError) as exc:  # the measurement stands: shown, and said not to be kept
+        recorded = [None] * len(results)
+        why = exc.message if isinstance(exc, OrionError) else (exc.strerror or str(exc))
+        recorded_note = ""
+        out.warning(f"the results are not recorded in {book.path} ({why}): move it aside and run again to keep them")
+    rows = [r.to_dict() | {"recorded_key": q.key if q is not None else None} for r, q in zip(results, recorded)]
     if markdown:
         markdown.write_text(_kld_markdown(rows, model, ref))
     if csv_path:
         _write_csv(csv_path, rows)
-    out.result({"model": str(path), "reference": ref, "ctx": ctx, "results": rows}, lambda: _kld_render(rows, ref))
+    out.result({"model": str(path), "reference": ref, "ctx": ctx, "results": rows},
+               lambda: _kld_render(rows, ref, recorded_note))
 
 
 KLD_HEADERS = ["type", "KV", "flash attn", "size", "mean KLD", "99% KLD", "99.9% KLD", "same top", "Δppl", "perplexity"]
@@ -200,10 +211,12 @@ def _kld_caption(rows: list[dict], ref: dict) -> str:
             f"{r['n_ctx']} tokens, {r['scored_tokens']} positions scored")
 
 
-def _kld_render(rows: list[dict], ref: dict) -> None:
+def _kld_render(rows: list[dict], ref: dict, recorded_note: str = "") -> None:
     out.table([(h, {"justify": "left" if h in ("type", "KV", "flash attn") else "right"}) for h in KLD_HEADERS],
               [_kld_cells(row) for row in rows])
     out.text(f"[dim]{escape(_kld_caption(rows, ref))}[/]")
+    if recorded_note:
+        out.text(f"[dim]{escape(recorded_note)}: 'orion list', 'inspect' and 'fetch --max-kld' read it[/]")
 
 
 def _kld_markdown(rows: list[dict], model: str, ref: dict) -> str:

@@ -30,7 +30,7 @@ def fetch(
     kv_type: KvTypeOpt = None,
     name: Annotated[Optional[str], typer.Option(help="Register the model under this name.", metavar="NAME")] = None,
     rpc: RpcOpt = None,
-    max_kld: Annotated[Optional[float], typer.Option("--max-kld", help="Choose by quality: of the files that fit, the lowest mean KL divergence to the full-precision model, and none above this bound. A file's KLD is what 'orion eval --kld' measured here, else the figure published for its type (llama.cpp's LLaMA 3 8B scoreboard). Replaces the tier's level. Default: the strategy's max_kld (ORION_MAX_KLD).", metavar="X")] = None,
+    max_kld: Annotated[Optional[str], typer.Option("--max-kld", help="Choose by quality: of the files that fit, the lowest mean KL divergence to the full-precision model, and none above this bound. A file's KLD is what 'orion eval --kld' measured here, else the figure published for its type (llama.cpp's LLaMA 3 8B scoreboard). Replaces the tier's level. Default: the strategy's max_kld (ORION_MAX_KLD).", metavar="X")] = None,
 ) -> None:
     """Pick the quantization that fits this device and download it from the Hugging Face Hub.
 
@@ -75,7 +75,10 @@ def fetch(
     if ref.source == "registry" and ref.repo is None:
         raise InvalidValue(f"{model} was imported from {ref.path}, not fetched", hint="it is ready to use")
     if ref.format == "safetensors":
-        return _fetch_snapshot(ref, name)
+        if strategy.sources.get("max_kld") == "flag":
+            raise InvalidValue(f"--max-kld chooses among a model's GGUF quantizations; {ref.repo} is an encoder "
+                               "published as safetensors, fetched whole", hint="leave --max-kld out")
+        return _fetch_snapshot(ref, name, dry_run)
 
     with out.status(f"Reading GGUF headers of {ref.repo}…"):
         plan = plan_fetch(ref, strategy, quant=quant, n_ctx=ctx)  # the bound: strategy.max_kld
@@ -129,15 +132,32 @@ def fetch(
         if local.projector_path:
             out.text(escape(f"  projector {local.projector_path}"))
         out.text(escape(f"  memory at n_ctx {plan.n_ctx}: {plan.chosen.estimate.arithmetic()}"))
+        q = plan.chosen.quality
+        if q is not None and q.kld is not None:
+            out.text(escape(f"  quality: mean KLD {q.label} ({q.note})"))
 
     out.result({"model": asdict(local), "estimate": plan.chosen.estimate.to_dict(), "plan": plan.to_dict()}, human)
 
 
-def _fetch_snapshot(ref, name: str | None) -> None:
-    """An encoder published as safetensors: its listed files, into the HF cache."""
+def _fetch_snapshot(ref, name: str | None, dry_run: bool = False) -> None:
+    """An encoder published as safetensors: its listed files, into the HF cache (with ``dry_run``:
+    the files it would fetch, nothing downloaded)."""
     from dataclasses import asdict
 
-    from ..fetch import fetch_snapshot
+    from ..fetch import fetch_snapshot, snapshot_files
+
+    if dry_run:
+        with out.status(f"Listing {ref.repo}…"):
+            files = snapshot_files(ref)
+        from ..units import format_bytes
+
+        total = sum(f.size or 0 for f in files)
+        out.result({"dry_run": True, "repo": ref.repo, "files": [{"file": f.path, "size_bytes": f.size} for f in files],
+                    "size_bytes": total},
+                   lambda: "\n".join([f"{escape(ref.repo)}: an encoder published as safetensors, fetched whole:"]
+                                     + [f"  {escape(f.path)}  {format_bytes(f.size or 0)}" for f in files]
+                                     + [f"Would fetch {len(files)} files, {format_bytes(total)}."]))
+        return
 
     with out.status(f"Downloading {ref.repo}…"):
         local = fetch_snapshot(ref, name=name)
