@@ -47,6 +47,7 @@ def strategy(
         shown["keep_alive_s"] = format_keep_alive(s.keep_alive_s)
         shown["memory_budget_bytes"] = format_bytes(s.memory_budget_bytes)
         shown["gpu_budget_bytes"] = "no GPU" if s.gpu_budget_bytes is None else format_bytes(s.gpu_budget_bytes)
+        shown["max_kld"] = "none (the level alone)" if s.max_kld is None else f"{s.max_kld:g}"
         out.table([("setting", {"style": "bold"}), "value", ("from", {"style": "dim"}), ("variable", {"style": "dim"})],
                   [(key, shown[key], s.sources[key], ENV_VARS[key]) for key in SETTING_KEYS])
         where = f"strategy file: {path}" if path.exists() else f"no strategy file yet ({path}): run 'orion profile'"
