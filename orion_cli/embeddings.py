@@ -6,8 +6,8 @@
 - :class:`HotCache`: the design notes' hybrid LFU+LRU cache for texts already embedded in
   this process: capacity 200, TTL 1 h, on overflow evict the 20 % with the lowest
   access-count / age score. The clock is injected.
-- :func:`chunk_text`: text split on paragraph and line boundaries into chunks of at most
-  the model's window in tokens, with an overlap.
+- chunks (:mod:`.chunks`): :meth:`Encoder.chunks_and_sequences` cuts a text with this
+  model's token counts, and gives each chunk's tokens.
 - :func:`walk`: the files under some paths, honouring ``.gitignore``, skipping hidden,
   binary and unreadable files and never following a symlink loop.
 """
@@ -15,14 +15,12 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-DEFAULT_MAX_TOKENS = 256
-
+from .chunks import DEFAULT_MAX_TOKENS, NOT_WORDPIECE_SPACE, Chunk, chunk_spans, make_chunks
 
 # ---------------------------------------------------------------- hot cache
 
@@ -148,11 +146,11 @@ class Encoder:
             return max(0, len(got) - 2) if got is not None else self.count_tokens(piece)
 
         pieces, spans = chunk_spans(text, count, self.max_tokens - 2)
-        chunks = _chunks(pieces, spans)
+        chunks = make_chunks(pieces, spans)
         if not sequences:
             return chunks, []
         # Python ends lines (and re's \s matches) at the separators \x1c-\x1f, which WordPiece drops
-        if not (ids and self.tokens_add_up) or any(c in text for c in _NOT_WORDPIECE_SPACE):
+        if not (ids and self.tokens_add_up) or any(c in text for c in NOT_WORDPIECE_SPACE):
             return chunks, self.sequences([c.text for c in chunks])
         first = next(iter(ids.values()))
         cls, sep = first[:1], first[-1:]  # [CLS] and [SEP]
@@ -307,87 +305,6 @@ def measure_encoder_types(folder: Path, work: Path, *, threads: int,
     return {t: {"chunks_s": round(rates[t], 1),
                 "min_cosine": round(float(np.min(np.sum(vectors[t] * vectors["f32"], axis=1))), 6)}
             for t in ENCODER_TYPES}
-
-
-# ---------------------------------------------------------------- chunks
-
-
-@dataclass(frozen=True)
-class Chunk:
-    text: str
-    start_byte: int
-    end_byte: int
-    start_line: int  # 1-based, inclusive
-    end_line: int
-
-
-def chunk_text(text: str, count_tokens: Callable[[str], int], max_tokens: int = DEFAULT_MAX_TOKENS - 2,
-               overlap_tokens: int = 32) -> list[Chunk]:
-    """Chunks of at most ``max_tokens`` word pieces, cut at blank lines or line ends where possible,
-    each starting with up to ``overlap_tokens`` of the previous one's last lines."""
-    return _chunks(*chunk_spans(text, count_tokens, max_tokens, overlap_tokens))
-
-
-_NOT_WORDPIECE_SPACE = "\x1c\x1d\x1e\x1f"  # spaces to str.splitlines and re's \s, not to llama.cpp's WordPiece
-Piece = tuple[str, int, int]  # a line, or part of a long line: (text, line number, byte offset)
-
-
-def chunk_spans(text: str, count_tokens: Callable[[str], int], max_tokens: int = DEFAULT_MAX_TOKENS - 2,
-                overlap_tokens: int = 32) -> tuple[list[Piece], list[tuple[int, int]]]:
-    """:func:`chunk_text`'s cuts: the text's pieces (lines, long lines cut at spaces) and each chunk
-    as the span ``pieces[i:j]`` (spans of blank pieces only are left out)."""
-    lines = text.splitlines(keepends=True)
-    pieces: list[Piece] = []
-    offset = 0
-    for number, line in enumerate(lines, 1):
-        n = count_tokens(line) if line.strip() else 0
-        if n <= max_tokens:
-            pieces.append((line, number, offset))
-        else:  # a line longer than a chunk: cut it at spaces
-            words = re.split(r"(?<=\s)", line)
-            current, start = "", offset
-            for w in words:
-                if current and count_tokens(current + w) > max_tokens:
-                    pieces.append((current, number, start))
-                    start += len(current.encode())
-                    current = ""
-                current += w
-            if current:
-                pieces.append((current, number, start))
-        offset += len(line.encode())
-
-    counts = [count_tokens(p[0]) if p[0].strip() else 0 for p in pieces]
-    spans: list[tuple[int, int]] = []
-    i = 0
-    while i < len(pieces):
-        total, j = 0, i
-        while j < len(pieces) and (total + counts[j] <= max_tokens or j == i):
-            total += counts[j]
-            j += 1
-        # prefer to end at a paragraph break (a blank line) in the second half of the chunk
-        for k in range(j - 1, i + (j - i) // 2, -1):
-            if not pieces[k][0].strip() and j < len(pieces):
-                j = k + 1
-                break
-        if any(p[0].strip() for p in pieces[i:j]):
-            spans.append((i, j))
-        if j >= len(pieces):
-            break
-        back, k = 0, j
-        while k > i + 1 and back + counts[k - 1] <= overlap_tokens:
-            back += counts[k - 1]
-            k -= 1
-        i = k if k > i else j
-    return pieces, spans
-
-
-def _chunks(pieces: list[Piece], spans: list[tuple[int, int]]) -> list[Chunk]:
-    chunks = []
-    for i, j in spans:
-        body = "".join(p[0] for p in pieces[i:j])
-        start_byte = pieces[i][2]
-        chunks.append(Chunk(body, start_byte, start_byte + len(body.encode()), pieces[i][1], pieces[j - 1][1]))
-    return chunks
 
 
 # ---------------------------------------------------------------- files

@@ -242,7 +242,7 @@ def encoder_model(text: str | None, strategy: Strategy, *, prefer_id: str | None
             folder = Path(ref.local.path)
             model_id = ref.local.repo or ref.name
         elif ref.repo:
-            from .fetch import fetch_snapshot
+            from .snapshots import fetch_snapshot
 
             if ref.format != "safetensors":
                 raise WrongModelKind(f"{text} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")

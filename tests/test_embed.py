@@ -15,7 +15,8 @@ import pytest
 from conftest import assert_clean_error, wait_for_stored_files
 
 from orion_cli.device import cpu_has_bf16
-from orion_cli.embeddings import HotCache, chunk_text, walk
+from orion_cli.chunks import chunk_text
+from orion_cli.embeddings import HotCache, walk
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS = ["shutil.py", "tempfile.py", "heapq.py", "textwrap.py", "base64.py", "fnmatch.py", "bisect.py",

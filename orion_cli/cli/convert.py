@@ -56,7 +56,7 @@ def _source_folder(source: str) -> Path:
     path = user_path(source)  # ~user for a user not here: NotFound
     if on_disk(path) and path.is_dir():  # a name too long for a file names no folder
         return path
-    from ..fetch import fetch_snapshot
+    from ..snapshots import fetch_snapshot
     from ..models import ModelRef, resolve
 
     ref = resolve(source)

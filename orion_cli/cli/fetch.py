@@ -144,7 +144,7 @@ def _fetch_snapshot(ref, name: str | None, dry_run: bool = False) -> None:
     the files it would fetch, nothing downloaded)."""
     from dataclasses import asdict
 
-    from ..fetch import fetch_snapshot, snapshot_files
+    from ..snapshots import fetch_snapshot, snapshot_files
 
     if dry_run:
         with out.status(f"Listing {ref.repo}…"):

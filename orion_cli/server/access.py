@@ -179,7 +179,7 @@ class ModelAccess:
             ref = allowed.ref
             if ref.format != "safetensors":
                 raise WrongModelKind(f"{name} is not an encoder", hint="use minilm, a BERT repo, folder or GGUF")
-            from ..fetch import fetch_snapshot
+            from ..snapshots import fetch_snapshot
 
             target = fetch_snapshot(_unclaimed(ref), registry=_NoReplace()).name + allowed.suffix
         return encoder_model(target, strategy, prefer_id=prefer_id)
@@ -205,7 +205,7 @@ class ModelAccess:
         if here:
             return here[0]
         if ref.format == "safetensors":
-            from ..fetch import fetch_snapshot
+            from ..snapshots import fetch_snapshot
 
             return fetch_snapshot(_unclaimed(ref), registry=_NoReplace())
         from dataclasses import replace

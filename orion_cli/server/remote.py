@@ -157,7 +157,7 @@ class RemoteEncoder:
         return chunks, [c.text for c in chunks]
 
     def chunks(self, text: str):
-        from ..embeddings import Chunk
+        from ..chunks import Chunk
 
         if self.local is None:
             try:
