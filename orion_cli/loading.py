@@ -101,16 +101,14 @@ def model_request(model: LocalModel, strategy: Strategy, *, n_ctx: int | None = 
     # planned for this machine is what is left of its budget
     base = engine.RUNNER_BASE_BYTES if runner else 0
     full = strategy.memory_budget_bytes
+    import dataclasses
+
     from .quality import kv_type_for
 
     kv, kv_reason = kv_type_for(header, strategy)  # the tier's KV type, unless measured above max_kld
     if kv != strategy.kv_type:
-        import dataclasses
-
         strategy = dataclasses.replace(strategy, kv_type=kv)
     if base:
-        import dataclasses
-
         strategy = dataclasses.replace(strategy, memory_budget_bytes=max(0, full - base))
     try:
         plan, settings = offload_plan(header, n_ctx, strategy, check, embedding=embedding, projector=proj_header)

@@ -223,9 +223,9 @@ class ModelManager:
         """What the loaded models (their measure, else their estimate) and the loads in progress hold on
         GPU ``index``."""
         device = ledger.gpu_device(index)
+        loading = (_gpu_parts(r) for r in self._loading_requests.values())
         return (sum(e.memory.on(device) for e in self._entries.values())
-                + sum(_gpu_parts(r)[index] if index < len(_gpu_parts(r)) else 0
-                      for r in self._loading_requests.values()))
+                + sum(parts[index] for parts in loading if index < len(parts)))
 
     def _gpu_over(self, request: Request) -> int | None:
         """The first GPU whose budget the request's part there does not fit beside what is loaded on it

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .estimate import EngineSettings, Estimate, GPUEstimate, estimate_gpu, estimate_memory, first_gpu_layer
 from .gguf_header import GGUFHeader
@@ -157,6 +157,20 @@ def _gpu_parts(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int,
     return tuple(parts)
 
 
+def _greedy_counts(n_layers: int, k: int, budgets: Sequence[int], part_bytes: Callable[[int, int, int], int]) -> list[int]:
+    """The top ``k`` layers shared out device by device: each takes as many of the next layers as fit its
+    budget (``part_bytes(device, first, last)``); what none could take lands on the last one."""
+    counts, at, left = [], first_gpu_layer(n_layers, k), k
+    for i, b in enumerate(budgets[:-1]):
+        c = 0
+        while c < left and part_bytes(i, at, at + c) <= b:
+            c += 1
+        counts.append(c)
+        at, left = at + c, left - c
+    counts.append(left)
+    return counts
+
+
 def _fitting_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: int, budgets: Sequence[int],
                    split: tuple, projector: GGUFHeader | None, embedding: bool) -> tuple[tuple[GPUEstimate, ...], tuple]:
     """The parts of the top ``k`` layers over the GPUs and the ``tensor_split`` that gives them: in
@@ -168,15 +182,8 @@ def _fitting_split(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: 
     parts = _gpu_parts(header, n_ctx, settings, k, budgets, projector, embedding)
     if len(budgets) < 2 or _fits(parts, budgets):
         return parts, split
-    counts, at, left = [], first_gpu_layer(header.n_layers, k), k
-    for b in budgets[:-1]:
-        c = 0
-        while c < left and estimate_gpu(header, n_ctx, settings, at, at + c, projector=projector,
-                                        embedding=embedding).total_bytes <= b:
-            c += 1
-        counts.append(c)
-        at, left = at + c, left - c
-    counts.append(left)
+    counts = _greedy_counts(header.n_layers, k, budgets, lambda i, first, last: estimate_gpu(
+        header, n_ctx, settings, first, last, projector=projector, embedding=embedding).total_bytes)
     greedy = _gpu_parts(header, n_ctx, settings, k, counts, projector, embedding)
     if _fits(greedy, budgets):
         return greedy, tuple(float(c) for c in counts)
@@ -246,14 +253,8 @@ def split_counts(header: GGUFHeader, n_ctx: int, settings: EngineSettings, k: in
     parts = _counts_fit(header, n_ctx, settings, k, counts, budgets, runtimes)
     if _fits(parts, budgets):
         return counts, parts
-    greedy, at, left = [], first_gpu_layer(header.n_layers, k), k
-    for b, runtime in zip(budgets, runtimes):
-        c = 0
-        while c < left and estimate_gpu(header, n_ctx, settings, at, at + c, runtime_bytes=runtime).total_bytes <= b:
-            c += 1
-        greedy.append(c)
-        at, left = at + c, left - c
-    greedy[-1] += left  # what no device could take lands on the last one (and does not fit there)
+    greedy = _greedy_counts(header.n_layers, k, budgets, lambda i, first, last: estimate_gpu(
+        header, n_ctx, settings, first, last, runtime_bytes=runtimes[i]).total_bytes)
     return greedy, _counts_fit(header, n_ctx, settings, k, greedy, budgets, runtimes)
 
 
